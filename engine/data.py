@@ -1,0 +1,164 @@
+"""Deterministic preprocessing (MONAI dict transforms) and the two cache stages: disk
+(PersistentDataset, keyed by the preprocessing settings) then RAM (CacheDataset)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Resized,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from engine.datalist import IMAGE, LABEL, NAME
+from engine.errors import CT3DError
+from engine.io import atomic_write
+
+CACHE_FORMAT = 1  # bump when what a cache entry holds changes
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    scale_range: tuple[float, float] = (-1.0, 1.0)
+    spatial_size: tuple[int, int, int] = (64, 64, 64)
+    resize: str = "resize"
+    dtype: str = "float16"
+
+    def key(self) -> str:
+        """Hash of every setting that changes a cache entry: the disk cache's folder name."""
+        text = json.dumps({**asdict(self), "format": CACHE_FORMAT}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class CheckVolumed(MapTransform):
+    """Fails with the file's name when a loaded image is not one 3D volume."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = tuple(d[key].shape)
+            if len(shape) != 4 or shape[0] != 1:
+                raise CT3DError(f"{d.get(NAME, '?')}: expected one 3D volume, got array of shape {shape[1:]}")
+        return d
+
+
+def preprocessing_transform(p: Preprocessing) -> Compose:
+    steps = [
+        LoadImaged(IMAGE, image_only=True),
+        EnsureChannelFirstd(IMAGE),
+        CheckVolumed(IMAGE),
+        Orientationd(IMAGE, axcodes=p.orientation),
+    ]
+    if p.spacing is not None:
+        steps.append(Spacingd(IMAGE, pixdim=p.spacing, mode="bilinear"))
+    steps.append(ScaleIntensityRanged(IMAGE, *p.hu_window, *p.scale_range, clip=True))
+    if p.resize == "resize":
+        steps.append(Resized(IMAGE, spatial_size=p.spatial_size, mode="trilinear", anti_aliasing=False))
+    else:
+        steps.append(ResizeWithPadOrCropd(IMAGE, spatial_size=p.spatial_size, constant_values=p.scale_range[0]))
+    # Plain tensors, no MetaTensor: smaller cache entries that load with weights_only=True.
+    steps.append(EnsureTyped(IMAGE, dtype=getattr(torch, p.dtype), track_meta=False))
+    return Compose(steps)
+
+
+def _source_hash(item: dict) -> bytes:
+    """Cache entry name: the volume's path, size and modification time (a changed file is a new entry)."""
+    path = item[IMAGE]
+    try:
+        stat = os.stat(path)
+        signature = [path, stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        signature = [path]
+    return hashlib.md5(json.dumps(signature).encode()).hexdigest().encode()
+
+
+def _root_error(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def preprocess(transform: Compose, item: dict) -> dict:
+    """Runs `transform` on one item; any failure becomes a CT3DError naming the volume."""
+    try:
+        return transform(item)
+    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+        root = _root_error(exc)
+        if isinstance(root, CT3DError):
+            raise root from None
+        raise CT3DError(f"cannot read volume {item[IMAGE]}: {type(root).__name__}: {root}") from None
+
+
+class DiskCacheDataset(PersistentDataset):
+    """PersistentDataset that writes each entry atomically next to its final name and loads it with
+    weights_only=True. MONAI stages entries in /tmp and moves them, a non-atomic copy onto a PVC."""
+
+    def _cachecheck(self, item_transformed):
+        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode()}.pt"
+        if hashfile.is_file():
+            try:
+                return torch.load(hashfile, weights_only=True)
+            except Exception:  # unreadable entry (a foreign or damaged file): rebuild it below
+                pass
+        entry = preprocess(self.transform, dict(item_transformed))
+        with atomic_write(hashfile) as tmp:
+            torch.save(entry, tmp)
+        return entry
+
+
+class Labelled(torch.utils.data.Dataset):
+    """Images from a cached dataset joined with labels kept outside the cache, so a label edit
+    never needs a re-preprocess and never serves a stale label."""
+
+    def __init__(self, images, items: list[dict]):
+        self.images, self.items = images, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return {IMAGE: self.images[index][IMAGE], LABEL: torch.tensor(self.items[index][LABEL])}
+
+
+class _Preprocessed(Dataset):
+    """No disk cache: preprocess on every access, errors naming the volume."""
+
+    def _transform(self, index: int):
+        return preprocess(self.transform, dict(self.data[index]))
+
+
+def cache_folder(root: str | Path, p: Preprocessing) -> Path:
+    return Path(root) / p.key()
+
+
+def build_dataset(items: list[dict], p: Preprocessing, disk_dir: str | Path | None, memory_rate: float,
+                  workers: int, progress: bool = False) -> Labelled:
+    """Disk cache (if `disk_dir`) then RAM cache (if `memory_rate` > 0); filling the RAM cache
+    preprocesses every volume before training, so a bad file stops the run here."""
+    sources = [{IMAGE: it[IMAGE], NAME: it[NAME]} for it in items]
+    transform = preprocessing_transform(p)
+    if disk_dir is not None:
+        images = DiskCacheDataset(sources, transform, cache_dir=cache_folder(disk_dir, p), hash_func=_source_hash)
+    else:
+        images = _Preprocessed(sources, transform)
+    if memory_rate > 0:
+        images = CacheDataset(images, transform=None, cache_rate=memory_rate, num_workers=workers or None,
+                              progress=progress, copy_cache=False)
+    return Labelled(images, items)

@@ -1,0 +1,168 @@
+"""Datalists: CT-RATE style CSV or MONAI JSON, parsed into items and checked before any training.
+
+Every problem found is reported at once, each with its file and row."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import CT3DError
+
+IMAGE, LABEL, NAME = "image", "label", "name"  # the keys every item carries
+
+
+@dataclass
+class Datalist:
+    items: list[dict]  # {"image": path, "label": list[float], "name": str}
+    labels: list[str]  # output names, in model output order
+
+
+@dataclass(frozen=True)
+class DatalistSpec:
+    image_column: str = "VolumeName"
+    label_columns: tuple[str, ...] = ()
+    task: str = "multilabel"
+    num_classes: int = 0
+    image_root: str = ""
+    layout: str = "flat"
+    json_key: str = "training"
+
+
+def resolve_image(name: str, root: Path, layout: str) -> Path:
+    """Absolute path of a volume; `ct-rate` maps train_1_a_1.nii.gz to train_1/train_1_a/<name>."""
+    path = Path(name)
+    if path.is_absolute():
+        return path
+    if layout == "ct-rate":
+        parts = name.split(".")[0].split("_")
+        if len(parts) >= 4:
+            split_id = f"{parts[0]}_{parts[1]}"
+            return root / split_id / f"{split_id}_{parts[2]}" / name
+    return root / path
+
+
+def _label_vector(raw, spec: DatalistSpec, n_outputs: int) -> list[float]:
+    """0/1 floats per output (one-hot for multiclass); raises ValueError with what was wrong."""
+    if spec.task == "multiclass":
+        value = float(raw[0] if isinstance(raw, list) and len(raw) == 1 else raw)
+        if not value.is_integer() or not 0 <= value < spec.num_classes:
+            raise ValueError(f"class index {raw!r} is not an integer in 0..{spec.num_classes - 1}")
+        return [1.0 if i == int(value) else 0.0 for i in range(spec.num_classes)]
+    values = raw if isinstance(raw, list) else [raw]
+    if len(values) != n_outputs:
+        raise ValueError(f"expected {n_outputs} label values, got {len(values)}")
+    out = []
+    for v in values:
+        f = float(v)
+        if math.isnan(f) or f not in (0.0, 1.0):
+            raise ValueError(f"label value {v!r} is not 0 or 1")
+        out.append(f)
+    return out
+
+
+def _read_csv(path: Path, spec: DatalistSpec, problems: list[str]) -> tuple[list[tuple[int, str, object]], list[str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if spec.image_column not in columns:
+            raise CT3DError(f"{path}: no image column {spec.image_column!r} (columns: {', '.join(columns)}); "
+                            f"set data.image_column")
+        label_cols = list(spec.label_columns) or [c for c in columns if c != spec.image_column]
+        missing = [c for c in label_cols if c not in columns]
+        if missing:
+            raise CT3DError(f"{path}: label column(s) {', '.join(map(repr, missing))} missing "
+                            f"(columns: {', '.join(columns)}); check data.label_columns")
+        if not label_cols:
+            raise CT3DError(f"{path}: no label columns besides {spec.image_column!r}")
+        rows = []
+        for line, row in enumerate(reader, start=2):  # line 1 is the header
+            raw = [row[c] for c in label_cols]
+            rows.append((line, (row[spec.image_column] or "").strip(), raw if spec.task != "multiclass" else raw[0]))
+    if spec.task == "multiclass" and len(label_cols) != 1:
+        raise CT3DError(f"{path}: multiclass takes one label column of class indices, got {label_cols}")
+    return rows, label_cols
+
+
+def _read_json(path: Path, spec: DatalistSpec) -> list[tuple[int, str, object]]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CT3DError(f"{path}: not valid JSON ({exc})") from None
+    if spec.json_key not in data:
+        raise CT3DError(f"{path}: no {spec.json_key!r} list (keys: {', '.join(data)})")
+    rows = []
+    for index, entry in enumerate(data[spec.json_key]):
+        if not isinstance(entry, dict) or IMAGE not in entry or LABEL not in entry:
+            rows.append((index, "", None))
+            continue
+        rows.append((index, str(entry[IMAGE]), entry[LABEL]))
+    return rows
+
+
+def load_datalist(path: str | Path, spec: DatalistSpec) -> Datalist:
+    """Items of a CSV or JSON datalist, every volume checked to exist and every label to be in range."""
+    path = Path(path)
+    if not path.is_file():
+        raise CT3DError(f"datalist {path}: no such file")
+    problems: list[str] = []
+    if path.suffix.lower() == ".json":
+        rows = _read_json(path, spec)
+        where = "entry"
+        n_out = len(spec.label_columns) or next((len(r[2]) for r in rows if isinstance(r[2], list)), 1)
+        names = list(spec.label_columns) or [f"label_{i}" for i in range(n_out)]
+    else:
+        rows, names = _read_csv(path, spec, problems)
+        where = "row"
+    if spec.task == "multiclass":
+        names = [f"class_{i}" for i in range(spec.num_classes)]
+    n_outputs = 1 if spec.task == "binary" else len(names)
+    if spec.task == "binary" and len(names) != 1:
+        raise CT3DError(f"{path}: binary takes one label column, found {names}; set data.label_columns")
+    if not rows:
+        raise CT3DError(f"{path}: the datalist is empty")
+
+    root = Path(spec.image_root) if spec.image_root else path.parent
+    items, seen = [], {}
+    for index, name, raw in rows:
+        at = f"{path} {where} {index}"
+        if not name or raw is None:
+            problems.append(f"{at}: needs an image and a label")
+            continue
+        if name in seen:
+            problems.append(f"{at}: duplicate volume {name!r} (also {where} {seen[name]})")
+        seen[name] = index
+        image = resolve_image(name, root, spec.layout)
+        if not image.exists():
+            problems.append(f"{at}: volume {image} does not exist")
+        try:
+            label = _label_vector(raw, spec, n_outputs)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{at} ({name}): {exc}")
+            continue
+        items.append({IMAGE: str(image), LABEL: label, NAME: name})
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CT3DError(f"{len(problems)} problem(s) in datalist {path}:\n  " + "\n  ".join(shown))
+    return Datalist(items=items, labels=names)
+
+
+def split(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random train/validation split; both sides non-empty."""
+    if len(items) < 2:
+        raise CT3DError(f"cannot split {len(items)} item(s) into train and validation; give data.val")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+    val_idx = set(order[:n_val])
+    return [it for i, it in enumerate(items) if i not in val_idx], [items[i] for i in sorted(val_idx)]
+
+
+def label_frequencies(items: list[dict]) -> list[float]:
+    """Fraction of positives per output, for pos_weight."""
+    n = len(items)
+    return [sum(it[LABEL][j] for it in items) / n for j in range(len(items[0][LABEL]))]

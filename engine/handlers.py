@@ -1,0 +1,172 @@
+"""Ignite event handlers: validation metrics, the metrics table, checkpoints and progress."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+
+from engine.checkpoint import save_checkpoint
+from engine.io import write_text
+from engine.metrics import classification_metrics, probabilities
+
+log = logging.getLogger("ct3d")
+
+
+class ValidationMetrics:
+    """Collects the evaluator's logits and labels over an epoch, gathers them from every rank, and
+    puts loss and every metric into `engine.state.metrics`. One pass feeds every metric, where
+    MONAI's handlers would each keep their own copy of the outputs."""
+
+    def __init__(self, names: list[str], task: str, loss_fn: Callable, threshold: float, beta: float):
+        if not names:
+            raise ValueError("names: expected at least one label name")
+        self.names, self.task, self.loss_fn = names, task, loss_fn
+        self.threshold, self.beta = threshold, beta
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.compute)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self._logits, self._labels = [], []
+
+    def update(self, engine: Engine) -> None:
+        out = engine.state.output
+        self._logits.append(out["pred"].detach().float().cpu())
+        self._labels.append(out["label"].detach().float().cpu())
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ranks' logits and labels, every sample once (DistributedSampler pads are dropped by
+        the caller's sampler choice: validation uses an unpadded split)."""
+        logits, labels = torch.cat(self._logits), torch.cat(self._labels)
+        if idist.get_world_size() > 1:
+            logits, labels = idist.all_gather(logits), idist.all_gather(labels)
+        return logits, labels
+
+    def compute(self, engine: Engine) -> None:
+        logits, labels = self.outputs()
+        metrics = classification_metrics(probabilities(logits, self.task), labels, self.names, self.task,
+                                         self.threshold, self.beta)
+        metrics["val_loss"] = float(self.loss_fn(logits, labels))
+        engine.state.metrics.update(metrics)
+
+
+class TrainStats:
+    """Mean training loss over each epoch and the current learning rate."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.loss_sum, self.count, self.last_epoch_loss = 0.0, 0, float("nan")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
+
+    def _reset(self, engine: Engine) -> None:
+        self.loss_sum, self.count = 0.0, 0
+
+    def _update(self, engine: Engine) -> None:
+        self.loss_sum += float(engine.state.output["loss"])
+        self.count += 1
+
+    def _finish(self, engine: Engine) -> None:
+        self.last_epoch_loss = self.loss_sum / max(1, self.count)
+
+    @property
+    def running_loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+class MetricsTable:
+    """One row per validation in `metrics.csv` (rewritten atomically), best key metric tracked."""
+
+    def __init__(self, path: Path, key: str, stats: TrainStats, names: list[str]):
+        self.path, self.key, self.stats = Path(path), key, stats
+        self.columns = ["epoch", "iteration", "train_loss", "lr", "val_loss",
+                        "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
+                        "specificity", "accuracy", "seconds"]
+        self.columns += [f"auc/{n}" for n in names] + [f"fbeta/{n}" for n in names]
+        self.rows: list[dict] = []
+        self.best: dict | None = None
+        self._start = time.time()
+
+    def record(self, trainer: Engine, evaluator: Engine) -> bool:
+        """Adds the row for this validation; True when the key metric improved."""
+        row = {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration,
+               "train_loss": self.stats.last_epoch_loss, "lr": self.stats.lr,
+               "seconds": round(time.time() - self._start, 1)}
+        row.update({c: evaluator.state.metrics.get(c) for c in self.columns if c not in row})
+        self.rows.append(row)
+        value = row[self.key]
+        improved = value is not None and not math.isnan(value) and (
+            self.best is None or math.isnan(self.best[self.key]) or value > self.best[self.key])
+        if improved or self.best is None:
+            self.best = row
+        self._write()
+        return improved
+
+    def _write(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns)
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        write_text(self.path, buf.getvalue())
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows, self.best = list(state["rows"]), state["best"]
+
+
+class Checkpoints:
+    """best.pt when the key metric improves, last.pt after every epoch, final.pt at the end.
+    Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not fsync."""
+
+    def __init__(self, folder: Path, make_state: Callable[[], dict]):
+        self.folder, self.make_state = Path(folder), make_state
+
+    def save(self, name: str) -> Path:
+        path = self.folder / f"{name}.pt"
+        save_checkpoint(path, self.make_state())
+        return path
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (a pod's log)."""
+
+    def __init__(self, stats: TrainStats, log_every: int, tty: bool | None = None):
+        self.stats, self.log_every = stats, log_every
+        self.tty = sys.stderr.isatty() if tty is None else tty
+
+    def attach(self, trainer: Engine) -> None:
+        if self.tty:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+            return
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self._line)
+
+    def _line(self, trainer: Engine) -> None:
+        s = trainer.state
+        log.info("epoch %d/%d iteration %d/%d loss %.4f lr %.3g", s.epoch, s.max_epochs,
+                 (s.iteration - 1) % s.epoch_length + 1, s.epoch_length, self.stats.running_loss, self.stats.lr)

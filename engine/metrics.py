@@ -1,0 +1,68 @@
+"""Validation metrics from MONAI's metric functions: ROC AUC and F-beta per label, macro and micro,
+and precision, recall, specificity and accuracy at a threshold."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.metrics import compute_roc_auc
+from monai.metrics.confusion_matrix import compute_confusion_matrix_metric, get_confusion_matrix
+from monai.metrics.f_beta_score import compute_f_beta_score
+
+SUMMARY_KEYS = ("auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
+                "specificity", "accuracy")
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=1) if task == "multiclass" else torch.sigmoid(logits.float())
+
+
+def decisions(probs: torch.Tensor, task: str, threshold: float) -> torch.Tensor:
+    """0/1 per output: the arg-max class for multiclass, probability >= threshold otherwise."""
+    if task == "multiclass":
+        return torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).float()
+    return (probs >= threshold).float()
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC, NaN when only one class is present (MONAI warns and returns NaN too)."""
+    if labels.min() == labels.max():
+        return float("nan")
+    return float(compute_roc_auc(probs, labels))
+
+
+def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: float) -> torch.Tensor:
+    """(num_outputs, 4) counts: tp, fp, tn, fn per output."""
+    return get_confusion_matrix(decisions(probs, task, threshold), labels).sum(dim=0)
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str], task: str,
+                           threshold: float = 0.5, beta: float = 1.0) -> dict[str, float]:
+    """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels."""
+    probs, labels = probs.float().cpu(), labels.float().cpu()
+    per_label_auc = [_auc(probs[:, j], labels[:, j]) for j in range(labels.shape[1])]
+    cm = confusion(probs, labels, task, threshold)
+    cm_all = cm.sum(dim=0)
+    fbeta = compute_f_beta_score(cm, beta).flatten().tolist()
+    out = {
+        "auc_macro": _nanmean(per_label_auc),
+        "auc_micro": _auc(probs.flatten(), labels.flatten()),
+        "fbeta_macro": _nanmean(fbeta),
+        "fbeta_micro": float(compute_f_beta_score(cm_all, beta)),
+        "precision": float(compute_confusion_matrix_metric("precision", cm_all)),
+        "recall": float(compute_confusion_matrix_metric("sensitivity", cm_all)),
+        "specificity": float(compute_confusion_matrix_metric("specificity", cm_all)),
+        "accuracy": float(compute_confusion_matrix_metric("accuracy", cm_all)),
+    }
+    if task == "multiclass":  # micro accuracy over one-hot cells counts true negatives; report top-1
+        out["accuracy"] = float((probs.argmax(1) == labels.argmax(1)).float().mean())
+    for name, auc, fb in zip(names, per_label_auc, fbeta):
+        out[f"auc/{name}"] = auc
+        out[f"fbeta/{name}"] = fb
+    return out

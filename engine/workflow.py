@@ -1,0 +1,268 @@
+"""The wiring: the one place that knows every part. Read `train` top to bottom to follow a run:
+config -> datalists -> cached preprocessing -> loaders -> model, loss, optimizer -> MONAI trainer
+and evaluator with handlers -> checkpoints, metrics.csv, summary.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from engine.config import to_yaml
+from engine.data import Preprocessing, build_dataset
+from engine.datalist import IMAGE, LABEL, Datalist, DatalistSpec, label_frequencies, load_datalist, split
+from engine.errors import CT3DError
+from engine.handlers import Checkpoints, MetricsTable, Progress, TrainStats, ValidationMetrics
+from engine.io import write_text
+from engine.models import ModelSpec, create_model
+
+log = logging.getLogger("ct3d")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("ignite", "monai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CT3DError(f"config error: train.device: {name!r} asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision. Mixed precision runs on CUDA only."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def prepare_batch(batch, device=None, non_blocking=False, **kwargs):
+    """Cache dtype (float16 by default, half the RAM and disk) to float32 on the device."""
+    image = batch[IMAGE].to(device, non_blocking=non_blocking).float()
+    return image, batch[LABEL].to(device, non_blocking=non_blocking).float()
+
+
+def make_inferer(device: torch.device, amp_dtype: torch.dtype | None):
+    """bf16 autocast around the forward pass. MONAI's own `amp` flag always adds a GradScaler,
+    which bf16 does not need, so only fp16 goes through it."""
+    from monai.inferers import SimpleInferer
+
+    if amp_dtype != torch.bfloat16:
+        return SimpleInferer()
+
+    class AutocastInferer(SimpleInferer):
+        def __call__(self, inputs, network, *args, **kwargs):
+            with torch.autocast(device.type, dtype=amp_dtype):
+                return network(inputs, *args, **kwargs)
+
+    return AutocastInferer()
+
+
+def make_loss(cfg: DictConfig, task: str, frequencies: list[float]) -> torch.nn.Module:
+    """BCE with logits and a capped pos_weight, cross entropy for multiclass, or focal loss."""
+    if cfg.train.loss == "focal":
+        from monai.losses import FocalLoss
+
+        return FocalLoss(gamma=cfg.train.focal_gamma, use_softmax=task == "multiclass")
+    if task == "multiclass":
+        return torch.nn.CrossEntropyLoss()
+    cap = cfg.train.pos_weight_cap
+    if cap <= 0:
+        return torch.nn.BCEWithLogitsLoss()
+    pos_weight = [min(cap, (1 - f) / f) if f > 0 else cap for f in frequencies]
+    return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+
+
+def datalist_spec(cfg: DictConfig, json_key: str) -> DatalistSpec:
+    d = cfg.data
+    return DatalistSpec(image_column=d.image_column, label_columns=tuple(d.label_columns), task=d.task,
+                        num_classes=d.num_classes, image_root=d.image_root, layout=d.layout, json_key=json_key)
+
+
+def load_splits(cfg: DictConfig) -> tuple[list[dict], list[dict], list[str]]:
+    """Train and validation items and the label names, from the demo, two datalists or a split."""
+    d = cfg.data
+    train_path = d.train
+    if d.demo.enabled:
+        from engine.demo import generate
+
+        train_path = str(generate(d.demo.dir, d.demo.num_volumes, tuple(d.demo.shape), d.demo.seed))
+    train = load_datalist(train_path, datalist_spec(cfg, d.json_train_key))
+    val_path = d.val
+    if not val_path and train_path.endswith(".json") and d.json_val_key in json.loads(Path(train_path).read_text()):
+        val_path = train_path
+    if val_path:
+        val = load_datalist(val_path, datalist_spec(cfg, d.json_val_key))
+        if val.labels != train.labels:
+            raise CT3DError(f"datalist {val_path}: labels {val.labels} differ from {train_path}'s {train.labels}")
+        return train.items, val.items, train.labels
+    train_items, val_items = split(train.items, d.val_fraction, d.split_seed)
+    return train_items, val_items, train.labels
+
+
+def preprocessing_of(cfg: DictConfig) -> Preprocessing:
+    p = cfg.preprocess
+    return Preprocessing(orientation=p.orientation, spacing=tuple(p.spacing) if p.spacing is not None else None,
+                         hu_window=tuple(p.hu_window), scale_range=tuple(p.scale_range),
+                         spatial_size=tuple(p.spatial_size), resize=p.resize, dtype=p.dtype)
+
+
+def model_spec_of(cfg: DictConfig, num_outputs: int) -> ModelSpec:
+    m = cfg.model
+    return ModelSpec(name=m.name, variant=str(m.variant), in_channels=m.in_channels, num_outputs=num_outputs,
+                     spatial_size=tuple(cfg.preprocess.spatial_size), first_conv_stride=m.first_conv_stride,
+                     widen_factor=m.widen_factor, patch_size=m.patch_size, dropout=m.dropout)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, cfg: DictConfig, device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    workers = cfg.loader.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        pin_memory=cfg.loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0,
+    )
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    name = cfg.output.name or f"{cfg.model.name}{cfg.model.variant}-{datetime.now():%Y%m%d-%H%M%S}"
+    folder = Path(cfg.output.dir) / name
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def summary_table(summary: dict, labels: list[str]) -> str:
+    best, final = summary["best"], summary["final"]
+    rows = [("", "best", "final"), ("epoch", str(best["epoch"]), str(final["epoch"]))]
+    keys = ["val_loss", "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
+            "specificity", "accuracy"] + [f"auc/{n}" for n in labels]
+    rows += [(k, f"{best[k]:.4f}", f"{final[k]:.4f}") for k in keys if k in best]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b:>8}  {c:>8}" for a, b, c in rows)
+
+
+def train(cfg: DictConfig) -> Path:
+    """Trains per `cfg`; returns the run folder."""
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import LrScheduleHandler, ValidationHandler
+    from monai.optimizers import WarmupCosineSchedule
+    from monai.utils import set_determinism
+    from ignite.engine import Events
+
+    setup_logging()
+    start = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    set_determinism(seed=cfg.train.seed, use_deterministic_algorithms=cfg.train.deterministic or None)
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    task = cfg.data.task
+
+    train_items, val_items, labels = load_splits(cfg)
+    folder = run_folder(cfg)
+    write_text(folder / "config.yaml", to_yaml(cfg))
+    log.info("run folder %s; %d train / %d validation volumes; labels: %s", folder, len(train_items),
+             len(val_items), ", ".join(labels))
+
+    preprocessing = preprocessing_of(cfg)
+    disk = cfg.cache.dir if cfg.cache.disk else None
+    progress = sys.stderr.isatty()
+    t0 = time.time()
+    train_ds = build_dataset(train_items, preprocessing, disk, cfg.cache.memory_rate, cfg.cache.workers, progress)
+    val_ds = build_dataset(val_items, preprocessing, disk, cfg.cache.memory_rate, cfg.cache.workers, progress)
+    log.info("data ready in %.1f s (disk cache %s, RAM cache rate %.2f)", time.time() - t0,
+             "on" if disk else "off", cfg.cache.memory_rate)
+    train_loader = make_loader(train_ds, cfg.loader.batch_size, True, cfg, device, cfg.train.seed)
+    val_loader = make_loader(val_ds, cfg.loader.val_batch_size or cfg.loader.batch_size, False, cfg, device, 0)
+
+    spec = model_spec_of(cfg, len(labels) if task != "binary" else 1)
+    model = create_model(spec).to(device)
+    frequencies = label_frequencies(train_items)
+    loss_fn = make_loss(cfg, task, frequencies)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = len(train_loader)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
+                                     t_total=cfg.train.epochs * steps_per_epoch)
+    inferer = make_inferer(device, amp_dtype)
+    fp16 = amp_dtype == torch.float16
+    amp_kwargs = {"dtype": torch.float16} if fp16 else None
+
+    evaluator = SupervisedEvaluator(device=device, val_data_loader=val_loader, network=model,
+                                    prepare_batch=prepare_batch, inferer=inferer, amp=fp16,
+                                    amp_kwargs=amp_kwargs, decollate=False)
+    ValidationMetrics(labels, task, make_loss(cfg, task, frequencies), cfg.metrics.threshold,
+                      cfg.metrics.beta).attach(evaluator)
+
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=cfg.train.epochs, train_data_loader=train_loader, network=model,
+        optimizer=optimizer, loss_function=loss_fn.to(device), prepare_batch=prepare_batch, inferer=inferer,
+        amp=fp16, amp_kwargs=amp_kwargs, decollate=False, accumulation_steps=cfg.train.accumulation_steps,
+        train_handlers=[
+            LrScheduleHandler(scheduler, epoch_level=False, print_lr=False),
+            ValidationHandler(interval=cfg.train.val_every, validator=evaluator, epoch_level=True),
+        ],
+    )
+    stats = TrainStats(optimizer)
+    stats.attach(trainer)
+    Progress(stats, cfg.train.log_every).attach(trainer)
+    table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, stats, labels)
+    validated_at = {"epoch": 0}
+    evaluator.add_event_handler(Events.COMPLETED, lambda _: validated_at.update(epoch=trainer.state.epoch))
+
+    def checkpoint_state() -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            "trainer": {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration},
+            "metrics_table": table.state_dict(), "labels": labels, "task": task,
+            "model_spec": asdict(spec), "preprocessing": asdict(preprocessing),
+            "threshold": cfg.metrics.threshold,
+        }
+
+    checkpoints = Checkpoints(folder / "checkpoints", checkpoint_state)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def after_epoch(engine) -> None:
+        epoch = engine.state.epoch
+        if validated_at["epoch"] != epoch and epoch == engine.state.max_epochs:
+            evaluator.run(epoch)  # the last epoch is always validated
+        if validated_at["epoch"] == epoch:
+            improved = table.record(engine, evaluator)
+            m = evaluator.state.metrics
+            log.info("epoch %d validation: loss %.4f, AUC macro %.4f, F%g macro %.4f%s", epoch, m["val_loss"],
+                     m["auc_macro"], cfg.metrics.beta, m["fbeta_macro"], " (best)" if improved else "")
+            if improved:
+                checkpoints.save("best")
+        checkpoints.save("last")
+
+    log.info("training %s%s on %s for %d epochs (%d iterations each)%s", spec.name, spec.variant, device,
+             cfg.train.epochs, steps_per_epoch, f", autocast {amp_dtype}" if amp_dtype else "")
+    trainer.run()
+    checkpoints.save("final")
+
+    summary = {
+        "run": str(folder), "labels": labels, "task": task, "device": str(device),
+        "train_volumes": len(train_items), "val_volumes": len(val_items), "key_metric": cfg.metrics.key,
+        "best_epoch": table.best["epoch"], "best": table.best, "final": table.rows[-1],
+        "wall_seconds": round(time.time() - start, 1),
+    }
+    write_text(folder / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n{summary_table(summary, labels)}")
+    return folder
+
+
+def _json_default(value):
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
