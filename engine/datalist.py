@@ -34,7 +34,7 @@ class DatalistSpec:
 
 
 def resolve_image(name: str, root: Path, layout: str) -> Path:
-    """Absolute path of a volume; `ct-rate` maps train_1_a_1.nii.gz to train_1/train_1_a/<name>."""
+    """Path of a volume; `ct-rate` maps train_1_a_1.nii.gz to train/train_1/train_1_a/<name>."""
     path = Path(name)
     if path.is_absolute():
         return path
@@ -42,7 +42,7 @@ def resolve_image(name: str, root: Path, layout: str) -> Path:
         parts = name.split(".")[0].split("_")
         if len(parts) >= 4:
             split_id = f"{parts[0]}_{parts[1]}"
-            return root / split_id / f"{split_id}_{parts[2]}" / name
+            return root / parts[0] / split_id / f"{split_id}_{parts[2]}" / name
     return root / path
 
 
@@ -65,7 +65,7 @@ def _label_vector(raw, spec: DatalistSpec, n_outputs: int) -> list[float]:
     return out
 
 
-def _read_csv(path: Path, spec: DatalistSpec, problems: list[str]) -> tuple[list[tuple[int, str, object]], list[str]]:
+def _read_csv(path: Path, spec: DatalistSpec) -> tuple[list[tuple[int, str, object]], list[str]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
@@ -116,7 +116,7 @@ def load_datalist(path: str | Path, spec: DatalistSpec) -> Datalist:
         n_out = len(spec.label_columns) or next((len(r[2]) for r in rows if isinstance(r[2], list)), 1)
         names = list(spec.label_columns) or [f"label_{i}" for i in range(n_out)]
     else:
-        rows, names = _read_csv(path, spec, problems)
+        rows, names = _read_csv(path, spec)
         where = "row"
     if spec.task == "multiclass":
         names = [f"class_{i}" for i in range(spec.num_classes)]

@@ -67,9 +67,9 @@ def phantom(rng: np.random.Generator, shape=(64, 64, 64), findings=(0, 0, 0, 0))
             img[fluid] = FLUID
     if nodule:
         coords = np.argwhere(lung & ~heart)
-        for _ in range(rng.integers(1, 4)):
+        for _ in range(rng.integers(2, 5)):
             centre_vox = coords[rng.integers(len(coords))]
-            radius_vox = rng.uniform(1.8, 3.0)
+            radius_vox = rng.uniform(2.5, 4.0)
             centre = tuple(-1 + 2 * c / (n - 1) for c, n in zip(centre_vox, shape))
             radii = tuple(radius_vox * 2 / (n - 1) for n in shape)
             img[_ellipsoid(grid, centre, radii) & lung] = SOFT + 20
