@@ -80,7 +80,7 @@ class TrainStats:
         self.loss_sum, self.count = 0.0, 0
 
     def _update(self, engine: Engine) -> None:
-        self.loss_sum += float(engine.state.output["loss"])
+        self.loss_sum += float(engine.state.output["loss"].detach())
         self.count += 1
 
     def _finish(self, engine: Engine) -> None:

@@ -1,0 +1,120 @@
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data import Preprocessing, build_dataset, cache_folder
+from engine.errors import CT3DError
+from volumes import write_dicom_series, write_itk, write_nifti
+
+SMALL = Preprocessing(spatial_size=(16, 16, 16))
+
+
+def hu_volume(shape=(20, 24, 28)) -> np.ndarray:
+    vol = np.full(shape, -1000, dtype=np.int16)
+    vol[4:-4, 4:-4, 4:-4] = 40
+    return vol
+
+
+def items_for(*paths: Path) -> list[dict]:
+    return [{"image": str(p), "label": [1.0], "name": p.name} for p in paths]
+
+
+def cache_entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_cache_key_changes_with_every_preprocessing_setting():
+    base = Preprocessing()
+    variants = [Preprocessing(spacing=(1.0, 1.0, 2.0)), Preprocessing(hu_window=(-500.0, 500.0)),
+                Preprocessing(spatial_size=(32, 32, 32)), Preprocessing(orientation="LPS"),
+                Preprocessing(resize="crop_pad"), Preprocessing(dtype="float32"), Preprocessing(scale_range=(0.0, 1.0))]
+    keys = {base.key()} | {v.key() for v in variants}
+    assert len(keys) == len(variants) + 1
+    assert Preprocessing().key() == base.key()
+    assert cache_folder("/c", base) != cache_folder("/c", variants[0])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", "dicom"])
+def test_every_format_preprocesses_to_target(tmp_path, suffix):
+    vol = hu_volume()
+    if suffix == "dicom":
+        path = write_dicom_series(tmp_path / "series", vol)
+    elif suffix.startswith(".nii"):
+        path = write_nifti(tmp_path / f"v{suffix}", vol)
+    else:
+        path = write_itk(tmp_path / f"v{suffix}", vol)
+    sample = build_dataset(items_for(path), SMALL, None, 0.0, 1)[0]
+    image = sample["image"]
+    assert image.shape == (1, 16, 16, 16) and image.dtype == torch.float16
+    assert float(image.min()) == pytest.approx(-1.0) and float(image.max()) == pytest.approx(0.04, abs=0.01)
+    assert sample["label"].tolist() == [1.0]
+
+
+def test_disk_cache_is_written_once_and_reused(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", hu_volume())
+    build_dataset(items_for(path), SMALL, tmp_path / "cache", 1.0, 1)
+    entries = cache_entries(tmp_path / "cache")
+    assert len(entries) == 1 and entries[0].parent.name == SMALL.key()
+    mtime = entries[0].stat().st_mtime_ns
+    again = build_dataset(items_for(path), SMALL, tmp_path / "cache", 1.0, 1)[0]["image"]
+    assert cache_entries(tmp_path / "cache") == entries and entries[0].stat().st_mtime_ns == mtime
+    assert again.shape == (1, 16, 16, 16)
+    other = Preprocessing(spatial_size=(8, 8, 8))
+    build_dataset(items_for(path), other, tmp_path / "cache", 0.0, 1)[0]
+    assert {p.parent.name for p in cache_entries(tmp_path / "cache")} == {SMALL.key(), other.key()}
+
+
+def test_changed_source_file_gets_a_new_entry(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", hu_volume())
+    first = build_dataset(items_for(path), SMALL, tmp_path / "cache", 0.0, 1)[0]["image"]
+    vol = hu_volume()
+    vol[:] = 1000
+    write_nifti(path, vol)
+    os.utime(path, ns=(1, 1))
+    second = build_dataset(items_for(path), SMALL, tmp_path / "cache", 0.0, 1)[0]["image"]
+    assert len(cache_entries(tmp_path / "cache")) == 2 and not torch.equal(first, second)
+
+
+def test_truncated_volume_names_file_and_leaves_no_cache_entry(tmp_path):
+    good = write_nifti(tmp_path / "good.nii.gz", hu_volume())
+    bad = tmp_path / "cut.nii.gz"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(CT3DError) as info:
+        build_dataset(items_for(good, bad), SMALL, tmp_path / "cache", 1.0, 1)
+    assert str(bad) in str(info.value)
+    names = [p.name for p in cache_entries(tmp_path / "cache")]
+    assert len(names) <= 1 and not any(n.startswith(".tmp-") for n in names)
+
+
+def test_garbage_file_names_file(tmp_path):
+    bad = tmp_path / "noise.nii.gz"
+    bad.write_bytes(gzip.compress(b"not a nifti at all" * 10))
+    with pytest.raises(CT3DError, match="noise.nii.gz"):
+        build_dataset(items_for(bad), SMALL, None, 1.0, 1)
+
+
+def test_2d_image_is_refused(tmp_path):
+    import nibabel as nib
+
+    path = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), dtype=np.int16), np.eye(4)), str(path))
+    with pytest.raises(CT3DError, match="flat.nii.gz"):
+        build_dataset(items_for(path), SMALL, None, 1.0, 1)
+
+
+def test_crop_pad_keeps_spacing_and_pads_with_air(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", hu_volume((10, 10, 10)))
+    image = build_dataset(items_for(path), Preprocessing(spatial_size=(16, 16, 16), resize="crop_pad"), None, 0, 1)[0]["image"]
+    assert image.shape == (1, 16, 16, 16) and float(image[0, 0, 0, 0]) == -1.0
+
+
+def test_spacing_resamples(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", hu_volume((20, 20, 10)), spacing=(1.0, 1.0, 4.0))
+    p = Preprocessing(spacing=(2.0, 2.0, 2.0), spatial_size=(10, 10, 20), resize="crop_pad")
+    image = build_dataset(items_for(path), p, None, 0, 1)[0]["image"]
+    # 20 x 1 mm -> 10 x 2 mm; 10 x 4 mm -> ~20 x 2 mm: the body fills the middle, air at the edges
+    assert image.shape == (1, 10, 10, 20) and float(image[0, 5, 5, 10]) > 0 and float(image[0, 0, 0, 0]) == -1.0
