@@ -176,7 +176,7 @@ def _translate(exc: OmegaConfBaseException) -> CT3DError:
     return _error(full_key, first_line)
 
 
-def _check(cfg: DictConfig) -> None:
+def _check(cfg: DictConfig, command: str) -> None:
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -214,12 +214,13 @@ def _check(cfg: DictConfig) -> None:
         raise _error("data.label_columns", "binary takes one label column")
     if cfg.metrics.beta <= 0:
         raise _error("metrics.beta", f"must be > 0, got {cfg.metrics.beta}")
-    if not (cfg.data.train or cfg.data.demo.enabled):
+    if command != "predict" and not (cfg.data.train or cfg.data.demo.enabled):
         raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Schema <- YAML file <- `key=value` overrides, checked; raises CT3DError naming the key."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                command: str = "train") -> DictConfig:
+    """Schema <- YAML file <- `key=value` overrides, checked for `command`; raises CT3DError naming the key."""
     cfg = OmegaConf.structured(Config)
     try:
         if path is not None:
@@ -233,7 +234,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise _translate(exc) from None
-    _check(cfg)
+    _check(cfg, command)
+    if command in ("evaluate", "predict") and not cfg.checkpoint:
+        raise _error("checkpoint", f"{command} needs checkpoint=PATH (e.g. runs/<run>/checkpoints/best.pt)")
+    if command == "predict" and not cfg.input:
+        raise _error("input", "predict needs input=PATH: a datalist, one volume, or a folder of volumes")
     return cfg
 
 

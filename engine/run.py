@@ -36,13 +36,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, args.command)
         from engine import workflow  # heavy imports (torch, MONAI) only after the config is valid
 
-        if args.command == "train":
-            workflow.train(cfg)
-        else:
-            raise CT3DError(f"command {args.command!r} is not available yet")
+        {"train": workflow.train, "evaluate": workflow.evaluate, "predict": workflow.predict}[args.command](cfg)
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
         return 2

@@ -259,10 +259,139 @@ def train(cfg: DictConfig) -> Path:
         "best_epoch": table.best["epoch"], "best": table.best, "final": table.rows[-1],
         "wall_seconds": round(time.time() - start, 1),
     }
-    write_text(folder / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    write_text(folder / "summary.json", json.dumps(_finite(summary), indent=2))
     print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n{summary_table(summary, labels)}")
     return folder
 
 
-def _json_default(value):
-    return None if isinstance(value, float) and math.isnan(value) else str(value)
+def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The network of a ct3d checkpoint, in eval mode, and the checkpoint's dict."""
+    from engine.checkpoint import load_checkpoint
+
+    if not path:
+        raise CT3DError("config error: checkpoint: give the checkpoint to load, e.g. checkpoint=runs/x/checkpoints/best.pt")
+    state = load_checkpoint(path)
+    spec = ModelSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_spec"].items()})
+    model = create_model(spec)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def _checkpoint_preprocessing(state: dict) -> Preprocessing:
+    return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocessing"].items()})
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Every validation metric of a checkpoint on the config's validation datalist (or split)."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedEvaluator
+
+    setup_logging()
+    device = resolve_device(cfg.train.device)
+    model, state = load_trained_model(cfg.checkpoint, device)
+    train_items, val_items, labels = load_splits(cfg)
+    if labels != state["labels"]:
+        raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
+    preprocessing = _checkpoint_preprocessing(state)
+    dataset = build_dataset(val_items, preprocessing, cfg.cache.dir if cfg.cache.disk else None,
+                            cfg.cache.memory_rate, cfg.cache.workers, sys.stderr.isatty())
+    loader = make_loader(dataset, cfg.loader.val_batch_size or cfg.loader.batch_size, False, cfg, device, 0)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    fp16 = amp_dtype == torch.float16
+    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=model,
+                                    prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
+                                    amp=fp16, amp_kwargs={"dtype": torch.float16} if fp16 else None, decollate=False)
+    task = state["task"]
+    ValidationMetrics(labels, task, make_loss(cfg, task, label_frequencies(train_items)),
+                      cfg.metrics.threshold, cfg.metrics.beta).attach(evaluator)
+    evaluator.run()
+    metrics = dict(evaluator.state.metrics)
+    folder = Path(cfg.output.dir) / (cfg.output.name or f"evaluate-{datetime.now():%Y%m%d-%H%M%S}")
+    result = {"checkpoint": str(cfg.checkpoint), "epoch": state["trainer"]["epoch"], "volumes": len(val_items),
+              "labels": labels, "metrics": metrics}
+    write_text(folder / "evaluation.json", json.dumps(_finite(result), indent=2))
+    width = max(len(k) for k in metrics)
+    print(f"\nct3d evaluate {cfg.checkpoint} on {len(val_items)} volumes -> {folder}")
+    print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def list_volumes(source: str, cfg: DictConfig) -> list[dict]:
+    """Items {"image", "name"} from a datalist, one volume, or a folder of volumes and DICOM series folders."""
+    from engine.datalist import resolve_image
+
+    path = Path(source)
+    if not source or not path.exists():
+        raise CT3DError(f"config error: input: {source!r} does not exist (a datalist, a volume or a folder)")
+    if path.is_file() and path.suffix.lower() in (".csv", ".json"):
+        if path.suffix.lower() == ".json":
+            names = [str(e["image"]) for e in json.loads(path.read_text()).get(cfg.data.json_train_key, [])]
+        else:
+            import csv
+
+            with open(path, newline="") as f:
+                names = [row[cfg.data.image_column] for row in csv.DictReader(f)]
+        root = Path(cfg.data.image_root) if cfg.data.image_root else path.parent
+        items = [{IMAGE: str(resolve_image(n, root, cfg.data.layout)), "name": n} for n in names]
+        missing = [it[IMAGE] for it in items if not Path(it[IMAGE]).exists()]
+        if missing:
+            raise CT3DError(f"datalist {path}: {len(missing)} volume(s) missing, e.g. {missing[0]}")
+        return items
+    if path.is_file() or any(p.suffix.lower() == ".dcm" for p in path.iterdir()):
+        return [{IMAGE: str(path), "name": path.name}]
+    items = []
+    for entry in sorted(path.iterdir()):
+        is_volume = entry.is_file() and entry.name.lower().endswith(VOLUME_SUFFIXES) and entry.suffix != ".dcm"
+        is_series = entry.is_dir() and any(p.suffix.lower() == ".dcm" for p in entry.iterdir())
+        if is_volume or is_series:
+            items.append({IMAGE: str(entry), "name": entry.name})
+    if not items:
+        raise CT3DError(f"input {path}: no volumes (NIfTI, NRRD, MHA files or DICOM series folders) found")
+    return items
+
+
+def predict(cfg: DictConfig) -> Path:
+    """predictions.csv: one row per volume, one probability column per label of the checkpoint."""
+    import csv
+    import io
+
+    from engine.metrics import probabilities
+
+    setup_logging()
+    device = resolve_device(cfg.train.device)
+    model, state = load_trained_model(cfg.checkpoint, device)
+    items = list_volumes(cfg.input, cfg)
+    for it in items:
+        it[LABEL] = [0.0]  # Labelled wants a label; predictions ignore it
+    dataset = build_dataset(items, _checkpoint_preprocessing(state), None, 0.0, cfg.cache.workers)
+    loader = make_loader(dataset, cfg.loader.val_batch_size or cfg.loader.batch_size, False, cfg, device, 0)
+    inferer = make_inferer(device, resolve_amp(cfg.train.amp, device))
+    rows = []
+    with torch.no_grad():
+        for batch in loader:
+            image, _ = prepare_batch(batch, device)
+            rows.extend(probabilities(inferer(image, model), state["task"]).cpu().tolist())
+    labels = state["labels"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["VolumeName", *labels])
+    for it, probs in zip(items, rows):
+        writer.writerow([it["name"], *(f"{p:.6f}" for p in probs)])
+    folder = Path(cfg.output.dir) / (cfg.output.name or f"predict-{datetime.now():%Y%m%d-%H%M%S}")
+    write_text(folder / "predictions.csv", buf.getvalue())
+    print(f"ct3d predict: {len(items)} volume(s) -> {folder / 'predictions.csv'}")
+    return folder / "predictions.csv"
+
+
+def _finite(value):
+    """JSON has no NaN: NaN becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
