@@ -21,8 +21,8 @@ MODEL_VARIANTS = {
     "densenet3d": ("121", "169", "201"),
     "vit3d": ("tiny", "small", "base"),
 }
-# Every metric here is "higher is better"; the key metric picks best.pt.
-KEY_METRICS = ("auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "accuracy")
+# The key metric picks best.pt and drives early stopping; metrics.mode=auto: min for val_loss, else max.
+KEY_METRICS = ("auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "accuracy", "val_loss")
 SECRET_KEYS = ("api_key", "password", "token", "secret")
 
 
@@ -107,11 +107,45 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     log_every: int = 10  # iterations between plain log lines when not on a terminal
+    resume: str = "auto"  # auto: continue from the run folder's latest checkpoint if any; off; or a path
+    early_stopping_patience: int = 0  # validations without improvement before stopping; 0 disables
+    early_stopping_min_delta: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """Random transforms applied per sample on the training device, after the caches."""
+
+    enabled: bool = True
+    flip_prob: float = 0.5  # per spatial axis
+    affine_prob: float = 0.3
+    rotate_degrees: List[float] = field(default_factory=lambda: [5.0, 5.0, 15.0])  # about x, y, z
+    scale_range: List[float] = field(default_factory=lambda: [0.9, 1.1])
+    smooth_prob: float = 0.1
+    contrast_prob: float = 0.2
+    noise_prob: float = 0.2
+    noise_std: float = 0.02  # in scaled intensity units
+    shift_prob: float = 0.2
+    shift: float = 0.05
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no network), online (key from WANDB_API_KEY), disabled
+    project: str = "ct3d"
+    entity: str = ""
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class MetricsConfig:
     key: str = "auc_macro"
+    mode: str = "auto"  # max | min | auto (min for val_loss)
     threshold: float = 0.5
     beta: float = 1.0
 
@@ -130,6 +164,8 @@ class Config:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: str = ""  # evaluate / predict: the checkpoint to load
@@ -145,6 +181,8 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.loss": ("bce", "focal"),
     "metrics.key": KEY_METRICS,
+    "metrics.mode": ("auto", "max", "min"),
+    "tracking.wandb.mode": ("offline", "online", "disabled"),
 }
 
 
@@ -192,14 +230,18 @@ def _check(cfg: DictConfig, command: str) -> None:
     for key in positive_ints:
         if OmegaConf.select(cfg, key) < 1:
             raise _error(key, f"must be >= 1, got {OmegaConf.select(cfg, key)}")
-    for key in ("loader.num_workers", "loader.val_batch_size", "cache.workers", "train.threads"):
+    for key in ("loader.num_workers", "loader.val_batch_size", "cache.workers", "train.threads",
+                "train.early_stopping_patience"):
         if OmegaConf.select(cfg, key) < 0:
             raise _error(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key in ("cache.memory_rate", "data.val_fraction", "metrics.threshold"):
+    for key in ("cache.memory_rate", "data.val_fraction", "metrics.threshold", "augment.flip_prob",
+                "augment.affine_prob", "augment.smooth_prob", "augment.contrast_prob", "augment.noise_prob",
+                "augment.shift_prob"):
         if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
             raise _error(key, f"must be between 0 and 1, got {OmegaConf.select(cfg, key)}")
     for key, length in (("preprocess.hu_window", 2), ("preprocess.scale_range", 2),
-                        ("preprocess.spatial_size", 3), ("data.demo.shape", 3)):
+                        ("preprocess.spatial_size", 3), ("data.demo.shape", 3), ("augment.rotate_degrees", 3),
+                        ("augment.scale_range", 2)):
         if len(OmegaConf.select(cfg, key)) != length:
             raise _error(key, f"needs {length} values, got {list(OmegaConf.select(cfg, key))}")
     if cfg.preprocess.spacing is not None and (len(cfg.preprocess.spacing) != 3 or min(cfg.preprocess.spacing) <= 0):
@@ -212,6 +254,8 @@ def _check(cfg: DictConfig, command: str) -> None:
         raise _error("data.num_classes", "multiclass needs num_classes >= 2")
     if cfg.data.task == "binary" and len(cfg.data.label_columns) > 1:
         raise _error("data.label_columns", "binary takes one label column")
+    if cfg.metrics.mode == "auto":
+        cfg.metrics.mode = "min" if cfg.metrics.key == "val_loss" else "max"
     if cfg.metrics.beta <= 0:
         raise _error("metrics.beta", f"must be > 0, got {cfg.metrics.beta}")
     if command != "predict" and not (cfg.data.train or cfg.data.demo.enabled):

@@ -98,8 +98,10 @@ class TrainStats:
 class MetricsTable:
     """One row per validation in `metrics.csv` (rewritten atomically), best key metric tracked."""
 
-    def __init__(self, path: Path, key: str, stats: TrainStats, names: list[str]):
-        self.path, self.key, self.stats = Path(path), key, stats
+    def __init__(self, path: Path, key: str, stats: TrainStats, names: list[str], mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
+        self.path, self.key, self.stats, self.sign = Path(path), key, stats, 1.0 if mode == "max" else -1.0
         self.columns = ["epoch", "iteration", "train_loss", "lr", "val_loss",
                         "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
                         "specificity", "accuracy", "seconds"]
@@ -117,7 +119,7 @@ class MetricsTable:
         self.rows.append(row)
         value = row[self.key]
         improved = value is not None and not math.isnan(value) and (
-            self.best is None or math.isnan(self.best[self.key]) or value > self.best[self.key])
+            self.best is None or math.isnan(self.best[self.key]) or self.sign * value > self.sign * self.best[self.key])
         if improved or self.best is None:
             self.best = row
         self._write()

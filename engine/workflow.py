@@ -20,6 +20,8 @@ from engine.config import to_yaml
 from engine.data import Preprocessing, build_dataset
 from engine.datalist import IMAGE, LABEL, Datalist, DatalistSpec, label_frequencies, load_datalist, split
 from engine.errors import CT3DError
+from engine.augment import AugmentSpec, DeviceAugmentation
+from engine.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from engine.handlers import Checkpoints, MetricsTable, Progress, TrainStats, ValidationMetrics
 from engine.io import write_text
 from engine.models import ModelSpec, create_model
@@ -129,10 +131,12 @@ def model_spec_of(cfg: DictConfig, num_outputs: int) -> ModelSpec:
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, cfg: DictConfig, device: torch.device, seed: int):
-    generator = torch.Generator().manual_seed(seed)
+    """Training shuffles through a DistributedSampler (one replica when not distributed) whose order
+    depends on (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed) if shuffle else None
     workers = cfg.loader.num_workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=cfg.loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0,
     )
 
@@ -215,10 +219,26 @@ def train(cfg: DictConfig) -> Path:
             ValidationHandler(interval=cfg.train.val_every, validator=evaluator, epoch_level=True),
         ],
     )
+    sampler = train_loader.sampler
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
+    if cfg.augment.enabled:
+        a = cfg.augment
+        spec_aug = AugmentSpec(a.flip_prob, a.affine_prob, tuple(a.rotate_degrees), tuple(a.scale_range), a.smooth_prob,
+                               a.contrast_prob, a.noise_prob, a.noise_std, a.shift_prob, a.shift)
+        DeviceAugmentation(spec_aug, device, cfg.train.seed).attach(trainer)
     stats = TrainStats(optimizer)
     stats.attach(trainer)
     Progress(stats, cfg.train.log_every).attach(trainer)
-    table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, stats, labels)
+    table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, stats, labels, cfg.metrics.mode)
+    stopper = None
+    if cfg.train.early_stopping_patience > 0:
+        from ignite.handlers import EarlyStopping
+
+        sign = 1.0 if cfg.metrics.mode == "max" else -1.0
+        key = cfg.metrics.key
+        stopper = EarlyStopping(cfg.train.early_stopping_patience, lambda e: _score(sign, e.state.metrics[key]),
+                                trainer, min_delta=cfg.train.early_stopping_min_delta)
+        evaluator.add_event_handler(Events.COMPLETED, stopper)
     validated_at = {"epoch": 0}
     evaluator.add_event_handler(Events.COMPLETED, lambda _: validated_at.update(epoch=trainer.state.epoch))
 
@@ -229,7 +249,9 @@ def train(cfg: DictConfig) -> Path:
             "trainer": {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration},
             "metrics_table": table.state_dict(), "labels": labels, "task": task,
             "model_spec": asdict(spec), "preprocessing": asdict(preprocessing),
-            "threshold": cfg.metrics.threshold,
+            "threshold": cfg.metrics.threshold, "rng": rng_state(),
+            "early_stopping": stopper.state_dict() if stopper is not None else None,
+            "stopped_early": bool(trainer.should_terminate),
         }
 
     checkpoints = Checkpoints(folder / "checkpoints", checkpoint_state)
@@ -248,10 +270,32 @@ def train(cfg: DictConfig) -> Path:
                 checkpoints.save("best")
         checkpoints.save("last")
 
-    log.info("training %s%s on %s for %d epochs (%d iterations each)%s", spec.name, spec.variant, device,
-             cfg.train.epochs, steps_per_epoch, f", autocast {amp_dtype}" if amp_dtype else "")
-    trainer.run()
-    checkpoints.save("final")
+    resume_from = resume_checkpoint(cfg.train.resume, folder / "checkpoints")
+    done = False
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scheduler.t_total = cfg.train.epochs * steps_per_epoch  # a raised train.epochs extends the schedule
+        if trainer.scaler is not None and state["scaler"] is not None:
+            trainer.scaler.load_state_dict(state["scaler"])
+        if stopper is not None and state["early_stopping"] is not None:
+            stopper.load_state_dict(state["early_stopping"])
+        table.load_state_dict(state["metrics_table"])
+        set_rng_state(state["rng"])
+        epoch = state["trainer"]["epoch"]
+        done = state["stopped_early"] or epoch >= cfg.train.epochs
+        trainer.load_state_dict({"epoch": epoch, "max_epochs": max(epoch, cfg.train.epochs),
+                                 "epoch_length": steps_per_epoch})
+        log.info("resumed from %s at epoch %d%s", resume_from, epoch, " (already finished)" if done else "")
+    if not done:
+        log.info("training %s%s on %s for %d epochs (%d iterations each)%s", spec.name, spec.variant, device,
+                 cfg.train.epochs, steps_per_epoch, f", autocast {amp_dtype}" if amp_dtype else "")
+        trainer.run()
+        checkpoints.save("final")
+    if not table.rows:
+        raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
 
     summary = {
         "run": str(folder), "labels": labels, "task": task, "device": str(device),
@@ -266,8 +310,6 @@ def train(cfg: DictConfig) -> Path:
 
 def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The network of a ct3d checkpoint, in eval mode, and the checkpoint's dict."""
-    from engine.checkpoint import load_checkpoint
-
     if not path:
         raise CT3DError("config error: checkpoint: give the checkpoint to load, e.g. checkpoint=runs/x/checkpoints/best.pt")
     state = load_checkpoint(path)
@@ -384,6 +426,21 @@ def predict(cfg: DictConfig) -> Path:
     write_text(folder / "predictions.csv", buf.getvalue())
     print(f"ct3d predict: {len(items)} volume(s) -> {folder / 'predictions.csv'}")
     return folder / "predictions.csv"
+
+
+def _score(sign: float, value: float) -> float:
+    return -math.inf if value is None or math.isnan(value) else sign * value
+
+
+def resume_checkpoint(resume: str, folder: Path) -> Path | None:
+    """train.resume: auto (latest readable checkpoint in the run folder, if any), off, or a path."""
+    if resume == "off":
+        return None
+    if resume == "auto":
+        return find_latest_checkpoint(folder)
+    if not Path(resume).is_file():
+        raise CT3DError(f"config error: train.resume: {resume!r} is not auto, off or an existing checkpoint")
+    return Path(resume)
 
 
 def _finite(value):
