@@ -62,14 +62,17 @@ class ValidationMetrics:
                                          self.threshold, self.beta)
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
         engine.state.metrics.update(metrics)
+        self.last_probs, self.last_labels = probabilities(logits, self.task), labels
 
 
 class TrainStats:
-    """Mean training loss over each epoch and the current learning rate."""
+    """Mean training loss over each epoch, the current learning rate, and an LR history of about
+    `lr_points` points per epoch for the report."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_points: int = 50):
+        self.optimizer, self.lr_points = optimizer, lr_points
         self.loss_sum, self.count, self.last_epoch_loss = 0.0, 0, float("nan")
+        self.lr_history: list[tuple[int, float]] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -82,9 +85,18 @@ class TrainStats:
     def _update(self, engine: Engine) -> None:
         self.loss_sum += float(engine.state.output["loss"].detach())
         self.count += 1
+        every = max(1, (engine.state.epoch_length or 1) // self.lr_points)
+        if engine.state.iteration % every == 0 or engine.state.iteration == 1:
+            self.lr_history.append((engine.state.iteration, self.lr))
 
     def _finish(self, engine: Engine) -> None:
         self.last_epoch_loss = self.loss_sum / max(1, self.count)
+
+    def state_dict(self) -> dict:
+        return {"lr_history": [list(p) for p in self.lr_history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr_history = [tuple(p) for p in state["lr_history"]]
 
     @property
     def running_loss(self) -> float:

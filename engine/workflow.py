@@ -25,6 +25,7 @@ from engine.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state
 from engine.handlers import Checkpoints, MetricsTable, Progress, TrainStats, ValidationMetrics
 from engine.io import write_text
 from engine.models import ModelSpec, create_model
+from engine.tracking import WandbTracker, new_run_id
 
 log = logging.getLogger("ct3d")
 
@@ -207,8 +208,10 @@ def train(cfg: DictConfig) -> Path:
     evaluator = SupervisedEvaluator(device=device, val_data_loader=val_loader, network=model,
                                     prepare_batch=prepare_batch, inferer=inferer, amp=fp16,
                                     amp_kwargs=amp_kwargs, decollate=False)
-    ValidationMetrics(labels, task, make_loss(cfg, task, frequencies), cfg.metrics.threshold,
-                      cfg.metrics.beta).attach(evaluator)
+    validation = ValidationMetrics(labels, task, make_loss(cfg, task, frequencies), cfg.metrics.threshold,
+                                   cfg.metrics.beta)
+    validation.attach(evaluator)
+    best_outputs: dict = {}
 
     trainer = SupervisedTrainer(
         device=device, max_epochs=cfg.train.epochs, train_data_loader=train_loader, network=model,
@@ -251,7 +254,8 @@ def train(cfg: DictConfig) -> Path:
             "model_spec": asdict(spec), "preprocessing": asdict(preprocessing),
             "threshold": cfg.metrics.threshold, "rng": rng_state(),
             "early_stopping": stopper.state_dict() if stopper is not None else None,
-            "stopped_early": bool(trainer.should_terminate),
+            "stopped_early": bool(trainer.should_terminate), "train_stats": stats.state_dict(),
+            "best_outputs": best_outputs, "wandb_id": wandb_id,
         }
 
     checkpoints = Checkpoints(folder / "checkpoints", checkpoint_state)
@@ -267,11 +271,12 @@ def train(cfg: DictConfig) -> Path:
             log.info("epoch %d validation: loss %.4f, AUC macro %.4f, F%g macro %.4f%s", epoch, m["val_loss"],
                      m["auc_macro"], cfg.metrics.beta, m["fbeta_macro"], " (best)" if improved else "")
             if improved:
+                best_outputs.update(probs=validation.last_probs, labels=validation.last_labels)
                 checkpoints.save("best")
         checkpoints.save("last")
 
     resume_from = resume_checkpoint(cfg.train.resume, folder / "checkpoints")
-    done = False
+    done, state = False, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, map_location=device)
         model.load_state_dict(state["model"])
@@ -283,12 +288,21 @@ def train(cfg: DictConfig) -> Path:
         if stopper is not None and state["early_stopping"] is not None:
             stopper.load_state_dict(state["early_stopping"])
         table.load_state_dict(state["metrics_table"])
+        stats.load_state_dict(state["train_stats"])
+        best_outputs.update(state["best_outputs"])
         set_rng_state(state["rng"])
         epoch = state["trainer"]["epoch"]
         done = state["stopped_early"] or epoch >= cfg.train.epochs
         trainer.load_state_dict({"epoch": epoch, "max_epochs": max(epoch, cfg.train.epochs),
                                  "epoch_length": steps_per_epoch})
         log.info("resumed from %s at epoch %d%s", resume_from, epoch, " (already finished)" if done else "")
+    wandb_id = (state or {}).get("wandb_id") or new_run_id()  # a resumed run continues its W&B run
+    tracker = None
+    if cfg.tracking.wandb.mode != "disabled":
+        w = cfg.tracking.wandb
+        tracker = WandbTracker(w.mode, w.project, w.entity, list(w.tags), folder,
+                               OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))), wandb_id, folder.name)
+        tracker.attach(trainer, evaluator, lambda: stats.lr)
     if not done:
         log.info("training %s%s on %s for %d epochs (%d iterations each)%s", spec.name, spec.variant, device,
                  cfg.train.epochs, steps_per_epoch, f", autocast {amp_dtype}" if amp_dtype else "")
@@ -301,9 +315,19 @@ def train(cfg: DictConfig) -> Path:
         "run": str(folder), "labels": labels, "task": task, "device": str(device),
         "train_volumes": len(train_items), "val_volumes": len(val_items), "key_metric": cfg.metrics.key,
         "best_epoch": table.best["epoch"], "best": table.best, "final": table.rows[-1],
+        "stopped_early": bool(trainer.should_terminate) or (resume_from is not None and done and state["stopped_early"]),
         "wall_seconds": round(time.time() - start, 1),
     }
     write_text(folder / "summary.json", json.dumps(_finite(summary), indent=2))
+    report_png = None
+    if best_outputs:
+        from engine.report import write_report
+
+        report_png, _ = write_report(folder, table.rows, stats.lr_history, best_outputs["probs"],
+                                     best_outputs["labels"], labels, task, cfg.metrics.threshold, cfg.metrics.beta,
+                                     summary, to_yaml(cfg))
+    if tracker is not None:
+        tracker.finish(report_png, folder / "checkpoints" / "best.pt", summary)
     print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n{summary_table(summary, labels)}")
     return folder
 

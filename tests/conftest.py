@@ -6,7 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("WANDB_MODE", "disabled")
+
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +22,6 @@ def tiny_overrides(tmp_path: Path, datalist: Path, *extra: str) -> list[str]:
     return [
         f"data.train={datalist}", "data.demo.enabled=false", "preprocess.spatial_size=[32,32,32]",
         f"cache.dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'runs'}", "output.name=run",
-        "loader.batch_size=4", "train.epochs=1", "model.widen_factor=0.25", "cache.workers=1", *extra,
+        "loader.batch_size=4", "train.epochs=1", "model.widen_factor=0.25", "cache.workers=1",
+        "tracking.wandb.mode=disabled", *extra,
     ]

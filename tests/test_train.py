@@ -74,3 +74,18 @@ def test_truncated_volume_stops_before_training(tmp_path, tiny_demo):
     with pytest.raises(CT3DError, match=victim.name):
         train(load_config(None, tiny_overrides(tmp_path, tmp_path / "list.csv")))
     assert not (tmp_path / "runs" / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_report_has_every_panel_filled(tmp_path, tiny_demo):
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2")))
+    page = (folder / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 6
+    assert "Best and final validation" in page and "auc_macro" in page and "spatial_size" in page
+    assert (folder / "report.png").stat().st_size > 20_000
+
+
+def test_roc_curve_known_points():
+    from engine.report import roc_curve
+
+    fpr, tpr = roc_curve(torch.tensor([0.9, 0.8, 0.8, 0.1]), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert fpr == [0.0, 0.0, 0.5, 1.0] and tpr == [0.0, 0.5, 1.0, 1.0]

@@ -1,0 +1,144 @@
+"""The end-of-run report: `report.png` (every panel on one page) and a self-contained `report.html`
+(the same panels embedded, plus the best-epoch summary and the config). Every panel is drawn from
+data the run computed: metrics.csv rows, the LR history and the best epoch's validation outputs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import torch
+
+from engine.io import atomic_write, write_text
+from engine.metrics import confusion
+
+
+def roc_curve(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
+    """False and true positive rates at every distinct threshold (MONAI computes the area only)."""
+    order = torch.argsort(probs, descending=True)
+    p, y = probs[order], labels[order]
+    tps, fps = torch.cumsum(y, 0), torch.cumsum(1 - y, 0)
+    last_of_tie = torch.cat([p[1:] != p[:-1], torch.tensor([True])])
+    pos, neg = max(float(y.sum()), 1.0), max(float((1 - y).sum()), 1.0)
+    return [0.0] + (fps[last_of_tie] / neg).tolist(), [0.0] + (tps[last_of_tie] / pos).tolist()
+
+
+def _column(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+    return [e for e, _ in pairs], [v for _, v in pairs]
+
+
+def _losses(ax, rows, **_):
+    for key, label in (("train_loss", "training"), ("val_loss", "validation")):
+        ax.plot(*_column(rows, key), marker="o", label=label)
+    ax.set(title="Loss per epoch", xlabel="epoch", ylabel="loss")
+    ax.legend()
+
+
+def _scores(ax, rows, beta, **_):
+    ax.plot(*_column(rows, "auc_macro"), marker="o", label="ROC AUC macro")
+    ax.plot(*_column(rows, "fbeta_macro"), marker="s", label=f"F{beta:g} macro")
+    ax.set(title="Validation scores per epoch", xlabel="epoch", ylim=(0, 1.02))
+    ax.legend()
+
+
+def _lr(ax, lr_history, **_):
+    ax.plot([i for i, _ in lr_history], [v for _, v in lr_history])
+    ax.set(title="Learning rate", xlabel="iteration", ylabel="lr")
+
+
+def _roc(ax, probs, labels, names, **_):
+    for j, name in enumerate(names):
+        if labels[:, j].min() != labels[:, j].max():
+            ax.plot(*roc_curve(probs[:, j], labels[:, j]), label=name)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(title="ROC curves (best epoch)", xlabel="false positive rate", ylabel="true positive rate")
+    ax.legend(fontsize="small")
+
+
+def _auc_bars(ax, best, names, **_):
+    values = [best.get(f"auc/{n}") for n in names]
+    values = [0.0 if v is None or math.isnan(v) else v for v in values]
+    ax.barh(names, values)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.3f}", va="center", fontsize="small")
+    ax.set(title="ROC AUC per label (best epoch)", xlim=(0, 1.1))
+    ax.invert_yaxis()
+
+
+def _confusion_bars(ax, probs, labels, names, task, threshold, **_):
+    counts = confusion(probs, labels, task, threshold)  # tp, fp, tn, fn per label
+    left = torch.zeros(len(names))
+    for k, (name, colour) in enumerate(zip(("TP", "FP", "TN", "FN"), ("tab:green", "tab:red", "tab:blue", "tab:orange"))):
+        ax.barh(names, counts[:, k].tolist(), left=left.tolist(), label=name, color=colour)
+        left += counts[:, k]
+    ax.set(title=f"Confusion counts at threshold {threshold:g} (best epoch)", xlabel="volumes")
+    ax.invert_yaxis()
+    ax.legend(ncol=4, fontsize="small")
+
+
+PANELS = (_losses, _scores, _lr, _roc, _auc_bars, _confusion_bars)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, float]], probs: torch.Tensor,
+                 labels: torch.Tensor, names: list[str], task: str, threshold: float, beta: float,
+                 summary: dict, config_yaml: str) -> tuple[Path, Path]:
+    """Writes report.png and report.html into `folder`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = dict(rows=rows, lr_history=lr_history, probs=probs.float(), labels=labels.float(), names=names,
+                task=task, threshold=threshold, beta=beta, best=summary["best"])
+    height = max(4.0, 0.35 * len(names) + 1.5)
+    images = []
+    for panel in PANELS:
+        fig, ax = plt.subplots(figsize=(7, height if panel in (_auc_bars, _confusion_bars) else 4))
+        panel(ax, **data)
+        images.append(_png(fig))
+        plt.close(fig)
+    fig, axes = plt.subplots(3, 2, figsize=(15, 5 + 2 * height))
+    for panel, ax in zip(PANELS, axes.flat):
+        panel(ax, **data)
+    fig.suptitle(f"ct3d run {Path(summary['run']).name}: best epoch {summary['best_epoch']}, "
+                 f"{summary['key_metric']} {summary['best'][summary['key_metric']]:.4f}")
+    fig.tight_layout()
+    png_path, html_path = folder / "report.png", folder / "report.html"
+    with atomic_write(png_path) as tmp:
+        tmp.write_bytes(_png(fig))
+    plt.close(fig)
+    write_text(html_path, _html(images, summary, config_yaml))
+    return png_path, html_path
+
+
+def _html(images: list[bytes], summary: dict, config_yaml: str) -> str:
+    def fmt(v):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    best, final = summary["best"], summary["final"]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>{fmt(final.get(k))}</td></tr>"
+                   for k in best if k not in ("seconds",))
+    figures = "".join(f'<img alt="panel {i + 1}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
+                      for i, b in enumerate(images))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ct3d report {html.escape(Path(summary['run']).name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:48%;margin:0.5%}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{text-align:left}}</style></head>
+<body><h1>ct3d run {html.escape(Path(summary['run']).name)}</h1>
+<p>{summary['train_volumes']} training and {summary['val_volumes']} validation volumes, task {summary['task']},
+device {html.escape(summary['device'])}, wall time {summary['wall_seconds']:.0f} s.
+Best epoch {summary['best_epoch']} by {summary['key_metric']}{' (stopped early)' if summary.get('stopped_early') else ''}.</p>
+{figures}
+<h2>Best and final validation</h2><table><tr><th>metric</th><th>best</th><th>final</th></tr>{rows}</table>
+<h2>Config</h2><pre>{html.escape(config_yaml)}</pre></body></html>
+"""
