@@ -69,7 +69,7 @@ def phantom(rng: np.random.Generator, shape=(64, 64, 64), findings=(0, 0, 0, 0))
         coords = np.argwhere(lung & ~heart)
         for _ in range(rng.integers(2, 5)):
             centre_vox = coords[rng.integers(len(coords))]
-            radius_vox = rng.uniform(2.5, 4.0)
+            radius_vox = rng.uniform(3.0, 4.5)
             centre = tuple(-1 + 2 * c / (n - 1) for c, n in zip(centre_vox, shape))
             radii = tuple(radius_vox * 2 / (n - 1) for n in shape)
             img[_ellipsoid(grid, centre, radii) & lung] = SOFT + 20

@@ -34,7 +34,7 @@ def _column(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _losses(ax, rows, **_):
     for key, label in (("train_loss", "training"), ("val_loss", "validation")):
         ax.plot(*_column(rows, key), marker="o", label=label)
-    ax.set(title="Loss per epoch", xlabel="epoch", ylabel="loss")
+    ax.set(title="Loss per epoch", xlabel="epoch", ylabel="loss (log scale)", yscale="log")
     ax.legend()
 
 

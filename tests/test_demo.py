@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -45,8 +46,9 @@ def test_generated_set_prevalence_and_reuse(tmp_path):
 @pytest.mark.slow
 def test_demo_command_trains_to_target_auc(tmp_path):
     """The README's demo: `python -m engine.run` with no arguments, in a fresh folder."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "engine.run"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
@@ -55,4 +57,14 @@ def test_demo_command_trains_to_target_auc(tmp_path):
     for name in ("config.yaml", "metrics.csv", "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/final.pt"):
         assert (runs[0] / name).is_file()
     assert "auc_macro" in proc.stdout  # the closing summary table
+    assert (runs[0] / "report.html").read_text().count("data:image/png;base64,") == 6
+    assert list((runs[0] / "wandb").glob("offline-run-*/*.wandb"))
     print(f"demo: {summary['wall_seconds']} s, best macro AUC {summary['best']['auc_macro']:.4f}")
+
+    best = runs[0] / "checkpoints" / "best.pt"
+    proc = subprocess.run([sys.executable, "-m", "engine.run", "evaluate", f"checkpoint={best}", "output.name=eval"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "runs" / "eval" / "evaluation.json").read_text())["metrics"]
+    for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):
+        assert evaluation[key] == pytest.approx(summary["best"][key], abs=1e-4), key
