@@ -6,6 +6,7 @@ Imports only the standard library and OmegaConf, so `--help` and config errors s
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -47,6 +48,9 @@ class DataConfig:
     label_columns: List[str] = field(default_factory=list)  # empty: every other CSV column
     task: str = "multilabel"
     num_classes: int = 0  # multiclass only: labels are class indices 0..num_classes-1
+    patient_column: str = ""  # CSV column with the patient id; empty: patient_pattern on the volume name
+    patient_pattern: str = r"^([A-Za-z]+_\d+)_"  # first group is the patient (CT-RATE: train_123_a_1 -> train_123)
+    on_error: str = "raise"  # raise: stop on any bad row or volume; skip: leave them out, listed in the run
     json_train_key: str = "training"
     json_val_key: str = "validation"
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -175,6 +179,7 @@ class Config:
 CHOICES = {
     "data.task": TASKS,
     "data.layout": ("flat", "ct-rate"),
+    "data.on_error": ("raise", "skip"),
     "model.name": tuple(MODEL_VARIANTS),
     "preprocess.resize": ("resize", "crop_pad"),
     "preprocess.dtype": ("float16", "float32"),
@@ -254,10 +259,18 @@ def _check(cfg: DictConfig, command: str) -> None:
         raise _error("data.num_classes", "multiclass needs num_classes >= 2")
     if cfg.data.task == "binary" and len(cfg.data.label_columns) > 1:
         raise _error("data.label_columns", "binary takes one label column")
+    if str(cfg.train.resume).lower() in ("false", "off", "no", "none", ""):  # YAML reads `off` as false
+        cfg.train.resume = "off"
+    elif str(cfg.train.resume).lower() == "true":
+        cfg.train.resume = "auto"
     if cfg.metrics.mode == "auto":
         cfg.metrics.mode = "min" if cfg.metrics.key == "val_loss" else "max"
     if cfg.metrics.beta <= 0:
         raise _error("metrics.beta", f"must be > 0, got {cfg.metrics.beta}")
+    try:
+        re.compile(cfg.data.patient_pattern)
+    except re.error as exc:
+        raise _error("data.patient_pattern", f"not a regular expression ({exc})") from None
     if command != "predict" and not (cfg.data.train or cfg.data.demo.enabled):
         raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true")
 

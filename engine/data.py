@@ -28,7 +28,8 @@ from engine.datalist import IMAGE, LABEL, NAME
 from engine.errors import CT3DError
 from engine.io import atomic_write
 
-CACHE_FORMAT = 1  # bump when what a cache entry holds changes
+CACHE_FORMAT = 2  # bump when what a cache entry holds changes
+SOURCE = "source"  # cache entries record the path, size and mtime they were built from
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,19 @@ class Preprocessing:
 
 
 class CheckVolumed(MapTransform):
-    """Fails with the file's name when a loaded image is not one 3D volume."""
+    """Fails with the file's name when a loaded image is not one 3D volume, holds NaN, or is constant."""
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            shape = tuple(d[key].shape)
+            image, name = d[key], d.get(NAME, "?")
+            shape = tuple(image.shape)
             if len(shape) != 4 or shape[0] != 1:
-                raise CT3DError(f"{d.get(NAME, '?')}: expected one 3D volume, got array of shape {shape[1:]}")
+                raise CT3DError(f"{name}: expected one 3D volume, got array of shape {shape[1:]}")
+            if torch.isnan(image).any():
+                raise CT3DError(f"{name}: volume holds NaN voxels")
+            if image.min() == image.max():
+                raise CT3DError(f"{name}: every voxel has the same value ({float(image.min())})")
         return d
 
 
@@ -64,7 +70,7 @@ def preprocessing_transform(p: Preprocessing) -> Compose:
         LoadImaged(IMAGE, image_only=True),
         EnsureChannelFirstd(IMAGE),
         CheckVolumed(IMAGE),
-        Orientationd(IMAGE, axcodes=p.orientation),
+        Orientationd(IMAGE, axcodes=p.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if p.spacing is not None:
         steps.append(Spacingd(IMAGE, pixdim=p.spacing, mode="bilinear"))
@@ -78,15 +84,17 @@ def preprocessing_transform(p: Preprocessing) -> Compose:
     return Compose(steps)
 
 
-def _source_hash(item: dict) -> bytes:
-    """Cache entry name: the volume's path, size and modification time (a changed file is a new entry)."""
-    path = item[IMAGE]
+def source_signature(path: str) -> list:
+    """The volume's path, size and modification time: a changed file is a new cache entry."""
     try:
         stat = os.stat(path)
-        signature = [path, stat.st_size, stat.st_mtime_ns]
+        return [path, stat.st_size, stat.st_mtime_ns]
     except OSError:
-        signature = [path]
-    return hashlib.md5(json.dumps(signature).encode()).hexdigest().encode()
+        return [path]
+
+
+def source_hash(item: dict) -> bytes:
+    return hashlib.md5(json.dumps(source_signature(item[IMAGE])).encode()).hexdigest().encode()
 
 
 def _root_error(exc: BaseException) -> BaseException:
@@ -111,13 +119,21 @@ class DiskCacheDataset(PersistentDataset):
     weights_only=True. MONAI stages entries in /tmp and moves them, a non-atomic copy onto a PVC."""
 
     def _cachecheck(self, item_transformed):
-        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode()}.pt"
+        return self.entry(item_transformed)
+
+    def entry_path(self, item: dict) -> Path:
+        return self.cache_dir / f"{self.hash_func(item).decode()}.pt"
+
+    def entry(self, item: dict) -> dict:
+        """The cached preprocessing of `item`, built and written atomically when missing or unreadable."""
+        hashfile = self.entry_path(item)
         if hashfile.is_file():
             try:
                 return torch.load(hashfile, weights_only=True)
             except Exception:  # unreadable entry (a foreign or damaged file): rebuild it below
                 pass
-        entry = preprocess(self.transform, dict(item_transformed))
+        entry = preprocess(self.transform, dict(item))
+        entry[SOURCE] = source_signature(item[IMAGE])  # lets `cache --verify` find stale entries
         with atomic_write(hashfile) as tmp:
             torch.save(entry, tmp)
         return entry
@@ -155,7 +171,7 @@ def build_dataset(items: list[dict], p: Preprocessing, disk_dir: str | Path | No
     sources = [{IMAGE: it[IMAGE], NAME: it[NAME]} for it in items]
     transform = preprocessing_transform(p)
     if disk_dir is not None:
-        images = DiskCacheDataset(sources, transform, cache_dir=cache_folder(disk_dir, p), hash_func=_source_hash)
+        images = DiskCacheDataset(sources, transform, cache_dir=cache_folder(disk_dir, p), hash_func=source_hash)
     else:
         images = _Preprocessed(sources, transform)
     if memory_rate > 0:

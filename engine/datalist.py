@@ -10,10 +10,24 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from engine.errors import CT3DError
 
 IMAGE, LABEL, NAME = "image", "label", "name"  # the keys every item carries
+WHERE, PATIENT = "where", "patient"  # datalist file and row; patient id from data.patient_column
+
+
+@dataclass
+class Problem:
+    """One bad row, volume or split, named by file and row."""
+
+    where: str
+    message: str
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
 
 
 @dataclass
@@ -31,6 +45,7 @@ class DatalistSpec:
     image_root: str = ""
     layout: str = "flat"
     json_key: str = "training"
+    patient_column: str = ""
 
 
 def resolve_image(name: str, root: Path, layout: str) -> Path:
@@ -65,14 +80,17 @@ def _label_vector(raw, spec: DatalistSpec, n_outputs: int) -> list[float]:
     return out
 
 
-def _read_csv(path: Path, spec: DatalistSpec) -> tuple[list[tuple[int, str, object]], list[str]]:
+def _read_csv(path: Path, spec: DatalistSpec) -> tuple[list[tuple[int, str, object, str]], list[str]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if spec.image_column not in columns:
             raise CT3DError(f"{path}: no image column {spec.image_column!r} (columns: {', '.join(columns)}); "
                             f"set data.image_column")
-        label_cols = list(spec.label_columns) or [c for c in columns if c != spec.image_column]
+        if spec.patient_column and spec.patient_column not in columns:
+            raise CT3DError(f"{path}: no patient column {spec.patient_column!r} (columns: {', '.join(columns)}); "
+                            f"set data.patient_column")
+        label_cols = list(spec.label_columns) or [c for c in columns if c not in (spec.image_column, spec.patient_column)]
         missing = [c for c in label_cols if c not in columns]
         if missing:
             raise CT3DError(f"{path}: label column(s) {', '.join(map(repr, missing))} missing "
@@ -82,13 +100,15 @@ def _read_csv(path: Path, spec: DatalistSpec) -> tuple[list[tuple[int, str, obje
         rows = []
         for line, row in enumerate(reader, start=2):  # line 1 is the header
             raw = [row[c] for c in label_cols]
-            rows.append((line, (row[spec.image_column] or "").strip(), raw if spec.task != "multiclass" else raw[0]))
+            patient = (row[spec.patient_column] or "").strip() if spec.patient_column else ""
+            rows.append((line, (row[spec.image_column] or "").strip(), raw if spec.task != "multiclass" else raw[0],
+                         patient))
     if spec.task == "multiclass" and len(label_cols) != 1:
         raise CT3DError(f"{path}: multiclass takes one label column of class indices, got {label_cols}")
     return rows, label_cols
 
 
-def _read_json(path: Path, spec: DatalistSpec) -> list[tuple[int, str, object]]:
+def _read_json(path: Path, spec: DatalistSpec) -> list[tuple[int, str, object, str]]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -98,18 +118,21 @@ def _read_json(path: Path, spec: DatalistSpec) -> list[tuple[int, str, object]]:
     rows = []
     for index, entry in enumerate(data[spec.json_key]):
         if not isinstance(entry, dict) or IMAGE not in entry or LABEL not in entry:
-            rows.append((index, "", None))
+            rows.append((index, "", None, ""))
             continue
-        rows.append((index, str(entry[IMAGE]), entry[LABEL]))
+        rows.append((index, str(entry[IMAGE]), entry[LABEL], str(entry.get(spec.patient_column or "patient", ""))))
     return rows
 
 
-def load_datalist(path: str | Path, spec: DatalistSpec) -> Datalist:
-    """Items of a CSV or JSON datalist, every volume checked to exist and every label to be in range."""
+def load_datalist(path: str | Path, spec: DatalistSpec, problems: list[Problem] | None = None) -> Datalist:
+    """Items of a CSV or JSON datalist, every volume checked to exist and every label to be in range.
+    Bad rows raise one CT3DError listing them all, or, given a `problems` list, are appended to it
+    and left out."""
     path = Path(path)
     if not path.is_file():
         raise CT3DError(f"datalist {path}: no such file")
-    problems: list[str] = []
+    collect = problems is not None
+    problems = problems if collect else []
     if path.suffix.lower() == ".json":
         rows = _read_json(path, spec)
         where = "entry"
@@ -127,38 +150,55 @@ def load_datalist(path: str | Path, spec: DatalistSpec) -> Datalist:
         raise CT3DError(f"{path}: the datalist is empty")
 
     root = Path(spec.image_root) if spec.image_root else path.parent
-    items, seen = [], {}
-    for index, name, raw in rows:
+    items, seen, found = [], {}, len(problems)
+    for index, name, raw, patient in rows:
         at = f"{path} {where} {index}"
         if not name or raw is None:
-            problems.append(f"{at}: needs an image and a label")
+            problems.append(Problem(at, "needs an image and a label", name))
             continue
+        bad = False
         if name in seen:
-            problems.append(f"{at}: duplicate volume {name!r} (also {where} {seen[name]})")
-        seen[name] = index
+            problems.append(Problem(at, f"duplicate volume {name!r} (also {where} {seen[name]})", name))
+            bad = True
+        seen.setdefault(name, index)
         image = resolve_image(name, root, spec.layout)
         if not image.exists():
-            problems.append(f"{at}: volume {image} does not exist")
+            problems.append(Problem(at, f"volume {image} does not exist", name))
+            bad = True
         try:
             label = _label_vector(raw, spec, n_outputs)
         except (TypeError, ValueError) as exc:
-            problems.append(f"{at} ({name}): {exc}")
+            problems.append(Problem(at, f"({name}) {exc}", name))
             continue
-        items.append({IMAGE: str(image), LABEL: label, NAME: name})
-    if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CT3DError(f"{len(problems)} problem(s) in datalist {path}:\n  " + "\n  ".join(shown))
+        if not bad:
+            items.append({IMAGE: str(image), LABEL: label, NAME: name, WHERE: at, PATIENT: patient})
+    if not collect and len(problems) > found:
+        raise CT3DError(f"{len(problems)} problem(s) in datalist {path}:\n  " + format_problems(problems))
     return Datalist(items=items, labels=names)
 
 
-def split(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded random train/validation split; both sides non-empty."""
-    if len(items) < 2:
-        raise CT3DError(f"cannot split {len(items)} item(s) into train and validation; give data.val")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
-    val_idx = set(order[:n_val])
+def format_problems(problems: list[Problem], limit: int = 20) -> str:
+    shown = [str(p) for p in problems[:limit]]
+    return "\n  ".join(shown + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else []))
+
+
+def split(items: list[dict], val_fraction: float, seed: int,
+          patient_of: Callable[[dict], str] = lambda item: item[NAME]) -> tuple[list[dict], list[dict]]:
+    """A seeded random train/validation split by patient (all of a patient's volumes on one side)."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(patient_of(item), []).append(i)
+    if len(groups) < 2:
+        raise CT3DError(f"cannot split {len(items)} volume(s) of {len(groups)} patient(s) into train and "
+                        f"validation; give data.val")
+    patients = sorted(groups)
+    random.Random(seed).shuffle(patients)
+    target = max(1, round(len(items) * val_fraction))
+    val_idx: set[int] = set()
+    for patient in patients[:-1]:  # the last patient always stays in training
+        if len(val_idx) >= target:
+            break
+        val_idx.update(groups[patient])
     return [it for i, it in enumerate(items) if i not in val_idx], [items[i] for i in sorted(val_idx)]
 
 

@@ -73,6 +73,8 @@ class TrainStats:
         self.optimizer, self.lr_points = optimizer, lr_points
         self.loss_sum, self.count, self.last_epoch_loss = 0.0, 0, float("nan")
         self.lr_history: list[tuple[int, float]] = []
+        self.epoch_seconds: list[float] = []  # epoch start to next epoch start: every handler included
+        self._epoch_start: float | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -81,6 +83,10 @@ class TrainStats:
 
     def _reset(self, engine: Engine) -> None:
         self.loss_sum, self.count = 0.0, 0
+        now = time.perf_counter()
+        if self._epoch_start is not None:
+            self.epoch_seconds.append(round(now - self._epoch_start, 4))
+        self._epoch_start = now
 
     def _update(self, engine: Engine) -> None:
         self.loss_sum += float(engine.state.output["loss"].detach())

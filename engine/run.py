@@ -11,7 +11,7 @@ from pathlib import Path
 from engine.config import describe_sections, load_config
 from engine.errors import CT3DError
 
-COMMANDS = ("train", "evaluate", "predict")
+COMMANDS = ("train", "evaluate", "predict", "check", "cache")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -25,6 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml, the demo)")
+    parser.add_argument("--verify", action="store_true", help="cache: also find and rebuild corrupt or stale entries")
     parser.add_argument("words", nargs="*", metavar="[command] key=value",
                         help=f"command, one of {', '.join(COMMANDS)} (default train), then overrides")
     args = parser.parse_args(argv)
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, args.command)
         from engine import workflow  # heavy imports (torch, MONAI) only after the config is valid
 
+        if args.command == "check":
+            return 1 if workflow.check(cfg) else 0
+        if args.command == "cache":
+            return 1 if workflow.cache(cfg, verify=args.verify)["problems"] else 0
         {"train": workflow.train, "evaluate": workflow.evaluate, "predict": workflow.predict}[args.command](cfg)
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)

@@ -18,7 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.config import to_yaml
 from engine.data import Preprocessing, build_dataset
-from engine.datalist import IMAGE, LABEL, Datalist, DatalistSpec, label_frequencies, load_datalist, split
+from engine.datalist import (
+    IMAGE,
+    LABEL,
+    NAME,
+    DatalistSpec,
+    Problem,
+    format_problems,
+    label_frequencies,
+    load_datalist,
+    split,
+)
 from engine.errors import CT3DError
 from engine.augment import AugmentSpec, DeviceAugmentation
 from engine.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, set_rng_state
@@ -33,7 +43,7 @@ log = logging.getLogger("ct3d")
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("ignite", "monai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,28 +103,63 @@ def make_loss(cfg: DictConfig, task: str, frequencies: list[float]) -> torch.nn.
 def datalist_spec(cfg: DictConfig, json_key: str) -> DatalistSpec:
     d = cfg.data
     return DatalistSpec(image_column=d.image_column, label_columns=tuple(d.label_columns), task=d.task,
-                        num_classes=d.num_classes, image_root=d.image_root, layout=d.layout, json_key=json_key)
+                        num_classes=d.num_classes, image_root=d.image_root, layout=d.layout, json_key=json_key,
+                        patient_column=d.patient_column)
 
 
-def load_splits(cfg: DictConfig) -> tuple[list[dict], list[dict], list[str]]:
-    """Train and validation items and the label names, from the demo, two datalists or a split."""
+def load_splits(cfg: DictConfig, problems: list[Problem] | None = None) -> tuple[list[dict], list[dict], list[str]]:
+    """Train and validation items and the label names, from the demo, two datalists or a patient-wise
+    split. Bad rows raise, or go to `problems` when given."""
+    from engine.check import patient_of
+
     d = cfg.data
     train_path = d.train
     if d.demo.enabled:
         from engine.demo import generate
 
         train_path = str(generate(d.demo.dir, d.demo.num_volumes, tuple(d.demo.shape), d.demo.seed))
-    train = load_datalist(train_path, datalist_spec(cfg, d.json_train_key))
+    train = load_datalist(train_path, datalist_spec(cfg, d.json_train_key), problems)
     val_path = d.val
     if not val_path and train_path.endswith(".json") and d.json_val_key in json.loads(Path(train_path).read_text()):
         val_path = train_path
     if val_path:
-        val = load_datalist(val_path, datalist_spec(cfg, d.json_val_key))
+        val = load_datalist(val_path, datalist_spec(cfg, d.json_val_key), problems)
         if val.labels != train.labels:
             raise CT3DError(f"datalist {val_path}: labels {val.labels} differ from {train_path}'s {train.labels}")
         return train.items, val.items, train.labels
-    train_items, val_items = split(train.items, d.val_fraction, d.split_seed)
+    train_items, val_items = split(train.items, d.val_fraction, d.split_seed,
+                                   lambda item: patient_of(item, d.patient_pattern))
     return train_items, val_items, train.labels
+
+
+def prepare_data(cfg: DictConfig, progress: bool = False) -> tuple[list[dict], list[dict], list[str], list[Problem]]:
+    """Every check before training, every problem at once: datalist rows, split (empty, patient in both),
+    and every volume read once (filling the disk cache). With data.on_error=skip, bad rows and volumes
+    are returned as problems and left out; split problems always stop the run."""
+    from engine.check import split_problems, volume_problems
+
+    problems: list[Problem] = []
+    train_items, val_items, labels = load_splits(cfg, problems)
+    fatal = split_problems(train_items, val_items, cfg.data.patient_pattern)
+    disk = cfg.cache.dir if cfg.cache.disk else None
+    problems += volume_problems(train_items + val_items, preprocessing_of(cfg), disk, cfg.cache.workers, progress)
+    if fatal or (problems and cfg.data.on_error == "raise"):
+        hint = "" if fatal or not problems else "\n(data.on_error=skip leaves bad volumes out and lists them)"
+        raise CT3DError(f"{len(fatal + problems)} problem(s) in the data:\n  {format_problems(fatal + problems, 50)}{hint}")
+    bad = {p.name for p in problems}
+    return ([it for it in train_items if it[NAME] not in bad], [it for it in val_items if it[NAME] not in bad],
+            labels, problems)
+
+
+def write_skipped(folder: Path, problems: list[Problem]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["volume", "where", "problem"])
+    writer.writerows([p.name, p.where, p.message] for p in problems)
+    write_text(folder / "skipped.csv", buf.getvalue())
 
 
 def preprocessing_of(cfg: DictConfig) -> Preprocessing:
@@ -176,16 +221,19 @@ def train(cfg: DictConfig) -> Path:
     amp_dtype = resolve_amp(cfg.train.amp, device)
     task = cfg.data.task
 
-    train_items, val_items, labels = load_splits(cfg)
+    progress = sys.stderr.isatty()
+    t0 = time.time()
+    train_items, val_items, labels, skipped = prepare_data(cfg, progress)
     folder = run_folder(cfg)
     write_text(folder / "config.yaml", to_yaml(cfg))
+    if skipped:
+        write_skipped(folder, skipped)
+        log.warning("left out %d bad volume(s) or row(s), listed in %s", len(skipped), folder / "skipped.csv")
     log.info("run folder %s; %d train / %d validation volumes; labels: %s", folder, len(train_items),
              len(val_items), ", ".join(labels))
 
     preprocessing = preprocessing_of(cfg)
     disk = cfg.cache.dir if cfg.cache.disk else None
-    progress = sys.stderr.isatty()
-    t0 = time.time()
     train_ds = build_dataset(train_items, preprocessing, disk, cfg.cache.memory_rate, cfg.cache.workers, progress)
     val_ds = build_dataset(val_items, preprocessing, disk, cfg.cache.memory_rate, cfg.cache.workers, progress)
     log.info("data ready in %.1f s (disk cache %s, RAM cache rate %.2f)", time.time() - t0,
@@ -313,10 +361,11 @@ def train(cfg: DictConfig) -> Path:
 
     summary = {
         "run": str(folder), "labels": labels, "task": task, "device": str(device),
-        "train_volumes": len(train_items), "val_volumes": len(val_items), "key_metric": cfg.metrics.key,
+        "train_volumes": len(train_items), "val_volumes": len(val_items), "skipped": len(skipped),
+        "key_metric": cfg.metrics.key,
         "best_epoch": table.best["epoch"], "best": table.best, "final": table.rows[-1],
         "stopped_early": bool(trainer.should_terminate) or (resume_from is not None and done and state["stopped_early"]),
-        "wall_seconds": round(time.time() - start, 1),
+        "wall_seconds": round(time.time() - start, 1), "epoch_seconds": stats.epoch_seconds,
     }
     write_text(folder / "summary.json", json.dumps(_finite(summary), indent=2))
     report_png = None
@@ -330,6 +379,46 @@ def train(cfg: DictConfig) -> Path:
         tracker.finish(report_png, folder / "checkpoints" / "best.pt", summary)
     print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n{summary_table(summary, labels)}")
     return folder
+
+
+def check(cfg: DictConfig) -> int:
+    """`check`: every data problem at once; returns the number of problems found (0: all good)."""
+    setup_logging()
+    try:
+        train_items, val_items, _, problems = prepare_data(cfg, sys.stderr.isatty())
+    except CT3DError as exc:
+        print(f"ct3d check: {exc}")
+        return max(1, str(exc).count("\n  "))
+    if problems:
+        print(f"ct3d check: {len(problems)} problem(s) (data.on_error=skip leaves them out):\n  "
+              f"{format_problems(problems, 10_000)}")
+        return len(problems)
+    print(f"ct3d check: {len(train_items)} train and {len(val_items)} validation volumes, no problems")
+    return 0
+
+
+def cache(cfg: DictConfig, verify: bool = False) -> dict:
+    """`cache`: fill the disk cache ahead of training; with verify, also remove corrupt and stale entries."""
+    from engine.check import verify_cache
+
+    setup_logging()
+    if not cfg.cache.disk:
+        raise CT3DError("config error: cache.disk: the disk cache is off; nothing to fill")
+    problems: list[Problem] = []
+    train_items, val_items, _ = load_splits(cfg, problems)
+    counts = verify_cache(train_items + val_items, preprocessing_of(cfg), cfg.cache.dir, cfg.cache.workers,
+                          sys.stderr.isatty()) if verify else None
+    if counts is None:
+        from engine.check import volume_problems
+
+        bad = volume_problems(train_items + val_items, preprocessing_of(cfg), cfg.cache.dir, cfg.cache.workers,
+                              sys.stderr.isatty())
+        counts = {"volumes": len(train_items) + len(val_items), "problems": len(bad), "problem_list": [str(b) for b in bad]}
+    counts["problem_list"] = [str(p) for p in problems] + counts["problem_list"]
+    listed = "".join(f"\n  {p}" for p in counts["problem_list"])
+    print(f"ct3d cache {cfg.cache.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "problem_list")
+          + listed)
+    return counts
 
 
 def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:

@@ -113,3 +113,8 @@ def test_cli_help_lists_sections():
     assert proc.returncode == 0
     for section in ("data", "preprocess", "cache", "model", "train", "metrics", "output"):
         assert f"\n  {section} " in proc.stdout
+
+
+def test_resume_off_survives_yaml_boolean_parsing():
+    assert load_config(None, ["data.demo.enabled=true", "train.resume=off"]).train.resume == "off"
+    assert load_config(None, ["data.demo.enabled=true"]).train.resume == "auto"

@@ -1,0 +1,296 @@
+"""`python -m bench [--smoke] [--out FILE]`: data pipeline, engine overhead, memory and start-up,
+measured as ratios within one run on this machine; prints a table and rewrites bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=3, train_volumes=64, train_size=64,
+            engine_epochs=5, engine_repeats=3, startup_runs=5)
+SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
+             engine_epochs=3, engine_repeats=1, startup_runs=1)
+
+
+# ---------------------------------------------------------------- data pipeline
+def make_sources(folder: Path, n: int, shape) -> list[dict]:
+    """n phantom CTs in HU (int16 NIfTI) at `shape`, written once."""
+    from engine.demo import generate
+
+    csv_path = generate(folder, num_volumes=n, shape=tuple(shape), seed=0)
+    names = [line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]]
+    return [{"image": str(folder / name), "label": [0.0], "name": name} for name in names]
+
+
+def epoch_times(dataset, workers: int, epochs: int) -> list[float]:
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers, persistent_workers=workers > 0)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for _batch in loader:
+            pass
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def child_pipeline(args: dict) -> dict:
+    """One pipeline measurement in this (fresh) process."""
+    from monai.data import Dataset
+
+    from engine.data import Preprocessing, build_dataset, preprocessing_transform
+
+    p = Preprocessing(spatial_size=tuple(args["target"]))
+    items = args["items"]
+    mode, workers, epochs = args["mode"], args["workers"], args["epochs"]
+    if mode == "tutorial":  # what a MONAI tutorial does: load and preprocess every epoch
+        from engine.data import Labelled
+
+        return {"times": epoch_times(Labelled(Dataset([{"image": i["image"]} for i in items],
+                                                      preprocessing_transform(p)), items), workers, epochs)}
+    if mode == "cold":  # first epoch over an empty disk cache: it fills the cache as it goes
+        return {"times": epoch_times(build_dataset(items, p, args["cache"], 0.0, 1), workers, 1)}
+    if mode == "disk":
+        return {"times": epoch_times(build_dataset(items, p, args["cache"], 0.0, 1), workers, epochs)}
+    if mode == "ram":
+        dataset = build_dataset(items, p, args["cache"], 1.0, 2)
+        return {"times": epoch_times(dataset, workers, epochs)}
+    if mode == "memory":  # for the memory figure: hold the loader busy, report the cache size
+        import torch
+
+        dataset = build_dataset(items, Preprocessing(spatial_size=tuple(args["target"])), args["cache"],
+                                args["rate"], 2)
+        cached = sum(dataset[i]["image"].numel() * dataset[i]["image"].element_size() for i in range(len(dataset)))
+        epoch_times(dataset, workers, epochs)
+        return {"cache_bytes": cached if args["rate"] > 0 else 0, "torch_threads": torch.get_num_threads()}
+    raise ValueError(mode)
+
+
+def run_child(args: dict, sample_memory: bool = False) -> dict:
+    """Runs child_pipeline in a new process; with sample_memory, adds its tree's peak PSS."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "--child", json.dumps(args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = 0
+    if sample_memory:
+        parent = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {args['mode']} failed")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_pss"] = peak
+    return result
+
+
+def memcpy_floor(n: int, target) -> float:
+    """Seconds to copy n preprocessed float16 volumes in memory: the floor for any loader."""
+    import torch
+
+    tensors = [torch.zeros(1, *target, dtype=torch.float16) for _ in range(n)]
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for t in tensors:
+            t.clone()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_pipeline(cfg: dict, work: Path) -> dict:
+    items = make_sources(work / "sources", cfg["volumes"], cfg["source"])
+    base = {"items": items, "target": list(cfg["target"]), "epochs": cfg["epochs"]}
+    figures = {}
+    for workers in (0, 2):
+        cache = str(work / f"cache-{workers}")
+        for mode in ("tutorial", "cold", "disk", "ram"):
+            times = run_child({**base, "mode": mode, "workers": workers, "cache": cache})["times"]
+            figures[f"{mode}_w{workers}"] = statistics.median(times)
+    figures["memcpy_floor"] = memcpy_floor(cfg["volumes"], cfg["target"])
+    return figures
+
+
+# ---------------------------------------------------------------- engine overhead
+def hand_loop_epochs(dataset, spec, pos_weight, lr, epochs: int) -> list[float]:
+    """The loop people write by hand: same model, data, batch size, optimizer and loss."""
+    import torch
+
+    from engine.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
+    times = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        model.train()
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch["image"].float()), batch["label"].float())
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]  # the first epoch warms allocators, as the engine's first epoch is excluded too
+
+
+def bench_engine(cfg: dict, work: Path) -> dict:
+    from engine.config import load_config
+    from engine.data import build_dataset
+    from engine.datalist import label_frequencies
+    from engine.workflow import load_splits, make_loss, model_spec_of, preprocessing_of, train
+
+    size = cfg["train_size"]
+    overrides = [
+        f"data.demo.dir={work / 'engine-demo'}", f"data.demo.num_volumes={cfg['train_volumes']}",
+        f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
+        f"cache.dir={work / 'engine-cache'}", f"output.dir={work / 'engine-runs'}", "train.resume=off",
+        f"train.epochs={cfg['engine_epochs']}", f"train.val_every={cfg['engine_epochs']}", "data.val_fraction=0.1",
+        "augment.enabled=false", "loader.batch_size=8", "model.widen_factor=0.5",
+    ]
+    config = load_config(ROOT / "configs" / "default.yaml", overrides)
+    train_items, _, labels = load_splits(config)
+    dataset = build_dataset(train_items, preprocessing_of(config), config.cache.dir, 1.0, 2)
+    pos_weight = make_loss(config, "multilabel", label_frequencies(train_items)).pos_weight.tolist()
+    spec = model_spec_of(config, len(labels))
+    ours, hand = [], []
+    for repeat in range(cfg["engine_repeats"]):
+        folder = train(load_config(ROOT / "configs" / "default.yaml", [*overrides, f"output.name=r{repeat}"]))
+        ours += json.loads((folder / "summary.json").read_text())["epoch_seconds"][1:]
+        hand += hand_loop_epochs(dataset, spec, pos_weight, config.train.lr, cfg["engine_epochs"])
+    return {"engine_epoch": statistics.median(ours), "hand_epoch": statistics.median(hand)}
+
+
+# ---------------------------------------------------------------- memory
+def bench_memory(cfg: dict, work: Path) -> dict:
+    items = make_sources(work / "sources", cfg["volumes"], cfg["source"])
+    base = {"items": items, "target": list(cfg["source"]), "epochs": 2, "workers": 2, "mode": "memory",
+            "cache": str(work / "cache-memory")}
+    run_child({**base, "rate": 0.0})  # fill the disk cache first, so both runs below do the same work
+    without = run_child({**base, "rate": 0.0}, sample_memory=True)
+    with_cache = run_child({**base, "rate": 1.0}, sample_memory=True)
+    return {"baseline_pss": without["peak_pss"], "cached_pss": with_cache["peak_pss"],
+            "cache_bytes": with_cache["cache_bytes"]}
+
+
+# ---------------------------------------------------------------- start-up
+def bench_startup(cfg: dict) -> dict:
+    def timed(*args: str) -> float:
+        times = []
+        for _ in range(cfg["startup_runs"]):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "engine.run", *args], cwd=ROOT, capture_output=True, timeout=120)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return {"help_seconds": timed("--help"), "config_error_seconds": timed("model.name=nope")}
+
+
+# ---------------------------------------------------------------- report
+def results(f: dict) -> list[tuple[str, str, str, bool]]:
+    """(figure, measured, target, met) rows."""
+    rows = []
+    for w in (0, 2):
+        a, c, d = f[f"tutorial_w{w}"], f[f"disk_w{w}"], f[f"ram_w{w}"]
+        rows.append((f"RAM cache vs tutorial Dataset, {w} workers", f"{a / d:.1f}x faster", ">= 20x", a / d >= 20))
+        rows.append((f"warm disk cache (new process) vs tutorial, {w} workers", f"{a / c:.1f}x faster", ">= 5x",
+                     a / c >= 5))
+    floor = f["memcpy_floor"]
+    rows.append(("RAM cache epoch vs memory-copy floor, 0 workers", f"{f['ram_w0'] / floor:.2f}x", "<= 3x",
+                 f["ram_w0"] / floor <= 3))
+    rows.append(("RAM cache epoch vs memory-copy floor, 2 workers", f"{f['ram_w2'] / floor:.2f}x", "(reported)", True))
+    ratio = f["engine_epoch"] / f["hand_epoch"]
+    rows.append(("engine epoch vs hand-written loop", f"{ratio:.3f}x", "<= 1.03x", ratio <= 1.03))
+    mem = f["cached_pss"] / (f["baseline_pss"] + f["cache_bytes"])
+    rows.append(("peak PSS, RAM cache + 2 workers vs baseline + cache bytes", f"{mem:.3f}x", "<= 1.15x", mem <= 1.15))
+    rows.append(("`python -m engine.run --help`", f"{f['help_seconds']:.2f} s", "< 2 s", f["help_seconds"] < 2))
+    rows.append(("config error (`model.name=nope`)", f"{f['config_error_seconds']:.2f} s", "< 2 s",
+                 f["config_error_seconds"] < 2))
+    return rows
+
+
+def machine() -> str:
+    import monai
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"MONAI {monai.__version__}, {torch.get_num_threads()} torch threads")
+
+
+def markdown(f: dict, cfg: dict, smoke: bool, seconds: float) -> str:
+    table = "\n".join(f"| {name} | {value} | {target} | {'met' if ok else 'MISSED'} |"
+                      for name, value, target, ok in results(f))
+    raw = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in f.items())
+    sizes = (f"{cfg['volumes']} volumes of {'x'.join(map(str, cfg['source']))} int16 NIfTI in HU, preprocessed "
+             f"to {'x'.join(map(str, cfg['target']))} float16; engine: {cfg['train_volumes']} volumes of "
+             f"{cfg['train_size']}^3, batch 8")
+    return f"""# Benchmark results{' (smoke sizes)' if smoke else ''}
+
+`make bench` (`python -m bench`) rewrites this file. Figures are ratios measured in one run.
+
+- Date: {date.today().isoformat()}; took {seconds:.0f} s
+- Machine: {machine()}
+- Sizes: {sizes}
+
+| figure | measured | target | |
+|---|---|---|---|
+{table}
+
+Raw figures (seconds per epoch, bytes):
+
+| name | value |
+|---|---|
+{raw}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks every figure is produced")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child_pipeline(json.loads(args.child))))
+        return 0
+    os.environ.setdefault("WANDB_MODE", "offline")
+    cfg = SMOKE if args.smoke else FULL
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="ct3d-bench-") as tmp:
+        work = Path(tmp)
+        figures = {**bench_pipeline(cfg, work), **bench_engine(cfg, work), **bench_memory(cfg, work),
+                   **bench_startup(cfg)}
+    text = markdown(figures, cfg, args.smoke, time.time() - start)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
