@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine.checkpoint import save_checkpoint
-from engine.io import write_text
+from engine.io import TMP_PREFIX, write_text
 from engine.metrics import classification_metrics, probabilities
 
 log = logging.getLogger("ct3d")
@@ -164,6 +164,8 @@ class Checkpoints:
 
     def __init__(self, folder: Path, make_state: Callable[[], dict]):
         self.folder, self.make_state = Path(folder), make_state
+        for stale in self.folder.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; one process writes a run
+            stale.unlink(missing_ok=True)
 
     def save(self, name: str) -> Path:
         path = self.folder / f"{name}.pt"

@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="cache: also find and rebuild corrupt or stale entries")
     parser.add_argument("words", nargs="*", metavar="[command] key=value",
                         help=f"command, one of {', '.join(COMMANDS)} (default train), then overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `evaluate --config F key=value`: words on both sides
     args.command = args.words.pop(0) if args.words and args.words[0] in COMMANDS else "train"
     args.overrides = args.words
     return args

@@ -142,11 +142,12 @@ def prepare_data(cfg: DictConfig, progress: bool = False) -> tuple[list[dict], l
     train_items, val_items, labels = load_splits(cfg, problems)
     fatal = split_problems(train_items, val_items, cfg.data.patient_pattern)
     disk = cfg.cache.dir if cfg.cache.disk else None
-    problems += volume_problems(train_items + val_items, preprocessing_of(cfg), disk, cfg.cache.workers, progress)
+    unreadable = volume_problems(train_items + val_items, preprocessing_of(cfg), disk, cfg.cache.workers, progress)
+    problems += unreadable
     if fatal or (problems and cfg.data.on_error == "raise"):
         hint = "" if fatal or not problems else "\n(data.on_error=skip leaves bad volumes out and lists them)"
         raise CT3DError(f"{len(fatal + problems)} problem(s) in the data:\n  {format_problems(fatal + problems, 50)}{hint}")
-    bad = {p.name for p in problems}
+    bad = {p.name for p in unreadable}  # bad datalist rows were never made items
     return ([it for it in train_items if it[NAME] not in bad], [it for it in val_items if it[NAME] not in bad],
             labels, problems)
 
@@ -291,6 +292,7 @@ def train(cfg: DictConfig) -> Path:
                                 trainer, min_delta=cfg.train.early_stopping_min_delta)
         evaluator.add_event_handler(Events.COMPLETED, stopper)
     validated_at = {"epoch": 0}
+    evaluator.add_event_handler(Events.STARTED, lambda _: log.info("validating epoch %d", trainer.state.epoch))
     evaluator.add_event_handler(Events.COMPLETED, lambda _: validated_at.update(epoch=trainer.state.epoch))
 
     def checkpoint_state() -> dict:

@@ -118,3 +118,10 @@ def test_cli_help_lists_sections():
 def test_resume_off_survives_yaml_boolean_parsing():
     assert load_config(None, ["data.demo.enabled=true", "train.resume=off"]).train.resume == "off"
     assert load_config(None, ["data.demo.enabled=true"]).train.resume == "auto"
+
+
+def test_cli_takes_command_config_and_overrides_in_any_order():
+    proc, _ = run_cli("evaluate", "--config", str(ROOT / "configs" / "default.yaml"), "model.name=nope")
+    assert proc.returncode != 0 and "model.name" in proc.stderr
+    proc, _ = run_cli("predict", "--config", str(ROOT / "configs" / "default.yaml"), "checkpoint=x.pt")
+    assert "input" in proc.stderr
