@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -158,19 +159,58 @@ class MetricsTable:
         self.rows, self.best = list(state["rows"]), state["best"]
 
 
+def _snapshot(value):
+    """A copy of a checkpoint state that later training steps cannot change (tensors cloned to CPU)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
 class Checkpoints:
     """best.pt when the key metric improves, last.pt after every epoch, final.pt at the end.
-    Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not fsync."""
+    Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not fsync.
+    The state is snapshotted at once and written (atomically) by a background thread, so training
+    does not wait on the disk; the next save, and `wait()`, wait for the previous write."""
 
     def __init__(self, folder: Path, make_state: Callable[[], dict]):
         self.folder, self.make_state = Path(folder), make_state
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
         for stale in self.folder.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; one process writes a run
             stale.unlink(missing_ok=True)
 
-    def save(self, name: str) -> Path:
-        path = self.folder / f"{name}.pt"
-        save_checkpoint(path, self.make_state())
-        return path
+    def save(self, *names: str, background: bool = True) -> list[Path]:
+        """Writes the current state to each `name`.pt (in this order)."""
+        state = _snapshot(self.make_state())
+        paths = [self.folder / f"{name}.pt" for name in names]
+        self.wait()
+
+        def write() -> None:
+            try:
+                for path in paths:
+                    save_checkpoint(path, state)
+            except BaseException as exc:  # re-raised in the training thread by wait()
+                self._error = exc
+
+        if background:
+            self._writer = threading.Thread(target=write, name="ct3d-checkpoint", daemon=False)
+            self._writer.start()
+        else:
+            write()
+            self.wait()
+        return paths
+
+    def wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 class Progress:

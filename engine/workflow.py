@@ -312,7 +312,7 @@ def train(cfg: DictConfig) -> Path:
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def after_epoch(engine) -> None:
-        epoch = engine.state.epoch
+        epoch, improved = engine.state.epoch, False
         if validated_at["epoch"] != epoch and epoch == engine.state.max_epochs:
             evaluator.run(epoch)  # the last epoch is always validated
         if validated_at["epoch"] == epoch:
@@ -322,8 +322,7 @@ def train(cfg: DictConfig) -> Path:
                      m["auc_macro"], cfg.metrics.beta, m["fbeta_macro"], " (best)" if improved else "")
             if improved:
                 best_outputs.update(probs=validation.last_probs, labels=validation.last_labels)
-                checkpoints.save("best")
-        checkpoints.save("last")
+        checkpoints.save(*(["best"] if improved else []), "last")
 
     resume_from = resume_checkpoint(cfg.train.resume, folder / "checkpoints")
     done, state = False, None
@@ -356,8 +355,11 @@ def train(cfg: DictConfig) -> Path:
     if not done:
         log.info("training %s%s on %s for %d epochs (%d iterations each)%s", spec.name, spec.variant, device,
                  cfg.train.epochs, steps_per_epoch, f", autocast {amp_dtype}" if amp_dtype else "")
-        trainer.run()
-        checkpoints.save("final")
+        try:
+            trainer.run()
+        finally:
+            checkpoints.wait()
+        checkpoints.save("final", background=False)
     if not table.rows:
         raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
 

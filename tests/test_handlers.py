@@ -75,3 +75,31 @@ def test_mixed_precision_only_on_cuda():
 def test_bf16_inferer_autocasts_the_forward_pass():
     net = torch.nn.Linear(2, 1)
     assert make_inferer(torch.device("cpu"), torch.bfloat16)(torch.ones(1, 2), net).dtype == torch.bfloat16
+
+
+def test_checkpoints_snapshot_state_before_background_write(tmp_path):
+    from engine.checkpoint import load_checkpoint
+    from engine.handlers import Checkpoints
+
+    weights = {"w": torch.zeros(1000)}
+    checkpoints = Checkpoints(tmp_path, lambda: {"model": weights, "trainer": {"epoch": 1, "iteration": 1}})
+    paths = checkpoints.save("best", "last")
+    weights["w"] += 1  # training goes on while the writer runs
+    checkpoints.wait()
+    for path in paths:
+        assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(1000))
+
+
+def test_checkpoint_write_error_surfaces_in_training_thread(tmp_path, monkeypatch):
+    import pytest
+
+    from engine import handlers
+
+    def broken(path, state):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(handlers, "save_checkpoint", broken)
+    checkpoints = handlers.Checkpoints(tmp_path, lambda: {"model": {}})
+    checkpoints.save("last")
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.wait()

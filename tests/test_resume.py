@@ -21,11 +21,12 @@ def test_resumed_run_ends_with_identical_weights(tmp_path, tiny_demo, monkeypatc
 
     original = Checkpoints.save
 
-    def killed_after_epoch_1(self, name):
-        path = original(self, name)
-        if name == "last" and self.make_state()["trainer"]["epoch"] == 1:
+    def killed_after_epoch_1(self, *names, **kwargs):
+        paths = original(self, *names, **kwargs)
+        if "last" in names and self.make_state()["trainer"]["epoch"] == 1:
+            self.wait()
             raise KeyboardInterrupt("simulated kill")
-        return path
+        return paths
 
     monkeypatch.setattr(Checkpoints, "save", killed_after_epoch_1)
     overrides = tiny_overrides(tmp_path, tiny_demo, *DETERMINISTIC, "output.name=split")
