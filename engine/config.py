@@ -9,7 +9,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -161,6 +161,41 @@ class OutputConfig:
 
 
 @dataclass
+class VolumeClaimConfig:
+    name: str = ""  # claim name; empty: <job name>-<role>
+    existing: bool = False  # true: mount a claim that already exists, render none
+    size: str = "100Gi"
+    access_mode: str = "ReadWriteMany"  # several pods (nodes) share it; ReadWriteOnce for one node
+
+
+@dataclass
+class K8sConfig:
+    """`python -m k8s render` turns this section (and the rest of the config) into Kubernetes objects."""
+
+    name: str = "ct3d-train"  # Job name (DNS-1123 label); also the run folder name on the output claim
+    namespace: str = "default"
+    image: str = "ghcr.io/ct3d/ct3d:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    nodes: int = 1  # pods; more than 1: an Indexed Job, torchrun rendezvous at pod 0
+    gpus: int = 1  # GPUs per pod, also torchrun's --nproc-per-node
+    cpu: str = "8"
+    memory: str = "64Gi"
+    shm_size: str = "16Gi"  # memory-backed /dev/shm for DataLoader workers
+    node_selector: Dict[str, str] = field(default_factory=dict)
+    tolerations: List[Dict[str, str]] = field(default_factory=list)
+    storage_class: str = ""  # empty: the cluster's default
+    cache: VolumeClaimConfig = field(default_factory=lambda: VolumeClaimConfig(size="500Gi"))
+    output: VolumeClaimConfig = field(default_factory=lambda: VolumeClaimConfig(size="50Gi"))
+    data_claim: str = ""  # an existing claim holding the data set, mounted read-only at /data
+    wandb_secret: str = "wandb"  # Secret with key `api-key`; optional: the job runs without it
+    backoff_limit: int = 3  # pod failures (not node disruptions) before the Job fails
+    active_deadline_seconds: int = 0  # 0: no deadline
+    ttl_seconds_after_finished: int = 604800
+    run_as_user: int = 1000
+    master_port: int = 29500
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -172,6 +207,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    k8s: K8sConfig = field(default_factory=K8sConfig)
     checkpoint: str = ""  # evaluate / predict: the checkpoint to load
     input: str = ""  # predict: a datalist, one volume, or a folder of volumes
 

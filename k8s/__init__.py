@@ -1,0 +1,1 @@
+"""Kubernetes manifests for ct3d training jobs, rendered from a ct3d config."""

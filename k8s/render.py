@@ -1,0 +1,223 @@
+"""Kubernetes objects for one training run, from the `k8s` section of a ct3d config.
+
+Plain dicts rendered to YAML: the objects are small and fixed, so a template engine would add a
+dependency without removing code; the Helm chart in charts/ct3d renders the same objects."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from engine import __version__
+from engine.config import to_yaml
+from engine.errors import CT3DError
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+CONFIG_DIR, CACHE_DIR, OUTPUT_DIR, DATA_DIR = "/etc/ct3d", "/cache", "/output", "/data"
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+
+
+def _bad(key: str, message: str) -> CT3DError:
+    return CT3DError(f"config error: k8s.{key}: {message}")
+
+
+def _check(k: DictConfig) -> None:
+    """Every value a cluster would refuse (or misread), named by key, before anything is printed."""
+    names = {"name": k.name, "namespace": k.namespace, "wandb_secret": k.wandb_secret,
+             "cache.name": k.cache.name, "output.name": k.output.name, "data_claim": k.data_claim}
+    for key, value in names.items():
+        if value and (len(value) > 63 or not DNS_LABEL.match(value)):
+            raise _bad(key, f"{value!r} is not a DNS-1123 label (lower case letters, digits and '-', "
+                            f"starting and ending with a letter or digit, at most 63 characters)")
+    if len(k.name) > 52:  # Job pods are named <job>-<index>-<random>: keep them within 63
+        raise _bad("name", f"{k.name!r} is longer than 52 characters")
+    if k.nodes < 1:
+        raise _bad("nodes", f"must be >= 1, got {k.nodes}")
+    if k.gpus < 0:
+        raise _bad("gpus", f"must be >= 0, got {k.gpus}")
+    for key in ("cpu", "memory", "shm_size", "cache.size", "output.size"):
+        value = str(OmegaConf.select(k, key))
+        if not QUANTITY.match(value):
+            raise _bad(key, f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+    for key in ("backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished", "run_as_user"):
+        if OmegaConf.select(k, key) < 0:
+            raise _bad(key, "must be >= 0")
+    if k.run_as_user == 0:
+        raise _bad("run_as_user", "0 is root; the pods run as a non-root user")
+    if k.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+        raise _bad("image_pull_policy", f"{k.image_pull_policy!r} is not Always, IfNotPresent or Never")
+    for key in ("cache.access_mode", "output.access_mode"):
+        if OmegaConf.select(k, key) not in ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"):
+            raise _bad(key, "must be ReadWriteOnce, ReadWriteMany or ReadWriteOncePod")
+
+
+def labels(k: DictConfig, component: str = "training") -> dict:
+    return {
+        "app.kubernetes.io/name": "ct3d",
+        "app.kubernetes.io/instance": k.name,
+        "app.kubernetes.io/version": __version__,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "ct3d-render",
+    }
+
+
+def claim_name(k: DictConfig, role: str) -> str:
+    return OmegaConf.select(k, f"{role}.name") or f"{k.name}-{role}"
+
+
+def training_config(cfg: DictConfig) -> str:
+    """The run's config as the pods see it: caches and outputs on the claims, a fixed run folder and
+    resume=auto, so a restarted pod continues from the last checkpoint."""
+    pod = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    pod.cache.dir = CACHE_DIR
+    pod.output.dir = OUTPUT_DIR
+    pod.output.name = cfg.k8s.name
+    pod.train.resume = "auto"
+    if pod.data.demo.enabled:
+        pod.data.demo.dir = f"{CACHE_DIR}/demo"
+    del pod["k8s"]
+    return to_yaml(pod)
+
+
+def _claim(k: DictConfig, role: str) -> dict:
+    c = k[role]
+    spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}}
+    if k.storage_class:
+        spec["storageClassName"] = k.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim_name(k, role), "namespace": k.namespace, "labels": labels(k, role)},
+            "spec": spec}
+
+
+def command(k: DictConfig) -> list[str]:
+    """The container command: plain python for one process, torchrun for several GPUs or nodes."""
+    train = ["-m", "engine.run", "train", "--config", f"{CONFIG_DIR}/config.yaml"]
+    if k.nodes == 1 and k.gpus <= 1:
+        return ["python", *train]
+    per_node = str(max(1, k.gpus))
+    if k.nodes == 1:
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={per_node}", *train]
+    master = f"{k.name}-0.{k.name}.{k.namespace}.svc"
+    return ["torchrun", f"--nnodes={k.nodes}", f"--nproc-per-node={per_node}",
+            "--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={master}", f"--master-port={k.master_port}",
+            *train]
+
+
+def container_security() -> dict:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _job(k: DictConfig) -> dict:
+    resources: dict[str, Any] = {"requests": {"cpu": str(k.cpu), "memory": k.memory},
+                                 "limits": {"cpu": str(k.cpu), "memory": k.memory}}
+    if k.gpus > 0:
+        resources["requests"]["nvidia.com/gpu"] = k.gpus
+        resources["limits"]["nvidia.com/gpu"] = k.gpus
+    env = [
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": k.wandb_secret, "key": "api-key",
+                                                                  "optional": True}}},
+        {"name": "WANDB_DIR", "value": OUTPUT_DIR},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if k.nodes > 1:
+        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "cache", "mountPath": CACHE_DIR}, {"name": "output", "mountPath": OUTPUT_DIR},
+              {"name": "shm", "mountPath": "/dev/shm"}]
+    volumes = [{"name": "config", "configMap": {"name": f"{k.name}-config"}},
+               {"name": "cache", "persistentVolumeClaim": {"claimName": claim_name(k, "cache")}},
+               {"name": "output", "persistentVolumeClaim": {"claimName": claim_name(k, "output")}},
+               {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}]
+    if k.data_claim:
+        mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": k.data_claim, "readOnly": True}})
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_user,
+                            "fsGroup": k.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "train", "image": k.image, "imagePullPolicy": k.image_pull_policy,
+            "command": command(k), "env": env, "resources": resources, "volumeMounts": mounts,
+            "securityContext": container_security(),
+            "ports": [{"name": "rendezvous", "containerPort": k.master_port}] if k.nodes > 1 else [],
+        }],
+        "volumes": volumes,
+    }
+    if not pod["containers"][0]["ports"]:
+        del pod["containers"][0]["ports"]
+    if k.node_selector:
+        pod["nodeSelector"] = dict(k.node_selector)
+    if k.tolerations:
+        pod["tolerations"] = [dict(t) for t in k.tolerations]
+    if k.nodes > 1:
+        pod["subdomain"] = k.name  # pods resolve as <job>-<index>.<service>
+    spec: dict[str, Any] = {
+        "backoffLimit": k.backoff_limit,
+        "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
+        "podFailurePolicy": {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},  # preemption, drain
+            {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}},
+        ]},
+        "template": {"metadata": {"labels": labels(k)}, "spec": pod},
+    }
+    if k.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = k.active_deadline_seconds
+    if k.nodes > 1:
+        spec.update(completionMode="Indexed", completions=k.nodes, parallelism=k.nodes)
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k)}, "spec": spec}
+
+
+def _service(k: DictConfig) -> dict:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k, "rendezvous")},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {"app.kubernetes.io/instance": k.name, "app.kubernetes.io/component": "training"},
+                     "ports": [{"name": "rendezvous", "port": k.master_port, "targetPort": k.master_port}]}}
+
+
+def render_objects(cfg: DictConfig) -> list[dict]:
+    """PVCs (unless existing), the ConfigMap, a headless Service for several nodes, and the Job."""
+    k = cfg.k8s
+    _check(k)
+    objects = [_claim(k, role) for role in ("cache", "output") if not k[role].existing]
+    objects.append({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": f"{k.name}-config", "namespace": k.namespace, "labels": labels(k, "config")},
+                    "data": {"config.yaml": training_config(cfg)}})
+    if k.nodes > 1:
+        objects.append(_service(k))
+    objects.append(_job(k))
+    return objects
+
+
+def render(cfg: DictConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump_all(render_objects(cfg), sort_keys=False)
+
+
+def helm_values(cfg: DictConfig) -> str:
+    """Values for charts/ct3d that describe the same run as `render(cfg)`."""
+    import yaml
+
+    k = cfg.k8s
+    _check(k)
+
+    def claim(role: str) -> dict:
+        c = k[role]
+        return {"name": claim_name(k, role), "existing": c.existing, "size": c.size, "accessMode": c.access_mode}
+
+    values = {
+        "name": k.name, "image": k.image, "imagePullPolicy": k.image_pull_policy, "nodes": k.nodes, "gpus": k.gpus,
+        "cpu": str(k.cpu), "memory": k.memory, "shmSize": k.shm_size, "nodeSelector": dict(k.node_selector),
+        "tolerations": [dict(t) for t in k.tolerations], "storageClass": k.storage_class,
+        "cache": claim("cache"), "output": claim("output"), "dataClaim": k.data_claim,
+        "wandbSecret": k.wandb_secret, "backoffLimit": k.backoff_limit,
+        "activeDeadlineSeconds": k.active_deadline_seconds, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
+        "runAsUser": k.run_as_user, "masterPort": k.master_port, "trainingConfig": training_config(cfg),
+    }
+    return yaml.safe_dump(values, sort_keys=False)
