@@ -50,12 +50,21 @@ class ValidationMetrics:
         self._labels.append(out["label"].detach().float().cpu())
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ranks' logits and labels, every sample once (DistributedSampler pads are dropped by
-        the caller's sampler choice: validation uses an unpadded split)."""
+        """All ranks' logits and labels, every sample once: ranks hold unequal, unpadded shares, so
+        each pads to the largest share for the gather and the padding is cut off after."""
         logits, labels = torch.cat(self._logits), torch.cat(self._labels)
-        if idist.get_world_size() > 1:
-            logits, labels = idist.all_gather(logits), idist.all_gather(labels)
-        return logits, labels
+        world = idist.get_world_size()
+        if world == 1:
+            return logits, labels
+        sizes = idist.all_gather(torch.tensor([logits.shape[0]])).tolist()
+        most = max(sizes)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            padded = torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])])
+            everything = idist.all_gather(padded)
+            return torch.cat([everything[r * most: r * most + n] for r, n in enumerate(sizes)])
+
+        return gather(logits), gather(labels)
 
     def compute(self, engine: Engine) -> None:
         logits, labels = self.outputs()
@@ -117,7 +126,8 @@ class TrainStats:
 class MetricsTable:
     """One row per validation in `metrics.csv` (rewritten atomically), best key metric tracked."""
 
-    def __init__(self, path: Path, key: str, stats: TrainStats, names: list[str], mode: str = "max"):
+    def __init__(self, path: Path, key: str, stats: TrainStats, names: list[str], mode: str = "max",
+                 write: bool = True):
         if mode not in ("max", "min"):
             raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
         self.path, self.key, self.stats, self.sign = Path(path), key, stats, 1.0 if mode == "max" else -1.0
@@ -127,6 +137,7 @@ class MetricsTable:
         self.columns += [f"auc/{n}" for n in names] + [f"fbeta/{n}" for n in names]
         self.rows: list[dict] = []
         self.best: dict | None = None
+        self.write = write
         self._start = time.time()
 
     def record(self, trainer: Engine, evaluator: Engine) -> bool:
@@ -141,7 +152,8 @@ class MetricsTable:
             self.best is None or math.isnan(self.best[self.key]) or self.sign * value > self.sign * self.best[self.key])
         if improved or self.best is None:
             self.best = row
-        self._write()
+        if self.write:
+            self._write()
         return improved
 
     def _write(self) -> None:
@@ -176,15 +188,17 @@ class Checkpoints:
     The state is snapshotted at once and written (atomically) by a background thread, so training
     does not wait on the disk; the next save, and `wait()`, wait for the previous write."""
 
-    def __init__(self, folder: Path, make_state: Callable[[], dict]):
-        self.folder, self.make_state = Path(folder), make_state
+    def __init__(self, folder: Path, make_state: Callable[[], dict], write: bool = True):
+        self.folder, self.make_state, self.write = Path(folder), make_state, write
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
-        for stale in self.folder.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; one process writes a run
+        for stale in [] if not write else self.folder.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; one process writes a run
             stale.unlink(missing_ok=True)
 
     def save(self, *names: str, background: bool = True) -> list[Path]:
-        """Writes the current state to each `name`.pt (in this order)."""
+        """Writes the current state to each `name`.pt (in this order); a no-op where write is False."""
+        if not self.write:
+            return []
         state = _snapshot(self.make_state())
         paths = [self.folder / f"{name}.pt" for name in names]
         self.wait()
@@ -211,6 +225,23 @@ class Checkpoints:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class SyncBuffers:
+    """Copies rank 0's buffers (BatchNorm running statistics) to every rank at the end of each epoch.
+    DDP broadcasts them before each forward, so after the last one each rank holds its own; without
+    this, ranks would validate different models and the checkpoint would match only rank 0's."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if idist.get_world_size() > 1:
+            for buffer in self.network.buffers():
+                buffer.data.copy_(idist.broadcast(buffer.data, src=0))
 
 
 class Progress:

@@ -5,6 +5,7 @@ Config errors are reported before MONAI or torch is imported, so they come back 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,17 +39,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, args.command)
-        from engine import workflow  # heavy imports (torch, MONAI) only after the config is valid
-
-        if args.command == "check":
-            return 1 if workflow.check(cfg) else 0
-        if args.command == "cache":
-            return 1 if workflow.cache(cfg, verify=args.verify)["problems"] else 0
-        {"train": workflow.train, "evaluate": workflow.evaluate, "predict": workflow.predict}[args.command](cfg)
+        # heavy imports (torch, MONAI) only after the config is valid: dispatch imports the workflow
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: ignite.distributed sets up the group
+            return run_distributed(args, cfg)
+        return dispatch(args, cfg)
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
         return 2
+
+
+def dispatch(args: argparse.Namespace, cfg) -> int:
+    from engine import workflow
+
+    if args.command == "check":
+        return 1 if workflow.check(cfg) else 0
+    if args.command == "cache":
+        return 1 if workflow.cache(cfg, verify=args.verify)["problems"] else 0
+    {"train": workflow.train, "evaluate": workflow.evaluate, "predict": workflow.predict}[args.command](cfg)
     return 0
+
+
+def run_distributed(args: argparse.Namespace, cfg) -> int:
+    import ignite.distributed as idist
+    import torch
+
+    if args.command != "train":
+        raise CT3DError(f"{args.command} runs in one process; start it without torchrun")
+    result = {}
+    with idist.Parallel(backend="nccl" if torch.cuda.is_available() else "gloo") as parallel:
+        parallel.run(lambda local_rank: result.update(rc=dispatch(args, cfg)))
+    return result.get("rc", 0)
 
 
 if __name__ == "__main__":

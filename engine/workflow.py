@@ -32,7 +32,7 @@ from engine.datalist import (
 from engine.errors import CT3DError
 from engine.augment import AugmentSpec, DeviceAugmentation
 from engine.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, set_rng_state
-from engine.handlers import Checkpoints, MetricsTable, Progress, TrainStats, ValidationMetrics
+from engine.handlers import Checkpoints, MetricsTable, Progress, SyncBuffers, TrainStats, ValidationMetrics
 from engine.io import write_text
 from engine.models import ModelSpec, create_model
 from engine.tracking import WandbTracker, new_run_id
@@ -40,8 +40,10 @@ from engine.tracking import WandbTracker, new_run_id
 log = logging.getLogger("ct3d")
 
 
-def setup_logging() -> None:
+def setup_logging(main: bool = True) -> None:
+    """INFO lines on rank 0; other ranks only warn."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    log.setLevel(logging.INFO if main else logging.WARNING)
     for noisy in ("ignite", "monai"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -179,19 +181,36 @@ def model_spec_of(cfg: DictConfig, num_outputs: int) -> ModelSpec:
 
 def make_loader(dataset, batch_size: int, shuffle: bool, cfg: DictConfig, device: torch.device, seed: int):
     """Training shuffles through a DistributedSampler (one replica when not distributed) whose order
-    depends on (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed) if shuffle else None
+    depends on (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would.
+    Validation gives each rank every world-th sample, unpadded, so gathered metrics count each once."""
+    import ignite.distributed as idist
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    sampler = None
+    if shuffle:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    elif world > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     workers = cfg.loader.num_workers
+    share = len(sampler) if sampler is not None else len(dataset)
+    # A last training batch of one sample breaks BatchNorm: drop it (the sampler reshuffles each epoch).
+    drop_last = shuffle and share % batch_size == 1 and share > 1
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         pin_memory=cfg.loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0,
     )
 
 
 def run_folder(cfg: DictConfig) -> Path:
+    """output.dir/<output.name or model-start time>; every rank gets rank 0's name, only rank 0 makes it."""
+    import ignite.distributed as idist
+
     name = cfg.output.name or f"{cfg.model.name}{cfg.model.variant}-{datetime.now():%Y%m%d-%H%M%S}"
+    if idist.get_world_size() > 1:
+        name = idist.broadcast(name if idist.get_rank() == 0 else None, src=0, safe_mode=True)
     folder = Path(cfg.output.dir) / name
-    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if idist.get_rank() == 0:
+        (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -212,8 +231,11 @@ def train(cfg: DictConfig) -> Path:
     from monai.optimizers import WarmupCosineSchedule
     from monai.utils import set_determinism
     from ignite.engine import Events
+    import ignite.distributed as idist
 
-    setup_logging()
+    rank, world = idist.get_rank(), idist.get_world_size()
+    main = rank == 0  # only rank 0 writes files, logs progress and talks to W&B
+    setup_logging(main)
     start = time.time()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -222,12 +244,17 @@ def train(cfg: DictConfig) -> Path:
     amp_dtype = resolve_amp(cfg.train.amp, device)
     task = cfg.data.task
 
-    progress = sys.stderr.isatty()
+    progress = sys.stderr.isatty() and main
     t0 = time.time()
+    if not main:
+        idist.barrier()  # rank 0 generates the demo and fills the disk cache first
     train_items, val_items, labels, skipped = prepare_data(cfg, progress)
+    if main and world > 1:
+        idist.barrier()
     folder = run_folder(cfg)
-    write_text(folder / "config.yaml", to_yaml(cfg))
-    if skipped:
+    if main:
+        write_text(folder / "config.yaml", to_yaml(cfg))
+    if skipped and main:
         write_skipped(folder, skipped)
         log.warning("left out %d bad volume(s) or row(s), listed in %s", len(skipped), folder / "skipped.csv")
     log.info("run folder %s; %d train / %d validation volumes; labels: %s", folder, len(train_items),
@@ -243,10 +270,13 @@ def train(cfg: DictConfig) -> Path:
     val_loader = make_loader(val_ds, cfg.loader.val_batch_size or cfg.loader.batch_size, False, cfg, device, 0)
 
     spec = model_spec_of(cfg, len(labels) if task != "binary" else 1)
-    model = create_model(spec).to(device)
+    net = create_model(spec).to(device)  # checkpoints hold this one's weights, without DDP's prefix
+    model = idist.auto_model(net) if world > 1 else net
     frequencies = label_frequencies(train_items)
     loss_fn = make_loss(cfg, task, frequencies)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if world > 1:
+        optimizer = idist.auto_optim(optimizer)
     steps_per_epoch = len(train_loader)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=round(cfg.train.warmup_epochs * steps_per_epoch),
                                      t_total=cfg.train.epochs * steps_per_epoch)
@@ -254,7 +284,8 @@ def train(cfg: DictConfig) -> Path:
     fp16 = amp_dtype == torch.float16
     amp_kwargs = {"dtype": torch.float16} if fp16 else None
 
-    evaluator = SupervisedEvaluator(device=device, val_data_loader=val_loader, network=model,
+    # The plain network: ranks validate different numbers of batches, and DDP's forward is a collective.
+    evaluator = SupervisedEvaluator(device=device, val_data_loader=val_loader, network=net,
                                     prepare_batch=prepare_batch, inferer=inferer, amp=fp16,
                                     amp_kwargs=amp_kwargs, decollate=False)
     validation = ValidationMetrics(labels, task, make_loss(cfg, task, frequencies), cfg.metrics.threshold,
@@ -267,6 +298,7 @@ def train(cfg: DictConfig) -> Path:
         optimizer=optimizer, loss_function=loss_fn.to(device), prepare_batch=prepare_batch, inferer=inferer,
         amp=fp16, amp_kwargs=amp_kwargs, decollate=False, accumulation_steps=cfg.train.accumulation_steps,
         train_handlers=[
+            SyncBuffers(net),
             LrScheduleHandler(scheduler, epoch_level=False, print_lr=False),
             ValidationHandler(interval=cfg.train.val_every, validator=evaluator, epoch_level=True),
         ],
@@ -277,11 +309,12 @@ def train(cfg: DictConfig) -> Path:
         a = cfg.augment
         spec_aug = AugmentSpec(a.flip_prob, a.affine_prob, tuple(a.rotate_degrees), tuple(a.scale_range), a.smooth_prob,
                                a.contrast_prob, a.noise_prob, a.noise_std, a.shift_prob, a.shift)
-        DeviceAugmentation(spec_aug, device, cfg.train.seed).attach(trainer)
+        DeviceAugmentation(spec_aug, device, cfg.train.seed + 1000 * rank).attach(trainer)
     stats = TrainStats(optimizer)
     stats.attach(trainer)
-    Progress(stats, cfg.train.log_every).attach(trainer)
-    table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, stats, labels, cfg.metrics.mode)
+    if main:
+        Progress(stats, cfg.train.log_every).attach(trainer)
+    table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, stats, labels, cfg.metrics.mode, write=main)
     stopper = None
     if cfg.train.early_stopping_patience > 0:
         from ignite.handlers import EarlyStopping
@@ -297,7 +330,7 @@ def train(cfg: DictConfig) -> Path:
 
     def checkpoint_state() -> dict:
         return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "trainer": {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration},
             "metrics_table": table.state_dict(), "labels": labels, "task": task,
@@ -308,7 +341,7 @@ def train(cfg: DictConfig) -> Path:
             "best_outputs": best_outputs, "wandb_id": wandb_id,
         }
 
-    checkpoints = Checkpoints(folder / "checkpoints", checkpoint_state)
+    checkpoints = Checkpoints(folder / "checkpoints", checkpoint_state, write=main)
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def after_epoch(engine) -> None:
@@ -325,10 +358,13 @@ def train(cfg: DictConfig) -> Path:
         checkpoints.save(*(["best"] if improved else []), "last")
 
     resume_from = resume_checkpoint(cfg.train.resume, folder / "checkpoints")
+    if world > 1:  # rank 0 may be writing: every rank loads the file rank 0 chose
+        chosen = idist.broadcast(str(resume_from or "") if main else None, src=0, safe_mode=True)
+        resume_from = Path(chosen) if chosen else None
     done, state = False, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, map_location=device)
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scheduler.t_total = cfg.train.epochs * steps_per_epoch  # a raised train.epochs extends the schedule
@@ -347,7 +383,7 @@ def train(cfg: DictConfig) -> Path:
         log.info("resumed from %s at epoch %d%s", resume_from, epoch, " (already finished)" if done else "")
     wandb_id = (state or {}).get("wandb_id") or new_run_id()  # a resumed run continues its W&B run
     tracker = None
-    if cfg.tracking.wandb.mode != "disabled":
+    if cfg.tracking.wandb.mode != "disabled" and main:
         w = cfg.tracking.wandb
         tracker = WandbTracker(w.mode, w.project, w.entity, list(w.tags), folder,
                                OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))), wandb_id, folder.name)
@@ -371,6 +407,8 @@ def train(cfg: DictConfig) -> Path:
         "stopped_early": bool(trainer.should_terminate) or (resume_from is not None and done and state["stopped_early"]),
         "wall_seconds": round(time.time() - start, 1), "epoch_seconds": stats.epoch_seconds,
     }
+    if not main:
+        return folder
     write_text(folder / "summary.json", json.dumps(_finite(summary), indent=2))
     report_png = None
     if best_outputs:
