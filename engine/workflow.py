@@ -297,6 +297,7 @@ def train(cfg: DictConfig) -> Path:
         device=device, max_epochs=cfg.train.epochs, train_data_loader=train_loader, network=model,
         optimizer=optimizer, loss_function=loss_fn.to(device), prepare_batch=prepare_batch, inferer=inferer,
         amp=fp16, amp_kwargs=amp_kwargs, decollate=False, accumulation_steps=cfg.train.accumulation_steps,
+        optim_set_to_none=True,  # as a hand-written loop does: no memset of every gradient each step
         train_handlers=[
             SyncBuffers(net),
             LrScheduleHandler(scheduler, epoch_level=False, print_lr=False),
