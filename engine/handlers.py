@@ -192,8 +192,9 @@ class Checkpoints:
         self.folder, self.make_state, self.write = Path(folder), make_state, write
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
-        for stale in [] if not write else self.folder.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; one process writes a run
-            stale.unlink(missing_ok=True)
+        if write:  # clear temp files left by a killed writer (one process writes a run folder)
+            for stale in self.folder.glob(f"{TMP_PREFIX}*"):
+                stale.unlink(missing_ok=True)
 
     def save(self, *names: str, background: bool = True) -> list[Path]:
         """Writes the current state to each `name`.pt (in this order); a no-op where write is False."""

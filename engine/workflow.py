@@ -87,6 +87,21 @@ def make_inferer(device: torch.device, amp_dtype: torch.dtype | None):
     return AutocastInferer()
 
 
+def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype | None, cfg: DictConfig,
+                   labels: list[str], task: str, frequencies: list[float]):
+    """A MONAI SupervisedEvaluator under the training's autocast, with every metric attached."""
+    from monai.engines import SupervisedEvaluator
+
+    fp16 = amp_dtype == torch.float16
+    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
+                                    prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype), amp=fp16,
+                                    amp_kwargs={"dtype": torch.float16} if fp16 else None, decollate=False)
+    validation = ValidationMetrics(labels, task, make_loss(cfg, task, frequencies), cfg.metrics.threshold,
+                                   cfg.metrics.beta)
+    validation.attach(evaluator)
+    return evaluator, validation
+
+
 def make_loss(cfg: DictConfig, task: str, frequencies: list[float]) -> torch.nn.Module:
     """BCE with logits and a capped pos_weight, cross entropy for multiclass, or focal loss."""
     if cfg.train.loss == "focal":
@@ -226,7 +241,7 @@ def summary_table(summary: dict, labels: list[str]) -> str:
 
 def train(cfg: DictConfig) -> Path:
     """Trains per `cfg`; returns the run folder."""
-    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.engines import SupervisedTrainer
     from monai.handlers import LrScheduleHandler, ValidationHandler
     from monai.optimizers import WarmupCosineSchedule
     from monai.utils import set_determinism
@@ -285,12 +300,7 @@ def train(cfg: DictConfig) -> Path:
     amp_kwargs = {"dtype": torch.float16} if fp16 else None
 
     # The plain network: ranks validate different numbers of batches, and DDP's forward is a collective.
-    evaluator = SupervisedEvaluator(device=device, val_data_loader=val_loader, network=net,
-                                    prepare_batch=prepare_batch, inferer=inferer, amp=fp16,
-                                    amp_kwargs=amp_kwargs, decollate=False)
-    validation = ValidationMetrics(labels, task, make_loss(cfg, task, frequencies), cfg.metrics.threshold,
-                                   cfg.metrics.beta)
-    validation.attach(evaluator)
+    evaluator, validation = make_evaluator(net, val_loader, device, amp_dtype, cfg, labels, task, frequencies)
     best_outputs: dict = {}
 
     trainer = SupervisedTrainer(
@@ -469,21 +479,23 @@ def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module
     if not path:
         raise CT3DError("config error: checkpoint: give the checkpoint to load, e.g. checkpoint=runs/x/checkpoints/best.pt")
     state = load_checkpoint(path)
-    spec = ModelSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_spec"].items()})
+    spec = _from_saved(ModelSpec, state["model_spec"])
     model = create_model(spec)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
 
 def _checkpoint_preprocessing(state: dict) -> Preprocessing:
-    return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocessing"].items()})
+    return _from_saved(Preprocessing, state["preprocessing"])
+
+
+def _from_saved(cls, fields: dict):
+    """A frozen dataclass back from a checkpoint, where its tuples were saved as lists."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Every validation metric of a checkpoint on the config's validation datalist (or split)."""
-    from ignite.engine import Events
-    from monai.engines import SupervisedEvaluator
-
     setup_logging()
     device = resolve_device(cfg.train.device)
     model, state = load_trained_model(cfg.checkpoint, device)
@@ -495,13 +507,8 @@ def evaluate(cfg: DictConfig) -> dict:
                             cfg.cache.memory_rate, cfg.cache.workers, sys.stderr.isatty())
     loader = make_loader(dataset, cfg.loader.val_batch_size or cfg.loader.batch_size, False, cfg, device, 0)
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    fp16 = amp_dtype == torch.float16
-    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=model,
-                                    prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
-                                    amp=fp16, amp_kwargs={"dtype": torch.float16} if fp16 else None, decollate=False)
-    task = state["task"]
-    ValidationMetrics(labels, task, make_loss(cfg, task, label_frequencies(train_items)),
-                      cfg.metrics.threshold, cfg.metrics.beta).attach(evaluator)
+    evaluator, _ = make_evaluator(model, loader, device, amp_dtype, cfg, labels, state["task"],
+                                  label_frequencies(train_items))
     evaluator.run()
     metrics = dict(evaluator.state.metrics)
     folder = Path(cfg.output.dir) / (cfg.output.name or f"evaluate-{datetime.now():%Y%m%d-%H%M%S}")

@@ -9,7 +9,6 @@ import yaml
 
 from conftest import ROOT
 from engine.config import load_config
-from engine.errors import CT3DError
 from k8s.render import render, render_objects
 
 KUBE_VERSION = "1.30.0"
