@@ -256,7 +256,7 @@ class Progress:
         if self.tty:
             from ignite.handlers import ProgressBar
 
-            ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+            ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"].detach())})
             return
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self._line)
 
