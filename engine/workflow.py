@@ -418,8 +418,16 @@ def train(cfg: DictConfig) -> Path:
         "stopped_early": bool(trainer.should_terminate) or (resume_from is not None and done and state["stopped_early"]),
         "wall_seconds": round(time.time() - start, 1), "epoch_seconds": stats.epoch_seconds,
     }
-    if not main:
-        return folder
+    if main:
+        write_outputs(folder, summary, table, stats, best_outputs, labels, task, cfg, tracker)
+    if world > 1:
+        idist.barrier()  # every rank leaves together: tearing down the group under a busy peer aborts
+    return folder
+
+
+def write_outputs(folder: Path, summary: dict, table: MetricsTable, stats: TrainStats, best_outputs: dict,
+                  labels: list[str], task: str, cfg: DictConfig, tracker) -> None:
+    """Rank 0's closing files: summary.json, the report, the W&B run's end, the printed table."""
     write_text(folder / "summary.json", json.dumps(_finite(summary), indent=2))
     report_png = None
     if best_outputs:
@@ -431,7 +439,6 @@ def train(cfg: DictConfig) -> Path:
     if tracker is not None:
         tracker.finish(report_png, folder / "checkpoints" / "best.pt", summary)
     print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n{summary_table(summary, labels)}")
-    return folder
 
 
 def check(cfg: DictConfig) -> int:
