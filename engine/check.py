@@ -64,14 +64,19 @@ def _parallel(fn: Callable, items: list, workers: int, progress: bool, what: str
 
 def volume_problems(items: list[dict], p: Preprocessing, disk_dir: str | Path | None, workers: int,
                     progress: bool = False) -> list[Problem]:
-    """Reads and preprocesses every volume (filling the disk cache when on); one Problem per bad volume."""
+    """Reads and preprocesses every volume (filling the disk cache when on); one Problem per bad volume.
+    A volume with a cache entry passed when the entry was built (entries are keyed by the source's size
+    and mtime), so it is not read again: a warm start does not reload the whole cache."""
     cache = _disk_cache(p, disk_dir) if disk_dir else None
     transform = preprocessing_transform(p)
 
     def one(item: dict) -> Problem | None:
         source = {IMAGE: item[IMAGE], NAME: item[NAME]}
         try:
-            cache.entry(source) if cache is not None else preprocess(transform, source)
+            if cache is None:
+                preprocess(transform, source)
+            elif not cache.entry_path(source).is_file():
+                cache.entry(source)
         except CT3DError as exc:
             return Problem(item.get(WHERE, item[NAME]), str(exc), item[NAME])
         return None

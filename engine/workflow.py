@@ -149,10 +149,12 @@ def load_splits(cfg: DictConfig, problems: list[Problem] | None = None) -> tuple
     return train_items, val_items, train.labels
 
 
-def prepare_data(cfg: DictConfig, progress: bool = False) -> tuple[list[dict], list[dict], list[str], list[Problem]]:
+def prepare_data(cfg: DictConfig, progress: bool = False,
+                 strict: bool = True) -> tuple[list[dict], list[dict], list[str], list[Problem]]:
     """Every check before training, every problem at once: datalist rows, split (empty, patient in both),
-    and every volume read once (filling the disk cache). With data.on_error=skip, bad rows and volumes
-    are returned as problems and left out; split problems always stop the run."""
+    and every volume not yet in the disk cache read once (filling it). With data.on_error=skip, bad rows
+    and volumes are returned as problems and left out; split problems always stop the run. With
+    strict=False nothing raises: every problem, split ones included, is returned."""
     from engine.check import split_problems, volume_problems
 
     problems: list[Problem] = []
@@ -161,7 +163,9 @@ def prepare_data(cfg: DictConfig, progress: bool = False) -> tuple[list[dict], l
     disk = cfg.cache.dir if cfg.cache.disk else None
     unreadable = volume_problems(train_items + val_items, preprocessing_of(cfg), disk, cfg.cache.workers, progress)
     problems += unreadable
-    if fatal or (problems and cfg.data.on_error == "raise"):
+    if not strict:
+        problems = fatal + problems
+    elif fatal or (problems and cfg.data.on_error == "raise"):
         hint = "" if fatal or not problems else "\n(data.on_error=skip leaves bad volumes out and lists them)"
         raise CT3DError(f"{len(fatal + problems)} problem(s) in the data:\n  {format_problems(fatal + problems, 50)}{hint}")
     bad = {p.name for p in unreadable}  # bad datalist rows were never made items
@@ -415,7 +419,7 @@ def train(cfg: DictConfig) -> Path:
         "train_volumes": len(train_items), "val_volumes": len(val_items), "skipped": len(skipped),
         "key_metric": cfg.metrics.key,
         "best_epoch": table.best["epoch"], "best": table.best, "final": table.rows[-1],
-        "stopped_early": bool(trainer.should_terminate) or (resume_from is not None and done and state["stopped_early"]),
+        "stopped_early": bool(trainer.should_terminate or (state and state["stopped_early"])),
         "wall_seconds": round(time.time() - start, 1), "epoch_seconds": stats.epoch_seconds,
     }
     if main:
@@ -444,14 +448,9 @@ def write_outputs(folder: Path, summary: dict, table: MetricsTable, stats: Train
 def check(cfg: DictConfig) -> int:
     """`check`: every data problem at once; returns the number of problems found (0: all good)."""
     setup_logging()
-    try:
-        train_items, val_items, _, problems = prepare_data(cfg, sys.stderr.isatty())
-    except CT3DError as exc:
-        print(f"ct3d check: {exc}")
-        return max(1, str(exc).count("\n  "))
+    train_items, val_items, _, problems = prepare_data(cfg, sys.stderr.isatty(), strict=False)
     if problems:
-        print(f"ct3d check: {len(problems)} problem(s) (data.on_error=skip leaves them out):\n  "
-              f"{format_problems(problems, 10_000)}")
+        print(f"ct3d check: {len(problems)} problem(s):\n  {format_problems(problems, 10_000)}")
         return len(problems)
     print(f"ct3d check: {len(train_items)} train and {len(val_items)} validation volumes, no problems")
     return 0
@@ -466,14 +465,15 @@ def cache(cfg: DictConfig, verify: bool = False) -> dict:
         raise CT3DError("config error: cache.disk: the disk cache is off; nothing to fill")
     problems: list[Problem] = []
     train_items, val_items, _ = load_splits(cfg, problems)
-    counts = verify_cache(train_items + val_items, preprocessing_of(cfg), cfg.cache.dir, cfg.cache.workers,
-                          sys.stderr.isatty()) if verify else None
-    if counts is None:
+    items, progress = train_items + val_items, sys.stderr.isatty()
+    if verify:
+        counts = verify_cache(items, preprocessing_of(cfg), cfg.cache.dir, cfg.cache.workers, progress)
+    else:
         from engine.check import volume_problems
 
-        bad = volume_problems(train_items + val_items, preprocessing_of(cfg), cfg.cache.dir, cfg.cache.workers,
-                              sys.stderr.isatty())
-        counts = {"volumes": len(train_items) + len(val_items), "problems": len(bad), "problem_list": [str(b) for b in bad]}
+        bad = volume_problems(items, preprocessing_of(cfg), cfg.cache.dir, cfg.cache.workers, progress)
+        counts = {"volumes": len(items), "problems": len(bad), "problem_list": [str(b) for b in bad]}
+    counts["problems"] += len(problems)  # bad datalist rows count too (the exit code says so)
     counts["problem_list"] = [str(p) for p in problems] + counts["problem_list"]
     listed = "".join(f"\n  {p}" for p in counts["problem_list"])
     print(f"ct3d cache {cfg.cache.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "problem_list")

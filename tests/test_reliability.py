@@ -245,3 +245,25 @@ def test_wandb_key_appears_in_no_file_and_no_output(tmp_path, tiny_demo):
     assert len(files) > 10
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def test_cache_command_counts_bad_datalist_rows(tmp_path, tiny_demo):
+    train_csv, _, _ = bad_dataset(tmp_path, tiny_demo)
+    counts = cache(load_config(None, tiny_overrides(tmp_path, train_csv), command="cache"))
+    assert counts["problems"] >= 7  # missing volume, bad label and duplicate rows as well as bad volumes
+    assert any("does not exist" in p for p in counts["problem_list"])
+
+
+def test_warm_cache_check_reads_no_entry(tmp_path, tiny_demo, monkeypatch):
+    from engine.check import volume_problems
+    from engine.workflow import load_splits
+
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_demo), command="cache")
+    cache(cfg)
+    train_items, val_items, _ = load_splits(cfg)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a warm cache entry was read")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    assert volume_problems(train_items + val_items, Preprocessing(spatial_size=(32, 32, 32)), cfg.cache.dir, 2) == []
