@@ -51,9 +51,10 @@ def child_pipeline(args: dict) -> dict:
     """One pipeline measurement in this (fresh) process."""
     from monai.data import Dataset
 
-    from engine.data import Preprocessing, build_dataset, preprocessing_transform
+    from engine.config import PreprocessConfig
+    from engine.data import build_dataset, preprocessing_transform
 
-    p = Preprocessing(spatial_size=tuple(args["target"]))
+    p = PreprocessConfig(spatial_size=list(args["target"]))
     items = args["items"]
     mode, workers, epochs = args["mode"], args["workers"], args["epochs"]
     if mode == "tutorial":  # what a MONAI tutorial does: load and preprocess every epoch
@@ -71,8 +72,7 @@ def child_pipeline(args: dict) -> dict:
     if mode == "memory":  # for the memory figure: hold the loader busy, report the cache size
         import torch
 
-        dataset = build_dataset(items, Preprocessing(spatial_size=tuple(args["target"])), args["cache"],
-                                args["rate"], 2)
+        dataset = build_dataset(items, p, args["cache"], args["rate"], 2)
         cached = sum(dataset[i]["image"].numel() * dataset[i]["image"].element_size() for i in range(len(dataset)))
         epoch_times(dataset, workers, epochs)
         return {"cache_bytes": cached if args["rate"] > 0 else 0, "torch_threads": torch.get_num_threads()}
@@ -132,14 +132,14 @@ def bench_pipeline(cfg: dict, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------- engine overhead
-def hand_loop_epochs(dataset, spec, pos_weight, lr, epochs: int) -> list[float]:
+def hand_loop_epochs(dataset, model_config, outputs: int, size, pos_weight, lr, epochs: int) -> list[float]:
     """The loop people write by hand: same model, data, batch size, optimizer and loss."""
     import torch
 
     from engine.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(spec)
+    model = create_model(model_config, outputs, size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
@@ -159,10 +159,12 @@ def hand_loop_epochs(dataset, spec, pos_weight, lr, epochs: int) -> list[float]:
 
 
 def bench_engine(cfg: dict, work: Path) -> dict:
+    from engine.build import make_loss
     from engine.config import load_config
     from engine.data import build_dataset
     from engine.datalist import label_frequencies
-    from engine.workflow import load_splits, make_loss, model_spec_of, preprocessing_of, train
+    from engine.prepare import load_splits
+    from engine.workflow import train
 
     size = cfg["train_size"]
     overrides = [
@@ -173,10 +175,9 @@ def bench_engine(cfg: dict, work: Path) -> dict:
         "augment.enabled=false", "loader.batch_size=8", "model.widen_factor=0.5",
     ]
     config = load_config(ROOT / "configs" / "default.yaml", overrides)
-    train_items, _, labels = load_splits(config)
-    dataset = build_dataset(train_items, preprocessing_of(config), config.cache.dir, 1.0, 2)
-    pos_weight = make_loss(config, "multilabel", label_frequencies(train_items)).pos_weight.tolist()
-    spec = model_spec_of(config, len(labels))
+    train_items, _, labels = load_splits(config.data)
+    dataset = build_dataset(train_items, config.preprocess, config.cache.dir, 1.0, 2)
+    pos_weight = make_loss(config.train, "multilabel", label_frequencies(train_items)).pos_weight.tolist()
     ours, bare, hand = [], [], []  # per-run medians; runs alternate so slow drifts hit all three alike
 
     def engine_run(name: str, *extra: str) -> float:
@@ -185,7 +186,8 @@ def bench_engine(cfg: dict, work: Path) -> dict:
 
     for repeat in range(cfg["engine_repeats"]):
         ours.append(engine_run(f"r{repeat}"))
-        hand.append(statistics.median(hand_loop_epochs(dataset, spec, pos_weight, config.train.lr,
+        hand.append(statistics.median(hand_loop_epochs(dataset, config.model, len(labels),
+                                                       config.preprocess.spatial_size, pos_weight, config.train.lr,
                                                        cfg["engine_epochs"])))
         bare.append(engine_run(f"bare{repeat}", "tracking.wandb.mode=disabled"))
     ratio = statistics.median(o / h for o, h in zip(ours, hand))

@@ -6,29 +6,15 @@ on a batch would flip channels), so each sample of the batch gets its own draw, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from ignite.engine import Engine, Events
 
+from engine.config import AugmentConfig
 from engine.datalist import IMAGE
 
 
-@dataclass(frozen=True)
-class AugmentSpec:
-    flip_prob: float = 0.5
-    affine_prob: float = 0.3
-    rotate_degrees: tuple[float, float, float] = (5.0, 5.0, 15.0)
-    scale_range: tuple[float, float] = (0.9, 1.1)
-    smooth_prob: float = 0.1
-    contrast_prob: float = 0.2
-    noise_prob: float = 0.2
-    noise_std: float = 0.02
-    shift_prob: float = 0.2
-    shift: float = 0.05
-
-
-def augmentation(spec: AugmentSpec, device: torch.device):
+def augmentation(spec: AugmentConfig, device: torch.device):
     from monai.transforms import (
         Compose,
         RandAdjustContrast,
@@ -56,9 +42,10 @@ class DeviceAugmentation:
     draw; labels are left alone. Reseeded from (seed, epoch) at each epoch, so a resumed run draws
     exactly what an uninterrupted one would."""
 
-    def __init__(self, spec: AugmentSpec, device: torch.device | str, seed: int):
-        if not isinstance(spec, AugmentSpec):
-            raise TypeError(f"spec: expected an AugmentSpec, got {type(spec).__name__}")
+    def __init__(self, spec: AugmentConfig, device: torch.device | str, seed: int):
+        if not isinstance(spec, AugmentConfig):
+            raise TypeError(f"spec: expected an AugmentConfig (the config's augment section), "
+                            f"got {type(spec).__name__}")
         self.device, self.seed = torch.device(device), int(seed)
         self.transform = augmentation(spec, self.device)
 

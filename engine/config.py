@@ -1,13 +1,15 @@
-"""Typed config schema, loaded with OmegaConf from YAML plus `key=value` overrides.
-
-Imports only the standard library and OmegaConf, so `--help` and config errors stay fast.
-"""
+"""The config schema: every setting declared once, here, with its default, its limits beside it and
+its meaning in a comment. Choices are Enums, which OmegaConf validates itself; code takes the
+section objects (`cfg.augment`, `cfg.preprocess`, ...) as they are, so no setting is copied into a
+second class. Imports only the standard library and OmegaConf, so `--help` and config errors stay fast."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,23 +18,65 @@ from omegaconf.errors import OmegaConfBaseException
 
 from engine.errors import CT3DError
 
-TASKS = ("multilabel", "multiclass", "binary")
-MODEL_VARIANTS = {
-    "resnet3d": ("10", "18", "34", "50"),
-    "densenet3d": ("121", "169", "201"),
-    "vit3d": ("tiny", "small", "base"),
-}
-# The key metric picks best.pt and drives early stopping; metrics.mode=auto: min for val_loss, else max.
-KEY_METRICS = ("auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "accuracy", "val_loss")
-SECRET_KEYS = ("api_key", "password", "token", "secret")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+SECRET_KEYS = ("api_key", "password", "token")  # keys whose values never reach a saved config
+
+
+class Choice(str, Enum):
+    """A setting's accepted words; compares equal to (and prints as) its word."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def choice(name: str, *words: str) -> Any:
+    return Choice(name, [(w, w) for w in words])
+
+
+Task = choice("Task", "multilabel", "multiclass", "binary")
+Layout = choice("Layout", "flat", "ct-rate")
+OnError = choice("OnError", "raise", "skip")
+Resize = choice("Resize", "resize", "crop_pad")
+Dtype = choice("Dtype", "float16", "float32")
+ModelName = choice("ModelName", "resnet3d", "densenet3d", "vit3d")
+Amp = choice("Amp", "auto", "bf16", "fp16", "off")
+Loss = choice("Loss", "bce", "focal")
+# The key metric picks best.pt and drives early stopping.
+KeyMetric = choice("KeyMetric", "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "accuracy", "val_loss")
+Mode = choice("Mode", "auto", "max", "min")
+WandbMode = choice("WandbMode", "offline", "online", "disabled")
+PullPolicy = choice("PullPolicy", "IfNotPresent", "Always", "Never")
+AccessMode = choice("AccessMode", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
+
+MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "169", "201"),
+                  "vit3d": ("tiny", "small", "base")}
+DNS_LABEL = (r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", "is not a DNS-1123 label (lower case letters, digits and '-', "
+             "starting and ending with a letter or digit, at most 63 characters)")
+QUANTITY = (r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?", "is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+
+
+def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            length: int | None = None, pattern: tuple[str, str] | None = None) -> Any:
+    """A field with its limits: `ge`/`gt`/`le` bound a number (or every number of a list), `length` a
+    list's size, `pattern` (regex, what a mismatch is) a non-empty string. `load_config` checks them all."""
+    limits = {k: v for k, v in dict(ge=ge, gt=gt, le=le, length=length, pattern=pattern).items() if v is not None}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=limits)
+    return field(default=default, metadata=limits)
+
+
+PROBABILITY = dict(ge=0.0, le=1.0)
 
 
 @dataclass
 class DemoConfig:
     enabled: bool = False  # generate the phantom data set and train on it
     dir: str = ".ct3d/demo"  # where the NIfTI files and datalist.csv are written once
-    num_volumes: int = 200
-    shape: List[int] = field(default_factory=lambda: [64, 64, 64])  # voxels x, y, z
+    num_volumes: int = setting(200, ge=4)
+    shape: List[int] = setting([64, 64, 64], length=3, ge=8)  # voxels x, y, z
     seed: int = 0
 
 
@@ -40,80 +84,82 @@ class DemoConfig:
 class DataConfig:
     train: str = ""  # datalist: CSV (CT-RATE style) or MONAI JSON datalist
     val: str = ""  # separate validation datalist; empty: a seeded split of `train`
-    val_fraction: float = 0.2
+    val_fraction: float = setting(0.2, **PROBABILITY)
     split_seed: int = 0
     image_root: str = ""  # relative image paths resolve here; empty: the datalist's folder
-    layout: str = "flat"  # flat: <root>/<name>; ct-rate: <root>/train_1/train_1_a/<name>
+    layout: Layout = Layout.flat  # flat: <root>/<name>; ct-rate: <root>/train/train_1/train_1_a/<name>
     image_column: str = "VolumeName"  # CSV column (JSON datalists use "image")
-    label_columns: List[str] = field(default_factory=list)  # empty: every other CSV column
-    task: str = "multilabel"
-    num_classes: int = 0  # multiclass only: labels are class indices 0..num_classes-1
+    label_columns: List[str] = setting([])  # empty: every other CSV column
+    task: Task = Task.multilabel
+    num_classes: int = setting(0, ge=0)  # multiclass only: labels are class indices 0..num_classes-1
     patient_column: str = ""  # CSV column with the patient id; empty: patient_pattern on the volume name
     patient_pattern: str = r"^([A-Za-z]+_\d+)_"  # first group is the patient (CT-RATE: train_123_a_1 -> train_123)
-    on_error: str = "raise"  # raise: stop on any bad row or volume; skip: leave them out, listed in the run
+    on_error: OnError = OnError["raise"]  # raise: stop on any bad row or volume; skip: leave them out, listed
     json_train_key: str = "training"
     json_val_key: str = "validation"
-    demo: DemoConfig = field(default_factory=DemoConfig)
+    demo: DemoConfig = setting(DemoConfig())
 
 
 @dataclass
 class PreprocessConfig:
+    """Deterministic preprocessing; every field is part of the disk cache's key."""
+
     orientation: str = "RAS"
-    spacing: Optional[List[float]] = None  # mm per voxel (x, y, z); null keeps the source spacing
-    hu_window: List[float] = field(default_factory=lambda: [-1000.0, 1000.0])
-    scale_range: List[float] = field(default_factory=lambda: [-1.0, 1.0])
-    spatial_size: List[int] = field(default_factory=lambda: [64, 64, 64])  # x, y, z after orientation
-    resize: str = "resize"  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
-    dtype: str = "float16"  # dtype kept in the caches; the model always sees float32
+    spacing: Optional[List[float]] = setting(None, length=3, gt=0)  # mm per voxel (x, y, z); null keeps the source's
+    hu_window: List[float] = setting([-1000.0, 1000.0], length=2)
+    scale_range: List[float] = setting([-1.0, 1.0], length=2)
+    spatial_size: List[int] = setting([64, 64, 64], length=3, ge=1)  # x, y, z after orientation
+    resize: Resize = Resize.resize  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
+    dtype: Dtype = Dtype.float16  # dtype kept in the caches; the model always sees float32
 
 
 @dataclass
 class CacheConfig:
     disk: bool = True  # MONAI PersistentDataset under dir/<hash of preprocess settings>
     dir: str = ".ct3d/cache"
-    memory_rate: float = 1.0  # fraction of each split kept in RAM (CacheDataset); 0 disables
-    workers: int = 2  # threads that fill the caches
+    memory_rate: float = setting(1.0, **PROBABILITY)  # fraction of each split kept in RAM (CacheDataset); 0: off
+    workers: int = setting(2, ge=0)  # threads that fill the caches
 
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = 8
-    val_batch_size: int = 0  # 0: same as batch_size
-    num_workers: int = 0
+    batch_size: int = setting(8, ge=1)
+    val_batch_size: int = setting(0, ge=0)  # 0: same as batch_size
+    num_workers: int = setting(0, ge=0)
     pin_memory: bool = True  # only used when training on CUDA
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet3d"
+    name: ModelName = ModelName.resnet3d
     variant: str = ""  # resnet3d: 10/18/34/50, densenet3d: 121/169/201, vit3d: tiny/small/base; empty: the smallest
-    in_channels: int = 1
-    first_conv_stride: int = 2  # resnet3d: MONAI's default of 1 is ~4x slower on CT volumes
-    widen_factor: float = 1.0  # resnet3d channel multiplier
-    patch_size: int = 16  # vit3d
-    dropout: float = 0.0
+    in_channels: int = setting(1, ge=1)
+    first_conv_stride: int = setting(2, ge=1)  # resnet3d: MONAI's default of 1 is ~4x slower on CT volumes
+    widen_factor: float = setting(1.0, gt=0)  # resnet3d channel multiplier
+    patch_size: int = setting(16, ge=1)  # vit3d
+    dropout: float = setting(0.0, ge=0.0, le=0.99)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    accumulation_steps: int = 1
-    amp: str = "auto"  # auto: bf16 on CUDA when supported, else off; bf16 | fp16 | off
-    loss: str = "bce"  # bce (with pos_weight) | focal
-    pos_weight_cap: float = 10.0  # 0 disables pos_weight
-    focal_gamma: float = 2.0
-    val_every: int = 1  # validate every N epochs (and always after the last)
+    epochs: int = setting(10, ge=1)
+    lr: float = setting(1e-3, gt=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    warmup_epochs: float = setting(1.0, ge=0)
+    accumulation_steps: int = setting(1, ge=1)
+    amp: Amp = Amp.auto  # auto: bf16 on CUDA when supported, else off
+    loss: Loss = Loss.bce  # bce (with pos_weight; cross entropy for multiclass) | focal
+    pos_weight_cap: float = setting(10.0, ge=0)  # 0 disables pos_weight
+    focal_gamma: float = setting(2.0, ge=0)
+    val_every: int = setting(1, ge=1)  # validate every N epochs (and always after the last)
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    log_every: int = 10  # iterations between plain log lines when not on a terminal
+    threads: int = setting(0, ge=0)  # torch intra-op threads; 0 keeps torch's default
+    log_every: int = setting(10, ge=1)  # iterations between plain log lines when not on a terminal
     resume: str = "auto"  # auto: continue from the run folder's latest checkpoint if any; off; or a path
-    early_stopping_patience: int = 0  # validations without improvement before stopping; 0 disables
-    early_stopping_min_delta: float = 0.0
+    early_stopping_patience: int = setting(0, ge=0)  # validations without improvement before stopping; 0: off
+    early_stopping_min_delta: float = setting(0.0, ge=0)
 
 
 @dataclass
@@ -121,129 +167,107 @@ class AugmentConfig:
     """Random transforms applied per sample on the training device, after the caches."""
 
     enabled: bool = True
-    flip_prob: float = 0.5  # per spatial axis
-    affine_prob: float = 0.3
-    rotate_degrees: List[float] = field(default_factory=lambda: [5.0, 5.0, 15.0])  # about x, y, z
-    scale_range: List[float] = field(default_factory=lambda: [0.9, 1.1])
-    smooth_prob: float = 0.1
-    contrast_prob: float = 0.2
-    noise_prob: float = 0.2
-    noise_std: float = 0.02  # in scaled intensity units
-    shift_prob: float = 0.2
-    shift: float = 0.05
+    flip_prob: float = setting(0.5, **PROBABILITY)  # per spatial axis
+    affine_prob: float = setting(0.3, **PROBABILITY)
+    rotate_degrees: List[float] = setting([5.0, 5.0, 15.0], length=3, ge=0)  # about x, y, z
+    scale_range: List[float] = setting([0.9, 1.1], length=2, gt=0)
+    smooth_prob: float = setting(0.1, **PROBABILITY)
+    contrast_prob: float = setting(0.2, **PROBABILITY)
+    noise_prob: float = setting(0.2, **PROBABILITY)
+    noise_std: float = setting(0.02, ge=0)  # in scaled intensity units
+    shift_prob: float = setting(0.2, **PROBABILITY)
+    shift: float = setting(0.05, ge=0)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline (no network), online (key from WANDB_API_KEY), disabled
+    mode: WandbMode = WandbMode.offline  # offline (no network), online (key from WANDB_API_KEY), disabled
     project: str = "ct3d"
     entity: str = ""
-    tags: List[str] = field(default_factory=list)
+    tags: List[str] = setting([])
 
 
 @dataclass
 class TrackingConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    wandb: WandbConfig = setting(WandbConfig())
 
 
 @dataclass
 class MetricsConfig:
-    key: str = "auc_macro"
-    mode: str = "auto"  # max | min | auto (min for val_loss)
-    threshold: float = 0.5
-    beta: float = 1.0
+    key: KeyMetric = KeyMetric.auc_macro
+    mode: Mode = Mode.auto  # auto: min for val_loss, else max
+    threshold: float = setting(0.5, **PROBABILITY)
+    beta: float = setting(1.0, gt=0)
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs"
-    name: str = ""  # empty: <model>-<variant>-<start time>
+    name: str = ""  # empty: <model><variant>-<start time>
 
 
 @dataclass
 class VolumeClaimConfig:
-    name: str = ""  # claim name; empty: <job name>-<role>
+    name: str = setting("", pattern=DNS_LABEL)  # claim name; empty: <job name>-<role>
     existing: bool = False  # true: mount a claim that already exists, render none
-    size: str = "100Gi"
-    access_mode: str = "ReadWriteMany"  # several pods (nodes) share it; ReadWriteOnce for one node
+    size: str = setting("100Gi", pattern=QUANTITY)
+    access_mode: AccessMode = AccessMode.ReadWriteMany  # several pods (nodes) share it; ReadWriteOnce: one node
 
 
 @dataclass
 class K8sConfig:
     """`python -m k8s render` turns this section (and the rest of the config) into Kubernetes objects."""
 
-    name: str = "ct3d-train"  # Job name (DNS-1123 label); also the run folder name on the output claim
-    namespace: str = "default"
+    name: str = setting("ct3d-train", pattern=DNS_LABEL)  # Job name; also the run folder on the output claim
+    namespace: str = setting("default", pattern=DNS_LABEL)
     image: str = "ghcr.io/ct3d/ct3d:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    nodes: int = 1  # pods; more than 1: an Indexed Job, torchrun rendezvous at pod 0
-    gpus: int = 1  # GPUs per pod, also torchrun's --nproc-per-node
-    cpu: str = "8"
-    memory: str = "64Gi"
-    shm_size: str = "16Gi"  # memory-backed /dev/shm for DataLoader workers
-    node_selector: Dict[str, str] = field(default_factory=dict)
-    tolerations: List[Dict[str, str]] = field(default_factory=list)
+    image_pull_policy: PullPolicy = PullPolicy.IfNotPresent
+    nodes: int = setting(1, ge=1)  # pods; more than 1: an Indexed Job, torchrun rendezvous at pod 0
+    gpus: int = setting(1, ge=0)  # GPUs per pod, also torchrun's --nproc-per-node
+    cpu: str = setting("8", pattern=QUANTITY)
+    memory: str = setting("64Gi", pattern=QUANTITY)
+    shm_size: str = setting("16Gi", pattern=QUANTITY)  # memory-backed /dev/shm for DataLoader workers
+    node_selector: Dict[str, str] = setting({})
+    tolerations: List[Dict[str, str]] = setting([])
     storage_class: str = ""  # empty: the cluster's default
-    cache: VolumeClaimConfig = field(default_factory=lambda: VolumeClaimConfig(size="500Gi"))
-    output: VolumeClaimConfig = field(default_factory=lambda: VolumeClaimConfig(size="50Gi"))
-    data_claim: str = ""  # an existing claim holding the data set, mounted read-only at /data
-    wandb_secret: str = "wandb"  # Secret with key `api-key`; optional: the job runs without it
-    backoff_limit: int = 3  # pod failures (not node disruptions) before the Job fails
-    active_deadline_seconds: int = 0  # 0: no deadline
-    ttl_seconds_after_finished: int = 604800
-    run_as_user: int = 1000
-    master_port: int = 29500
+    cache: VolumeClaimConfig = setting(VolumeClaimConfig(size="500Gi"))
+    output: VolumeClaimConfig = setting(VolumeClaimConfig(size="50Gi"))
+    data_claim: str = setting("", pattern=DNS_LABEL)  # an existing claim holding the data set, read-only at /data
+    wandb_secret: str = setting("wandb", pattern=DNS_LABEL)  # Secret with key `api-key`; optional for the job
+    backoff_limit: int = setting(3, ge=0)  # pod failures (not node disruptions) before the Job fails
+    active_deadline_seconds: int = setting(0, ge=0)  # 0: no deadline
+    ttl_seconds_after_finished: int = setting(604800, ge=0)
+    run_as_user: int = setting(1000, ge=1)  # pods run as this non-root user (0, root, is refused)
+    master_port: int = setting(29500, ge=1, le=65535)
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    k8s: K8sConfig = field(default_factory=K8sConfig)
+    data: DataConfig = setting(DataConfig())
+    preprocess: PreprocessConfig = setting(PreprocessConfig())
+    cache: CacheConfig = setting(CacheConfig())
+    loader: LoaderConfig = setting(LoaderConfig())
+    model: ModelConfig = setting(ModelConfig())
+    train: TrainConfig = setting(TrainConfig())
+    augment: AugmentConfig = setting(AugmentConfig())
+    tracking: TrackingConfig = setting(TrackingConfig())
+    metrics: MetricsConfig = setting(MetricsConfig())
+    output: OutputConfig = setting(OutputConfig())
+    k8s: K8sConfig = setting(K8sConfig())
     checkpoint: str = ""  # evaluate / predict: the checkpoint to load
     input: str = ""  # predict: a datalist, one volume, or a folder of volumes
-
-
-CHOICES = {
-    "data.task": TASKS,
-    "data.layout": ("flat", "ct-rate"),
-    "data.on_error": ("raise", "skip"),
-    "model.name": tuple(MODEL_VARIANTS),
-    "preprocess.resize": ("resize", "crop_pad"),
-    "preprocess.dtype": ("float16", "float32"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
-    "train.loss": ("bce", "focal"),
-    "metrics.key": KEY_METRICS,
-    "metrics.mode": ("auto", "max", "min"),
-    "tracking.wandb.mode": ("offline", "online", "disabled"),
-}
 
 
 def _error(key: str, message: str) -> CT3DError:
     return CT3DError(f"config error: {key}: {message}")
 
 
-def _section_keys(node: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-
-
 def _accepted_keys(full_key: str) -> str:
     """The keys valid beside `full_key`, for the error message."""
-    node: Any = Config
+    node: Any = Config()
     for part in full_key.split(".")[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
-            break
-        node = fields[part].type if not isinstance(fields[part].type, str) else globals().get(fields[part].type)
-    keys = _section_keys(node)
+        node = getattr(node, part, None)
+    keys = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
     return ", ".join(keys) if keys else "no such section"
 
 
@@ -255,89 +279,93 @@ def _translate(exc: OmegaConfBaseException) -> CT3DError:
     return _error(full_key, first_line)
 
 
-def _check(cfg: DictConfig, command: str) -> None:
-    for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise _error(key, f"{value!r} is not one of: {', '.join(choices)}")
-    name = cfg.model.name
-    if not cfg.model.variant:
-        cfg.model.variant = MODEL_VARIANTS[name][0]
-    variant = str(cfg.model.variant)
-    if variant not in MODEL_VARIANTS[name]:
-        raise _error("model.variant", f"{variant!r} is not one of {name}'s: {', '.join(MODEL_VARIANTS[name])}")
-    positive_ints = ("train.epochs", "train.accumulation_steps", "train.val_every", "loader.batch_size",
-                     "model.in_channels", "model.first_conv_stride", "model.patch_size", "train.log_every")
-    for key in positive_ints:
-        if OmegaConf.select(cfg, key) < 1:
-            raise _error(key, f"must be >= 1, got {OmegaConf.select(cfg, key)}")
-    for key in ("loader.num_workers", "loader.val_batch_size", "cache.workers", "train.threads",
-                "train.early_stopping_patience"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise _error(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key in ("cache.memory_rate", "data.val_fraction", "metrics.threshold", "augment.flip_prob",
-                "augment.affine_prob", "augment.smooth_prob", "augment.contrast_prob", "augment.noise_prob",
-                "augment.shift_prob"):
-        if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
-            raise _error(key, f"must be between 0 and 1, got {OmegaConf.select(cfg, key)}")
-    for key, length in (("preprocess.hu_window", 2), ("preprocess.scale_range", 2),
-                        ("preprocess.spatial_size", 3), ("data.demo.shape", 3), ("augment.rotate_degrees", 3),
-                        ("augment.scale_range", 2)):
-        if len(OmegaConf.select(cfg, key)) != length:
-            raise _error(key, f"needs {length} values, got {list(OmegaConf.select(cfg, key))}")
-    if cfg.preprocess.spacing is not None and (len(cfg.preprocess.spacing) != 3 or min(cfg.preprocess.spacing) <= 0):
-        raise _error("preprocess.spacing", "needs 3 positive values (mm for x, y, z) or null")
-    if min(cfg.preprocess.spatial_size) < 1:
-        raise _error("preprocess.spatial_size", "every size must be >= 1")
+def _check_limits(node: Any, prefix: str = "") -> None:
+    """Every field's limits (see `setting`), named by the field's full key."""
+    for f in dataclasses.fields(node):
+        key, value, limit = f"{prefix}{f.name}", getattr(node, f.name), f.metadata
+        if dataclasses.is_dataclass(value):
+            _check_limits(value, f"{key}.")
+            continue
+        if value is None or not limit:
+            continue
+        if "length" in limit and len(value) != limit["length"]:
+            raise _error(key, f"needs {limit['length']} values, got {list(value)}")
+        for v in value if isinstance(value, list) else [value]:
+            low = "ge" in limit and v < limit["ge"] or "gt" in limit and v <= limit["gt"]
+            if low or "le" in limit and v > limit["le"]:
+                bounds = [f"{op} {limit[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if k in limit]
+                raise _error(key, f"must be {' and '.join(bounds)}, got {value}")
+            if "pattern" in limit and v and not re.fullmatch(limit["pattern"][0], str(v)):
+                raise _error(key, f"{v!r} {limit['pattern'][1]}")
+
+
+def _check_together(cfg: Config, command: str) -> None:
+    """Limits that involve two settings, and settings normalised for the code that reads them."""
+    name = str(cfg.model.name)
+    cfg.model.variant = str(cfg.model.variant or MODEL_VARIANTS[name][0])
+    if cfg.model.variant not in MODEL_VARIANTS[name]:
+        raise _error("model.variant",
+                     f"{cfg.model.variant!r} is not one of {name}'s: {', '.join(MODEL_VARIANTS[name])}")
     if cfg.preprocess.hu_window[0] >= cfg.preprocess.hu_window[1]:
         raise _error("preprocess.hu_window", "needs [low, high] with low < high")
     if cfg.data.task == "multiclass" and cfg.data.num_classes < 2:
         raise _error("data.num_classes", "multiclass needs num_classes >= 2")
     if cfg.data.task == "binary" and len(cfg.data.label_columns) > 1:
         raise _error("data.label_columns", "binary takes one label column")
-    if str(cfg.train.resume).lower() in ("false", "off", "no", "none", ""):  # YAML reads `off` as false
+    resume = str(cfg.train.resume).lower()
+    if resume in ("false", "off", "no", "none", ""):  # YAML reads `off` as false
         cfg.train.resume = "off"
-    elif str(cfg.train.resume).lower() == "true":
+    elif resume == "true":
         cfg.train.resume = "auto"
     if cfg.metrics.mode == "auto":
-        cfg.metrics.mode = "min" if cfg.metrics.key == "val_loss" else "max"
-    if cfg.metrics.beta <= 0:
-        raise _error("metrics.beta", f"must be > 0, got {cfg.metrics.beta}")
+        cfg.metrics.mode = Mode.min if cfg.metrics.key == "val_loss" else Mode.max
     try:
         re.compile(cfg.data.patient_pattern)
     except re.error as exc:
         raise _error("data.patient_pattern", f"not a regular expression ({exc})") from None
     if command != "predict" and not (cfg.data.train or cfg.data.demo.enabled):
         raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                command: str = "train") -> DictConfig:
-    """Schema <- YAML file <- `key=value` overrides, checked for `command`; raises CT3DError naming the key."""
-    cfg = OmegaConf.structured(Config)
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise CT3DError(f"config error: --config {path}: no such file")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise CT3DError(f"config error: {item!r}: overrides are key=value (e.g. train.epochs=3)")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as exc:
-        raise _translate(exc) from None
-    _check(cfg, command)
     if command in ("evaluate", "predict") and not cfg.checkpoint:
         raise _error("checkpoint", f"{command} needs checkpoint=PATH (e.g. runs/<run>/checkpoints/best.pt)")
     if command == "predict" and not cfg.input:
         raise _error("input", "predict needs input=PATH: a datalist, one volume, or a folder of volumes")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                command: str = "train") -> Config:
+    """Schema <- YAML file <- `key=value` overrides, checked for `command`; raises CT3DError naming the key."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise CT3DError(f"config error: --config {path}: no such file")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise CT3DError(f"config error: {item!r}: overrides are key=value (e.g. train.epochs=3)")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc) from None
+    _check_limits(cfg)
+    _check_together(cfg, command)
     return cfg
 
 
-def to_yaml(cfg: DictConfig) -> str:
+def plain(section: Any) -> dict:
+    """A config section (or a whole config) as plain containers: what checkpoints and YAML hold."""
+    node = section if isinstance(section, DictConfig) else OmegaConf.structured(section)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def restore(cls: type, saved: dict) -> Any:
+    """A config section back from `plain`'s dict (as saved in a checkpoint), checked against the schema."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), saved))
+
+
+def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML, with any secret-looking value blanked."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
 
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
@@ -347,15 +375,14 @@ def to_yaml(cfg: DictConfig) -> str:
             return [scrub(v) for v in node]
         return node
 
-    return OmegaConf.to_yaml(OmegaConf.create(scrub(plain)))
+    return OmegaConf.to_yaml(OmegaConf.create(scrub(plain(cfg))))
 
 
 def describe_sections() -> str:
     """One line per section with its keys, for `--help`."""
     lines = []
     for f in dataclasses.fields(Config):
-        node = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        keys = _section_keys(node)
+        node = getattr(Config(), f.name)
+        keys = [g.name for g in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
         lines.append(f"  {f.name:<11} {', '.join(keys)}" if keys else f"  {f.name:<11} (top-level value)")
     return "\n".join(lines)
-

@@ -1,13 +1,15 @@
-"""Deterministic preprocessing (MONAI dict transforms) and the two cache stages: disk
-(PersistentDataset, keyed by the preprocessing settings) then RAM (CacheDataset)."""
+"""Deterministic preprocessing (MONAI dict transforms), the two cache stages: disk (PersistentDataset,
+keyed by the preprocessing settings) then RAM (CacheDataset), and the disk cache's fill and verify
+(every volume read once, so filling the cache also checks the data)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
@@ -24,28 +26,19 @@ from monai.transforms import (
     Spacingd,
 )
 
-from engine.datalist import IMAGE, LABEL, NAME
+from engine.config import PreprocessConfig, plain
+from engine.datalist import IMAGE, LABEL, NAME, WHERE, Problem
 from engine.errors import CT3DError
-from engine.io import atomic_write
+from engine.io import TMP_PREFIX, atomic_write
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 SOURCE = "source"  # cache entries record the path, size and mtime they were built from
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    orientation: str = "RAS"
-    spacing: tuple[float, float, float] | None = None
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    scale_range: tuple[float, float] = (-1.0, 1.0)
-    spatial_size: tuple[int, int, int] = (64, 64, 64)
-    resize: str = "resize"
-    dtype: str = "float16"
-
-    def key(self) -> str:
-        """Hash of every setting that changes a cache entry: the disk cache's folder name."""
-        text = json.dumps({**asdict(self), "format": CACHE_FORMAT}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+def cache_key(p: PreprocessConfig) -> str:
+    """Hash of every setting that changes a cache entry: the disk cache's folder name."""
+    text = json.dumps({**plain(p), "format": CACHE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class CheckVolumed(MapTransform):
@@ -65,7 +58,7 @@ class CheckVolumed(MapTransform):
         return d
 
 
-def preprocessing_transform(p: Preprocessing) -> Compose:
+def preprocessing_transform(p: PreprocessConfig) -> Compose:
     steps = [
         LoadImaged(IMAGE, image_only=True),
         EnsureChannelFirstd(IMAGE),
@@ -160,21 +153,89 @@ class _Preprocessed(Dataset):
         return preprocess(self.transform, dict(self.data[index]))
 
 
-def cache_folder(root: str | Path, p: Preprocessing) -> Path:
-    return Path(root) / p.key()
+def cache_folder(root: str | Path, p: PreprocessConfig) -> Path:
+    return Path(root) / cache_key(p)
 
 
-def build_dataset(items: list[dict], p: Preprocessing, disk_dir: str | Path | None, memory_rate: float,
+def build_dataset(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None, memory_rate: float,
                   workers: int, progress: bool = False) -> Labelled:
     """Disk cache (if `disk_dir`) then RAM cache (if `memory_rate` > 0); filling the RAM cache
     preprocesses every volume before training, so a bad file stops the run here."""
     sources = [{IMAGE: it[IMAGE], NAME: it[NAME]} for it in items]
-    transform = preprocessing_transform(p)
     if disk_dir is not None:
-        images = DiskCacheDataset(sources, transform, cache_dir=cache_folder(disk_dir, p), hash_func=source_hash)
+        images = _disk_cache(p, disk_dir, sources)
     else:
-        images = _Preprocessed(sources, transform)
+        images = _Preprocessed(sources, preprocessing_transform(p))
     if memory_rate > 0:
         images = CacheDataset(images, transform=None, cache_rate=memory_rate, num_workers=workers or None,
                               progress=progress, copy_cache=False)
     return Labelled(images, items)
+
+
+def _disk_cache(p: PreprocessConfig, disk_dir: str | Path, sources: list[dict] | None = None) -> DiskCacheDataset:
+    return DiskCacheDataset(sources or [], preprocessing_transform(p), cache_dir=cache_folder(disk_dir, p),
+                            hash_func=source_hash)
+
+
+def _parallel(fn: Callable, items: list, workers: int, progress: bool, what: str) -> list:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(fn, items)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(items), desc=what)
+        return list(results)
+
+
+def volume_problems(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None, workers: int,
+                    progress: bool = False) -> list[Problem]:
+    """Reads and preprocesses every volume (filling the disk cache when on); one Problem per bad volume.
+    A volume with a cache entry passed when the entry was built (entries are keyed by the source's size
+    and mtime), so it is not read again: a warm start does not reload the whole cache."""
+    cache = _disk_cache(p, disk_dir) if disk_dir else None
+    transform = preprocessing_transform(p)
+
+    def one(item: dict) -> Problem | None:
+        source = {IMAGE: item[IMAGE], NAME: item[NAME]}
+        try:
+            if cache is None:
+                preprocess(transform, source)
+            elif not cache.entry_path(source).is_file():
+                cache.entry(source)
+        except CT3DError as exc:
+            return Problem(item.get(WHERE, item[NAME]), str(exc), item[NAME])
+        return None
+
+    return [problem for problem in _parallel(one, items, workers, progress, "checking volumes") if problem]
+
+
+def verify_cache(items: list[dict], p: PreprocessConfig, disk_dir: str | Path, workers: int,
+                 progress: bool = False) -> dict:
+    """Removes corrupt entries, stale ones (source changed or gone) and temp files of interrupted writes
+    from the cache folder, then builds every missing entry. Returns counts of what it did."""
+    folder = cache_folder(disk_dir, p)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {"checked": 0, "corrupt": 0, "stale": 0, "temp_files": 0, "built": 0, "problems": 0}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(TMP_PREFIX):
+            path.unlink(missing_ok=True)
+            counts["temp_files"] += 1
+            continue
+        counts["checked"] += 1
+        try:
+            entry = torch.load(path, weights_only=True)
+            signature = entry[SOURCE]
+            entry[IMAGE].shape  # noqa: B018 - a readable entry holds an image tensor
+        except Exception:
+            path.unlink(missing_ok=True)
+            counts["corrupt"] += 1
+            continue
+        if source_signature(signature[0]) != list(signature):
+            path.unlink(missing_ok=True)
+            counts["stale"] += 1
+    cache = _disk_cache(p, disk_dir)
+    missing = [it for it in items if not cache.entry_path({IMAGE: it[IMAGE]}).is_file()]
+    problems = volume_problems(missing, p, disk_dir, workers, progress)
+    counts["built"] = len(missing) - len(problems)
+    counts["problems"] = len(problems)
+    return {**counts, "problem_list": [str(x) for x in problems]}

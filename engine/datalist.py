@@ -8,10 +8,12 @@ import csv
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from engine.config import DataConfig
 from engine.errors import CT3DError
 
 IMAGE, LABEL, NAME = "image", "label", "name"  # the keys every item carries
@@ -36,18 +38,6 @@ class Datalist:
     labels: list[str]  # output names, in model output order
 
 
-@dataclass(frozen=True)
-class DatalistSpec:
-    image_column: str = "VolumeName"
-    label_columns: tuple[str, ...] = ()
-    task: str = "multilabel"
-    num_classes: int = 0
-    image_root: str = ""
-    layout: str = "flat"
-    json_key: str = "training"
-    patient_column: str = ""
-
-
 def resolve_image(name: str, root: Path, layout: str) -> Path:
     """Path of a volume; `ct-rate` maps train_1_a_1.nii.gz to train/train_1/train_1_a/<name>."""
     path = Path(name)
@@ -61,13 +51,13 @@ def resolve_image(name: str, root: Path, layout: str) -> Path:
     return root / path
 
 
-def _label_vector(raw, spec: DatalistSpec, n_outputs: int) -> list[float]:
+def _label_vector(raw, data: DataConfig, n_outputs: int) -> list[float]:
     """0/1 floats per output (one-hot for multiclass); raises ValueError with what was wrong."""
-    if spec.task == "multiclass":
+    if data.task == "multiclass":
         value = float(raw[0] if isinstance(raw, list) and len(raw) == 1 else raw)
-        if not value.is_integer() or not 0 <= value < spec.num_classes:
-            raise ValueError(f"class index {raw!r} is not an integer in 0..{spec.num_classes - 1}")
-        return [1.0 if i == int(value) else 0.0 for i in range(spec.num_classes)]
+        if not value.is_integer() or not 0 <= value < data.num_classes:
+            raise ValueError(f"class index {raw!r} is not an integer in 0..{data.num_classes - 1}")
+        return [1.0 if i == int(value) else 0.0 for i in range(data.num_classes)]
     values = raw if isinstance(raw, list) else [raw]
     if len(values) != n_outputs:
         raise ValueError(f"expected {n_outputs} label values, got {len(values)}")
@@ -80,51 +70,53 @@ def _label_vector(raw, spec: DatalistSpec, n_outputs: int) -> list[float]:
     return out
 
 
-def _read_csv(path: Path, spec: DatalistSpec) -> tuple[list[tuple[int, str, object, str]], list[str]]:
+def _read_csv(path: Path, data: DataConfig) -> tuple[list[tuple[int, str, object, str]], list[str]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        if spec.image_column not in columns:
-            raise CT3DError(f"{path}: no image column {spec.image_column!r} (columns: {', '.join(columns)}); "
+        if data.image_column not in columns:
+            raise CT3DError(f"{path}: no image column {data.image_column!r} (columns: {', '.join(columns)}); "
                             f"set data.image_column")
-        if spec.patient_column and spec.patient_column not in columns:
-            raise CT3DError(f"{path}: no patient column {spec.patient_column!r} (columns: {', '.join(columns)}); "
+        if data.patient_column and data.patient_column not in columns:
+            raise CT3DError(f"{path}: no patient column {data.patient_column!r} (columns: {', '.join(columns)}); "
                             f"set data.patient_column")
-        label_cols = list(spec.label_columns) or [c for c in columns if c not in (spec.image_column, spec.patient_column)]
+        others = (data.image_column, data.patient_column)
+        label_cols = list(data.label_columns) or [c for c in columns if c not in others]
         missing = [c for c in label_cols if c not in columns]
         if missing:
             raise CT3DError(f"{path}: label column(s) {', '.join(map(repr, missing))} missing "
                             f"(columns: {', '.join(columns)}); check data.label_columns")
         if not label_cols:
-            raise CT3DError(f"{path}: no label columns besides {spec.image_column!r}")
+            raise CT3DError(f"{path}: no label columns besides {data.image_column!r}")
         rows = []
         for line, row in enumerate(reader, start=2):  # line 1 is the header
             raw = [row[c] for c in label_cols]
-            patient = (row[spec.patient_column] or "").strip() if spec.patient_column else ""
-            rows.append((line, (row[spec.image_column] or "").strip(), raw if spec.task != "multiclass" else raw[0],
+            patient = (row[data.patient_column] or "").strip() if data.patient_column else ""
+            rows.append((line, (row[data.image_column] or "").strip(), raw if data.task != "multiclass" else raw[0],
                          patient))
-    if spec.task == "multiclass" and len(label_cols) != 1:
+    if data.task == "multiclass" and len(label_cols) != 1:
         raise CT3DError(f"{path}: multiclass takes one label column of class indices, got {label_cols}")
     return rows, label_cols
 
 
-def _read_json(path: Path, spec: DatalistSpec) -> list[tuple[int, str, object, str]]:
+def _read_json(path: Path, data: DataConfig, json_key: str) -> list[tuple[int, str, object, str]]:
     try:
-        data = json.loads(path.read_text())
+        lists = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CT3DError(f"{path}: not valid JSON ({exc})") from None
-    if spec.json_key not in data:
-        raise CT3DError(f"{path}: no {spec.json_key!r} list (keys: {', '.join(data)})")
+    if json_key not in lists:
+        raise CT3DError(f"{path}: no {json_key!r} list (keys: {', '.join(lists)})")
     rows = []
-    for index, entry in enumerate(data[spec.json_key]):
+    for index, entry in enumerate(lists[json_key]):
         if not isinstance(entry, dict) or IMAGE not in entry or LABEL not in entry:
             rows.append((index, "", None, ""))
             continue
-        rows.append((index, str(entry[IMAGE]), entry[LABEL], str(entry.get(spec.patient_column or "patient", ""))))
+        rows.append((index, str(entry[IMAGE]), entry[LABEL], str(entry.get(data.patient_column or "patient", ""))))
     return rows
 
 
-def load_datalist(path: str | Path, spec: DatalistSpec, problems: list[Problem] | None = None) -> Datalist:
+def load_datalist(path: str | Path, data: DataConfig, json_key: str = "training",
+                  problems: list[Problem] | None = None) -> Datalist:
     """Items of a CSV or JSON datalist, every volume checked to exist and every label to be in range.
     Bad rows raise one CT3DError listing them all, or, given a `problems` list, are appended to it
     and left out."""
@@ -134,22 +126,22 @@ def load_datalist(path: str | Path, spec: DatalistSpec, problems: list[Problem] 
     collect = problems is not None
     problems = problems if collect else []
     if path.suffix.lower() == ".json":
-        rows = _read_json(path, spec)
+        rows = _read_json(path, data, json_key)
         where = "entry"
-        n_out = len(spec.label_columns) or next((len(r[2]) for r in rows if isinstance(r[2], list)), 1)
-        names = list(spec.label_columns) or [f"label_{i}" for i in range(n_out)]
+        n_out = len(data.label_columns) or next((len(r[2]) for r in rows if isinstance(r[2], list)), 1)
+        names = list(data.label_columns) or [f"label_{i}" for i in range(n_out)]
     else:
-        rows, names = _read_csv(path, spec)
+        rows, names = _read_csv(path, data)
         where = "row"
-    if spec.task == "multiclass":
-        names = [f"class_{i}" for i in range(spec.num_classes)]
-    n_outputs = 1 if spec.task == "binary" else len(names)
-    if spec.task == "binary" and len(names) != 1:
+    if data.task == "multiclass":
+        names = [f"class_{i}" for i in range(data.num_classes)]
+    n_outputs = 1 if data.task == "binary" else len(names)
+    if data.task == "binary" and len(names) != 1:
         raise CT3DError(f"{path}: binary takes one label column, found {names}; set data.label_columns")
     if not rows:
         raise CT3DError(f"{path}: the datalist is empty")
 
-    root = Path(spec.image_root) if spec.image_root else path.parent
+    root = Path(data.image_root) if data.image_root else path.parent
     items, seen, found = [], {}, len(problems)
     for index, name, raw, patient in rows:
         at = f"{path} {where} {index}"
@@ -161,12 +153,12 @@ def load_datalist(path: str | Path, spec: DatalistSpec, problems: list[Problem] 
             problems.append(Problem(at, f"duplicate volume {name!r} (also {where} {seen[name]})", name))
             bad = True
         seen.setdefault(name, index)
-        image = resolve_image(name, root, spec.layout)
+        image = resolve_image(name, root, data.layout)
         if not image.exists():
             problems.append(Problem(at, f"volume {image} does not exist", name))
             bad = True
         try:
-            label = _label_vector(raw, spec, n_outputs)
+            label = _label_vector(raw, data, n_outputs)
         except (TypeError, ValueError) as exc:
             problems.append(Problem(at, f"({name}) {exc}", name))
             continue
@@ -180,6 +172,28 @@ def load_datalist(path: str | Path, spec: DatalistSpec, problems: list[Problem] 
 def format_problems(problems: list[Problem], limit: int = 20) -> str:
     shown = [str(p) for p in problems[:limit]]
     return "\n  ".join(shown + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else []))
+
+
+def patient_of(item: dict, pattern: str) -> str:
+    """The patient id: the datalist's patient column when set, else the first group of `pattern` on the
+    volume name (CT-RATE: train_123_a_1.nii.gz -> train_123), else the volume name itself."""
+    if item.get(PATIENT):
+        return item[PATIENT]
+    match = re.match(pattern, item[NAME]) if pattern else None
+    return match.group(1) if match and match.groups() else item[NAME]
+
+
+def split_problems(train: list[dict], val: list[dict], pattern: str) -> list[Problem]:
+    """Empty splits and patients with volumes on both sides (these cannot be skipped)."""
+    problems = [Problem(f"{side} split", "is empty") for side, items in (("train", train), ("validation", val))
+                if not items]
+    train_patients = {patient_of(it, pattern): it for it in train}
+    for it in val:
+        patient = patient_of(it, pattern)
+        if patient in train_patients:
+            problems.append(Problem(it.get(WHERE, it[NAME]), f"patient {patient!r} is in validation ({it[NAME]}) "
+                                    f"and in training ({train_patients[patient][NAME]})"))
+    return problems
 
 
 def split(items: list[dict], val_fraction: float, seed: int,

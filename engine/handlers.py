@@ -1,4 +1,5 @@
-"""Ignite event handlers: validation metrics, the metrics table, checkpoints and progress."""
+"""Ignite event handlers: validation metrics, the training history, the metrics table, buffer sync and
+progress. Each attaches itself to the events it needs; each with state has state_dict/load_state_dict."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import io
 import logging
 import math
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,8 +16,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from engine.checkpoint import save_checkpoint
-from engine.io import TMP_PREFIX, write_text
+from engine.io import write_text
 from engine.metrics import classification_metrics, probabilities
 
 log = logging.getLogger("ct3d")
@@ -35,6 +34,7 @@ class ValidationMetrics:
         self.threshold, self.beta = threshold, beta
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self.last_probs = self.last_labels = torch.empty(0)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -50,111 +50,117 @@ class ValidationMetrics:
         self._labels.append(out["label"].detach().float().cpu())
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ranks' logits and labels, every sample once: ranks hold unequal, unpadded shares, so
-        each pads to the largest share for the gather and the padding is cut off after."""
-        logits, labels = torch.cat(self._logits), torch.cat(self._labels)
-        world = idist.get_world_size()
-        if world == 1:
+        """All ranks' logits and labels, every sample once (ranks hold unequal, unpadded shares)."""
+        logits, labels = (torch.cat(parts) if parts else torch.zeros(0, len(self.names))
+                          for parts in (self._logits, self._labels))
+        if idist.get_world_size() == 1:
             return logits, labels
-        sizes = idist.all_gather(torch.tensor([logits.shape[0]])).tolist()
-        most = max(sizes)
-
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            padded = torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])])
-            everything = idist.all_gather(padded)
-            return torch.cat([everything[r * most: r * most + n] for r, n in enumerate(sizes)])
-
-        return gather(logits), gather(labels)
+        shapes = [[int(n), logits.shape[1]] for n in idist.all_gather(torch.tensor([logits.shape[0]])).tolist()]
+        return tuple(torch.cat(idist.all_gather_tensors_with_shapes(t, shapes)) for t in (logits, labels))
 
     def compute(self, engine: Engine) -> None:
         logits, labels = self.outputs()
-        metrics = classification_metrics(probabilities(logits, self.task), labels, self.names, self.task,
-                                         self.threshold, self.beta)
+        probs = probabilities(logits, self.task)
+        metrics = classification_metrics(probs, labels, self.names, self.task, self.threshold, self.beta)
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
         engine.state.metrics.update(metrics)
-        self.last_probs, self.last_labels = probabilities(logits, self.task), labels
+        self.last_probs, self.last_labels = probs, labels
 
 
-class TrainStats:
-    """Mean training loss over each epoch, the current learning rate, and an LR history of about
-    `lr_points` points per epoch for the report."""
+class History:
+    """The learning rate at about `lr_points` iterations per epoch (for the report), each epoch's
+    seconds (epoch start to next epoch start: every handler included) and the training time so far,
+    all kept across resumes."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr_points: int = 50):
         self.optimizer, self.lr_points = optimizer, lr_points
-        self.loss_sum, self.count, self.last_epoch_loss = 0.0, 0, float("nan")
         self.lr_history: list[tuple[int, float]] = []
-        self.epoch_seconds: list[float] = []  # epoch start to next epoch start: every handler included
+        self.epoch_seconds: list[float] = []
+        self.seconds_before = 0.0  # training time of earlier runs of this run folder
+        self._started = time.perf_counter()
         self._epoch_start: float | None = None
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
-
-    def _reset(self, engine: Engine) -> None:
-        self.loss_sum, self.count = 0.0, 0
-        now = time.perf_counter()
-        if self._epoch_start is not None:
-            self.epoch_seconds.append(round(now - self._epoch_start, 4))
-        self._epoch_start = now
-
-    def _update(self, engine: Engine) -> None:
-        self.loss_sum += float(engine.state.output["loss"].detach())
-        self.count += 1
-        every = max(1, (engine.state.epoch_length or 1) // self.lr_points)
-        if engine.state.iteration % every == 0 or engine.state.iteration == 1:
-            self.lr_history.append((engine.state.iteration, self.lr))
-
-    def _finish(self, engine: Engine) -> None:
-        self.last_epoch_loss = self.loss_sum / max(1, self.count)
-
-    def state_dict(self) -> dict:
-        return {"lr_history": [list(p) for p in self.lr_history]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.lr_history = [tuple(p) for p in state["lr_history"]]
-
-    @property
-    def running_loss(self) -> float:
-        return self.loss_sum / self.count if self.count else float("nan")
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self._started
+
+    def _epoch_started(self, trainer: Engine) -> None:
+        now = time.perf_counter()
+        if self._epoch_start is not None:
+            self.epoch_seconds.append(round(now - self._epoch_start, 4))
+        self._epoch_start = now
+
+    def _iteration(self, trainer: Engine) -> None:
+        every = max(1, (trainer.state.epoch_length or 1) // self.lr_points)
+        if trainer.state.iteration % every == 0 or trainer.state.iteration == 1:
+            self.lr_history.append((trainer.state.iteration, self.lr))
+
+    def state_dict(self) -> dict:
+        return {"lr_history": [list(p) for p in self.lr_history], "epoch_seconds": list(self.epoch_seconds),
+                "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr_history = [tuple(p) for p in state["lr_history"]]
+        self.epoch_seconds = list(state["epoch_seconds"])
+        self.seconds_before, self._started = state["seconds"], time.perf_counter()
+
 
 class MetricsTable:
-    """One row per validation in `metrics.csv` (rewritten atomically), best key metric tracked."""
+    """One row per validation in `metrics.csv` (rewritten atomically) with the epoch's mean training loss
+    (the trainer's `train_loss` metric), the best row by the key metric, and that validation's outputs
+    (probabilities and labels) for the report."""
 
-    def __init__(self, path: Path, key: str, stats: TrainStats, names: list[str], mode: str = "max",
-                 write: bool = True):
+    def __init__(self, path: Path, key: str, history: History, names: list[str], validation: ValidationMetrics,
+                 mode: str = "max", beta: float = 1.0, write: bool = True):
         if mode not in ("max", "min"):
             raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
-        self.path, self.key, self.stats, self.sign = Path(path), key, stats, 1.0 if mode == "max" else -1.0
+        self.path, self.key, self.history, self.validation = Path(path), key, history, validation
+        self.sign, self.beta, self.write = 1.0 if mode == "max" else -1.0, beta, write
         self.columns = ["epoch", "iteration", "train_loss", "lr", "val_loss",
                         "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
                         "specificity", "accuracy", "seconds"]
         self.columns += [f"auc/{n}" for n in names] + [f"fbeta/{n}" for n in names]
         self.rows: list[dict] = []
         self.best: dict | None = None
-        self.write = write
-        self._start = time.time()
+        self.best_outputs: dict = {}
+        self._improved_epoch: int | None = None
+
+    def attach(self, trainer: Engine, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.STARTED, lambda _: log.info("validating epoch %d", trainer.state.epoch))
+        evaluator.add_event_handler(Events.COMPLETED, lambda _: self.record(trainer, evaluator))
 
     def record(self, trainer: Engine, evaluator: Engine) -> bool:
         """Adds the row for this validation; True when the key metric improved."""
+        m = evaluator.state.metrics
         row = {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration,
-               "train_loss": self.stats.last_epoch_loss, "lr": self.stats.lr,
-               "seconds": round(time.time() - self._start, 1)}
-        row.update({c: evaluator.state.metrics.get(c) for c in self.columns if c not in row})
+               "train_loss": trainer.state.metrics.get("train_loss", float("nan")), "lr": self.history.lr,
+               "seconds": round(self.history.seconds, 1)}
+        row.update({c: m.get(c) for c in self.columns if c not in row})
         self.rows.append(row)
         value = row[self.key]
         improved = value is not None and not math.isnan(value) and (
             self.best is None or math.isnan(self.best[self.key]) or self.sign * value > self.sign * self.best[self.key])
         if improved or self.best is None:
             self.best = row
+        if improved:
+            self._improved_epoch = row["epoch"]
+            self.best_outputs = {"probs": self.validation.last_probs, "labels": self.validation.last_labels}
         if self.write:
             self._write()
+        log.info("epoch %d validation: loss %.4f, AUC macro %.4f, F%g macro %.4f%s", row["epoch"], m["val_loss"],
+                 m["auc_macro"], self.beta, m["fbeta_macro"], " (best)" if improved else "")
         return improved
+
+    def improved_at(self, epoch: int) -> bool:
+        return self._improved_epoch == epoch
 
     def _write(self) -> None:
         buf = io.StringIO()
@@ -165,67 +171,10 @@ class MetricsTable:
         write_text(self.path, buf.getvalue())
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "best": self.best}
+        return {"rows": self.rows, "best": self.best, "best_outputs": self.best_outputs}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rows, self.best = list(state["rows"]), state["best"]
-
-
-def _snapshot(value):
-    """A copy of a checkpoint state that later training steps cannot change (tensors cloned to CPU)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_snapshot(v) for v in value)
-    return value
-
-
-class Checkpoints:
-    """best.pt when the key metric improves, last.pt after every epoch, final.pt at the end.
-    Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not fsync.
-    The state is snapshotted at once and written (atomically) by a background thread, so training
-    does not wait on the disk; the next save, and `wait()`, wait for the previous write."""
-
-    def __init__(self, folder: Path, make_state: Callable[[], dict], write: bool = True):
-        self.folder, self.make_state, self.write = Path(folder), make_state, write
-        self._writer: threading.Thread | None = None
-        self._error: BaseException | None = None
-        if write:  # clear temp files left by a killed writer (one process writes a run folder)
-            for stale in self.folder.glob(f"{TMP_PREFIX}*"):
-                stale.unlink(missing_ok=True)
-
-    def save(self, *names: str, background: bool = True) -> list[Path]:
-        """Writes the current state to each `name`.pt (in this order); a no-op where write is False."""
-        if not self.write:
-            return []
-        state = _snapshot(self.make_state())
-        paths = [self.folder / f"{name}.pt" for name in names]
-        self.wait()
-
-        def write() -> None:
-            try:
-                for path in paths:
-                    save_checkpoint(path, state)
-            except BaseException as exc:  # re-raised in the training thread by wait()
-                self._error = exc
-
-        if background:
-            self._writer = threading.Thread(target=write, name="ct3d-checkpoint", daemon=False)
-            self._writer.start()
-        else:
-            write()
-            self.wait()
-        return paths
-
-    def wait(self) -> None:
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self.rows, self.best, self.best_outputs = list(state["rows"]), state["best"], dict(state["best_outputs"])
 
 
 class SyncBuffers:
@@ -245,22 +194,39 @@ class SyncBuffers:
                 buffer.data.copy_(idist.broadcast(buffer.data, src=0))
 
 
+def attach_loss_metrics(trainer: Engine) -> None:
+    """`train_loss` (the epoch's mean) and `running_loss` (Ignite's running average, for progress), both
+    averaged over ranks; a NaN or infinite loss on any rank stops every rank (Ignite's TerminateOnNan on
+    the all-reduced running average)."""
+    from ignite.handlers import TerminateOnNan
+    from ignite.metrics import Average, RunningAverage
+
+    def loss(output: dict) -> torch.Tensor:
+        return output["loss"].detach()
+
+    Average(output_transform=loss).attach(trainer, "train_loss")
+    RunningAverage(output_transform=loss).attach(trainer, "running_loss")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              TerminateOnNan(output_transform=lambda _: trainer.state.metrics["running_loss"]))
+
+
 class Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (a pod's log)."""
 
-    def __init__(self, stats: TrainStats, log_every: int, tty: bool | None = None):
-        self.stats, self.log_every = stats, log_every
+    def __init__(self, history: History, log_every: int, tty: bool | None = None):
+        self.history, self.log_every = history, log_every
         self.tty = sys.stderr.isatty() if tty is None else tty
 
     def attach(self, trainer: Engine) -> None:
         if self.tty:
             from ignite.handlers import ProgressBar
 
-            ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"].detach())})
+            ProgressBar(persist=False).attach(trainer, metric_names=["running_loss"])
             return
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self._line)
 
     def _line(self, trainer: Engine) -> None:
         s = trainer.state
         log.info("epoch %d/%d iteration %d/%d loss %.4f lr %.3g", s.epoch, s.max_epochs,
-                 (s.iteration - 1) % s.epoch_length + 1, s.epoch_length, self.stats.running_loss, self.stats.lr)
+                 (s.iteration - 1) % s.epoch_length + 1, s.epoch_length, s.metrics.get("running_loss", math.nan),
+                 self.history.lr)

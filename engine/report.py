@@ -72,7 +72,8 @@ def _auc_bars(ax, best, names, **_):
 def _confusion_bars(ax, probs, labels, names, task, threshold, **_):
     counts = confusion(probs, labels, task, threshold)  # tp, fp, tn, fn per label
     left = torch.zeros(len(names))
-    for k, (name, colour) in enumerate(zip(("TP", "FP", "TN", "FN"), ("tab:green", "tab:red", "tab:blue", "tab:orange"))):
+    colours = ("tab:green", "tab:red", "tab:blue", "tab:orange")
+    for k, (name, colour) in enumerate(zip(("TP", "FP", "TN", "FN"), colours)):
         ax.barh(names, counts[:, k].tolist(), left=left.tolist(), label=name, color=colour)
         left += counts[:, k]
     ax.set(title=f"Confusion counts at threshold {threshold:g} (best epoch)", xlabel="volumes")
@@ -123,9 +124,12 @@ def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, flo
 
 def _html(images: list[bytes], summary: dict, config_yaml: str) -> str:
     def fmt(v):
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     best, final = summary["best"], summary["final"]
+    stopped = " (stopped early)" if summary.get("stopped_early") else ""
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>{fmt(final.get(k))}</td></tr>"
                    for k in best if k not in ("seconds",))
     figures = "".join(f'<img alt="panel {i + 1}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
@@ -137,7 +141,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{
 <body><h1>ct3d run {html.escape(Path(summary['run']).name)}</h1>
 <p>{summary['train_volumes']} training and {summary['val_volumes']} validation volumes, task {summary['task']},
 device {html.escape(summary['device'])}, wall time {summary['wall_seconds']:.0f} s.
-Best epoch {summary['best_epoch']} by {summary['key_metric']}{' (stopped early)' if summary.get('stopped_early') else ''}.</p>
+Best epoch {summary['best_epoch']} by {summary['key_metric']}{stopped}.</p>
 {figures}
 <h2>Best and final validation</h2><table><tr><th>metric</th><th>best</th><th>final</th></tr>{rows}</table>
 <h2>Config</h2><pre>{html.escape(config_yaml)}</pre></body></html>

@@ -7,13 +7,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from engine.config import describe_sections, load_config
+from engine.config import DEFAULT_CONFIG, describe_sections, load_config
 from engine.errors import CT3DError
 
 COMMANDS = ("train", "evaluate", "predict", "check", "cache")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,13 +47,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace, cfg) -> int:
-    from engine import workflow
+    from engine import inference, prepare, workflow
+    from engine.build import setup_logging
 
+    if args.command == "train":
+        workflow.train(cfg)  # sets up logging per rank
+        return 0
+    setup_logging()
     if args.command == "check":
-        return 1 if workflow.check(cfg) else 0
+        return 1 if prepare.check(cfg) else 0
     if args.command == "cache":
-        return 1 if workflow.cache(cfg, verify=args.verify)["problems"] else 0
-    {"train": workflow.train, "evaluate": workflow.evaluate, "predict": workflow.predict}[args.command](cfg)
+        return 1 if prepare.cache(cfg, verify=args.verify)["problems"] else 0
+    {"evaluate": inference.evaluate, "predict": inference.predict}[args.command](cfg)
     return 0
 
 

@@ -1,58 +1,66 @@
-"""W&B tracking as an Ignite handler: config, training loss and LR per iteration, validation metrics,
-and at the end the report image (and the best checkpoint as an artifact when online).
+"""W&B tracking through Ignite's WandBLogger and its output handlers: training loss and LR per
+iteration, every validation metric, and at the end the report image and summary (and the best
+checkpoint as an artifact when online). Ours only around it: the W&B run starts when the trainer
+starts, after a resume restored the run id, so a resumed run continues its W&B run.
 The API key is read by wandb from WANDB_API_KEY; it is never passed, logged or saved by us."""
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 
+from engine.config import WandbConfig
 from engine.errors import CT3DError
 
 
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 class WandbTracker:
-    def __init__(self, mode: str, project: str, entity: str, tags: list[str], folder: Path, config: dict,
-                 run_id: str, name: str):
-        if mode not in ("offline", "online"):
-            raise ValueError(f"mode: expected 'offline' or 'online', got {mode!r}")
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+    def __init__(self, settings: WandbConfig, folder: Path, config: dict, name: str):
+        if settings.mode not in ("offline", "online"):
+            raise ValueError(f"settings.mode: expected 'offline' or 'online', got {settings.mode!r}")
+        if settings.mode == "online" and not os.environ.get("WANDB_API_KEY"):
             raise CT3DError("config error: tracking.wandb.mode: online needs WANDB_API_KEY in the environment "
                             "(or a Kubernetes Secret); use offline or disabled otherwise")
+        self.settings, self.folder, self.config, self.name = settings, folder, config, name
+        self.run_id = uuid.uuid4().hex[:12]
+        self.logger = None
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_id = state["run_id"]
+
+    def attach(self, trainer: Engine, evaluator: Engine, optimizer: torch.optim.Optimizer) -> None:
+        trainer.add_event_handler(Events.STARTED, self._start, evaluator, optimizer)
+
+    def _start(self, trainer: Engine, evaluator: Engine, optimizer: torch.optim.Optimizer) -> None:
         import wandb
+        from ignite.handlers.wandb_logger import WandBLogger
 
-        self.wandb, self.mode, self.run_id = wandb, mode, run_id
-        self.run = wandb.init(project=project, entity=entity or None, tags=list(tags) or None, dir=str(folder),
-                              config=config, id=run_id, name=name, resume="allow", mode=mode,
-                              settings=wandb.Settings(console="off", silent=True))
-
-    def attach(self, trainer: Engine, evaluator: Engine, lr_of) -> None:
-        def log_iteration(engine: Engine) -> None:
-            self.run.log({"train/loss": float(engine.state.output["loss"].detach()), "train/lr": lr_of()},
-                         step=engine.state.iteration)
-
-        def log_validation(_: Engine) -> None:
-            values = {f"val/{k}": v for k, v in evaluator.state.metrics.items()
-                      if isinstance(v, float) and not math.isnan(v)}
-            self.run.log({**values, "epoch": trainer.state.epoch}, step=trainer.state.iteration)
-
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, log_iteration)
-        evaluator.add_event_handler(Events.COMPLETED, log_validation)
+        s = self.settings
+        self.logger = WandBLogger(project=s.project, entity=s.entity or None, tags=list(s.tags) or None,
+                                  dir=str(self.folder), config=self.config, id=self.run_id, name=self.name,
+                                  resume="allow", mode=str(s.mode), settings=wandb.Settings(console="off", silent=True))
+        self.logger.attach_output_handler(trainer, Events.ITERATION_COMPLETED, tag="train",
+                                          output_transform=lambda out: {"loss": float(out["loss"].detach())})
+        self.logger.attach_opt_params_handler(trainer, Events.ITERATION_COMPLETED, optimizer, tag="train")
+        # validation at the trainer's iteration: W&B steps only go forward
+        self.logger.attach_output_handler(evaluator, Events.COMPLETED, tag="val", metric_names="all",
+                                          global_step_transform=lambda *_: trainer.state.iteration)
 
     def finish(self, report_png: Path | None, best_checkpoint: Path | None, summary: dict) -> None:
+        if self.logger is None:
+            return
         if report_png is not None and report_png.is_file():
-            self.run.log({"report": self.wandb.Image(str(report_png))})
+            self.logger.log({"report": self.logger.Image(str(report_png))})
         for key in ("best_epoch", "wall_seconds"):
-            self.run.summary[key] = summary[key]
-        if self.mode == "online" and best_checkpoint is not None and best_checkpoint.is_file():
-            artifact = self.wandb.Artifact(f"model-{self.run_id}", type="model")
+            self.logger.run.summary[key] = summary[key]
+        if self.settings.mode == "online" and best_checkpoint is not None and best_checkpoint.is_file():
+            artifact = self.logger.Artifact(f"model-{self.run_id}", type="model")
             artifact.add_file(str(best_checkpoint))
-            self.run.log_artifact(artifact)
-        self.run.finish()
+            self.logger.run.log_artifact(artifact)
+        self.logger.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import load_config
+from engine.config import DEFAULT_CONFIG, load_config
 from engine.errors import CT3DError
 
 
@@ -17,8 +17,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="ct3d YAML config (default: configs/default.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
-    from engine.run import DEFAULT_CONFIG
-
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         from k8s.render import helm_values, render

@@ -5,55 +5,24 @@ dependency without removing code; the Helm chart in charts/ct3d renders the same
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from engine import __version__
-from engine.config import to_yaml
+from engine.config import Config, K8sConfig, VolumeClaimConfig, plain, to_yaml
 from engine.errors import CT3DError
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 CONFIG_DIR, CACHE_DIR, OUTPUT_DIR, DATA_DIR = "/etc/ct3d", "/cache", "/output", "/data"
-QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 
 
-def _bad(key: str, message: str) -> CT3DError:
-    return CT3DError(f"config error: k8s.{key}: {message}")
-
-
-def _check(k: DictConfig) -> None:
-    """Every value a cluster would refuse (or misread), named by key, before anything is printed."""
-    names = {"name": k.name, "namespace": k.namespace, "wandb_secret": k.wandb_secret,
-             "cache.name": k.cache.name, "output.name": k.output.name, "data_claim": k.data_claim}
-    for key, value in names.items():
-        if value and (len(value) > 63 or not DNS_LABEL.match(value)):
-            raise _bad(key, f"{value!r} is not a DNS-1123 label (lower case letters, digits and '-', "
-                            f"starting and ending with a letter or digit, at most 63 characters)")
+def _check(k: K8sConfig) -> None:
+    """What the schema's per-field limits cannot say (engine/config.py checks the rest at load)."""
     if len(k.name) > 52:  # Job pods are named <job>-<index>-<random>: keep them within 63
-        raise _bad("name", f"{k.name!r} is longer than 52 characters")
-    if k.nodes < 1:
-        raise _bad("nodes", f"must be >= 1, got {k.nodes}")
-    if k.gpus < 0:
-        raise _bad("gpus", f"must be >= 0, got {k.gpus}")
-    for key in ("cpu", "memory", "shm_size", "cache.size", "output.size"):
-        value = str(OmegaConf.select(k, key))
-        if not QUANTITY.match(value):
-            raise _bad(key, f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
-    for key in ("backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished", "run_as_user"):
-        if OmegaConf.select(k, key) < 0:
-            raise _bad(key, "must be >= 0")
-    if k.run_as_user == 0:
-        raise _bad("run_as_user", "0 is root; the pods run as a non-root user")
-    if k.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
-        raise _bad("image_pull_policy", f"{k.image_pull_policy!r} is not Always, IfNotPresent or Never")
-    for key in ("cache.access_mode", "output.access_mode"):
-        if OmegaConf.select(k, key) not in ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"):
-            raise _bad(key, "must be ReadWriteOnce, ReadWriteMany or ReadWriteOncePod")
+        raise CT3DError(f"config error: k8s.name: {k.name!r} is longer than 52 characters")
 
 
-def labels(k: DictConfig, component: str = "training") -> dict:
+def labels(k: K8sConfig, component: str = "training") -> dict:
     return {
         "app.kubernetes.io/name": "ct3d",
         "app.kubernetes.io/instance": k.name,
@@ -63,14 +32,18 @@ def labels(k: DictConfig, component: str = "training") -> dict:
     }
 
 
-def claim_name(k: DictConfig, role: str) -> str:
-    return OmegaConf.select(k, f"{role}.name") or f"{k.name}-{role}"
+def claim_name(k: K8sConfig, role: str) -> str:
+    return _volume(k, role).name or f"{k.name}-{role}"
 
 
-def training_config(cfg: DictConfig) -> str:
+def _volume(k: K8sConfig, role: str) -> VolumeClaimConfig:
+    return k.cache if role == "cache" else k.output
+
+
+def training_config(cfg: Config) -> str:
     """The run's config as the pods see it: caches and outputs on the claims, a fixed run folder and
     resume=auto, so a restarted pod continues from the last checkpoint."""
-    pod = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    pod = OmegaConf.create(plain(cfg))
     pod.cache.dir = CACHE_DIR
     pod.output.dir = OUTPUT_DIR
     pod.output.name = cfg.k8s.name
@@ -81,9 +54,9 @@ def training_config(cfg: DictConfig) -> str:
     return to_yaml(pod)
 
 
-def _claim(k: DictConfig, role: str) -> dict:
-    c = k[role]
-    spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}}
+def _claim(k: K8sConfig, role: str) -> dict:
+    c = _volume(k, role)
+    spec: dict[str, Any] = {"accessModes": [str(c.access_mode)], "resources": {"requests": {"storage": c.size}}}
     if k.storage_class:
         spec["storageClassName"] = k.storage_class
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
@@ -91,7 +64,7 @@ def _claim(k: DictConfig, role: str) -> dict:
             "spec": spec}
 
 
-def command(k: DictConfig) -> list[str]:
+def command(k: K8sConfig) -> list[str]:
     """The container command: plain python for one process, torchrun for several GPUs or nodes."""
     train = ["-m", "engine.run", "train", "--config", f"{CONFIG_DIR}/config.yaml"]
     if k.nodes == 1 and k.gpus <= 1:
@@ -110,7 +83,7 @@ def container_security() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _job(k: DictConfig) -> dict:
+def _job(k: K8sConfig) -> dict:
     resources: dict[str, Any] = {"requests": {"cpu": str(k.cpu), "memory": k.memory},
                                  "limits": {"cpu": str(k.cpu), "memory": k.memory}}
     if k.gpus > 0:
@@ -140,7 +113,7 @@ def _job(k: DictConfig) -> dict:
         "securityContext": {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_user,
                             "fsGroup": k.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
-            "name": "train", "image": k.image, "imagePullPolicy": k.image_pull_policy,
+            "name": "train", "image": k.image, "imagePullPolicy": str(k.image_pull_policy),
             "command": command(k), "env": env, "resources": resources, "volumeMounts": mounts,
             "securityContext": container_security(),
             "ports": [{"name": "rendezvous", "containerPort": k.master_port}] if k.nodes > 1 else [],
@@ -159,7 +132,8 @@ def _job(k: DictConfig) -> dict:
         "backoffLimit": k.backoff_limit,
         "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
         "podFailurePolicy": {"rules": [
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},  # preemption, drain
+            # preemption, drain: not the job's fault
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}},
         ]},
         "template": {"metadata": {"labels": labels(k)}, "spec": pod},
@@ -172,7 +146,7 @@ def _job(k: DictConfig) -> dict:
             "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k)}, "spec": spec}
 
 
-def _service(k: DictConfig) -> dict:
+def _service(k: K8sConfig) -> dict:
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k, "rendezvous")},
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
@@ -180,11 +154,11 @@ def _service(k: DictConfig) -> dict:
                      "ports": [{"name": "rendezvous", "port": k.master_port, "targetPort": k.master_port}]}}
 
 
-def render_objects(cfg: DictConfig) -> list[dict]:
+def render_objects(cfg: Config) -> list[dict]:
     """PVCs (unless existing), the ConfigMap, a headless Service for several nodes, and the Job."""
     k = cfg.k8s
     _check(k)
-    objects = [_claim(k, role) for role in ("cache", "output") if not k[role].existing]
+    objects = [_claim(k, role) for role in ("cache", "output") if not _volume(k, role).existing]
     objects.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": f"{k.name}-config", "namespace": k.namespace, "labels": labels(k, "config")},
                     "data": {"config.yaml": training_config(cfg)}})
@@ -194,13 +168,13 @@ def render_objects(cfg: DictConfig) -> list[dict]:
     return objects
 
 
-def render(cfg: DictConfig) -> str:
+def render(cfg: Config) -> str:
     import yaml
 
     return yaml.safe_dump_all(render_objects(cfg), sort_keys=False)
 
 
-def helm_values(cfg: DictConfig) -> str:
+def helm_values(cfg: Config) -> str:
     """Values for charts/ct3d that describe the same run as `render(cfg)`."""
     import yaml
 
@@ -208,11 +182,11 @@ def helm_values(cfg: DictConfig) -> str:
     _check(k)
 
     def claim(role: str) -> dict:
-        c = k[role]
-        return {"name": claim_name(k, role), "existing": c.existing, "size": c.size, "accessMode": c.access_mode}
+        c = _volume(k, role)
+        return {"name": claim_name(k, role), "existing": c.existing, "size": c.size, "accessMode": str(c.access_mode)}
 
     values = {
-        "name": k.name, "image": k.image, "imagePullPolicy": k.image_pull_policy, "nodes": k.nodes, "gpus": k.gpus,
+        "name": k.name, "image": k.image, "imagePullPolicy": str(k.image_pull_policy), "nodes": k.nodes, "gpus": k.gpus,
         "cpu": str(k.cpu), "memory": k.memory, "shmSize": k.shm_size, "nodeSelector": dict(k.node_selector),
         "tolerations": [dict(t) for t in k.tolerations], "storageClass": k.storage_class,
         "cache": claim("cache"), "output": claim("output"), "dataClaim": k.data_claim,

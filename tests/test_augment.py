@@ -2,9 +2,11 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from engine.augment import AugmentSpec, DeviceAugmentation
+from engine.augment import DeviceAugmentation
+from engine.config import AugmentConfig
 
-ALWAYS = AugmentSpec(flip_prob=0.5, affine_prob=1.0, smooth_prob=0.0, contrast_prob=1.0, noise_prob=1.0, shift_prob=1.0)
+ALWAYS = AugmentConfig(flip_prob=0.5, affine_prob=1.0, smooth_prob=0.0, contrast_prob=1.0, noise_prob=1.0,
+                       shift_prob=1.0)
 
 
 def run_one_batch(aug, images, labels, epoch=1):
@@ -29,7 +31,7 @@ def test_each_sample_gets_its_own_draw_and_labels_are_untouched():
 def test_channel_axis_is_never_flipped():
     images = torch.zeros(2, 2, 8, 8, 8)
     images[:, 1] = 1.0  # channel 1 all ones, channel 0 all zeros
-    aug = DeviceAugmentation(AugmentSpec(flip_prob=1.0, affine_prob=0, smooth_prob=0, contrast_prob=0,
+    aug = DeviceAugmentation(AugmentConfig(flip_prob=1.0, affine_prob=0, smooth_prob=0, contrast_prob=0,
                                          noise_prob=0, shift_prob=0), "cpu", seed=0)
     out = run_one_batch(aug, images, torch.zeros(2, 1))["image"]
     assert torch.all(out[:, 0] == 0) and torch.all(out[:, 1] == 1)

@@ -1,16 +1,28 @@
 import gzip
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from engine.data import Preprocessing, build_dataset, cache_folder
+from engine.config import PreprocessConfig, load_config
+from engine.data import (
+    DiskCacheDataset,
+    build_dataset,
+    cache_folder,
+    cache_key,
+    preprocessing_transform,
+    source_hash,
+    volume_problems,
+)
 from engine.errors import CT3DError
+from engine.prepare import cache, load_splits
+from helpers import ENV, ROOT, command, tiny_overrides
 from volumes import write_dicom_series, write_itk, write_nifti
 
-SMALL = Preprocessing(spatial_size=(16, 16, 16))
+SMALL = PreprocessConfig(spatial_size=[16, 16, 16])
 
 
 def hu_volume(shape=(20, 24, 28)) -> np.ndarray:
@@ -28,13 +40,14 @@ def cache_entries(root: Path) -> list[Path]:
 
 
 def test_cache_key_changes_with_every_preprocessing_setting():
-    base = Preprocessing()
-    variants = [Preprocessing(spacing=(1.0, 1.0, 2.0)), Preprocessing(hu_window=(-500.0, 500.0)),
-                Preprocessing(spatial_size=(32, 32, 32)), Preprocessing(orientation="LPS"),
-                Preprocessing(resize="crop_pad"), Preprocessing(dtype="float32"), Preprocessing(scale_range=(0.0, 1.0))]
-    keys = {base.key()} | {v.key() for v in variants}
+    base = PreprocessConfig()
+    variants = [PreprocessConfig(spacing=[1.0, 1.0, 2.0]), PreprocessConfig(hu_window=[-500.0, 500.0]),
+                PreprocessConfig(spatial_size=[32, 32, 32]), PreprocessConfig(orientation="LPS"),
+                PreprocessConfig(resize="crop_pad"), PreprocessConfig(dtype="float32"),
+                PreprocessConfig(scale_range=[0.0, 1.0])]
+    keys = {cache_key(base)} | {cache_key(v) for v in variants}
     assert len(keys) == len(variants) + 1
-    assert Preprocessing().key() == base.key()
+    assert cache_key(PreprocessConfig()) == cache_key(base)
     assert cache_folder("/c", base) != cache_folder("/c", variants[0])
 
 
@@ -58,14 +71,14 @@ def test_disk_cache_is_written_once_and_reused(tmp_path):
     path = write_nifti(tmp_path / "v.nii.gz", hu_volume())
     build_dataset(items_for(path), SMALL, tmp_path / "cache", 1.0, 1)
     entries = cache_entries(tmp_path / "cache")
-    assert len(entries) == 1 and entries[0].parent.name == SMALL.key()
+    assert len(entries) == 1 and entries[0].parent.name == cache_key(SMALL)
     mtime = entries[0].stat().st_mtime_ns
     again = build_dataset(items_for(path), SMALL, tmp_path / "cache", 1.0, 1)[0]["image"]
     assert cache_entries(tmp_path / "cache") == entries and entries[0].stat().st_mtime_ns == mtime
     assert again.shape == (1, 16, 16, 16)
-    other = Preprocessing(spatial_size=(8, 8, 8))
+    other = PreprocessConfig(spatial_size=[8, 8, 8])
     build_dataset(items_for(path), other, tmp_path / "cache", 0.0, 1)[0]
-    assert {p.parent.name for p in cache_entries(tmp_path / "cache")} == {SMALL.key(), other.key()}
+    assert {p.parent.name for p in cache_entries(tmp_path / "cache")} == {cache_key(SMALL), cache_key(other)}
 
 
 def test_changed_source_file_gets_a_new_entry(tmp_path):
@@ -108,13 +121,57 @@ def test_2d_image_is_refused(tmp_path):
 
 def test_crop_pad_keeps_spacing_and_pads_with_air(tmp_path):
     path = write_nifti(tmp_path / "v.nii.gz", hu_volume((10, 10, 10)))
-    image = build_dataset(items_for(path), Preprocessing(spatial_size=(16, 16, 16), resize="crop_pad"), None, 0, 1)[0]["image"]
+    p = PreprocessConfig(spatial_size=[16, 16, 16], resize="crop_pad")
+    image = build_dataset(items_for(path), p, None, 0, 1)[0]["image"]
     assert image.shape == (1, 16, 16, 16) and float(image[0, 0, 0, 0]) == -1.0
 
 
 def test_spacing_resamples(tmp_path):
     path = write_nifti(tmp_path / "v.nii.gz", hu_volume((20, 20, 10)), spacing=(1.0, 1.0, 4.0))
-    p = Preprocessing(spacing=(2.0, 2.0, 2.0), spatial_size=(10, 10, 20), resize="crop_pad")
+    p = PreprocessConfig(spacing=[2.0, 2.0, 2.0], spatial_size=[10, 10, 20], resize="crop_pad")
     image = build_dataset(items_for(path), p, None, 0, 1)[0]["image"]
     # 20 x 1 mm -> 10 x 2 mm; 10 x 4 mm -> ~20 x 2 mm: the body fills the middle, air at the edges
     assert image.shape == (1, 10, 10, 20) and float(image[0, 5, 5, 10]) > 0 and float(image[0, 0, 0, 0]) == -1.0
+
+
+def test_crash_inside_cache_write_leaves_no_entry(tmp_path, monkeypatch):
+    path = write_nifti(tmp_path / "v.nii.gz", np.where(np.indices((16, 16, 16)).sum(0) > 20, 40, -1000))
+    p = PreprocessConfig(spatial_size=[8, 8, 8])
+    dataset = DiskCacheDataset([], preprocessing_transform(p), cache_dir=cache_folder(tmp_path / "c", p),
+                               hash_func=source_hash)
+
+    def broken_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        dataset.entry({"image": str(path), "name": "v"})
+    monkeypatch.undo()
+    assert list((tmp_path / "c").rglob("*.*")) == []
+    assert dataset.entry({"image": str(path), "name": "v"})["image"].shape == (1, 8, 8, 8)
+
+@pytest.mark.slow
+def test_two_processes_filling_one_cache_leave_every_entry_valid(tmp_path, tiny_demo):
+    overrides = [*tiny_overrides(tmp_path, tiny_demo), "cache.workers=2"]
+    procs = [subprocess.Popen(command("cache", *overrides), cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    folder = cache_folder(tmp_path / "cache", PreprocessConfig(spatial_size=[32, 32, 32]))
+    entries = list(folder.glob("*.pt"))
+    assert len(entries) == 24 and not list(folder.glob(".tmp-*"))
+    for entry in entries:
+        assert torch.load(entry, weights_only=True)["image"].shape == (1, 32, 32, 32)
+
+def test_warm_cache_check_reads_no_entry(tmp_path, tiny_demo, monkeypatch):
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_demo), command="cache")
+    cache(cfg)
+    train_items, val_items, _ = load_splits(cfg.data)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a warm cache entry was read")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    assert volume_problems(train_items + val_items, PreprocessConfig(spatial_size=[32, 32, 32]), cfg.cache.dir, 2) == []

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.datalist import DatalistSpec, label_frequencies, load_datalist, resolve_image, split
+from engine.config import DataConfig, Task
+from engine.datalist import label_frequencies, load_datalist, resolve_image, split
 from engine.errors import CT3DError
 
 LABELS = ["Lung nodule", "Emphysema"]
@@ -19,15 +20,15 @@ def make_csv(folder: Path, rows: list[str], header="VolumeName,Lung nodule,Emphy
     return path
 
 
-def problems_of(path: Path, spec=DatalistSpec()) -> str:
+def problems_of(path: Path, spec: DataConfig | None = None) -> str:
     with pytest.raises(CT3DError) as info:
-        load_datalist(path, spec)
+        load_datalist(path, spec or DataConfig())
     return str(info.value)
 
 
 def test_ct_rate_csv_parses_labels_in_column_order(tmp_path):
     path = make_csv(tmp_path, ["a.nii.gz,1,0", "b.nii.gz,0,1"])
-    datalist = load_datalist(path, DatalistSpec())
+    datalist = load_datalist(path, DataConfig())
     assert datalist.labels == LABELS
     assert [it["label"] for it in datalist.items] == [[1.0, 0.0], [0.0, 1.0]]
     assert datalist.items[0]["image"] == str(tmp_path / "a.nii.gz")
@@ -35,7 +36,7 @@ def test_ct_rate_csv_parses_labels_in_column_order(tmp_path):
 
 def test_label_columns_select_and_order(tmp_path):
     path = make_csv(tmp_path, ["a.nii.gz,1,0"])
-    datalist = load_datalist(path, DatalistSpec(label_columns=("Emphysema", "Lung nodule")))
+    datalist = load_datalist(path, DataConfig(label_columns=["Emphysema", "Lung nodule"]))
     assert datalist.labels == ["Emphysema", "Lung nodule"] and datalist.items[0]["label"] == [0.0, 1.0]
 
 
@@ -64,7 +65,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 def test_missing_label_column_is_named(tmp_path):
     path = make_csv(tmp_path, ["a.nii.gz,1,0"])
-    message = problems_of(path, DatalistSpec(label_columns=("Cardiomegaly",)))
+    message = problems_of(path, DataConfig(label_columns=["Cardiomegaly"]))
     assert "'Cardiomegaly'" in message and "data.label_columns" in message
 
 
@@ -87,8 +88,8 @@ def test_json_datalist_with_its_own_validation_list(tmp_path):
     path = tmp_path / "list.json"
     path.write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": [1, 0, 1]}],
                                 "validation": [{"image": "b.nii.gz", "label": [0, 0, 1]}]}))
-    train = load_datalist(path, DatalistSpec())
-    val = load_datalist(path, DatalistSpec(json_key="validation"))
+    train = load_datalist(path, DataConfig())
+    val = load_datalist(path, DataConfig(), "validation")
     assert train.labels == ["label_0", "label_1", "label_2"]
     assert train.items[0]["label"] == [1.0, 0.0, 1.0] and val.items[0]["label"] == [0.0, 0.0, 1.0]
 
@@ -103,17 +104,17 @@ def test_json_bad_label_names_entry(tmp_path):
 
 def test_multiclass_one_hot_and_range(tmp_path):
     path = make_csv(tmp_path, ["a.nii.gz,2", "b.nii.gz,0"], header="VolumeName,grade")
-    datalist = load_datalist(path, DatalistSpec(task="multiclass", num_classes=3))
+    datalist = load_datalist(path, DataConfig(task=Task.multiclass, num_classes=3))
     assert datalist.labels == ["class_0", "class_1", "class_2"]
     assert datalist.items[0]["label"] == [0.0, 0.0, 1.0]
     assert "0..2" in problems_of(make_csv(tmp_path, ["a.nii.gz,3"], header="VolumeName,grade"),
-                                 DatalistSpec(task="multiclass", num_classes=3))
+                                 DataConfig(task=Task.multiclass, num_classes=3))
 
 
 def test_binary_takes_one_column(tmp_path):
     path = make_csv(tmp_path, ["a.nii.gz,1,0"])
-    assert load_datalist(path, DatalistSpec(task="binary", label_columns=("Emphysema",))).items[0]["label"] == [0.0]
-    assert "one label column" in problems_of(path, DatalistSpec(task="binary"))
+    assert load_datalist(path, DataConfig(task=Task.binary, label_columns=["Emphysema"])).items[0]["label"] == [0.0]
+    assert "one label column" in problems_of(path, DataConfig(task=Task.binary))
 
 
 def test_seeded_split_is_disjoint_and_repeatable():
@@ -127,5 +128,6 @@ def test_seeded_split_is_disjoint_and_repeatable():
 
 def test_ct_rate_layout():
     root = Path("/data/dataset")
-    assert resolve_image("train_12_a_2.nii.gz", root, "ct-rate") == root / "train/train_12/train_12_a/train_12_a_2.nii.gz"
+    expected = root / "train/train_12/train_12_a/train_12_a_2.nii.gz"
+    assert resolve_image("train_12_a_2.nii.gz", root, "ct-rate") == expected
     assert resolve_image("x.nii.gz", root, "flat") == root / "x.nii.gz"

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ROOT
 from engine.demo import LABELS, generate, phantom
+from helpers import ROOT
 
 
 def test_phantom_is_deterministic_and_in_hounsfield_units():

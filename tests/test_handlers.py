@@ -1,32 +1,51 @@
 import logging
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
-from engine.handlers import MetricsTable, Progress, TrainStats, ValidationMetrics
-from engine.workflow import make_inferer, resolve_amp
+from engine.handlers import History, MetricsTable, Progress, ValidationMetrics, attach_loss_metrics
 
 
-def fake_trainer(losses, epoch_length):
+def fake_trainer(losses):
     it = iter(losses * 10)
     return Engine(lambda engine, batch: {"loss": torch.tensor(next(it))})
 
 
-def test_train_stats_mean_loss_per_epoch_and_lr():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
-    trainer = fake_trainer([1.0, 3.0], 2)
-    stats = TrainStats(opt)
-    stats.attach(trainer)
+def sgd(lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_epoch_mean_loss_and_running_loss_metrics():
+    trainer = fake_trainer([1.0, 3.0])
+    attach_loss_metrics(trainer)
     trainer.run([0, 1], max_epochs=1)
-    assert stats.last_epoch_loss == 2.0 and stats.lr == 0.25
+    assert trainer.state.metrics["train_loss"] == 2.0
+    assert 1.0 < trainer.state.metrics["running_loss"] < 3.0
+
+
+def test_nan_loss_stops_training():
+    trainer = fake_trainer([1.0, float("nan"), 1.0, 1.0])
+    attach_loss_metrics(trainer)
+    trainer.run([0, 1, 2, 3], max_epochs=3)
+    assert trainer.state.iteration == 2 and trainer.should_terminate
+
+
+def test_history_keeps_lr_epoch_times_and_seconds_across_resume():
+    trainer = fake_trainer([0.5])
+    history = History(sgd(0.25))
+    history.attach(trainer)
+    trainer.run([0, 1], max_epochs=3)
+    assert history.lr == 0.25 and history.lr_history[0] == (1, 0.25)
+    assert len(history.epoch_seconds) == 2  # epoch start to the next epoch's start
+    saved, again = history.state_dict(), History(sgd(0.25))
+    again.load_state_dict(saved)
+    assert again.epoch_seconds == history.epoch_seconds and again.seconds >= saved["seconds"] > 0
 
 
 def test_plain_progress_lines_when_not_a_terminal(caplog):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    trainer = fake_trainer([0.5], 4)
-    stats = TrainStats(opt)
-    stats.attach(trainer)
-    Progress(stats, log_every=2, tty=False).attach(trainer)
+    trainer = fake_trainer([0.5])
+    attach_loss_metrics(trainer)
+    Progress(History(sgd(0.1)), log_every=2, tty=False).attach(trainer)
     with caplog.at_level(logging.INFO, logger="ct3d"):
         trainer.run([0, 1, 2, 3], max_epochs=1)
     lines = [r.getMessage() for r in caplog.records]
@@ -48,58 +67,22 @@ def test_validation_metrics_on_bare_engine():
     assert evaluator.state.metrics["accuracy"] == 1.0
 
 
-def test_metrics_table_tracks_best_and_round_trips(tmp_path):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    stats = TrainStats(opt)
-    table = MetricsTable(tmp_path / "m.csv", "auc_macro", stats, ["x"])
+def test_metrics_table_records_after_each_validation_and_round_trips(tmp_path):
+    history = History(sgd(0.1))
+    validation = ValidationMetrics(["x"], "binary", torch.nn.BCEWithLogitsLoss(), 0.5, 1.0)
+    table = MetricsTable(tmp_path / "m.csv", "auc_macro", history, ["x"], validation)
     trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    table.attach(trainer, evaluator)
     for epoch, auc in [(1, 0.6), (2, 0.8), (3, 0.7)]:
         trainer.state.epoch, trainer.state.iteration = epoch, epoch * 10
-        evaluator.state.metrics = {"auc_macro": auc}
-        improved = table.record(trainer, evaluator)
-        assert improved == (epoch in (1, 2))
+        validation.last_probs = torch.full((2, 1), epoch / 10)
+        evaluator.add_event_handler(Events.STARTED, lambda e, a=auc: e.state.metrics.update(
+            auc_macro=a, val_loss=1.0, fbeta_macro=0.5))
+        evaluator.run([0])
+        assert table.improved_at(epoch) == (epoch in (1, 2))
+        evaluator._event_handlers[Events.STARTED].pop()
     assert table.best["epoch"] == 2 and len((tmp_path / "m.csv").read_text().splitlines()) == 4
-    other = MetricsTable(tmp_path / "m2.csv", "auc_macro", stats, ["x"])
+    assert torch.equal(table.best_outputs["probs"], torch.full((2, 1), 0.2))  # the best validation's outputs
+    other = MetricsTable(tmp_path / "m2.csv", "auc_macro", history, ["x"], validation)
     other.load_state_dict(table.state_dict())
-    assert other.best == table.best and other.rows == table.rows
-
-
-def test_mixed_precision_only_on_cuda():
-    cpu = torch.device("cpu")
-    assert resolve_amp("bf16", cpu) is None and resolve_amp("auto", cpu) is None
-    net = torch.nn.Linear(2, 1)
-    out = make_inferer(cpu, None)(torch.ones(1, 2), net)
-    assert out.dtype == torch.float32
-
-
-def test_bf16_inferer_autocasts_the_forward_pass():
-    net = torch.nn.Linear(2, 1)
-    assert make_inferer(torch.device("cpu"), torch.bfloat16)(torch.ones(1, 2), net).dtype == torch.bfloat16
-
-
-def test_checkpoints_snapshot_state_before_background_write(tmp_path):
-    from engine.checkpoint import load_checkpoint
-    from engine.handlers import Checkpoints
-
-    weights = {"w": torch.zeros(1000)}
-    checkpoints = Checkpoints(tmp_path, lambda: {"model": weights, "trainer": {"epoch": 1, "iteration": 1}})
-    paths = checkpoints.save("best", "last")
-    weights["w"] += 1  # training goes on while the writer runs
-    checkpoints.wait()
-    for path in paths:
-        assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(1000))
-
-
-def test_checkpoint_write_error_surfaces_in_training_thread(tmp_path, monkeypatch):
-    import pytest
-
-    from engine import handlers
-
-    def broken(path, state):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(handlers, "save_checkpoint", broken)
-    checkpoints = handlers.Checkpoints(tmp_path, lambda: {"model": {}})
-    checkpoints.save("last")
-    with pytest.raises(OSError, match="disk full"):
-        checkpoints.wait()
+    assert other.best == table.best and other.rows == table.rows and other.best_outputs == table.best_outputs

@@ -4,12 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from engine.demo import LABELS, phantom
 from engine.errors import CT3DError
-from engine.workflow import evaluate, predict, train
+from engine.inference import evaluate, predict
+from engine.workflow import train
+from helpers import tiny_overrides
 from volumes import write_dicom_series, write_nifti
 
 

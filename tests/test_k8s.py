@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
 from engine.config import load_config
+from helpers import ROOT
 from k8s.render import render, render_objects
 
 KUBE_VERSION = "1.30.0"
@@ -114,14 +114,11 @@ def test_wandb_key_comes_from_a_secret_never_inline(monkeypatch):
     assert key["valueFrom"]["secretKeyRef"] == {"name": "team-wandb", "key": "api-key", "optional": True}
 
 
-def test_pods_resume_from_the_output_claim():
+def test_pods_resume_from_the_output_claim(tmp_path):
     config_map = next(o for o in objects("k8s.name=run-7") if o["kind"] == "ConfigMap")
-    path = ROOT / ".pytest-pod-config.yaml"
+    path = tmp_path / "config.yaml"
     path.write_text(config_map["data"]["config.yaml"])
-    try:
-        pod_cfg = load_config(path)
-    finally:
-        path.unlink()
+    pod_cfg = load_config(path)
     assert pod_cfg.train.resume == "auto" and pod_cfg.output.name == "run-7"
     assert pod_cfg.output.dir == "/output" and pod_cfg.cache.dir == "/cache"
 
@@ -154,7 +151,8 @@ def test_chart_lints_strict_and_renders_valid_manifests():
     proc = helm("lint", "--strict", "charts/ct3d")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for overrides in ([], MULTI):
-        proc = helm("template", "ct3d-train", "charts/ct3d", *(["--set", "nodes=4", "--set", "gpus=8"] if overrides else []))
+        sets = ["--set", "nodes=4", "--set", "gpus=8"] if overrides else []
+        proc = helm("template", "ct3d-train", "charts/ct3d", *sets)
         assert proc.returncode == 0, proc.stderr
         result = validate(proc.stdout)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -208,16 +206,16 @@ def test_chart_and_renderer_render_the_same_objects(overrides):
 
 def test_dockerfile_is_pinned_non_root_and_runs_the_engine():
     text = (ROOT / "k8s" / "Dockerfile").read_text()
-    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
-    bases = [l.split()[1] for l in lines if l.upper().startswith("FROM ")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    bases = [ln.split()[1] for ln in lines if ln.upper().startswith("FROM ")]
     assert bases and all(":" in b and not b.endswith(":latest") for b in bases)
     for line in lines:
         if line.upper().startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
-    user = [l for l in lines if l.upper().startswith("USER ")][-1].split()[1]
+    user = [ln for ln in lines if ln.upper().startswith("USER ")][-1].split()[1]
     assert user not in ("root", "0") and not user.startswith("0:")
     assert 'ENTRYPOINT ["python", "-m", "engine.run"]' in lines
-    assert any("requirements.lock" in l and "pip install" in l for l in lines)
+    assert any("requirements.lock" in ln and "pip install" in ln for ln in lines)
     proc = subprocess.run([sys.executable, "-m", "engine.run", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "Sections and keys" in proc.stdout

@@ -1,21 +1,21 @@
 import pytest
 
-from conftest import tiny_overrides
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from engine.errors import CT3DError
 from engine.workflow import train
+from helpers import ENV, cli, tiny_overrides
 
 
 def test_offline_wandb_run_folder_and_resume_continues_it(tmp_path, tiny_demo, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "tracking.wandb.mode=offline")))
-    run_id = load_checkpoint(folder / "checkpoints" / "final.pt")["wandb_id"]
+    run_id = load_checkpoint(folder / "checkpoints" / "final.pt")["tracking"]["run_id"]
     runs = sorted((folder / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
     assert list(runs[0].glob("*.wandb")) and (runs[0] / "files").is_dir()
     train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "tracking.wandb.mode=offline", "train.epochs=2")))
-    assert load_checkpoint(folder / "checkpoints" / "final.pt")["wandb_id"] == run_id
+    assert load_checkpoint(folder / "checkpoints" / "final.pt")["tracking"]["run_id"] == run_id
     assert all(r.name.endswith(run_id) for r in (folder / "wandb").glob("offline-run-*"))
 
 
@@ -23,3 +23,22 @@ def test_online_without_key_is_a_clear_error(tmp_path, tiny_demo, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(CT3DError, match="WANDB_API_KEY"):
         train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "tracking.wandb.mode=online")))
+
+
+# ------------------------------------------------------------------ security
+@pytest.mark.slow
+def test_wandb_key_appears_in_no_file_and_no_output(tmp_path, tiny_demo):
+    secret = "ct3d-test-secret-4f2a9c1e0b7d"
+    env = {**ENV, "WANDB_API_KEY": secret}
+    overrides = [*tiny_overrides(tmp_path, tiny_demo), "tracking.wandb.mode=offline"]
+    trained = cli("train", *overrides, env=env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    predicted = cli("predict", f"checkpoint={tmp_path / 'runs' / 'run' / 'checkpoints' / 'best.pt'}",
+                    f"input={tiny_demo.parent}", f"output.dir={tmp_path / 'runs'}", "output.name=pred", env=env)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    for proc in (trained, predicted):
+        assert secret not in proc.stdout and secret not in proc.stderr
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path

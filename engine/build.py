@@ -1,0 +1,185 @@
+"""Builders: each turns a config section into one part of a run (device, precision, loss, loaders,
+optimizer and schedule, MONAI trainer and evaluator, run folder). The wiring in workflow.py calls them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from engine.config import LoaderConfig, MetricsConfig, ModelConfig, OutputConfig, TrainConfig
+from engine.datalist import IMAGE, LABEL
+from engine.errors import CT3DError
+
+log = logging.getLogger("ct3d")
+
+
+def setup_logging(main: bool = True) -> None:
+    """INFO lines on rank 0; other ranks only warn."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    for noisy in ("ignite", "monai"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def setup_torch(train: TrainConfig) -> None:
+    """Threads, seeds and (with train.deterministic) deterministic algorithms."""
+    from monai.utils import set_determinism
+
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    set_determinism(seed=train.seed, use_deterministic_algorithms=train.deterministic or None)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CT3DError(f"config error: train.device: {name!r} asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision. Mixed precision runs on CUDA only."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def prepare_batch(batch, device=None, non_blocking=False, **kwargs):
+    """Cache dtype (float16 by default, half the RAM and disk) to float32 on the device."""
+    image = batch[IMAGE].to(device, non_blocking=non_blocking).float()
+    return image, batch[LABEL].to(device, non_blocking=non_blocking).float()
+
+
+def make_inferer(device: torch.device, amp_dtype: torch.dtype | None):
+    """bf16 autocast around the forward pass. MONAI's own `amp` flag always adds a GradScaler,
+    which bf16 does not need, so only fp16 goes through it."""
+    from monai.inferers import SimpleInferer
+
+    if amp_dtype != torch.bfloat16:
+        return SimpleInferer()
+
+    class AutocastInferer(SimpleInferer):
+        def __call__(self, inputs, network, *args, **kwargs):
+            with torch.autocast(device.type, dtype=amp_dtype):
+                return network(inputs, *args, **kwargs)
+
+    return AutocastInferer()
+
+
+def _amp_arguments(amp_dtype: torch.dtype | None) -> dict:
+    fp16 = amp_dtype == torch.float16
+    return {"amp": fp16, "amp_kwargs": {"dtype": torch.float16} if fp16 else None}
+
+
+def make_loss(train: TrainConfig, task: str, frequencies: list[float]) -> torch.nn.Module:
+    """BCE with logits and a capped pos_weight, cross entropy for multiclass, or focal loss."""
+    if train.loss == "focal":
+        from monai.losses import FocalLoss
+
+        return FocalLoss(gamma=train.focal_gamma, use_softmax=task == "multiclass")
+    if task == "multiclass":
+        return torch.nn.CrossEntropyLoss()
+    cap = train.pos_weight_cap
+    if cap <= 0:
+        return torch.nn.BCEWithLogitsLoss()
+    pos_weight = [min(cap, (1 - f) / f) if f > 0 else cap for f in frequencies]
+    return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+
+
+def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_seed: int | None = None):
+    """Training (`shuffle_seed` given) shuffles through a DistributedSampler (one replica when not
+    distributed) whose order depends on (seed, epoch) alone, so a resumed run sees the batches an
+    uninterrupted one would. Validation gives each rank every world-th sample, unpadded, so gathered
+    metrics count each sample once."""
+    import ignite.distributed as idist
+    from monai.data import DistributedSampler
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    shuffle = shuffle_seed is not None
+    if shuffle:
+        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=shuffle_seed)
+    else:
+        sampler = DistributedSampler(dataset, even_divisible=False, num_replicas=world, rank=rank, shuffle=False)
+    batch_size = loader.batch_size if shuffle else loader.val_batch_size or loader.batch_size
+    # A last training batch of one sample breaks BatchNorm: drop it (the sampler reshuffles each epoch).
+    drop_last = shuffle and len(sampler) % batch_size == 1 and len(sampler) > 1
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=loader.num_workers, drop_last=drop_last,
+        pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=loader.num_workers > 0,
+    )
+
+
+def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch: int):
+    """The model to train (DDP-wrapped under torchrun), AdamW and a warmup-cosine schedule per iteration."""
+    import ignite.distributed as idist
+    from monai.optimizers import WarmupCosineSchedule
+
+    distributed = idist.get_world_size() > 1
+    model = idist.auto_model(net) if distributed else net
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    if distributed:
+        optimizer = idist.auto_optim(optimizer)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=round(train.warmup_epochs * steps_per_epoch),
+                                     t_total=train.epochs * steps_per_epoch)
+    return model, optimizer, scheduler
+
+
+def make_trainer(model, optimizer, loss_fn, loader, device: torch.device, amp_dtype: torch.dtype | None,
+                 train: TrainConfig):
+    from monai.engines import SupervisedTrainer
+
+    return SupervisedTrainer(
+        device=device, max_epochs=train.epochs, train_data_loader=loader, network=model, optimizer=optimizer,
+        loss_function=loss_fn.to(device), prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
+        decollate=False, accumulation_steps=train.accumulation_steps,
+        optim_set_to_none=True,  # as a hand-written loop does: no memset of every gradient each step
+        **_amp_arguments(amp_dtype),
+    )
+
+
+def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype | None, metrics: MetricsConfig,
+                   labels: list[str], task: str, loss_fn):
+    """A MONAI SupervisedEvaluator under the training's autocast, with every metric attached (the loss on
+    the CPU, where the gathered outputs are: give it its own loss module, not the trainer's)."""
+    from monai.engines import SupervisedEvaluator
+
+    from engine.handlers import ValidationMetrics
+
+    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
+                                    prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
+                                    decollate=False, **_amp_arguments(amp_dtype))
+    validation = ValidationMetrics(labels, task, loss_fn, metrics.threshold, metrics.beta)
+    validation.attach(evaluator)
+    return evaluator, validation
+
+
+def attach_validation(trainer, evaluator, every: int) -> None:
+    """MONAI's ValidationHandler every `every` epochs and after the last one."""
+    from ignite.engine import Events
+    from monai.handlers import ValidationHandler
+
+    def due(engine, epoch: int) -> bool:
+        return epoch % every == 0 or epoch == engine.state.max_epochs
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=due),
+                              ValidationHandler(interval=every, validator=evaluator, epoch_level=True))
+
+
+def run_folder(output: OutputConfig, model: ModelConfig) -> Path:
+    """output.dir/<output.name or model-start time>; every rank gets rank 0's name, only rank 0 makes it."""
+    import ignite.distributed as idist
+
+    name = output.name or f"{model.name}{model.variant}-{datetime.now():%Y%m%d-%H%M%S}"
+    if idist.get_world_size() > 1:
+        name = idist.broadcast(name if idist.get_rank() == 0 else None, src=0, safe_mode=True)
+    folder = Path(output.dir) / name
+    if idist.get_rank() == 0:
+        (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return folder

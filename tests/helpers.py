@@ -1,0 +1,32 @@
+"""Shared by the tests: the repository root, tiny training overrides, and the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+SCHEMA_DEFAULTS = ROOT / "tests" / "schema-defaults.yaml"  # the CLI on the schema's defaults, as load_config(None)
+
+
+def tiny_overrides(tmp_path: Path, datalist: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long training run on tiny volumes."""
+    return [
+        f"data.train={datalist}", "data.demo.enabled=false", "preprocess.spatial_size=[32,32,32]",
+        f"cache.dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'runs'}", "output.name=run",
+        "loader.batch_size=4", "train.epochs=1", "model.widen_factor=0.25", "cache.workers=1",
+        "tracking.wandb.mode=disabled", *extra,
+    ]
+
+
+def command(*args: str) -> list[str]:
+    """`python -m engine.run COMMAND --config <schema defaults> OVERRIDES...`"""
+    return [sys.executable, "-m", "engine.run", *args[:1], "--config", str(SCHEMA_DEFAULTS), *args[1:]]
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=kwargs.pop("env", ENV), **kwargs)

@@ -1,0 +1,22 @@
+"""The end-of-run report."""
+
+import torch
+
+from engine.config import load_config
+from engine.workflow import train
+from helpers import tiny_overrides
+
+
+def test_report_has_every_panel_filled(tmp_path, tiny_demo):
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2")))
+    page = (folder / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 6
+    assert "Best and final validation" in page and "auc_macro" in page and "spatial_size" in page
+    assert (folder / "report.png").stat().st_size > 20_000
+
+
+def test_roc_curve_known_points():
+    from engine.report import roc_curve
+
+    fpr, tpr = roc_curve(torch.tensor([0.9, 0.8, 0.8, 0.1]), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert fpr == [0.0, 0.0, 0.5, 1.0] and tpr == [0.0, 0.5, 1.0, 1.0]

@@ -1,0 +1,78 @@
+"""The command line (`python -m engine.run`) and training under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.config import load_config
+from engine.inference import evaluate
+from helpers import ROOT
+
+
+def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "engine.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    return proc, time.time() - start
+
+
+def test_cli_bad_model_fails_fast_naming_the_key():
+    proc, seconds = run_cli("model.name=nope")
+    assert proc.returncode != 0
+    assert "model.name" in proc.stderr and "resnet3d" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert seconds < 2.0 * 3  # the 2 s budget is measured in bench/; here only a gross regression fails
+
+
+def test_cli_config_error_imports_neither_torch_nor_monai():
+    code = ("import sys; from engine.run import main; rc = main(['model.name=nope']); "
+            "print(rc, 'torch' in sys.modules, 'monai' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "False", "False"]
+
+
+def test_cli_help_lists_sections():
+    proc, _ = run_cli("--help")
+    assert proc.returncode == 0
+    for section in ("data", "preprocess", "cache", "model", "train", "metrics", "output"):
+        assert f"\n  {section} " in proc.stdout
+
+
+def test_cli_takes_command_config_and_overrides_in_any_order():
+    proc, _ = run_cli("evaluate", "--config", str(ROOT / "configs" / "default.yaml"), "model.name=nope")
+    assert proc.returncode != 0 and "model.name" in proc.stderr
+    proc, _ = run_cli("predict", "--config", str(ROOT / "configs" / "default.yaml"), "checkpoint=x.pt")
+    assert "input" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_under_torchrun_two_processes_gloo_cpu(tmp_path):
+    """The demo training (configs/default.yaml, fewer epochs) on two ranks."""
+    overrides = [f"data.demo.dir={tmp_path / 'demo'}", f"cache.dir={tmp_path / 'cache'}",
+                 f"output.dir={tmp_path / 'runs'}", "output.name=ddp", "train.epochs=2", "train.threads=1",
+                 "data.val_fraction=0.205"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "engine.run", "train", *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("ct3d run ") == 1  # the closing summary: rank 0 only
+    folder = tmp_path / "runs" / "ddp"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "report.html",
+                                                        "report.png", "summary.json", "wandb"]
+    assert len(list((folder / "wandb").glob("offline-run-*"))) == 1
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.pt", "final.pt", "last.pt"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["val_volumes"] == 41  # an odd count: the ranks hold unequal shares
+
+    best = folder / "checkpoints" / "best.pt"
+    cfg = load_config(ROOT / "configs" / "default.yaml", [*overrides, f"checkpoint={best}",
+                                                          "output.name=eval", "tracking.wandb.mode=disabled"],
+                      command="evaluate")
+    metrics = evaluate(cfg)
+    for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):
+        assert metrics[key] == pytest.approx(summary["best"][key], abs=1e-6), key
