@@ -26,6 +26,7 @@ $(HELM):
 tools: $(HELM)
 
 test: $(STAMP) $(HELM)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

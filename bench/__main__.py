@@ -51,8 +51,8 @@ def child_pipeline(args: dict) -> dict:
     """One pipeline measurement in this (fresh) process."""
     from monai.data import Dataset
 
-    from engine.config import PreprocessConfig
     from engine.data import build_dataset, preprocessing_transform
+    from engine.schema import PreprocessConfig
 
     p = PreprocessConfig(spatial_size=list(args["target"]))
     items = args["items"]
@@ -182,7 +182,8 @@ def bench_engine(cfg: dict, work: Path) -> dict:
 
     def engine_run(name: str, *extra: str) -> float:
         folder = train(load_config(ROOT / "configs" / "default.yaml", [*overrides, f"output.name={name}", *extra]))
-        return statistics.median(json.loads((folder / "summary.json").read_text())["epoch_seconds"][1:])
+        seconds = json.loads((folder / "summary.json").read_text())["epoch_seconds"]
+        return statistics.median(seconds[1:-1])  # without the first (warm-up) and the validated last epoch
 
     for repeat in range(cfg["engine_repeats"]):
         ours.append(engine_run(f"r{repeat}"))

@@ -10,8 +10,8 @@ import math
 import torch
 from ignite.engine import Engine, Events
 
-from engine.config import AugmentConfig
 from engine.datalist import IMAGE
+from engine.schema import AugmentConfig
 
 
 def augmentation(spec: AugmentConfig, device: torch.device):

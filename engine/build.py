@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import LoaderConfig, MetricsConfig, ModelConfig, OutputConfig, TrainConfig
 from engine.datalist import IMAGE, LABEL
 from engine.errors import CT3DError
+from engine.schema import LoaderConfig, MetricsConfig, ModelConfig, OutputConfig, TrainConfig
 
 log = logging.getLogger("ct3d")
 

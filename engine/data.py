@@ -26,10 +26,11 @@ from monai.transforms import (
     Spacingd,
 )
 
-from engine.config import PreprocessConfig, plain
+from engine.config import plain
 from engine.datalist import IMAGE, LABEL, NAME, WHERE, Problem
 from engine.errors import CT3DError
 from engine.io import TMP_PREFIX, atomic_write
+from engine.schema import PreprocessConfig
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 SOURCE = "source"  # cache entries record the path, size and mtime they were built from

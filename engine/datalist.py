@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engine.config import DataConfig
 from engine.errors import CT3DError
+from engine.schema import DataConfig
 
 IMAGE, LABEL, NAME = "image", "label", "name"  # the keys every item carries
 WHERE, PATIENT = "where", "patient"  # datalist file and row; patient id from data.patient_column

@@ -68,21 +68,21 @@ class ValidationMetrics:
 
 
 class History:
-    """The learning rate at about `lr_points` iterations per epoch (for the report), each epoch's
-    seconds (epoch start to next epoch start: every handler included) and the training time so far,
-    all kept across resumes."""
+    """The learning rate at about `lr_points` iterations per epoch (for the report), each epoch's seconds
+    and the training time so far, all kept across resumes. Attach it after the validation handler and
+    before Checkpoints: an epoch's time then includes its validation, and its checkpoint holds it."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr_points: int = 50):
         self.optimizer, self.lr_points = optimizer, lr_points
         self.lr_history: list[tuple[int, float]] = []
         self.epoch_seconds: list[float] = []
         self.seconds_before = 0.0  # training time of earlier runs of this run folder
-        self._started = time.perf_counter()
-        self._epoch_start: float | None = None
+        self._started = self._epoch_start = time.perf_counter()
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
     @property
     def lr(self) -> float:
@@ -93,10 +93,10 @@ class History:
         return self.seconds_before + time.perf_counter() - self._started
 
     def _epoch_started(self, trainer: Engine) -> None:
-        now = time.perf_counter()
-        if self._epoch_start is not None:
-            self.epoch_seconds.append(round(now - self._epoch_start, 4))
-        self._epoch_start = now
+        self._epoch_start = time.perf_counter()
+
+    def _epoch_completed(self, trainer: Engine) -> None:
+        self.epoch_seconds.append(round(time.perf_counter() - self._epoch_start, 4))
 
     def _iteration(self, trainer: Engine) -> None:
         every = max(1, (trainer.state.epoch_length or 1) // self.lr_points)

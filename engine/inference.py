@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from datetime import datetime
 from pathlib import Path
 
@@ -22,13 +21,14 @@ from engine.build import (
     resolve_device,
 )
 from engine.checkpoint import load_checkpoint
-from engine.config import Config, ModelConfig, PreprocessConfig, restore
+from engine.config import restore
 from engine.data import build_dataset
 from engine.datalist import IMAGE, LABEL, label_frequencies, resolve_image
 from engine.errors import CT3DError
-from engine.io import write_text
+from engine.io import write_json, write_text
 from engine.models import create_model
 from engine.prepare import load_splits
+from engine.schema import Config, ModelConfig, PreprocessConfig
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -47,17 +47,6 @@ def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module
 
 def checkpoint_preprocessing(state: dict) -> PreprocessConfig:
     return restore(PreprocessConfig, state["preprocessing"])
-
-
-def finite(value):
-    """JSON has no NaN: NaN becomes null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 def _output_folder(cfg: Config, command: str) -> Path:
@@ -81,7 +70,7 @@ def evaluate(cfg: Config) -> dict:
     folder = _output_folder(cfg, "evaluate")
     result = {"checkpoint": str(cfg.checkpoint), "epoch": state["trainer"]["epoch"], "volumes": len(val_items),
               "labels": labels, "metrics": metrics}
-    write_text(folder / "evaluation.json", json.dumps(finite(result), indent=2))
+    write_json(folder / "evaluation.json", result)
     width = max(len(k) for k in metrics)
     print(f"\nct3d evaluate {cfg.checkpoint} on {len(val_items)} volumes -> {folder}")
     print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()))

@@ -3,6 +3,8 @@ the new one, never half of one, and a crash leaves no file a later run would tak
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import uuid
 from contextlib import contextmanager
@@ -47,3 +49,19 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text)
+
+
+def _finite(value):
+    """JSON has no NaN: NaN becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value) -> None:
+    """`value` as indented JSON, NaN written as null, atomically."""
+    write_text(path, json.dumps(_finite(value), indent=2))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
 from engine.errors import CT3DError
+from engine.schema import ModelConfig
 
 VIT_SIZES = {  # hidden size, MLP size, layers, heads (the ViT-Ti/S/B shapes)
     "tiny": (192, 768, 12, 3),

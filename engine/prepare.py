@@ -11,11 +11,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import Config, DataConfig
 from engine.data import verify_cache, volume_problems
 from engine.datalist import NAME, Problem, format_problems, load_datalist, patient_of, split, split_problems
 from engine.errors import CT3DError
 from engine.io import write_text
+from engine.schema import Config, DataConfig
 
 log = logging.getLogger("ct3d")
 

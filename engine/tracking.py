@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from engine.config import WandbConfig
 from engine.errors import CT3DError
+from engine.schema import WandbConfig
 
 
 class WandbTracker:

@@ -4,7 +4,6 @@ evaluator with handlers -> checkpoints, metrics.csv, summary.json and the report
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -26,15 +25,15 @@ from engine.build import (
     setup_torch,
 )
 from engine.checkpoint import Checkpoints, RandomState, Resume, ScalerState, TrainerState, resume_checkpoint
-from engine.config import Config, plain, to_yaml
+from engine.config import plain, to_yaml
 from engine.data import build_dataset
 from engine.datalist import label_frequencies
 from engine.errors import CT3DError
 from engine.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
-from engine.inference import finite
-from engine.io import write_text
+from engine.io import write_json, write_text
 from engine.models import create_model
 from engine.prepare import Splits, prepare_data, write_skipped
+from engine.schema import Config
 
 log = logging.getLogger("ct3d")
 
@@ -81,12 +80,12 @@ def train(cfg: Config) -> Path:
         DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * idist.get_rank()).attach(trainer)
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
     attach_loss_metrics(trainer)
-    history.attach(trainer)
     if main:
         Progress(history, cfg.train.log_every).attach(trainer)
     SyncBuffers(net).attach(trainer)
     attach_validation(trainer, evaluator, cfg.train.val_every)
     table.attach(trainer, evaluator)
+    history.attach(trainer)  # after validation, before checkpoints: see History
     if cfg.train.early_stopping_patience:
         to_save["early_stopping"] = early_stopping(cfg, trainer, evaluator)
     tracker = None
@@ -102,14 +101,7 @@ def train(cfg: Config) -> Path:
 
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
              cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")
-    try:
-        trainer.run()
-    finally:
-        checkpoints.wait()
-    stop_if_loss_diverged(trainer, folder)
-    checkpoints.save("final", background=False)
-    if not table.rows:
-        raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
+    run_to_end(trainer, checkpoints, table, folder)
     summary = {
         "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
         "train_volumes": len(data.train), "val_volumes": len(data.val), "skipped": len(data.skipped),
@@ -181,14 +173,22 @@ def early_stopping(cfg: Config, trainer, evaluator):
     return stopper
 
 
-def stop_if_loss_diverged(trainer, folder: Path) -> None:
-    """After TerminateOnNan: a clear error, and no final.pt with NaN weights (last.pt is the last good epoch)."""
+def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, folder: Path) -> None:
+    """Runs the trainer, waits for the last checkpoint write and writes final.pt, unless the loss diverged
+    (TerminateOnNan stopped the run): then a clear error, and no final.pt with NaN weights."""
+    try:
+        trainer.run()
+    finally:
+        checkpoints.wait()
     output = trainer.state.output
     if output is not None and not math.isfinite(trainer.state.metrics.get("running_loss", 0.0)):
         raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
-                        f"the loss became {float(output['loss']):g}. The last good state is "
+                        f"the loss became {float(output['loss'].detach()):g}. The last good state is "
                         f"{folder / 'checkpoints' / 'last.pt'} (end of the previous epoch); try a lower train.lr, "
                         f"train.amp=off, or check the data")
+    checkpoints.save("final", background=False)
+    if not table.rows:
+        raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
 
 
 def summary_table(summary: dict, labels: list[str]) -> str:
@@ -203,7 +203,7 @@ def summary_table(summary: dict, labels: list[str]) -> str:
 
 def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: History, cfg: Config, tracker) -> None:
     """Rank 0's closing files: summary.json, the report, the W&B run's end, the printed table."""
-    write_text(folder / "summary.json", json.dumps(finite(summary), indent=2))
+    write_json(folder / "summary.json", summary)
     report_png = None
     if table.best_outputs:
         from engine.report import write_report

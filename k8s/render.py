@@ -10,8 +10,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from engine import __version__
-from engine.config import Config, K8sConfig, VolumeClaimConfig, plain, to_yaml
+from engine.config import plain, to_yaml
 from engine.errors import CT3DError
+from engine.schema import Config, K8sConfig, VolumeClaimConfig
 
 CONFIG_DIR, CACHE_DIR, OUTPUT_DIR, DATA_DIR = "/etc/ct3d", "/cache", "/output", "/data"
 

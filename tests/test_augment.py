@@ -3,7 +3,7 @@ import torch
 from ignite.engine import Engine
 
 from engine.augment import DeviceAugmentation
-from engine.config import AugmentConfig
+from engine.schema import AugmentConfig
 
 ALWAYS = AugmentConfig(flip_prob=0.5, affine_prob=1.0, smooth_prob=0.0, contrast_prob=1.0, noise_prob=1.0,
                        shift_prob=1.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import PreprocessConfig, load_config
+from engine.config import load_config
 from engine.data import (
     DiskCacheDataset,
     build_dataset,
@@ -19,6 +19,7 @@ from engine.data import (
 )
 from engine.errors import CT3DError
 from engine.prepare import cache, load_splits
+from engine.schema import PreprocessConfig
 from helpers import ENV, ROOT, command, tiny_overrides
 from volumes import write_dicom_series, write_itk, write_nifti
 

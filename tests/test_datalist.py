@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import DataConfig, Task
 from engine.datalist import label_frequencies, load_datalist, resolve_image, split
 from engine.errors import CT3DError
+from engine.schema import DataConfig, Task
 
 LABELS = ["Lung nodule", "Emphysema"]
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from engine.config import ModelConfig
 from engine.errors import CT3DError
 from engine.models import create_model
+from engine.schema import ModelConfig
 
 
 @pytest.mark.parametrize("name,variant", [("resnet3d", "10"), ("resnet3d", "50"), ("densenet3d", "121"),

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import PreprocessConfig, load_config
+from engine.config import load_config
 from engine.data import cache_folder, source_hash
 from engine.errors import CT3DError
 from engine.prepare import cache, check, load_splits
+from engine.schema import PreprocessConfig
 from engine.workflow import train
 from helpers import tiny_overrides
 from volumes import write_nifti

@@ -201,3 +201,29 @@ def test_sigkill_then_resume_finishes_with_identical_weights(tmp_path, tiny_demo
         assert not list((folder / "checkpoints").glob(".tmp-*"))  # the restarted run cleared the dead writer's
         got = load_checkpoint(folder / "checkpoints" / "final.pt")["model"]
         assert all(torch.equal(expected[k], got[k]) for k in expected), phase
+
+
+class NanAfter(torch.nn.BCEWithLogitsLoss):
+    """BCE that turns NaN from its `calls`-th call on, as a diverging run does."""
+
+    def __init__(self, calls: int):
+        super().__init__()
+        self.calls, self.seen = calls, 0
+
+    def forward(self, logits, labels):
+        self.seen += 1
+        loss = super().forward(logits, labels)
+        return loss * float("nan") if self.seen >= self.calls else loss
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, tiny_demo, monkeypatch):
+    from engine import workflow
+
+    monkeypatch.setattr(workflow, "make_loss", lambda *args: NanAfter(calls=7))  # iteration 7: in epoch 2
+    with pytest.raises(CT3DError, match=r"epoch 2, iteration 7: the loss became nan.*last.pt"):
+        train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=3")))
+    checkpoints = tmp_path / "runs" / "run" / "checkpoints"
+    assert not (checkpoints / "final.pt").exists()
+    last = load_checkpoint(checkpoints / "last.pt")
+    assert last["trainer"]["epoch"] == 1
+    assert all(torch.isfinite(w).all() for w in last["model"].values() if w.is_floating_point())

@@ -1,0 +1,248 @@
+"""The config schema: every setting declared once, here, with its default, its limits beside it and
+its meaning in a comment. Choices are Enums, which OmegaConf validates itself; code takes the section
+objects (`cfg.augment`, `cfg.preprocess`, ...) as they are, so no setting is copied into a second
+class. `engine/config.py` loads and checks a config against it. Standard library only."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+
+class Choice(str, Enum):
+    """A setting's accepted words; compares equal to (and prints as) its word."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def choice(name: str, *words: str) -> Any:
+    return Choice(name, [(w, w) for w in words])
+
+
+Task = choice("Task", "multilabel", "multiclass", "binary")
+Layout = choice("Layout", "flat", "ct-rate")
+OnError = choice("OnError", "raise", "skip")
+Resize = choice("Resize", "resize", "crop_pad")
+Dtype = choice("Dtype", "float16", "float32")
+ModelName = choice("ModelName", "resnet3d", "densenet3d", "vit3d")
+Amp = choice("Amp", "auto", "bf16", "fp16", "off")
+Loss = choice("Loss", "bce", "focal")
+# The key metric picks best.pt and drives early stopping.
+KeyMetric = choice("KeyMetric", "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "accuracy", "val_loss")
+Mode = choice("Mode", "auto", "max", "min")
+WandbMode = choice("WandbMode", "offline", "online", "disabled")
+PullPolicy = choice("PullPolicy", "IfNotPresent", "Always", "Never")
+AccessMode = choice("AccessMode", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
+
+MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "169", "201"),
+                  "vit3d": ("tiny", "small", "base")}
+DNS_LABEL = (r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", "is not a DNS-1123 label (lower case letters, digits and '-', "
+             "starting and ending with a letter or digit, at most 63 characters)")
+QUANTITY = (r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?", "is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+
+
+def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            length: int | None = None, pattern: tuple[str, str] | None = None) -> Any:
+    """A field with its limits: `ge`/`gt`/`le` bound a number (or every number of a list), `length` a
+    list's size, `pattern` (regex, what a mismatch is) a non-empty string. `load_config` checks them all."""
+    limits = {k: v for k, v in dict(ge=ge, gt=gt, le=le, length=length, pattern=pattern).items() if v is not None}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=limits)
+    return field(default=default, metadata=limits)
+
+
+PROBABILITY = dict(ge=0.0, le=1.0)
+
+
+@dataclass
+class DemoConfig:
+    enabled: bool = False  # generate the phantom data set and train on it
+    dir: str = ".ct3d/demo"  # where the NIfTI files and datalist.csv are written once
+    num_volumes: int = setting(200, ge=4)
+    shape: List[int] = setting([64, 64, 64], length=3, ge=8)  # voxels x, y, z
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # datalist: CSV (CT-RATE style) or MONAI JSON datalist
+    val: str = ""  # separate validation datalist; empty: a seeded split of `train`
+    val_fraction: float = setting(0.2, **PROBABILITY)
+    split_seed: int = 0
+    image_root: str = ""  # relative image paths resolve here; empty: the datalist's folder
+    layout: Layout = Layout.flat  # flat: <root>/<name>; ct-rate: <root>/train/train_1/train_1_a/<name>
+    image_column: str = "VolumeName"  # CSV column (JSON datalists use "image")
+    label_columns: List[str] = setting([])  # empty: every other CSV column
+    task: Task = Task.multilabel
+    num_classes: int = setting(0, ge=0)  # multiclass only: labels are class indices 0..num_classes-1
+    patient_column: str = ""  # CSV column with the patient id; empty: patient_pattern on the volume name
+    patient_pattern: str = r"^([A-Za-z]+_\d+)_"  # first group is the patient (CT-RATE: train_123_a_1 -> train_123)
+    on_error: OnError = OnError["raise"]  # raise: stop on any bad row or volume; skip: leave them out, listed
+    json_train_key: str = "training"
+    json_val_key: str = "validation"
+    demo: DemoConfig = setting(DemoConfig())
+
+
+@dataclass
+class PreprocessConfig:
+    """Deterministic preprocessing; every field is part of the disk cache's key."""
+
+    orientation: str = "RAS"
+    spacing: Optional[List[float]] = setting(None, length=3, gt=0)  # mm per voxel (x, y, z); null keeps the source's
+    hu_window: List[float] = setting([-1000.0, 1000.0], length=2)
+    scale_range: List[float] = setting([-1.0, 1.0], length=2)
+    spatial_size: List[int] = setting([64, 64, 64], length=3, ge=1)  # x, y, z after orientation
+    resize: Resize = Resize.resize  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
+    dtype: Dtype = Dtype.float16  # dtype kept in the caches; the model always sees float32
+
+
+@dataclass
+class CacheConfig:
+    disk: bool = True  # MONAI PersistentDataset under dir/<hash of preprocess settings>
+    dir: str = ".ct3d/cache"
+    memory_rate: float = setting(1.0, **PROBABILITY)  # fraction of each split kept in RAM (CacheDataset); 0: off
+    workers: int = setting(2, ge=0)  # threads that fill the caches
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = setting(8, ge=1)
+    val_batch_size: int = setting(0, ge=0)  # 0: same as batch_size
+    num_workers: int = setting(0, ge=0)
+    pin_memory: bool = True  # only used when training on CUDA
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = ModelName.resnet3d
+    variant: str = ""  # resnet3d: 10/18/34/50, densenet3d: 121/169/201, vit3d: tiny/small/base; empty: the smallest
+    in_channels: int = setting(1, ge=1)
+    first_conv_stride: int = setting(2, ge=1)  # resnet3d: MONAI's default of 1 is ~4x slower on CT volumes
+    widen_factor: float = setting(1.0, gt=0)  # resnet3d channel multiplier
+    patch_size: int = setting(16, ge=1)  # vit3d
+    dropout: float = setting(0.0, ge=0.0, le=0.99)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = setting(10, ge=1)
+    lr: float = setting(1e-3, gt=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    warmup_epochs: float = setting(1.0, ge=0)
+    accumulation_steps: int = setting(1, ge=1)
+    amp: Amp = Amp.auto  # auto: bf16 on CUDA when supported, else off
+    loss: Loss = Loss.bce  # bce (with pos_weight; cross entropy for multiclass) | focal
+    pos_weight_cap: float = setting(10.0, ge=0)  # 0 disables pos_weight
+    focal_gamma: float = setting(2.0, ge=0)
+    val_every: int = setting(1, ge=1)  # validate every N epochs (and always after the last)
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = setting(0, ge=0)  # torch intra-op threads; 0 keeps torch's default
+    log_every: int = setting(10, ge=1)  # iterations between plain log lines when not on a terminal
+    resume: str = "auto"  # auto: continue from the run folder's latest checkpoint if any; off; or a path
+    early_stopping_patience: int = setting(0, ge=0)  # validations without improvement before stopping; 0: off
+    early_stopping_min_delta: float = setting(0.0, ge=0)
+
+
+@dataclass
+class AugmentConfig:
+    """Random transforms applied per sample on the training device, after the caches."""
+
+    enabled: bool = True
+    flip_prob: float = setting(0.5, **PROBABILITY)  # per spatial axis
+    affine_prob: float = setting(0.3, **PROBABILITY)
+    rotate_degrees: List[float] = setting([5.0, 5.0, 15.0], length=3, ge=0)  # about x, y, z
+    scale_range: List[float] = setting([0.9, 1.1], length=2, gt=0)
+    smooth_prob: float = setting(0.1, **PROBABILITY)
+    contrast_prob: float = setting(0.2, **PROBABILITY)
+    noise_prob: float = setting(0.2, **PROBABILITY)
+    noise_std: float = setting(0.02, ge=0)  # in scaled intensity units
+    shift_prob: float = setting(0.2, **PROBABILITY)
+    shift: float = setting(0.05, ge=0)
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline  # offline (no network), online (key from WANDB_API_KEY), disabled
+    project: str = "ct3d"
+    entity: str = ""
+    tags: List[str] = setting([])
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = setting(WandbConfig())
+
+
+@dataclass
+class MetricsConfig:
+    key: KeyMetric = KeyMetric.auc_macro
+    mode: Mode = Mode.auto  # auto: min for val_loss, else max
+    threshold: float = setting(0.5, **PROBABILITY)
+    beta: float = setting(1.0, gt=0)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str = ""  # empty: <model><variant>-<start time>
+
+
+@dataclass
+class VolumeClaimConfig:
+    name: str = setting("", pattern=DNS_LABEL)  # claim name; empty: <job name>-<role>
+    existing: bool = False  # true: mount a claim that already exists, render none
+    size: str = setting("100Gi", pattern=QUANTITY)
+    access_mode: AccessMode = AccessMode.ReadWriteMany  # several pods (nodes) share it; ReadWriteOnce: one node
+
+
+@dataclass
+class K8sConfig:
+    """`python -m k8s render` turns this section (and the rest of the config) into Kubernetes objects."""
+
+    name: str = setting("ct3d-train", pattern=DNS_LABEL)  # Job name; also the run folder on the output claim
+    namespace: str = setting("default", pattern=DNS_LABEL)
+    image: str = "ghcr.io/ct3d/ct3d:0.1.0"
+    image_pull_policy: PullPolicy = PullPolicy.IfNotPresent
+    nodes: int = setting(1, ge=1)  # pods; more than 1: an Indexed Job, torchrun rendezvous at pod 0
+    gpus: int = setting(1, ge=0)  # GPUs per pod, also torchrun's --nproc-per-node
+    cpu: str = setting("8", pattern=QUANTITY)
+    memory: str = setting("64Gi", pattern=QUANTITY)
+    shm_size: str = setting("16Gi", pattern=QUANTITY)  # memory-backed /dev/shm for DataLoader workers
+    node_selector: Dict[str, str] = setting({})
+    tolerations: List[Dict[str, str]] = setting([])
+    storage_class: str = ""  # empty: the cluster's default
+    cache: VolumeClaimConfig = setting(VolumeClaimConfig(size="500Gi"))
+    output: VolumeClaimConfig = setting(VolumeClaimConfig(size="50Gi"))
+    data_claim: str = setting("", pattern=DNS_LABEL)  # an existing claim holding the data set, read-only at /data
+    wandb_secret: str = setting("wandb", pattern=DNS_LABEL)  # Secret with key `api-key`; optional for the job
+    backoff_limit: int = setting(3, ge=0)  # pod failures (not node disruptions) before the Job fails
+    active_deadline_seconds: int = setting(0, ge=0)  # 0: no deadline
+    ttl_seconds_after_finished: int = setting(604800, ge=0)
+    run_as_user: int = setting(1000, ge=1)  # pods run as this non-root user (0, root, is refused)
+    master_port: int = setting(29500, ge=1, le=65535)
+
+
+@dataclass
+class Config:
+    data: DataConfig = setting(DataConfig())
+    preprocess: PreprocessConfig = setting(PreprocessConfig())
+    cache: CacheConfig = setting(CacheConfig())
+    loader: LoaderConfig = setting(LoaderConfig())
+    model: ModelConfig = setting(ModelConfig())
+    train: TrainConfig = setting(TrainConfig())
+    augment: AugmentConfig = setting(AugmentConfig())
+    tracking: TrackingConfig = setting(TrackingConfig())
+    metrics: MetricsConfig = setting(MetricsConfig())
+    output: OutputConfig = setting(OutputConfig())
+    k8s: K8sConfig = setting(K8sConfig())
+    checkpoint: str = ""  # evaluate / predict: the checkpoint to load
+    input: str = ""  # predict: a datalist, one volume, or a folder of volumes
