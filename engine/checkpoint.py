@@ -21,6 +21,7 @@ from engine.io import TMP_PREFIX, atomic_write
 
 log = logging.getLogger("ct3d")
 CHECKPOINT_NAMES = ("final.pt", "last.pt", "best.pt")
+CHECKPOINT_FORMAT = 2  # bump when what a checkpoint holds changes; older files are refused by name
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -42,6 +43,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CT3DError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CT3DError(f"checkpoint {path}: not a ct3d checkpoint (no 'model' entry)")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CT3DError(f"checkpoint {path}: written by another ct3d version (checkpoint format "
+                        f"{state.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); start a new run "
+                        f"(another output.name, or train.resume=off)")
     return state
 
 
@@ -166,7 +171,8 @@ class Checkpoints:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, after_epoch)
 
     def state(self) -> dict:
-        return {**{name: part.state_dict() for name, part in self.to_save.items()}, **self.meta}
+        parts = {name: part.state_dict() for name, part in self.to_save.items()}
+        return {**parts, **self.meta, "format": CHECKPOINT_FORMAT}
 
     def save(self, *names: str, background: bool = True) -> list[Path]:
         """Writes the current state to each `name`.pt (in this order); a no-op where write is False."""
@@ -206,8 +212,9 @@ class Resume:
     past `max_epochs` and parts the checkpoint lacks; here a part new to the run (e.g. early stopping
     turned on) starts fresh, and the file is read with our checks."""
 
-    def __init__(self, path: Path | None, to_load: dict[str, Any], map_location: str | torch.device = "cpu"):
-        self.path, self.to_load, self.map_location = path, to_load, map_location
+    def __init__(self, path: Path | None, to_load: dict[str, Any]):
+        self.path, self.to_load = path, to_load
+        self.epoch: int | None = None  # the epoch the checkpoint was taken at, once loaded
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.STARTED, self)
@@ -215,9 +222,11 @@ class Resume:
     def __call__(self, trainer: Engine) -> None:
         if self.path is None:
             return
-        state = load_checkpoint(self.path, self.map_location)
+        # On the CPU: the RNG states must be CPU tensors; model and optimizer copy to their own devices.
+        state = load_checkpoint(self.path, "cpu")
         missing = [name for name in self.to_load if name not in state]
         Checkpoint.load_objects({k: v for k, v in self.to_load.items() if k in state}, state)
+        self.epoch = trainer.state.epoch
         log.info("resumed from %s at epoch %d%s%s", self.path, trainer.state.epoch,
                  " (already finished)" if trainer.state.epoch >= trainer.state.max_epochs or trainer.should_terminate
                  else "", f"; new since then: {', '.join(missing)}" if missing else "")

@@ -194,10 +194,11 @@ class SyncBuffers:
                 buffer.data.copy_(idist.broadcast(buffer.data, src=0))
 
 
-def attach_loss_metrics(trainer: Engine) -> None:
+def attach_loss_metrics(trainer: Engine, stop_on_nan: bool = True) -> None:
     """`train_loss` (the epoch's mean) and `running_loss` (Ignite's running average, for progress), both
-    averaged over ranks; a NaN or infinite loss on any rank stops every rank (Ignite's TerminateOnNan on
-    the all-reduced running average)."""
+    averaged over ranks. With `stop_on_nan`, a NaN or infinite loss on any rank stops every rank in the
+    same iteration (Ignite's TerminateOnNan on the loss summed over ranks). fp16 runs leave it off:
+    their GradScaler skips the steps whose values overflow and training goes on."""
     from ignite.handlers import TerminateOnNan
     from ignite.metrics import Average, RunningAverage
 
@@ -206,8 +207,9 @@ def attach_loss_metrics(trainer: Engine) -> None:
 
     Average(output_transform=loss).attach(trainer, "train_loss")
     RunningAverage(output_transform=loss).attach(trainer, "running_loss")
-    trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                              TerminateOnNan(output_transform=lambda _: trainer.state.metrics["running_loss"]))
+    if stop_on_nan:
+        summed = TerminateOnNan(output_transform=lambda output: idist.all_reduce(loss(output).clone()))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, summed)
 
 
 class Progress:

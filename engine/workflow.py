@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from engine.augment import DeviceAugmentation
 from engine.build import (
     attach_validation,
@@ -73,13 +75,14 @@ def train(cfg: Config) -> Path:
                "trainer": TrainerState(trainer), "metrics_table": table, "history": history, "rng": RandomState()}
 
     # Handlers, in the order they run on each event.
-    Resume(resume_from(cfg, folder), to_save, device).attach(trainer)
+    resume = Resume(resume_from(cfg, folder), to_save)
+    resume.attach(trainer)
     total_steps = cfg.train.epochs * len(train_loader)  # a raised train.epochs extends a resumed schedule
     trainer.add_event_handler(Events.STARTED, lambda _: setattr(scheduler, "t_total", total_steps))
     if cfg.augment.enabled:
         DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * idist.get_rank()).attach(trainer)
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
-    attach_loss_metrics(trainer)
+    attach_loss_metrics(trainer, stop_on_nan=amp_dtype != torch.float16)
     if main:
         Progress(history, cfg.train.log_every).attach(trainer)
     SyncBuffers(net).attach(trainer)
@@ -101,7 +104,7 @@ def train(cfg: Config) -> Path:
 
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
              cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")
-    run_to_end(trainer, checkpoints, table, folder)
+    run_to_end(trainer, checkpoints, table, resume, folder)
     summary = {
         "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
         "train_volumes": len(data.train), "val_volumes": len(data.val), "skipped": len(data.skipped),
@@ -173,20 +176,27 @@ def early_stopping(cfg: Config, trainer, evaluator):
     return stopper
 
 
-def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, folder: Path) -> None:
-    """Runs the trainer, waits for the last checkpoint write and writes final.pt, unless the loss diverged
-    (TerminateOnNan stopped the run): then a clear error, and no final.pt with NaN weights."""
+def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path) -> None:
+    """Runs the trainer, waits for the last checkpoint write and writes final.pt (unless this start found
+    the run finished and final.pt there). A diverged loss (TerminateOnNan) is a clear error on every
+    rank, and no final.pt with NaN weights is written: last.pt holds the last good epoch."""
+    import ignite.distributed as idist
+
     try:
         trainer.run()
     finally:
         checkpoints.wait()
     output = trainer.state.output
-    if output is not None and not math.isfinite(trainer.state.metrics.get("running_loss", 0.0)):
+    diverged = bool(trainer.should_terminate and output is not None and not torch.isfinite(output["loss"]).all())
+    if idist.get_world_size() > 1:  # the ranks agree: a NaN on any rank stopped them all
+        diverged = bool(idist.all_reduce(int(diverged)))
+    if diverged:
         raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
                         f"the loss became {float(output['loss'].detach()):g}. The last good state is "
                         f"{folder / 'checkpoints' / 'last.pt'} (end of the previous epoch); try a lower train.lr, "
                         f"train.amp=off, or check the data")
-    checkpoints.save("final", background=False)
+    if trainer.state.epoch != resume.epoch or not (folder / "checkpoints" / "final.pt").is_file():
+        checkpoints.save("final", background=False)
     if not table.rows:
         raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
 

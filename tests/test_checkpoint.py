@@ -5,9 +5,11 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine.checkpoint import (
+    CHECKPOINT_FORMAT,
     Checkpoints,
     RandomState,
     Resume,
+    ScalerState,
     TrainerState,
     find_latest_checkpoint,
     load_checkpoint,
@@ -27,7 +29,8 @@ def test_find_latest_checkpoint_skips_unreadable_and_temp_files(tmp_path):
 
 def test_failed_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "trainer": {"epoch": 1, "iteration": 1}})
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "trainer": {"epoch": 1, "iteration": 1},
+                           "format": CHECKPOINT_FORMAT})
 
     def broken_save(obj, f, *args, **kwargs):
         open(f, "wb").write(b"partial")
@@ -99,9 +102,10 @@ def test_one_mapping_saves_and_restores_every_part_at_started(tmp_path):
     """What Checkpoints writes from `to_save` is what Resume puts back into the same mapping."""
     trainer = counting_trainer(2)
     parts = {"model": Weights(3), "trainer": TrainerState(trainer), "rng": RandomState()}
-    run_saving(trainer, tmp_path, parts, 2)
     torch.manual_seed(5)
-    expected_draw = torch.rand(3)
+    run_saving(trainer, tmp_path, parts, 2)
+    expected_draw = torch.rand(3)  # the generator as the last checkpoint saw it
+    torch.manual_seed(123)
 
     fresh = counting_trainer(4)
     restored = {"model": Weights(0), "trainer": TrainerState(fresh), "rng": RandomState(),
@@ -109,7 +113,6 @@ def test_one_mapping_saves_and_restores_every_part_at_started(tmp_path):
     epochs_run = []
     Resume(tmp_path / "last.pt", restored).attach(fresh)
     fresh.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
-    fresh.add_event_handler(Events.STARTED, lambda e: torch.manual_seed(5))
     fresh.run([0, 1], max_epochs=4)
     assert torch.equal(restored["model"].w, torch.full((1000,), 3.0))
     assert epochs_run == [3, 4]  # continues after the saved epoch 2, up to the configured 4
@@ -125,3 +128,23 @@ def test_resume_keeps_a_lowered_epoch_count_finished(tmp_path):
     fresh.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
     fresh.run([0], max_epochs=2)
     assert epochs_run == [] and fresh.state.epoch == 3
+
+
+def test_older_checkpoint_formats_are_refused_by_name(tmp_path):
+    from engine.errors import CT3DError
+
+    save_checkpoint(tmp_path / "last.pt", {"model": {}, "trainer": {"epoch": 1, "iteration": 5}})
+    with pytest.raises(CT3DError, match="another ct3d version"):
+        Resume(tmp_path / "last.pt", {"model": Weights(0)})(counting_trainer(2))
+
+
+def test_scaler_state_round_trips_once_the_trainer_made_its_scaler():
+    """MONAI makes the fp16 GradScaler inside run(): ScalerState reads and writes whatever is there then."""
+    trainer = counting_trainer(1)
+    trainer.scaler = None
+    assert ScalerState(trainer).state_dict() is None
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    saved = ScalerState(trainer).state_dict()
+    trainer.scaler = torch.amp.GradScaler("cpu")  # what run() makes afresh
+    ScalerState(trainer).load_state_dict(saved)
+    assert trainer.scaler.get_scale() == 1024.0

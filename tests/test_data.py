@@ -40,6 +40,13 @@ def cache_entries(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+def test_cache_key_is_stable_across_versions():
+    """Existing disk caches stay valid: the key of these settings was computed by ct3d 0.1.0."""
+    assert cache_key(PreprocessConfig()) == "c71924e3524f00ce"
+    ct_rate = PreprocessConfig(spacing=[0.75, 0.75, 1.5], orientation="LPS", spatial_size=[256, 256, 128])
+    assert cache_key(ct_rate) == "e54ba74a86dae2c3"
+
+
 def test_cache_key_changes_with_every_preprocessing_setting():
     base = PreprocessConfig()
     variants = [PreprocessConfig(spacing=[1.0, 1.0, 2.0]), PreprocessConfig(hu_window=[-500.0, 500.0]),

@@ -30,6 +30,7 @@ def test_each_model_family_trains_one_epoch(tmp_path, tiny_demo, model):
         assert (folder / name).is_file(), name
     rows = list(csv.DictReader(open(folder / "metrics.csv")))
     assert len(rows) == 1 and rows[0]["epoch"] == "1" and rows[0]["auc/Emphysema"] != ""
+    assert float(rows[0]["train_loss"]) > 0 and float(rows[0]["seconds"]) > 0
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["labels"] == list(LABELS) and summary["best_epoch"] == 1
     assert summary["train_volumes"] + summary["val_volumes"] == 24
@@ -138,10 +139,12 @@ def test_early_stopping_still_writes_last_and_final(tmp_path, tiny_demo):
     final = load_checkpoint(folder / "checkpoints" / "final.pt")
     assert last["trainer"]["epoch"] == 2 and final["trainer"]["epoch"] == 2
     assert final["trainer"]["stopped_early"] and final["early_stopping"]["counter"] == 1
-    # resuming a run that stopped early trains no further
+    # resuming a run that stopped early trains no further and leaves its final.pt alone
+    written = (folder / "checkpoints" / "final.pt").stat().st_mtime_ns
     train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=6", "train.early_stopping_patience=1",
                                            "train.early_stopping_min_delta=1")))
     assert load_checkpoint(folder / "checkpoints" / "final.pt")["trainer"]["epoch"] == 2
+    assert (folder / "checkpoints" / "final.pt").stat().st_mtime_ns == written
 
 # ------------------------------------------------------------------ killed and resumed
 KILL_RUN = ("train.deterministic=true", "train.epochs=3", "train.log_every=1", "model.widen_factor=1.0",
