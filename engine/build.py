@@ -25,13 +25,22 @@ def setup_logging(main: bool = True) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def setup_torch(train: TrainConfig) -> None:
-    """Threads, seeds and (with train.deterministic) deterministic algorithms."""
+def setup_torch(train: TrainConfig, rank: int = 0) -> None:
+    """Threads; seeds from (seed, rank), so ranks draw different dropout masks; cuDNN autotuning for speed,
+    or with train.deterministic deterministic kernels where they exist: on CUDA, ops that have none (3D
+    max-pool backward, for one) warn instead of stopping the run."""
+    import os
+
     from monai.utils import set_determinism
 
     if train.threads:
         torch.set_num_threads(train.threads)
-    set_determinism(seed=train.seed, use_deterministic_algorithms=train.deterministic or None)
+    set_determinism(seed=train.seed + 1_000_003 * rank)  # also pins cuDNN to deterministic: set below
+    torch.backends.cudnn.deterministic = train.deterministic
+    torch.backends.cudnn.benchmark = not train.deterministic
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
+    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -48,7 +48,7 @@ def train(cfg: Config) -> Path:
 
     start, main = time.time(), idist.get_rank() == 0  # only rank 0 writes files, logs progress, talks to W&B
     setup_logging(main)
-    setup_torch(cfg.train)
+    setup_torch(cfg.train, idist.get_rank())
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     data = prepare_data_first_on_rank0(cfg, progress=main and sys.stderr.isatty())

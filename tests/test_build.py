@@ -1,4 +1,6 @@
-"""Builders: precision, inferer, loaders, validation schedule."""
+"""Builders: precision, inferer, loaders, validation schedule, torch set-up."""
+
+import os
 
 import torch
 
@@ -57,3 +59,32 @@ def test_trainer_reshuffles_each_epoch_through_monai_and_the_order_depends_on_se
     first = orders(0)
     assert first[0] != first[1] and sorted(first[0]) == list(range(8))  # MONAI sets the sampler's epoch
     assert orders(0) == first and orders(1) != first
+
+
+def test_cudnn_autotunes_unless_deterministic_and_missing_kernels_only_warn(monkeypatch):
+    from engine.build import setup_torch
+    from engine.schema import TrainConfig
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        setup_torch(TrainConfig(deterministic=False))
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+        setup_torch(TrainConfig(deterministic=True))
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False
+
+
+def test_each_rank_draws_its_own_random_numbers():
+    from engine.build import setup_torch
+    from engine.schema import TrainConfig
+
+    draws = []
+    for rank in (0, 1, 0):
+        setup_torch(TrainConfig(seed=3), rank)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
