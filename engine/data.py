@@ -17,7 +17,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     Orientationd,
     Resized,
@@ -42,6 +41,19 @@ def cache_key(p: PreprocessConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class LoadVolumed(MapTransform):
+    """Loads each key's volume as MONAI's LoadImaged(image_only=True) would, with the reader its kind
+    calls for (engine/sources.py: DICOM found by content, one series of a folder by name)."""
+
+    def __call__(self, data):
+        from engine.sources import read_volume, to_meta_tensor
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = to_meta_tensor(*read_volume(str(d[key])), str(d[key]))
+        return d
+
+
 class CheckVolumed(MapTransform):
     """Fails with the file's name when a loaded image is not one 3D volume, holds NaN, or is constant."""
 
@@ -61,7 +73,7 @@ class CheckVolumed(MapTransform):
 
 def preprocessing_transform(p: PreprocessConfig) -> Compose:
     steps = [
-        LoadImaged(IMAGE, image_only=True),
+        LoadVolumed(IMAGE),
         EnsureChannelFirstd(IMAGE),
         CheckVolumed(IMAGE),
         Orientationd(IMAGE, axcodes=p.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
@@ -79,12 +91,15 @@ def preprocessing_transform(p: PreprocessConfig) -> Compose:
 
 
 def source_signature(path: str) -> list:
-    """The volume's path, size and modification time: a changed file is a new cache entry."""
-    try:
-        stat = os.stat(path)
-        return [path, stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        return [path]
+    """The volume's path, size and modification time: a changed file is a new cache entry. A series named
+    inside a folder (`<folder>/<series>`) goes by its folder's."""
+    for candidate in (path, os.path.dirname(path)):
+        try:
+            stat = os.stat(candidate)
+            return [path, stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            continue
+    return [path]
 
 
 def source_hash(item: dict) -> bytes:

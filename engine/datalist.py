@@ -18,6 +18,7 @@ from engine.schema import DataConfig
 
 IMAGE, LABEL, NAME = "image", "label", "name"  # the keys every item carries
 WHERE, PATIENT = "where", "patient"  # datalist file and row; patient id from data.patient_column
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # DICOM is found by content
 
 
 @dataclass
@@ -49,6 +50,11 @@ def resolve_image(name: str, root: Path, layout: str) -> Path:
             split_id = f"{parts[0]}_{parts[1]}"
             return root / parts[0] / split_id / f"{split_id}_{parts[2]}" / name
     return root / path
+
+
+def could_be_series(image: Path) -> bool:
+    """`<folder>/<series>` names one DICOM series of a folder that holds several (checked when read)."""
+    return not image.name.lower().endswith(VOLUME_SUFFIXES) and image.parent.is_dir()
 
 
 def _label_vector(raw, data: DataConfig, n_outputs: int) -> list[float]:
@@ -154,7 +160,7 @@ def load_datalist(path: str | Path, data: DataConfig, json_key: str = "training"
             bad = True
         seen.setdefault(name, index)
         image = resolve_image(name, root, data.layout)
-        if not image.exists():
+        if not image.exists() and not could_be_series(image):
             problems.append(Problem(at, f"volume {image} does not exist", name))
             bad = True
         try:

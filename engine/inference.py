@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -16,21 +19,21 @@ from engine.build import (
     make_inferer,
     make_loader,
     make_loss,
-    prepare_batch,
     resolve_amp,
     resolve_device,
 )
 from engine.checkpoint import load_checkpoint
 from engine.config import restore
-from engine.data import build_dataset
-from engine.datalist import IMAGE, LABEL, label_frequencies, resolve_image
+from engine.data import build_dataset, preprocess, preprocessing_transform
+from engine.datalist import IMAGE, NAME, Problem, could_be_series, label_frequencies, resolve_image
 from engine.errors import CT3DError
 from engine.io import write_json, write_text
 from engine.models import create_model
-from engine.prepare import load_splits
+from engine.prepare import load_splits, write_skipped
 from engine.schema import Config, ModelConfig, PreprocessConfig
+from engine.sources import find_volumes
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+log = logging.getLogger("ct3d")
 
 
 def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -77,62 +80,103 @@ def evaluate(cfg: Config) -> dict:
     return metrics
 
 
-def _datalist_volumes(path: Path, cfg: Config) -> list[dict]:
+def _datalist_volumes(path: Path, cfg: Config) -> tuple[list[dict], list[Problem]]:
     if path.suffix.lower() == ".json":
         names = [str(e["image"]) for e in json.loads(path.read_text()).get(cfg.data.json_train_key, [])]
     else:
         with open(path, newline="") as f:
             names = [row[cfg.data.image_column] for row in csv.DictReader(f)]
     root = Path(cfg.data.image_root) if cfg.data.image_root else path.parent
-    items = [{IMAGE: str(resolve_image(n, root, cfg.data.layout)), "name": n} for n in names]
-    missing = [it[IMAGE] for it in items if not Path(it[IMAGE]).exists()]
-    if missing:
-        raise CT3DError(f"datalist {path}: {len(missing)} volume(s) missing, e.g. {missing[0]}")
-    return items
+    items, skipped = [], []
+    for name in names:
+        image = resolve_image(name, root, cfg.data.layout)
+        if image.exists() or could_be_series(image):
+            items.append({IMAGE: str(image), NAME: name})
+        else:
+            skipped.append(Problem(f"{path}: {name}", f"volume {image} does not exist", name))
+    return items, skipped
 
 
-def list_volumes(source: str, cfg: Config) -> list[dict]:
-    """Items {"image", "name"} from a datalist, one volume, or a folder of volumes and DICOM series folders."""
+def list_inputs(source: str, cfg: Config) -> tuple[list[dict], list[Problem]]:
+    """Items {"image", "name"} from a datalist, one volume, or a folder (volumes and DICOM series at any
+    depth), and every entry left out with its reason."""
     path = Path(source)
     if not source or not path.exists():
         raise CT3DError(f"config error: input: {source!r} does not exist (a datalist, a volume or a folder)")
     if path.is_file() and path.suffix.lower() in (".csv", ".json"):
-        return _datalist_volumes(path, cfg)
-    if path.is_file() or any(p.suffix.lower() == ".dcm" for p in path.iterdir()):
-        return [{IMAGE: str(path), "name": path.name}]
-    items = []
-    for entry in sorted(path.iterdir()):
-        is_volume = entry.is_file() and entry.name.lower().endswith(VOLUME_SUFFIXES) and entry.suffix != ".dcm"
-        is_series = entry.is_dir() and any(p.suffix.lower() == ".dcm" for p in entry.iterdir())
-        if is_volume or is_series:
-            items.append({IMAGE: str(entry), "name": entry.name})
+        items, skipped = _datalist_volumes(path, cfg)
+    else:
+        items, skipped = find_volumes(path)
     if not items:
-        raise CT3DError(f"input {path}: no volumes (NIfTI, NRRD, MHA files or DICOM series folders) found")
-    return items
+        raise CT3DError(f"input {path}: no volumes (NIfTI, NRRD, MHA files or DICOM series) found"
+                        + "".join(f"\n  {p}" for p in skipped))
+    return items, skipped
+
+
+class _Readable(torch.utils.data.Dataset):
+    """Preprocessed volumes for prediction; one that cannot be read becomes a reason, not a crash."""
+
+    def __init__(self, items: list[dict], p: PreprocessConfig):
+        self.items, self.transform = items, preprocessing_transform(p)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return {"index": index, IMAGE: preprocess(self.transform, dict(self.items[index]))[IMAGE]}
+        except CT3DError as exc:
+            return {"index": index, "error": str(exc)}
+
+
+def _batches(samples: list[dict]) -> tuple[list[dict], dict | None]:
+    good = [s for s in samples if "error" not in s]
+    batch = {"index": [s["index"] for s in good], IMAGE: torch.stack([s[IMAGE] for s in good])} if good else None
+    return [s for s in samples if "error" in s], batch
+
+
+def _with_progress(loader, volumes: int, batch_size: int):
+    """A tqdm bar on a terminal; otherwise a log line with the ETA about every tenth of the way."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(loader, total=len(loader), desc="predict", unit="batch")
+        return
+    start, every = time.time(), max(1, len(loader) // 10)
+    for i, batch in enumerate(loader, start=1):
+        yield batch
+        if i % every == 0 or i == len(loader):
+            done, seconds = min(i * batch_size, volumes), time.time() - start
+            log.info("predict: %d/%d volumes, %.1f volumes/s, ETA %.0f s", done, volumes, done / seconds,
+                     (volumes - done) * seconds / done)
 
 
 def predict(cfg: Config) -> Path:
-    """predictions.csv: one row per volume, one probability column per label of the checkpoint."""
+    """predictions.csv: one row per volume, one probability column per label of the checkpoint; every
+    input left out (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
     from engine.metrics import probabilities
 
     device = resolve_device(cfg.train.device)
     model, state = load_trained_model(cfg.checkpoint, device)
-    items = list_volumes(cfg.input, cfg)
-    for it in items:
-        it[LABEL] = [0.0]  # Labelled wants a label; predictions ignore it
-    dataset = build_dataset(items, checkpoint_preprocessing(state), None, 0.0, cfg.cache.workers)
+    items, skipped = list_inputs(cfg.input, cfg)
+    batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
+    loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
+                                         num_workers=cfg.loader.num_workers, collate_fn=_batches)
     inferer = make_inferer(device, resolve_amp(cfg.train.amp, device))
     rows = []
     with torch.no_grad():
-        for batch in make_loader(dataset, cfg.loader, device):
-            image, _ = prepare_batch(batch, device)
-            rows.extend(probabilities(inferer(image, model), state["task"]).cpu().tolist())
+        for errors, batch in _with_progress(loader, len(items), batch_size):
+            skipped += [Problem(items[e["index"]][IMAGE], e["error"], items[e["index"]][NAME]) for e in errors]
+            if batch is not None:
+                probs = probabilities(inferer(batch[IMAGE].to(device).float(), model), state["task"]).cpu().tolist()
+                rows += [[items[i][NAME], *(f"{p:.6f}" for p in row)] for i, row in zip(batch["index"], probs)]
+    folder = _output_folder(cfg, "predict")
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["VolumeName", *state["labels"]])
-    for it, probs in zip(items, rows):
-        writer.writerow([it["name"], *(f"{p:.6f}" for p in probs)])
-    path = _output_folder(cfg, "predict") / "predictions.csv"
-    write_text(path, buf.getvalue())
-    print(f"ct3d predict: {len(items)} volume(s) -> {path}")
-    return path
+    csv.writer(buf).writerows([["VolumeName", *state["labels"]], *rows])
+    write_text(folder / "predictions.csv", buf.getvalue())
+    if skipped:
+        write_skipped(folder, skipped)
+    print(f"ct3d predict: {len(rows)} volume(s) -> {folder / 'predictions.csv'}"
+          + (f"; {len(skipped)} input(s) left out, listed in {folder / 'skipped.csv'}:" if skipped else "")
+          + "".join(f"\n  {p}" for p in skipped))
+    return folder / "predictions.csv"

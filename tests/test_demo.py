@@ -57,6 +57,7 @@ def test_demo_command_trains_to_target_auc(tmp_path):
     for name in ("config.yaml", "metrics.csv", "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/final.pt"):
         assert (runs[0] / name).is_file()
     assert "auc_macro" in proc.stdout  # the closing summary table
+    assert "nvimgcodec" not in (proc.stdout + proc.stderr).lower()  # no warning a user cannot act on
     assert (runs[0] / "report.html").read_text().count("data:image/png;base64,") == 6
     assert list((runs[0] / "wandb").glob("offline-run-*/*.wandb"))
     print(f"demo: {summary['wall_seconds']} s, best macro AUC {summary['best']['auc_macro']:.4f}")

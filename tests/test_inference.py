@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from engine.errors import CT3DError
 from engine.inference import evaluate, predict
 from engine.workflow import train
 from helpers import tiny_overrides
-from volumes import write_dicom_series, write_nifti
+from volumes import write_dicom_series, write_itk, write_nifti
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +34,63 @@ def test_evaluate_reproduces_best_validation_metrics(trained):
     assert saved["epoch"] == summary["best_epoch"]
 
 
-def test_predict_folder_with_dicom_series_and_nifti(trained, tmp_path):
+def test_predict_folder_gives_a_row_per_series_and_lists_what_it_left_out(trained, tmp_path, caplog):
     folder, overrides, _ = trained
     rng = np.random.default_rng(0)
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_nifti(inputs / "a.nii.gz", phantom(rng, (32, 32, 32), (1, 0, 0, 1)))
-    write_dicom_series(inputs / "series_b", phantom(rng, (32, 32, 32), (0, 1, 1, 0)))
+    write_dicom_series(inputs / "series_b", phantom(rng, (32, 32, 32), (0, 1, 1, 0)), suffix="")  # PACS names
+    export = inputs / "patient7" / "study"
+    write_dicom_series(export, phantom(rng, (32, 32, 32), (0, 0, 1, 0)), description="Axial", suffix="")
+    write_dicom_series(export, phantom(rng, (32, 32, 32), (1, 0, 0, 0)), description="Bone", suffix="")
+    write_dicom_series(export, phantom(rng, (32, 32, 1), (0, 0, 0, 0)), description="Scout", suffix="",
+                       localizer=True)
     (inputs / "notes.txt").write_text("not a volume")
     cfg = load_config(None, [f"checkpoint={folder / 'checkpoints' / 'final.pt'}", f"input={inputs}",
-                             f"output.dir={tmp_path}", "output.name=pred"], command="predict")
-    path = predict(cfg)
+                             f"output.dir={tmp_path}", "output.name=pred", "loader.batch_size=2"], command="predict")
+    with caplog.at_level(logging.INFO, logger="ct3d"):
+        path = predict(cfg)
     rows = list(csv.DictReader(open(path)))
-    assert [r["VolumeName"] for r in rows] == ["a.nii.gz", "series_b"]
+    assert [r["VolumeName"] for r in rows] == ["a.nii.gz", "patient7/study/Axial", "patient7/study/Bone", "series_b"]
     assert list(rows[0]) == ["VolumeName", *LABELS]  # label order from the checkpoint
     assert all(0.0 <= float(r[label]) <= 1.0 for r in rows for label in LABELS)
+    skipped = list(csv.DictReader(open(path.parent / "skipped.csv")))
+    by_place = {r["where"].removeprefix(str(inputs) + "/"): r["problem"] for r in skipped}
+    assert sorted(by_place) == ["notes.txt", "patient7/study/Scout"]
+    assert "not a volume" in by_place["notes.txt"] and "localizer" in by_place["patient7/study/Scout"]
+    assert any("ETA" in r.getMessage() for r in caplog.records)  # progress in a pod's log
+
+
+def test_one_volume_in_every_format_gets_the_same_probabilities(trained, tmp_path):
+    folder, _, _ = trained
+    volume = phantom(np.random.default_rng(3), (32, 32, 32), (1, 1, 0, 0))
+    inputs = tmp_path / "formats"
+    inputs.mkdir()
+    write_nifti(inputs / "v.nii.gz", volume, lps=True)
+    write_itk(inputs / "v.nrrd", volume)
+    write_itk(inputs / "v.mha", volume)
+    write_dicom_series(inputs / "dicom", volume, suffix="")
+    path = predict(load_config(None, [f"checkpoint={folder / 'checkpoints' / 'final.pt'}", f"input={inputs}",
+                                      f"output.dir={tmp_path}", "output.name=formats"], command="predict"))
+    rows = list(csv.DictReader(open(path)))
+    assert sorted(r["VolumeName"] for r in rows) == ["dicom", "v.mha", "v.nii.gz", "v.nrrd"]
+    for label in LABELS:
+        values = [float(r[label]) for r in rows]
+        assert max(values) - min(values) < 1e-4, (label, values)
+
+
+def test_unreadable_input_is_left_out_not_fatal(trained, tmp_path):
+    folder, _, _ = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_nifti(inputs / "good.nii.gz", phantom(np.random.default_rng(1), (32, 32, 32), (0, 1, 0, 0)))
+    (inputs / "cut.nii.gz").write_bytes((inputs / "good.nii.gz").read_bytes()[:200])
+    path = predict(load_config(None, [f"checkpoint={folder / 'checkpoints' / 'final.pt'}", f"input={inputs}",
+                                      f"output.dir={tmp_path}", "output.name=cut"], command="predict"))
+    assert [r["VolumeName"] for r in csv.DictReader(open(path))] == ["good.nii.gz"]
+    skipped = list(csv.DictReader(open(path.parent / "skipped.csv")))
+    assert [r["volume"] for r in skipped] == ["cut.nii.gz"] and "cut.nii.gz" in skipped[0]["problem"]
 
 
 def test_predict_one_volume_and_datalist_agree(trained, tmp_path, tiny_demo):
@@ -84,3 +127,12 @@ def test_predict_and_evaluate_need_a_checkpoint():
         load_config(None, ["data.demo.enabled=true"], command="evaluate")
     with pytest.raises(CT3DError, match="input"):
         load_config(None, ["checkpoint=x.pt"], command="predict")
+
+
+def test_input_without_volumes_is_an_error_listing_what_was_there(trained, tmp_path):
+    folder, _, _ = trained
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("no scans here")
+    with pytest.raises(CT3DError, match=r"no volumes.*readme.txt: not a volume"):
+        predict(load_config(None, [f"checkpoint={folder / 'checkpoints' / 'final.pt'}", f"input={tmp_path / 'in'}",
+                                   f"output.dir={tmp_path}"], command="predict"))

@@ -7,10 +7,14 @@ from pathlib import Path
 import numpy as np
 
 
-def write_nifti(path: Path, volume: np.ndarray, spacing=(2.0, 2.0, 2.0)) -> Path:
+def write_nifti(path: Path, volume: np.ndarray, spacing=(2.0, 2.0, 2.0), lps: bool = False) -> Path:
+    """`lps=True`: the array's axes run as ITK's and DICOM's do (x to the left, y to the back), so the file
+    holds the same physical volume as write_itk and write_dicom_series write from the same array."""
     import nibabel as nib
 
-    nib.save(nib.Nifti1Image(volume.astype(np.int16), np.diag([*spacing, 1.0])), str(path))
+    signs = (-1.0, -1.0, 1.0) if lps else (1.0, 1.0, 1.0)
+    affine = np.diag([*(s * d for s, d in zip(signs, spacing)), 1.0])
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(path))
     return path
 
 
@@ -24,8 +28,10 @@ def write_itk(path: Path, volume: np.ndarray, spacing=(2.0, 2.0, 2.0)) -> Path:
     return path
 
 
-def write_dicom_series(folder: Path, volume: np.ndarray, spacing=(2.0, 2.0, 2.0)) -> Path:
-    """One CT image file per z slice, HU stored with RescaleIntercept -1024."""
+def write_dicom_series(folder: Path, volume: np.ndarray, spacing=(2.0, 2.0, 2.0), description: str = "",
+                       suffix: str = ".dcm", localizer: bool = False, compress: str | None = None) -> Path:
+    """One CT image file per z slice, HU stored with RescaleIntercept -1024. `suffix=""` names the files
+    by their SOP instance UIDs, as PACS exports do; `compress` is a pydicom transfer syntax UID."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -36,10 +42,13 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing=(2.0, 2.0, 2.0)
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"slice{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        path = folder / (f"slice{k:03d}{suffix}" if suffix else meta.MediaStorageSOPInstanceUID)
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "test", k + 1
+        ds.SeriesDescription = description
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if localizer else "AXIAL"]
         ds.ImagePositionPatient = [0.0, 0.0, float(k * spacing[2])]
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
@@ -49,5 +58,24 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing=(2.0, 2.0, 2.0)
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = (volume[:, :, k].T.astype(np.int32) + 1024).astype(np.uint16).tobytes()
-        ds.save_as(str(folder / f"slice{k:03d}.dcm"), enforce_file_format=True)
+        if compress:
+            ds.compress(compress)
+        ds.save_as(str(path), enforce_file_format=True)
+    return folder
+
+
+def recompress_with_itk(source: Path, folder: Path, kind: str) -> Path:
+    """Each slice of a series rewritten by ITK's GDCM with `kind` compression (JPEG: lossless process 14,
+    JPEG2000: lossless), keeping every UID."""
+    import itk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        image = itk.imread(str(path), itk.SS)
+        io = itk.GDCMImageIO.New()
+        io.SetUseCompression(True)
+        io.SetCompressionType(getattr(itk.GDCMImageIOEnums, f"Compression_{kind}"))
+        io.KeepOriginalUIDOn()
+        itk.ImageFileWriter[type(image)].New(Input=image, FileName=str(folder / path.name), ImageIO=io,
+                                             UseCompression=True).Update()
     return folder
