@@ -133,6 +133,6 @@ def test_input_without_volumes_is_an_error_listing_what_was_there(trained, tmp_p
     folder, _, _ = trained
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("no scans here")
-    with pytest.raises(CT3DError, match=r"no volumes.*readme.txt: not a volume"):
+    with pytest.raises(CT3DError, match=r"(?s)no volumes.*readme.txt: not a volume"):
         predict(load_config(None, [f"checkpoint={folder / 'checkpoints' / 'final.pt'}", f"input={tmp_path / 'in'}",
                                    f"output.dir={tmp_path}"], command="predict"))
