@@ -125,13 +125,25 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
     )
 
 
+def make_network(model: ModelConfig, outputs: int, spatial_size: list[int], device: torch.device) -> torch.nn.Module:
+    """MONAI's network for `model`, started from `model.pretrained` when given (a resumed run's checkpoint
+    then overrides it), on `device`."""
+    from engine.models import create_model, load_pretrained
+
+    net = create_model(model, outputs, spatial_size)
+    if model.pretrained:
+        load_pretrained(net, model.pretrained)
+    return net.to(device)
+
+
 def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch: int):
     """The model to train (DDP-wrapped under torchrun), AdamW and a warmup-cosine schedule per iteration."""
     import ignite.distributed as idist
     from monai.optimizers import WarmupCosineSchedule
 
     distributed = idist.get_world_size() > 1
-    model = idist.auto_model(net) if distributed else net
+    # a frozen backbone leaves parameters without gradients, which DDP must be told to expect
+    model = idist.auto_model(net, find_unused_parameters=train.freeze_epochs > 0) if distributed else net
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     if distributed:
         optimizer = idist.auto_optim(optimizer)

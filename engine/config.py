@@ -84,9 +84,9 @@ def _check_together(cfg: Config, command: str) -> None:
         re.compile(cfg.data.patient_pattern)
     except re.error as exc:
         raise _error("data.patient_pattern", f"not a regular expression ({exc})") from None
-    if command != "predict" and not (cfg.data.train or cfg.data.demo.enabled):
+    if command not in ("predict", "export") and not (cfg.data.train or cfg.data.demo.enabled):
         raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true")
-    if command in ("evaluate", "predict") and not cfg.checkpoint:
+    if command in ("evaluate", "predict", "export") and not cfg.checkpoint:
         raise _error("checkpoint", f"{command} needs checkpoint=PATH (e.g. runs/<run>/checkpoints/best.pt)")
     if command == "predict" and not cfg.input:
         raise _error("input", "predict needs input=PATH: a datalist, one volume, or a folder of volumes")

@@ -1,12 +1,18 @@
-"""One factory for the 3D classifiers, all MONAI networks."""
+"""One factory for the 3D classifiers, all MONAI networks; starting from pretrained weights; training
+the head alone for the first epochs."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from engine.errors import CT3DError
 from engine.schema import ModelConfig
+
+log = logging.getLogger("ct3d")
+HEADS = {"resnet3d": "fc", "densenet3d": "class_layers", "vit3d": "net.classification_head"}  # output layers
 
 VIT_SIZES = {  # hidden size, MLP size, layers, heads (the ViT-Ti/S/B shapes)
     "tiny": (192, 768, 12, 3),
@@ -54,3 +60,58 @@ def create_model(model: ModelConfig, num_outputs: int, spatial_size: list[int] |
             num_classes=num_outputs, dropout_rate=model.dropout, post_activation=None, spatial_dims=3,
         ))
     raise CT3DError(f"config error: model.name: unknown model {model.name!r}")
+
+
+def load_pretrained(net: nn.Module, path: str) -> dict[str, list[str]]:
+    """Copies into `net` every tensor of `path` whose name and shape match: a ct3d checkpoint, a plain state
+    dict, or one under "state_dict" with DataParallel's "module." prefix (as MedicalNet ships its 3D
+    ResNets). Returns and logs what was loaded, skipped (absent here or another shape) and left new."""
+    from monai.networks.utils import copy_model_state
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CT3DError(f"config error: model.pretrained: cannot read {path!r} as weights "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(saved, dict) and isinstance(saved.get(wrapper), dict):
+            saved = saved[wrapper]
+    tensors = {k.removeprefix("module."): v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CT3DError(f"config error: model.pretrained: {path!r} holds no weights")
+    _, loaded, _ = copy_model_state(net, tensors, inplace=True)
+    report = {"loaded": loaded, "skipped": [k for k in tensors if k not in loaded],
+              "new": [k for k in net.state_dict() if k not in loaded]}
+    log.info("pretrained %s: %d tensors loaded, %d skipped (absent here or another shape)%s, %d new%s", path,
+             len(report["loaded"]), len(report["skipped"]), _some(report["skipped"]), len(report["new"]),
+             _some(report["new"]))
+    return report
+
+
+def _some(names: list[str]) -> str:
+    return f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
+
+
+class FreezeBackbone:
+    """For the first `epochs` epochs only the head learns: the backbone's parameters get no gradients
+    (AdamW then leaves them, weight decay too) and its BatchNorm layers keep their running statistics."""
+
+    def __init__(self, net: nn.Module, model: ModelConfig, epochs: int):
+        head = HEADS[str(model.name)]
+        self.epochs = epochs
+        self.backbone = [p for n, p in net.named_parameters() if not n.startswith(head)]
+        self.norms = [m for n, m in net.named_modules()
+                      if not n.startswith(head) and isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.momentum = [m.momentum for m in self.norms]
+
+    def attach(self, trainer) -> None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, trainer) -> None:
+        frozen = trainer.state.epoch <= self.epochs
+        for p in self.backbone:
+            p.requires_grad_(not frozen)
+        for m, momentum in zip(self.norms, self.momentum):
+            m.momentum = 0.0 if frozen else momentum

@@ -11,7 +11,7 @@ import sys
 from engine.config import DEFAULT_CONFIG, describe_sections, load_config
 from engine.errors import CT3DError
 
-COMMANDS = ("train", "evaluate", "predict", "check", "cache")
+COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace, cfg) -> int:
-    from engine import inference, prepare, workflow
+    from engine import export, inference, prepare, workflow
     from engine.build import setup_logging
 
     if args.command == "train":
@@ -58,7 +58,7 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
         return 1 if prepare.check(cfg) else 0
     if args.command == "cache":
         return 1 if prepare.cache(cfg, verify=args.verify)["problems"] else 0
-    {"evaluate": inference.evaluate, "predict": inference.predict}[args.command](cfg)
+    {"evaluate": inference.evaluate, "predict": inference.predict, "export": export.export}[args.command](cfg)
     return 0
 
 

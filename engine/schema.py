@@ -39,6 +39,7 @@ KeyMetric = choice("KeyMetric", "auc_macro", "auc_micro", "fbeta_macro", "fbeta_
 Mode = choice("Mode", "auto", "max", "min")
 WandbMode = choice("WandbMode", "offline", "online", "disabled")
 PullPolicy = choice("PullPolicy", "IfNotPresent", "Always", "Never")
+ExportFormat = choice("ExportFormat", "onnx", "torchscript")
 AccessMode = choice("AccessMode", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
 
 MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "169", "201"),
@@ -128,6 +129,7 @@ class ModelConfig:
     widen_factor: float = setting(1.0, gt=0)  # resnet3d channel multiplier
     patch_size: int = setting(16, ge=1)  # vit3d
     dropout: float = setting(0.0, ge=0.0, le=0.99)
+    pretrained: str = ""  # weights to start from: a ct3d checkpoint or a state dict (e.g. MedicalNet's)
 
 
 @dataclass
@@ -150,6 +152,7 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue from the run folder's latest checkpoint if any; off; or a path
     early_stopping_patience: int = setting(0, ge=0)  # validations without improvement before stopping; 0: off
     early_stopping_min_delta: float = setting(0.0, ge=0)
+    freeze_epochs: int = setting(0, ge=0)  # train the head alone (backbone and its BatchNorm statistics frozen)
 
 
 @dataclass
@@ -244,5 +247,7 @@ class Config:
     metrics: MetricsConfig = setting(MetricsConfig())
     output: OutputConfig = setting(OutputConfig())
     k8s: K8sConfig = setting(K8sConfig())
-    checkpoint: str = ""  # evaluate / predict: the checkpoint to load
+    checkpoint: str = ""  # evaluate / predict / export: the checkpoint to load
     input: str = ""  # predict: a datalist, one volume, or a folder of volumes
+    saliency: bool = False  # predict: also write a Grad-CAM heat map per volume (NIfTI, in the input's space)
+    format: ExportFormat = ExportFormat.onnx  # export: onnx (onnxruntime and others) or torchscript

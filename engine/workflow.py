@@ -18,6 +18,7 @@ from engine.build import (
     make_evaluator,
     make_loader,
     make_loss,
+    make_network,
     make_optimization,
     make_trainer,
     resolve_amp,
@@ -33,7 +34,7 @@ from engine.datalist import label_frequencies
 from engine.errors import CT3DError
 from engine.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
 from engine.io import write_json, write_text
-from engine.models import create_model
+from engine.models import FreezeBackbone
 from engine.prepare import Splits, prepare_data, write_skipped
 from engine.schema import Config
 
@@ -60,7 +61,7 @@ def train(cfg: Config) -> Path:
     train_ds, val_ds = (build_dataset(items, cfg.preprocess, disk, cfg.cache.memory_rate, cfg.cache.workers,
                                       main and sys.stderr.isatty()) for items in (data.train, data.val))
     train_loader = make_loader(train_ds, cfg.loader, device, shuffle_seed=cfg.train.seed)
-    net = create_model(cfg.model, len(data.labels), cfg.preprocess.spatial_size).to(device)  # saved without DDP
+    net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
     model, optimizer, scheduler = make_optimization(net, cfg.train, len(train_loader))
     task, frequencies = str(cfg.data.task), label_frequencies(data.train)
     trainer = make_trainer(model, optimizer, make_loss(cfg.train, task, frequencies), train_loader, device,
@@ -79,6 +80,8 @@ def train(cfg: Config) -> Path:
     resume.attach(trainer)
     total_steps = cfg.train.epochs * len(train_loader)  # a raised train.epochs extends a resumed schedule
     trainer.add_event_handler(Events.STARTED, lambda _: setattr(scheduler, "t_total", total_steps))
+    if cfg.train.freeze_epochs:
+        FreezeBackbone(net, cfg.model, cfg.train.freeze_epochs).attach(trainer)
     if cfg.augment.enabled:
         DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * idist.get_rank()).attach(trainer)
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
