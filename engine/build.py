@@ -136,6 +136,12 @@ def make_network(model: ModelConfig, outputs: int, spatial_size: list[int], devi
     return net.to(device)
 
 
+def gathered_order(n: int, world: int) -> list[int]:
+    """Dataset rows in the order validation outputs are gathered: each rank's share (every world-th row,
+    from its rank, as make_loader's validation sampler gives it) in rank order."""
+    return [i for rank in range(world) for i in range(rank, n, world)]
+
+
 def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch: int):
     """The model to train (DDP-wrapped under torchrun), AdamW and a warmup-cosine schedule per iteration."""
     import ignite.distributed as idist

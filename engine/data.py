@@ -71,7 +71,9 @@ class CheckVolumed(MapTransform):
         return d
 
 
-def preprocessing_transform(p: PreprocessConfig) -> Compose:
+def preprocessing_transform(p: PreprocessConfig, keep_meta: bool = False) -> Compose:
+    """The deterministic preprocessing. `keep_meta` keeps MONAI's MetaTensor (affine and the operations
+    applied), so `Compose.inverse` can carry a map on the result back to the input's grid."""
     steps = [
         LoadVolumed(IMAGE),
         EnsureChannelFirstd(IMAGE),
@@ -86,7 +88,7 @@ def preprocessing_transform(p: PreprocessConfig) -> Compose:
     else:
         steps.append(ResizeWithPadOrCropd(IMAGE, spatial_size=p.spatial_size, constant_values=p.scale_range[0]))
     # Plain tensors, no MetaTensor: smaller cache entries that load with weights_only=True.
-    steps.append(EnsureTyped(IMAGE, dtype=getattr(torch, p.dtype), track_meta=False))
+    steps.append(EnsureTyped(IMAGE, dtype=getattr(torch, p.dtype), track_meta=keep_meta))
     return Compose(steps)
 
 

@@ -23,9 +23,10 @@ def _ellipsoid(grid, centre, radii):
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
 
 
-def phantom(rng: np.random.Generator, shape=(64, 64, 64), findings=(0, 0, 0, 0)) -> np.ndarray:
+def phantom(rng: np.random.Generator, shape=(64, 64, 64), findings=(0, 0, 0, 0), nodule_mask: bool = False):
     """One chest CT in HU, int16, axes x (right-left), y (posterior-anterior), z (inferior-superior).
-    `findings` switches on the LABELS in order."""
+    `findings` switches on the LABELS in order. With `nodule_mask`, also the nodules' voxels (a bool
+    array; the same draws, so the image is the same either way)."""
     nodule, effusion, emphysema, cardiomegaly = (bool(f) for f in findings)
     x, y, z = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in shape), indexing="ij")
     grid = (x, y, z)
@@ -65,6 +66,7 @@ def phantom(rng: np.random.Generator, shape=(64, 64, 64), findings=(0, 0, 0, 0))
             level = -lung_r[1] + shift[1] + rng.uniform(0.3, 0.5) * 2 * lung_r[1]
             fluid = lungs[side] & (y < level)
             img[fluid] = FLUID
+    nodules = np.zeros(shape, dtype=bool)
     if nodule:
         coords = np.argwhere(lung & ~heart)
         for _ in range(rng.integers(2, 5)):
@@ -72,10 +74,12 @@ def phantom(rng: np.random.Generator, shape=(64, 64, 64), findings=(0, 0, 0, 0))
             radius_vox = rng.uniform(3.0, 4.5)
             centre = tuple(-1 + 2 * c / (n - 1) for c, n in zip(centre_vox, shape))
             radii = tuple(radius_vox * 2 / (n - 1) for n in shape)
-            img[_ellipsoid(grid, centre, radii) & lung] = SOFT + 20
+            nodules |= _ellipsoid(grid, centre, radii) & lung
+        img[nodules] = SOFT + 20
 
     img += rng.normal(0, 12, size=shape)
-    return np.clip(np.round(img), -1024, 3071).astype(np.int16)
+    image = np.clip(np.round(img), -1024, 3071).astype(np.int16)
+    return (image, nodules) if nodule_mask else image
 
 
 def generate(out_dir: str | Path, num_volumes: int = 200, shape=(64, 64, 64), seed: int = 0) -> Path:

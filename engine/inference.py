@@ -25,7 +25,7 @@ from engine.build import (
 from engine.checkpoint import load_checkpoint
 from engine.config import restore
 from engine.data import build_dataset, preprocess, preprocessing_transform
-from engine.datalist import IMAGE, NAME, Problem, could_be_series, label_frequencies, resolve_image
+from engine.datalist import IMAGE, NAME, VOLUME_SUFFIXES, Problem, could_be_series, label_frequencies, resolve_image
 from engine.errors import CT3DError
 from engine.io import write_json, write_text
 from engine.models import create_model
@@ -151,6 +151,25 @@ def _with_progress(loader, volumes: int, batch_size: int):
                      (volumes - done) * seconds / done)
 
 
+def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predicted: set[str], folder: Path) -> None:
+    """`saliency=true`: per predicted volume a NIfTI of Grad-CAM maps (one per label, in label order) on the
+    volume's own grid, named as its row in predictions.csv."""
+    from engine.saliency import input_space_maps, supports, write_maps
+
+    config = restore(ModelConfig, state["model_config"])
+    if not supports(config):
+        raise CT3DError(f"saliency: Grad-CAM needs a convolutional network; {config.name} has none")
+    transform = preprocessing_transform(checkpoint_preprocessing(state), keep_meta=True)
+    for item in items:
+        if item[NAME] in predicted:
+            maps, affine = input_space_maps(model, config, transform, item, len(state["labels"]))
+            stem = item[NAME].replace("/", "__")
+            for suffix in VOLUME_SUFFIXES:
+                stem = stem.removesuffix(suffix)
+            write_maps(folder / f"{stem}.nii.gz", maps, affine)
+    log.info("saliency maps in %s (one per label, in the order of predictions.csv's columns)", folder)
+
+
 def predict(cfg: Config) -> Path:
     """predictions.csv: one row per volume, one probability column per label of the checkpoint; every
     input left out (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
@@ -171,6 +190,8 @@ def predict(cfg: Config) -> Path:
                 probs = probabilities(inferer(batch[IMAGE].to(device).float(), model), state["task"]).cpu().tolist()
                 rows += [[items[i][NAME], *(f"{p:.6f}" for p in row)] for i, row in zip(batch["index"], probs)]
     folder = _output_folder(cfg, "predict")
+    if cfg.saliency:
+        write_saliency(model, state, items, {row[0] for row in rows}, folder / "saliency")
     buf = io.StringIO()
     csv.writer(buf).writerows([["VolumeName", *state["labels"]], *rows])
     write_text(folder / "predictions.csv", buf.getvalue())

@@ -92,8 +92,9 @@ def _png(fig) -> bytes:
 
 def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, float]], probs: torch.Tensor,
                  labels: torch.Tensor, names: list[str], task: str, threshold: float, beta: float,
-                 summary: dict, config_yaml: str) -> tuple[Path, Path]:
-    """Writes report.png and report.html into `folder`; returns their paths."""
+                 summary: dict, config_yaml: str, sections: list[tuple[str, bytes]] = ()) -> tuple[Path, Path]:
+    """Writes report.png and report.html into `folder`; returns their paths. `sections` (title, PNG) follow
+    the panels in report.html: the saliency and input views."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,11 +119,22 @@ def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, flo
     with atomic_write(png_path) as tmp:
         tmp.write_bytes(_png(fig))
     plt.close(fig)
-    write_text(html_path, _html(images, summary, config_yaml))
+    write_text(html_path, _html(images, summary, config_yaml, sections))
     return png_path, html_path
 
 
-def _html(images: list[bytes], summary: dict, config_yaml: str) -> str:
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+SALIENCY_NOTE = ("<p>Grad-CAM heat maps (MONAI) for each label at the best epoch: the volumes the model scored "
+                 "highest among the positives, and the negatives it scored highest above the threshold. Each row "
+                 "shows axial, coronal and sagittal slices through the map's peak; red is where the evidence "
+                 "for the label lay. A map that lights the body's edge, the table or air points at a shortcut, "
+                 "not a finding.</p>")
+
+
+def _html(images: list[bytes], summary: dict, config_yaml: str, sections: list[tuple[str, bytes]]) -> str:
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "n/a"
@@ -132,8 +144,10 @@ def _html(images: list[bytes], summary: dict, config_yaml: str) -> str:
     stopped = " (stopped early)" if summary.get("stopped_early") else ""
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>{fmt(final.get(k))}</td></tr>"
                    for k in best if k not in ("seconds",))
-    figures = "".join(f'<img alt="panel {i + 1}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
-                      for i, b in enumerate(images))
+    figures = "".join(_img(b, f"panel {i + 1}") for i, b in enumerate(images))
+    extra = "".join(f"<h2>{html.escape(title)}</h2>{_img(png, title)}" for title, png in sections)
+    if any(title.startswith("Where the model looked") for title, _ in sections):
+        extra = SALIENCY_NOTE + extra
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ct3d report {html.escape(Path(summary['run']).name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} img{{max-width:48%;margin:0.5%}} table{{border-collapse:collapse}}
@@ -143,6 +157,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{
 device {html.escape(summary['device'])}, wall time {summary['wall_seconds']:.0f} s.
 Best epoch {summary['best_epoch']} by {summary['key_metric']}{stopped}.</p>
 {figures}
+{extra}
 <h2>Best and final validation</h2><table><tr><th>metric</th><th>best</th><th>final</th></tr>{rows}</table>
 <h2>Config</h2><pre>{html.escape(config_yaml)}</pre></body></html>
 """

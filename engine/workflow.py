@@ -116,7 +116,7 @@ def train(cfg: Config) -> Path:
         "wall_seconds": round(time.time() - start, 1), "epoch_seconds": history.epoch_seconds,
     }
     if main:
-        write_outputs(folder, summary, table, history, cfg, tracker)
+        write_outputs(folder, summary, table, history, cfg, tracker, net, val_ds)
     if idist.get_world_size() > 1:
         idist.barrier()  # every rank leaves together: tearing down the group under a busy peer aborts
     return folder
@@ -214,8 +214,31 @@ def summary_table(summary: dict, labels: list[str]) -> str:
     return "\n".join(f"{a:<{width}}  {b:>8}  {c:>8}" for a, b, c in rows)
 
 
-def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: History, cfg: Config, tracker) -> None:
-    """Rank 0's closing files: summary.json, the report, the W&B run's end, the printed table."""
+def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_ds, table: MetricsTable,
+                      labels: list[str]) -> list:
+    """The report's Grad-CAM panels for the best epoch's model (from best.pt) and its input views."""
+    import copy
+
+    import ignite.distributed as idist
+
+    from engine.build import gathered_order
+    from engine.checkpoint import load_checkpoint
+    from engine.saliency import report_panels
+
+    if not table.best_outputs:
+        return []
+    best = copy.deepcopy(net).cpu()
+    best.load_state_dict(load_checkpoint(folder / "checkpoints" / "best.pt")["model"])
+    in_gathered_order = torch.utils.data.Subset(val_ds, gathered_order(len(val_ds), idist.get_world_size()))
+    outputs = table.best_outputs
+    return report_panels(best, cfg.model, in_gathered_order, labels, outputs["probs"], outputs["labels"],
+                         cfg.metrics.threshold)
+
+
+def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: History, cfg: Config, tracker,
+                  net: torch.nn.Module, val_ds) -> None:
+    """Rank 0's closing files: summary.json, the report (with Grad-CAM panels of the best epoch's model),
+    the W&B run's end, the printed table."""
     write_json(folder / "summary.json", summary)
     report_png = None
     if table.best_outputs:
@@ -224,7 +247,8 @@ def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: His
         outputs = table.best_outputs
         report_png, _ = write_report(folder, table.rows, history.lr_history, outputs["probs"], outputs["labels"],
                                      summary["labels"], summary["task"], cfg.metrics.threshold, cfg.metrics.beta,
-                                     summary, to_yaml(cfg))
+                                     summary, to_yaml(cfg),
+                                     inspection_panels(cfg, folder, net, val_ds, table, summary["labels"]))
     if tracker is not None:
         tracker.finish(report_png, folder / "checkpoints" / "best.pt", summary)
     print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n"

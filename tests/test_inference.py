@@ -136,3 +136,24 @@ def test_input_without_volumes_is_an_error_listing_what_was_there(trained, tmp_p
     with pytest.raises(CT3DError, match=r"(?s)no volumes.*readme.txt: not a volume"):
         predict(load_config(None, [f"checkpoint={folder / 'checkpoints' / 'final.pt'}", f"input={tmp_path / 'in'}",
                                    f"output.dir={tmp_path}"], command="predict"))
+
+
+def test_predict_saliency_writes_one_map_per_volume_on_the_input_grid(trained, tmp_path):
+    import nibabel as nib
+
+    folder, _, _ = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(2)
+    write_nifti(inputs / "lps.nii.gz", phantom(rng, (40, 36, 30), (1, 0, 0, 0)), spacing=(1.5, 1.5, 3.0), lps=True)
+    write_dicom_series(inputs / "series", phantom(rng, (32, 32, 24), (0, 1, 0, 0)), suffix="")
+    cfg = load_config(None, [f"checkpoint={folder / 'checkpoints' / 'final.pt'}", f"input={inputs}", "saliency=true",
+                             f"output.dir={tmp_path}", "output.name=cam"], command="predict")
+    path = predict(cfg)
+    maps = sorted(p.name for p in (path.parent / "saliency").iterdir())
+    assert maps == ["lps.nii.gz", "series.nii.gz"]
+    source, heat = nib.load(str(inputs / "lps.nii.gz")), nib.load(str(path.parent / "saliency" / "lps.nii.gz"))
+    assert heat.shape == (40, 36, 30, len(LABELS)) and np.allclose(heat.affine, source.affine, atol=1e-4)
+    values = heat.get_fdata()
+    assert values.min() >= -1e-4 and values.max() <= 1 + 1e-4 and values.max() > 0.5
+    assert nib.load(str(path.parent / "saliency" / "series.nii.gz")).shape == (32, 32, 24, len(LABELS))

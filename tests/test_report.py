@@ -10,7 +10,10 @@ from helpers import tiny_overrides
 def test_report_has_every_panel_filled(tmp_path, tiny_demo):
     folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2")))
     page = (folder / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 6
+    assert page.count('alt="panel ') == 6
+    assert "<h2>Inputs as the model saw them</h2>" in page
+    looked = page.count("<h2>Where the model looked: ")  # a label with a true or false positive gets a panel
+    assert looked >= 1 and page.count('src="data:image/png;base64,') == 6 + looked + 1
     assert "Best and final validation" in page and "auc_macro" in page and "spatial_size" in page
     assert (folder / "report.png").stat().st_size > 20_000
 
