@@ -11,8 +11,9 @@ import torch
 
 from engine.schema import ModelConfig
 
-# The last block with a spatial grid fine enough to localise (ResNet-10's layer4 is 2^3 at 64^3 input).
-TARGET_LAYERS = {"resnet3d": "layer3", "densenet3d": "features.denseblock3"}
+# A block whose grid is fine enough to localise: ResNet's layer3 and layer4 are 4^3 and 2^3 at a 64^3
+# input, and on the demo model their maps were mostly flat (every channel weighted negative).
+TARGET_LAYERS = {"resnet3d": "layer2", "densenet3d": "features.denseblock2"}
 
 
 def supports(model: ModelConfig) -> bool:
@@ -30,7 +31,9 @@ def grad_cam(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, lab
 
 
 def peak(heat: torch.Tensor) -> tuple[int, int, int]:
-    """The voxel (x, y, z) where a (1, X, Y, Z) heat map is highest."""
+    """The voxel (x, y, z) where a (1, X, Y, Z) heat map is highest; the centre for a flat map."""
+    if float(heat.max()) == float(heat.min()):
+        return tuple(s // 2 for s in heat.shape[1:])
     return tuple(int(i) for i in np.unravel_index(int(heat[0].argmax()), tuple(heat.shape[1:])))
 
 

@@ -58,7 +58,9 @@ def test_demo_command_trains_to_target_auc(tmp_path):
         assert (runs[0] / name).is_file()
     assert "auc_macro" in proc.stdout  # the closing summary table
     assert "nvimgcodec" not in (proc.stdout + proc.stderr).lower()  # no warning a user cannot act on
-    assert (runs[0] / "report.html").read_text().count("data:image/png;base64,") == 6
+    page = (runs[0] / "report.html").read_text()
+    assert page.count('alt="panel ') == 6 and "<h2>Inputs as the model saw them</h2>" in page
+    assert all(f"<h2>Where the model looked: {label}</h2>" in page for label in LABELS)
     assert list((runs[0] / "wandb").glob("offline-run-*/*.wandb"))
     print(f"demo: {summary['wall_seconds']} s, best macro AUC {summary['best']['auc_macro']:.4f}")
 

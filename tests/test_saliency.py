@@ -1,0 +1,32 @@
+"""Grad-CAM maps and the choice of volumes the report shows."""
+
+import pytest
+import torch
+
+from engine.models import create_model
+from engine.saliency import cases, grad_cam, peak, supports
+from engine.schema import ModelConfig
+
+
+@pytest.mark.parametrize("name,variant", [("resnet3d", "10"), ("densenet3d", "121")])
+def test_maps_cover_the_input_grid_in_zero_to_one(name, variant):
+    config = ModelConfig(name=name, variant=variant, widen_factor=0.25)
+    net = create_model(config, 3, [32, 32, 32])
+    heat = grad_cam(net, config, torch.randn(2, 1, 32, 32, 32), label=1)
+    assert heat.shape == (2, 1, 32, 32, 32) and float(heat.min()) >= 0 and float(heat.max()) <= 1 + 1e-6
+    assert not supports(ModelConfig(name="vit3d"))
+
+
+def test_cases_are_the_top_true_positives_and_the_worst_false_positives():
+    probs = torch.tensor([[0.9], [0.2], [0.8], [0.95], [0.7], [0.6]])
+    labels = torch.tensor([[1.0], [1.0], [1.0], [0.0], [0.0], [1.0]])
+    assert cases(probs, labels, 0, threshold=0.5) == [(0, "true positive"), (2, "true positive"),
+                                                      (3, "false positive")]
+    assert cases(probs, labels, 0, threshold=0.99) == []
+
+
+def test_peak_of_a_flat_map_is_the_centre():
+    heat = torch.zeros(1, 8, 10, 12)
+    assert peak(heat) == (4, 5, 6)
+    heat[0, 1, 2, 3] = 1.0
+    assert peak(heat) == (1, 2, 3)
