@@ -26,8 +26,8 @@ def grad_cam(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, lab
     from monai.visualize import GradCAM
 
     cam = GradCAM(nn_module=net.eval(), target_layers=TARGET_LAYERS[str(model.name)])
-    with torch.enable_grad():
-        return cam(x=images.float(), class_idx=label).detach()
+    with torch.enable_grad():  # the input carries the graph even where every weight is frozen
+        return cam(x=images.float().requires_grad_(True), class_idx=label).detach()
 
 
 def peak(heat: torch.Tensor) -> tuple[int, int, int]:
