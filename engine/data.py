@@ -196,13 +196,11 @@ def _disk_cache(p: PreprocessConfig, disk_dir: str | Path, sources: list[dict] |
 
 
 def _parallel(fn: Callable, items: list, workers: int, progress: bool, what: str) -> list:
+    from engine.progress import tracked
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(fn, items)
-        if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(items), desc=what)
-        return list(results)
+        return list(tracked(results, len(items), what) if progress else results)
 
 
 def volume_problems(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None, workers: int,

@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import logging
-import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from engine.errors import CT3DError
 from engine.io import write_json, write_text
 from engine.models import create_model
 from engine.prepare import load_splits, write_skipped
+from engine.progress import tracked
 from engine.schema import Config, ModelConfig, PreprocessConfig
 from engine.sources import find_volumes
 
@@ -135,22 +134,6 @@ def _batches(samples: list[dict]) -> tuple[list[dict], dict | None]:
     return [s for s in samples if "error" in s], batch
 
 
-def _with_progress(loader, volumes: int, batch_size: int):
-    """A tqdm bar on a terminal; otherwise a log line with the ETA about every tenth of the way."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(loader, total=len(loader), desc="predict", unit="batch")
-        return
-    start, every = time.time(), max(1, len(loader) // 10)
-    for i, batch in enumerate(loader, start=1):
-        yield batch
-        if i % every == 0 or i == len(loader):
-            done, seconds = min(i * batch_size, volumes), time.time() - start
-            log.info("predict: %d/%d volumes, %.1f volumes/s, ETA %.0f s", done, volumes, done / seconds,
-                     (volumes - done) * seconds / done)
-
-
 def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predicted: set[str], folder: Path) -> None:
     """`saliency=true`: per predicted volume a NIfTI of Grad-CAM maps (one per label, in label order) on the
     volume's own grid, named as its row in predictions.csv."""
@@ -184,7 +167,7 @@ def predict(cfg: Config) -> Path:
     inferer = make_inferer(device, resolve_amp(cfg.train.amp, device))
     rows = []
     with torch.no_grad():
-        for errors, batch in _with_progress(loader, len(items), batch_size):
+        for errors, batch in tracked(loader, len(loader), "predict", batch_size, len(items)):
             skipped += [Problem(items[e["index"]][IMAGE], e["error"], items[e["index"]][NAME]) for e in errors]
             if batch is not None:
                 probs = probabilities(inferer(batch[IMAGE].to(device).float(), model), state["task"]).cpu().tolist()

@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import logging
-import sys
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +56,19 @@ def _disk_dir(cfg: Config) -> str | None:
     return cfg.cache.dir if cfg.cache.disk else None
 
 
-def prepare_data(cfg: Config, progress: bool = False, strict: bool = True) -> Splits:
+def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share: tuple[int, int] = (0, 1),
+                 pool: Callable[[list[Problem]], list[Problem]] = list) -> Splits:
     """Every check before training, every problem at once: datalist rows, split (empty, patient in both),
     and every volume not yet in the disk cache read once (filling it). With data.on_error=skip, bad rows
     and volumes are returned as problems and left out; split problems always stop the run. With
-    strict=False nothing raises: every problem, split ones included, is returned."""
+    strict=False nothing raises: every problem, split ones included, is returned.
+    Several processes share the volume checks: each reads its `share` (I, N) and `pool` returns every
+    process's bad volumes from its own, so all leave out the same ones."""
     problems: list[Problem] = []
     train_items, val_items, labels = load_splits(cfg.data, problems)
     fatal = split_problems(train_items, val_items, cfg.data.patient_pattern)
-    unreadable = volume_problems(train_items + val_items, cfg.preprocess, _disk_dir(cfg), cfg.cache.workers, progress)
+    mine = shard(train_items + val_items, *share)
+    unreadable = pool(volume_problems(mine, cfg.preprocess, _disk_dir(cfg), cfg.cache.workers, progress))
     problems += unreadable
     if not strict:
         problems = fatal + problems
@@ -85,7 +91,7 @@ def write_skipped(folder: Path, problems: list[Problem]) -> None:
 
 def check(cfg: Config) -> int:
     """`check`: every data problem at once; returns the number of problems found (0: all good)."""
-    splits = prepare_data(cfg, sys.stderr.isatty(), strict=False)
+    splits = prepare_data(cfg, progress=True, strict=False)
     if splits.skipped:
         print(f"ct3d check: {len(splits.skipped)} problem(s):\n  {format_problems(splits.skipped, 10_000)}")
         return len(splits.skipped)
@@ -93,18 +99,42 @@ def check(cfg: Config) -> int:
     return 0
 
 
-def cache(cfg: Config, verify: bool = False) -> dict:
-    """`cache`: fill the disk cache ahead of training; with verify, also remove corrupt and stale entries."""
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`I/N` (0 <= I < N); without it JOB_COMPLETION_INDEX / JOB_COMPLETIONS (a Kubernetes Indexed Job's pod
+    index, and the completions the manifest passes), else the whole list (0/1)."""
+    if text is None:
+        index, count = os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("JOB_COMPLETIONS")
+        text = f"{index}/{count}" if index is not None and count is not None else "0/1"
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise CT3DError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise CT3DError(f"--shard {text!r}: needs 0 <= I < N")
+    return index, count
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """Every count-th item from `index`: disjoint shares that together are the whole list."""
+    return items[index::count]
+
+
+def cache(cfg: Config, verify: bool = False, shard_of: tuple[int, int] = (0, 1)) -> dict:
+    """`cache`: fill the disk cache ahead of training (one share of it with `shard_of`=(I, N), so N processes
+    or pods fill one cache together); with verify, also remove corrupt and stale entries."""
     if not cfg.cache.disk:
         raise CT3DError("config error: cache.disk: the disk cache is off; nothing to fill")
     problems: list[Problem] = []
     train_items, val_items, _ = load_splits(cfg.data, problems)
-    items, progress = train_items + val_items, sys.stderr.isatty()
+    items = shard(train_items + val_items, *shard_of)
+    start = time.time()
     if verify:
-        counts = verify_cache(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress)
+        counts = verify_cache(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress=True)
     else:
-        bad = volume_problems(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress)
+        bad = volume_problems(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress=True)
         counts = {"volumes": len(items), "problems": len(bad), "problem_list": [str(b) for b in bad]}
+    counts["shard"] = f"{shard_of[0]}/{shard_of[1]}"
+    counts["volumes_per_second"] = round(len(items) / max(time.time() - start, 1e-9), 2)
     counts["problems"] += len(problems)  # bad datalist rows count too (the exit code says so)
     counts["problem_list"] = [str(p) for p in problems] + counts["problem_list"]
     listed = "".join(f"\n  {p}" for p in counts["problem_list"])

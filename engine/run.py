@@ -25,6 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml, the demo)")
     parser.add_argument("--verify", action="store_true", help="cache: also find and rebuild corrupt or stale entries")
+    parser.add_argument("--shard", metavar="I/N", help="cache: fill the I-th of N disjoint shares (0-based); default "
+                        "from JOB_COMPLETION_INDEX and JOB_COMPLETIONS when set (a Kubernetes Indexed Job), else 0/1")
     parser.add_argument("words", nargs="*", metavar="[command] key=value",
                         help=f"command, one of {', '.join(COMMANDS)} (default train), then overrides")
     args = parser.parse_intermixed_args(argv)  # `evaluate --config F key=value`: words on both sides
@@ -54,24 +56,40 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
         workflow.train(cfg)  # sets up logging per rank
         return 0
     setup_logging()
+    if args.shard is not None and args.command != "cache":
+        raise CT3DError(f"--shard is for the cache command, not {args.command}")
     if args.command == "check":
         return 1 if prepare.check(cfg) else 0
     if args.command == "cache":
-        return 1 if prepare.cache(cfg, verify=args.verify)["problems"] else 0
+        counts = prepare.cache(cfg, verify=args.verify, shard_of=prepare.parse_shard(args.shard))
+        return 1 if counts["problems"] else 0
     {"evaluate": inference.evaluate, "predict": inference.predict, "export": export.export}[args.command](cfg)
     return 0
 
 
 def run_distributed(args: argparse.Namespace, cfg) -> int:
+    """Under torchrun: one process group (NCCL on GPUs, gloo otherwise) with `train.dist_timeout_minutes`
+    as its collectives' timeout, then `train` on every rank."""
+    from datetime import timedelta
+
     import ignite.distributed as idist
     import torch
 
     if args.command != "train":
         raise CT3DError(f"{args.command} runs in one process; start it without torchrun")
-    result = {}
-    with idist.Parallel(backend="nccl" if torch.cuda.is_available() else "gloo") as parallel:
-        parallel.run(lambda local_rank: result.update(rc=dispatch(args, cfg)))
-    return result.get("rc", 0)
+    idist.initialize("nccl" if torch.cuda.is_available() else "gloo",
+                     timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+    try:
+        return dispatch(args, cfg)
+    except RuntimeError as exc:  # a collective that waited longer than the timeout
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        raise CT3DError(f"rank {idist.get_rank()}: waited more than train.dist_timeout_minutes="
+                        f"{cfg.train.dist_timeout_minutes:g} for the other ranks ({str(exc).splitlines()[0]}). "
+                        f"A rank was slower by that much (a cold cache on one node?): fill the cache first "
+                        f"(`python -m engine.run cache --shard I/N`), or raise the timeout") from None
+    finally:
+        idist.finalize()
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue from the run folder's latest checkpoint if any; off; or a path
     early_stopping_patience: int = setting(0, ge=0)  # validations without improvement before stopping; 0: off
     early_stopping_min_delta: float = setting(0.0, ge=0)
+    dist_timeout_minutes: float = setting(30.0, gt=0)  # torchrun: how long a rank waits in a collective
     freeze_epochs: int = setting(0, ge=0)  # train the head alone (backbone and its BatchNorm statistics frozen)
 
 

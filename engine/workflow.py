@@ -52,7 +52,7 @@ def train(cfg: Config) -> Path:
     setup_torch(cfg.train, idist.get_rank())
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    data = prepare_data_first_on_rank0(cfg, progress=main and sys.stderr.isatty())
+    data = prepare_data_in_shares(cfg, progress=main)
     folder = run_folder(cfg.output, cfg.model)
     if main:
         write_run_start(folder, cfg, data)
@@ -122,17 +122,31 @@ def train(cfg: Config) -> Path:
     return folder
 
 
-def prepare_data_first_on_rank0(cfg: Config, progress: bool) -> Splits:
-    """Rank 0 generates the demo and fills the disk cache; the other ranks then find it full."""
+def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
+    """Under torchrun every rank checks, and fills the disk cache with, its own share of the volumes, so a
+    rank waits for the slowest share, never for one rank to read the whole data set; the ranks then pool
+    what they found. Rank 0 generates the demo data first."""
+    import json
+    from dataclasses import asdict
+
     import ignite.distributed as idist
 
-    main, world = idist.get_rank() == 0, idist.get_world_size()
-    if not main:
+    from engine.datalist import Problem
+    from engine.prepare import load_splits
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if world == 1:
+        return prepare_data(cfg, progress)
+    if cfg.data.demo.enabled:
+        if rank == 0:
+            load_splits(cfg.data, [])  # writes the phantoms once
         idist.barrier()
-    data = prepare_data(cfg, progress)
-    if main and world > 1:
-        idist.barrier()
-    return data
+
+    def pool(mine: list) -> list:
+        every = idist.all_gather(json.dumps([asdict(p) for p in mine]))
+        return [Problem(**p) for text in every for p in json.loads(text)]
+
+    return prepare_data(cfg, progress, share=(rank, world), pool=pool)
 
 
 def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:

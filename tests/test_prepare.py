@@ -117,3 +117,20 @@ def test_cache_command_counts_bad_datalist_rows(tmp_path, tiny_demo):
     counts = cache(load_config(None, tiny_overrides(tmp_path, train_csv), command="cache"))
     assert counts["problems"] >= 7  # missing volume, bad label and duplicate rows as well as bad volumes
     assert any("does not exist" in p for p in counts["problem_list"])
+
+
+def test_shards_are_disjoint_and_cover_the_list_and_come_from_the_indexed_job(monkeypatch):
+    from engine.prepare import parse_shard, shard
+
+    items = list(range(11))
+    shares = [shard(items, i, 3) for i in range(3)]
+    assert sorted(sum(shares, [])) == items and all(shares)
+    assert parse_shard("2/4") == (2, 4)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    assert parse_shard(None) == (0, 1)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    monkeypatch.setenv("JOB_COMPLETIONS", "5")
+    assert parse_shard(None) == (3, 5)
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(CT3DError, match="--shard"):
+            parse_shard(bad)

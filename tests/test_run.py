@@ -10,7 +10,7 @@ import pytest
 
 from engine.config import load_config
 from engine.inference import evaluate
-from helpers import ROOT
+from helpers import ENV, ROOT, cli, command, tiny_overrides
 
 
 def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -76,3 +76,30 @@ def test_demo_under_torchrun_two_processes_gloo_cpu(tmp_path):
     metrics = evaluate(cfg)
     for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):
         assert metrics[key] == pytest.approx(summary["best"][key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_cache_stage_in_two_shards_then_torchrun_under_a_timeout_shorter_than_the_fill(tmp_path, tiny_demo):
+    """Two `cache --shard I/2` processes fill one cache (1 voxel in 0.6 mm: slow on purpose); `--verify` finds
+    every entry valid and none missing; then two ranks train with a process-group timeout shorter than the
+    whole fill took."""
+    overrides = tiny_overrides(tmp_path, tiny_demo, "preprocess.spacing=[0.6,0.6,0.6]", "cache.workers=1",
+                               "train.dist_timeout_minutes=0.25", "tracking.wandb.mode=disabled")
+    procs = [subprocess.Popen(command("cache", f"--shard={i}/2", *overrides), cwd=ROOT, env=ENV, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    fill_seconds = 0.0
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        counts = dict(part.rsplit(" ", 1) for part in out.strip().splitlines()[-1].split(": ", 1)[1].split(", "))
+        assert counts["volumes"] == "12" and counts["problems"] == "0"
+        fill_seconds += 12 / float(counts["volumes_per_second"])
+    assert fill_seconds > 15  # the whole fill, in one process, would outlast the 15 s timeout
+    verified = cli("cache", "--verify", *overrides)
+    assert verified.returncode == 0, verified.stderr[-2000:]
+    assert "checked 24, corrupt 0, stale 0, temp_files 0, built 0, problems 0" in verified.stdout
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           *command("train", *overrides)[1:]], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "runs" / "run" / "checkpoints" / "final.pt").is_file()
