@@ -148,6 +148,10 @@ def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch:
     from monai.optimizers import WarmupCosineSchedule
 
     distributed = idist.get_world_size() > 1
+    if train.sync_bn and distributed:
+        if next(net.parameters()).device.type != "cuda":
+            raise CT3DError("config error: train.sync_bn: PyTorch's SyncBatchNorm runs on CUDA devices only")
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place below the root: same state dict
     # a frozen backbone leaves parameters without gradients, which DDP must be told to expect
     model = idist.auto_model(net, find_unused_parameters=train.freeze_epochs > 0) if distributed else net
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
@@ -158,11 +162,25 @@ def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch:
     return model, optimizer, scheduler
 
 
+def _iteration(engine, batch):
+    """MONAI's training iteration; on gradient-accumulation micro-steps (no optimizer step follows, by
+    MONAI's own rule) under DDP's no_sync(), so gradients are all-reduced once per step, not per batch."""
+    import contextlib
+
+    acc, length = engine.accumulation_steps, engine.state.epoch_length
+    local = (engine.state.iteration - 1) % length
+    steps = (local + 1) % acc == 0 or local + 1 == length
+    quiet = acc > 1 and not steps and hasattr(engine.network, "no_sync")
+    with engine.network.no_sync() if quiet else contextlib.nullcontext():
+        return engine._iteration(engine, batch)
+
+
 def make_trainer(model, optimizer, loss_fn, loader, device: torch.device, amp_dtype: torch.dtype | None,
                  train: TrainConfig):
     from monai.engines import SupervisedTrainer
 
     return SupervisedTrainer(
+        iteration_update=_iteration,
         device=device, max_epochs=train.epochs, train_data_loader=loader, network=model, optimizer=optimizer,
         loss_function=loss_fn.to(device), prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
         decollate=False, accumulation_steps=train.accumulation_steps,

@@ -88,3 +88,46 @@ def test_each_rank_draws_its_own_random_numbers():
         setup_torch(TrainConfig(seed=3), rank)
         draws.append(torch.rand(4))
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+def test_accumulation_micro_steps_run_under_no_sync():
+    import contextlib
+
+    from ignite.engine import Events
+
+    from engine.build import make_loader, make_trainer
+    from engine.schema import LoaderConfig, TrainConfig
+
+    class Counting(torch.nn.Sequential):  # as DDP: no_sync() skips the gradient all-reduce
+        quiet: list = []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.quiet.append(True)
+            yield
+
+    net = Counting(torch.nn.Flatten(), torch.nn.Linear(2, 1))
+    dataset = [{"image": torch.full((1, 2), float(i)), "label": torch.zeros(1)} for i in range(5)]
+    loader = make_loader(dataset, LoaderConfig(batch_size=1), torch.device("cpu"), shuffle_seed=0)
+    trainer = make_trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.BCEWithLogitsLoss(), loader,
+                           torch.device("cpu"), None, TrainConfig(epochs=1, accumulation_steps=2))
+    quiet_at = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: Counting.quiet.clear())
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: quiet_at.append(bool(Counting.quiet)))
+    trainer.run()
+    assert quiet_at == [True, False, True, False, False]  # the epoch's last batch steps: never quiet
+
+
+def test_sync_batchnorm_needs_cuda_under_torchrun(monkeypatch):
+    import ignite.distributed as idist
+    import pytest
+
+    from engine.build import make_optimization
+    from engine.errors import CT3DError
+    from engine.schema import TrainConfig
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+    make_optimization(net, TrainConfig(sync_bn=True), 4)  # one process: plain BatchNorm, nothing to sync
+    monkeypatch.setattr(idist, "get_world_size", lambda: 2)
+    with pytest.raises(CT3DError, match="train.sync_bn"):
+        make_optimization(net, TrainConfig(sync_bn=True), 4)
