@@ -102,6 +102,20 @@ def make_loss(train: TrainConfig, task: str, frequencies: list[float]) -> torch.
     return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """torch's DistributedSampler (order from seed and epoch alone) that can skip the first samples of
+    the next epoch's order once: a run resumed mid-epoch sees exactly the batches it had not seen yet."""
+
+    _skip = 0
+
+    def skip_next(self, samples: int) -> None:
+        self._skip = samples
+
+    def __iter__(self):
+        indices, self._skip = list(super().__iter__())[self._skip:], 0
+        return iter(indices)
+
+
 def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_seed: int | None = None):
     """Training (`shuffle_seed` given) shuffles through a DistributedSampler (one replica when not
     distributed) whose order depends on (seed, epoch) alone, so a resumed run sees the batches an
@@ -113,7 +127,7 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
     rank, world = idist.get_rank(), idist.get_world_size()
     shuffle = shuffle_seed is not None
     if shuffle:
-        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=shuffle_seed)
+        sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=shuffle_seed)
     else:
         sampler = DistributedSampler(dataset, even_divisible=False, num_replicas=world, rank=rank, shuffle=False)
     batch_size = loader.batch_size if shuffle else loader.val_batch_size or loader.batch_size

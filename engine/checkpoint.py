@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import pickle
 import random
+import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +84,31 @@ def resume_checkpoint(resume: str, folder: Path) -> Path | None:
     return Path(resume)
 
 
+def numpy_state(state: tuple) -> dict:
+    """A NumPy RandomState's get_state() as tensors and plain values (what weights_only loads)."""
+    kind, keys, pos, has_gauss, cached = state
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def numpy_state_back(saved: dict) -> tuple:
+    return saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"], saved["cached"]
+
+
 class RandomState:
     """Python, NumPy, torch and CUDA generator states, as tensors and plain containers."""
 
     def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
         return {
             "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "numpy": numpy_state(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate((state["python_version"], tuple(state["python"]), None))
-        n = state["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        np.random.set_state(numpy_state_back(state["numpy"]))
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -106,19 +116,30 @@ class RandomState:
 
 class TrainerState:
     """The trainer's epoch, iteration and early stop. On load the configured epoch count stays (a raised
-    train.epochs extends a finished run), and a run that had stopped early stops again at once."""
+    train.epochs extends a finished run), a run that had stopped early stops again at once, and a
+    checkpoint taken mid-epoch continues at the next batch: the training sampler skips the batches that
+    epoch had already seen (same order: it depends on seed and epoch alone)."""
 
     def __init__(self, trainer: Engine):
         self.trainer = trainer
 
     def state_dict(self) -> dict:
         s = self.trainer.state
-        return {"epoch": s.epoch, "iteration": s.iteration, "stopped_early": bool(self.trainer.should_terminate)}
+        return {"epoch": s.epoch, "iteration": s.iteration, "epoch_length": s.epoch_length,
+                "stopped_early": bool(self.trainer.should_terminate)}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.trainer.state
-        self.trainer.load_state_dict({"epoch": state["epoch"], "epoch_length": s.epoch_length,
-                                      "max_epochs": max(s.max_epochs, state["epoch"])})
+        length, epoch, iteration = s.epoch_length, state["epoch"], state["iteration"]
+        saved_length = state.get("epoch_length") or length
+        done = iteration - (epoch - 1) * saved_length  # batches of `epoch` behind the checkpoint
+        max_epochs = max(s.max_epochs, epoch)
+        if done < saved_length and saved_length == length:  # taken mid-epoch: continue at the next batch
+            self.trainer.load_state_dict({"iteration": iteration, "epoch_length": length, "max_epochs": max_epochs})
+            s.dataloader.sampler.skip_next(done * s.dataloader.batch_size)
+        else:  # at an epoch's end; or mid-epoch with another batch size: that epoch again
+            completed = epoch if done >= saved_length else epoch - 1
+            self.trainer.load_state_dict({"epoch": completed, "epoch_length": length, "max_epochs": max_epochs})
         if state["stopped_early"]:
             self.trainer.terminate()
 
@@ -156,8 +177,11 @@ class Checkpoints:
     snapshotted at once and written (atomically) by a background thread, so training does not wait on
     the disk; the next save, and `wait()`, wait for the previous write."""
 
-    def __init__(self, folder: Path, to_save: dict[str, Any], meta: dict, write: bool = True):
+    def __init__(self, folder: Path, to_save: dict[str, Any], meta: dict, write: bool = True,
+                 every_minutes: float = 0.0):
         self.folder, self.to_save, self.meta, self.write = Path(folder), to_save, meta, write
+        self.every_seconds, self._saved_at = 60 * every_minutes, time.monotonic()
+        self.on_signal = StopOnSignal(self)
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         if write:  # clear temp files left by a killed writer (one process writes a run folder)
@@ -165,10 +189,20 @@ class Checkpoints:
                 stale.unlink(missing_ok=True)
 
     def attach(self, trainer: Engine, table: Any) -> None:
+        """last.pt (and best.pt) after each epoch; with `every_minutes`, last.pt also mid-epoch when that
+        long has passed since the last save, so a lost node costs minutes, not an epoch."""
+
         def after_epoch(engine: Engine) -> None:
             self.save(*(["best"] if table.improved_at(engine.state.epoch) else []), "last")
 
+        def on_the_clock(engine: Engine) -> None:
+            if time.monotonic() - self._saved_at >= self.every_seconds:
+                self.save("last")
+
         trainer.add_event_handler(Events.EPOCH_COMPLETED, after_epoch)
+        if self.every_seconds > 0:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, on_the_clock)
+        self.on_signal.attach(trainer)
 
     def state(self) -> dict:
         parts = {name: part.state_dict() for name, part in self.to_save.items()}
@@ -181,6 +215,7 @@ class Checkpoints:
         state = _snapshot(self.state())
         paths = [self.folder / f"{name}.pt" for name in names]
         self.wait()
+        self._saved_at = time.monotonic()
 
         def write() -> None:
             try:
@@ -227,6 +262,48 @@ class Resume:
         missing = [name for name in self.to_load if name not in state]
         Checkpoint.load_objects({k: v for k, v in self.to_load.items() if k in state}, state)
         self.epoch = trainer.state.epoch
-        log.info("resumed from %s at epoch %d%s%s", self.path, trainer.state.epoch,
+        log.info("resumed from %s at iteration %d (epoch %d done)%s%s", self.path, trainer.state.iteration,
+                 trainer.state.epoch,
                  " (already finished)" if trainer.state.epoch >= trainer.state.max_epochs or trainer.should_terminate
                  else "", f"; new since then: {', '.join(missing)}" if missing else "")
+
+
+class StopOnSignal:
+    """SIGTERM (Kubernetes' notice of preemption or eviction; torchrun passes it on) stops training at the
+    end of the current iteration, on every rank at the same one, after rank 0 wrote last.pt: the resumed
+    run continues at the next batch. Installed while the trainer runs; `stopped` says whether it fired."""
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints, self.requested, self.stopped = checkpoints, False, False
+        self._previous: Any = None
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self._install)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _install(self, trainer: Engine) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def __call__(self, trainer: Engine) -> None:
+        import ignite.distributed as idist
+
+        distributed = idist.get_world_size() > 1
+        requested = self.requested
+        if distributed:  # any rank told to stop stops them all, at this iteration
+            requested = bool(idist.all_reduce(torch.tensor(float(requested))) > 0)
+        if requested:
+            self.checkpoints.save("last", background=False)
+            if distributed:
+                idist.barrier()  # rank 0 has written before any rank leaves
+            self.stopped = True
+            log.warning("stopped by SIGTERM at iteration %d; %s holds it: run again to continue",
+                        trainer.state.iteration, self.checkpoints.folder / "last.pt")
+            trainer.terminate()

@@ -9,7 +9,7 @@ import os
 import sys
 
 from engine.config import DEFAULT_CONFIG, describe_sections, load_config
-from engine.errors import CT3DError
+from engine.errors import CT3DError, Interrupted
 
 COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache")
 
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: ignite.distributed sets up the group
             return run_distributed(args, cfg)
         return dispatch(args, cfg)
+    except Interrupted as exc:
+        print(f"ct3d: {exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a process ended by the signal reports
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
         return 2

@@ -153,6 +153,7 @@ class TrainConfig:
     early_stopping_patience: int = setting(0, ge=0)  # validations without improvement before stopping; 0: off
     early_stopping_min_delta: float = setting(0.0, ge=0)
     dist_timeout_minutes: float = setting(30.0, gt=0)  # torchrun: how long a rank waits in a collective
+    checkpoint_minutes: float = setting(10.0, ge=0)  # also write last.pt mid-epoch this often; 0: epoch ends only
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over every rank's batch (2-4 volumes per GPU)
     freeze_epochs: int = setting(0, ge=0)  # train the head alone (backbone and its BatchNorm statistics frozen)
 

@@ -31,7 +31,7 @@ from engine.checkpoint import Checkpoints, RandomState, Resume, ScalerState, Tra
 from engine.config import plain, to_yaml
 from engine.data import build_dataset
 from engine.datalist import label_frequencies
-from engine.errors import CT3DError
+from engine.errors import CT3DError, Interrupted
 from engine.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
 from engine.io import write_json, write_text
 from engine.models import FreezeBackbone
@@ -47,9 +47,10 @@ def train(cfg: Config) -> Path:
     from ignite.engine import Events
     from monai.handlers import LrScheduleHandler
 
-    start, main = time.time(), idist.get_rank() == 0  # only rank 0 writes files, logs progress, talks to W&B
+    start, rank = time.time(), idist.get_rank()
+    main = rank == 0  # only rank 0 writes files, logs progress, talks to W&B
     setup_logging(main)
-    setup_torch(cfg.train, idist.get_rank())
+    setup_torch(cfg.train, rank)
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     data = prepare_data_in_shares(cfg, progress=main)
@@ -83,7 +84,8 @@ def train(cfg: Config) -> Path:
     if cfg.train.freeze_epochs:
         FreezeBackbone(net, cfg.model, cfg.train.freeze_epochs).attach(trainer)
     if cfg.augment.enabled:
-        DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * idist.get_rank()).attach(trainer)
+        augmentation = to_save["augment"] = DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank)
+        augmentation.attach(trainer)
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
     attach_loss_metrics(trainer, stop_on_nan=amp_dtype != torch.float16)
     if main:
@@ -94,15 +96,12 @@ def train(cfg: Config) -> Path:
     history.attach(trainer)  # after validation, before checkpoints: see History
     if cfg.train.early_stopping_patience:
         to_save["early_stopping"] = early_stopping(cfg, trainer, evaluator)
-    tracker = None
-    if cfg.tracking.wandb.mode != "disabled" and main:
-        from engine.tracking import WandbTracker
-
-        tracker = to_save["tracking"] = WandbTracker(cfg.tracking.wandb, folder, plain_config(cfg), folder.name)
-        tracker.attach(trainer, evaluator, optimizer)
+    tracker = tracking(cfg, folder, trainer, evaluator, optimizer) if main else None
+    if tracker is not None:
+        to_save["tracking"] = tracker
     meta = {"labels": data.labels, "task": task, "model_config": plain(cfg.model),
             "preprocessing": plain(cfg.preprocess), "threshold": cfg.metrics.threshold}
-    checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, write=main)
+    checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
     checkpoints.attach(trainer, table)
 
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
@@ -158,11 +157,17 @@ def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
              ", ".join(data.labels))
 
 
-def plain_config(cfg: Config) -> dict:
-    """The config as saved (secrets blanked), for W&B."""
+def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer):
+    """The W&B tracker, attached (None when tracking is off); it logs the config as saved, secrets blanked."""
     import yaml
 
-    return yaml.safe_load(to_yaml(cfg))
+    from engine.tracking import WandbTracker
+
+    if cfg.tracking.wandb.mode == "disabled":
+        return None
+    tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
+    tracker.attach(trainer, evaluator, optimizer)
+    return tracker
 
 
 def resume_from(cfg: Config, folder: Path) -> Path | None:
@@ -203,6 +208,10 @@ def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: R
         trainer.run()
     finally:
         checkpoints.wait()
+        checkpoints.on_signal.restore()
+    if checkpoints.on_signal.stopped:
+        raise Interrupted(f"stopped by SIGTERM at iteration {trainer.state.iteration}; "
+                          f"{folder / 'checkpoints' / 'last.pt'} holds it: run again to continue")
     output = trainer.state.output
     diverged = bool(trainer.should_terminate and output is not None and not torch.isfinite(output["loss"]).all())
     if idist.get_world_size() > 1:  # the ranks agree: a NaN on any rank stopped them all

@@ -230,3 +230,49 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     last = load_checkpoint(checkpoints / "last.pt")
     assert last["trainer"]["epoch"] == 1
     assert all(torch.isfinite(w).all() for w in last["model"].values() if w.is_floating_point())
+
+
+def wait_for(proc: subprocess.Popen, lines: list[str], text: str, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while text not in "".join(lines):
+        assert proc.poll() is None and time.time() < deadline, f"never saw {text!r}: {''.join(lines)[-2000:]}"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_at_once_and_resumes_at_the_next_batch(tmp_path, tiny_demo):
+    whole = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=whole")))
+    overrides = tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=term")
+    proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    wait_for(proc, lines, "epoch 2/3 iteration 2/")
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143 and time.time() - signalled < 30
+    checkpoints = tmp_path / "runs" / "term" / "checkpoints"
+    last = load_checkpoint(checkpoints / "last.pt")["trainer"]
+    assert last["epoch"] == 2 and 0 < last["iteration"] - last["epoch_length"] < last["epoch_length"]
+    assert not (checkpoints / "final.pt").exists()
+    resumed = cli("train", *overrides)
+    assert resumed.returncode == 0 and f"iteration {last['iteration']}" in resumed.stderr, resumed.stderr[-2000:]
+    assert all(torch.equal(final_weights(whole)[k], v) for k, v in final_weights(checkpoints.parent).items())
+
+
+@pytest.mark.slow
+def test_clock_checkpoints_make_a_killed_run_lose_minutes_not_an_epoch(tmp_path, tiny_demo):
+    whole = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=whole")))
+    overrides = tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=clock", "train.checkpoint_minutes=0.0001")
+    proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    wait_for(proc, lines, "epoch 2/3 iteration 3/")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survivor = load_checkpoint(find_latest_checkpoint(tmp_path / "runs" / "clock" / "checkpoints"))["trainer"]
+    assert survivor["epoch"] == 2 and survivor["iteration"] > survivor["epoch_length"]  # inside epoch 2
+    resumed = cli("train", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert all(torch.equal(final_weights(whole)[k], v) for k, v in final_weights(tmp_path / "runs" / "clock").items())
