@@ -10,7 +10,6 @@ import math
 import torch
 from ignite.engine import Engine, Events
 
-from engine.checkpoint import numpy_state, numpy_state_back
 from engine.datalist import IMAGE
 from engine.schema import AugmentConfig
 
@@ -40,8 +39,8 @@ def augmentation(spec: AugmentConfig, device: torch.device):
 
 class DeviceAugmentation:
     """Moves each training batch's images to `device` and augments every sample with its own random
-    draw; labels are left alone. Reseeded from (seed, epoch) at each epoch, so a resumed run draws
-    exactly what an uninterrupted one would."""
+    draw; labels are left alone. The draws of each batch are seeded from (seed, epoch, batch), so a run
+    resumed anywhere, even mid-epoch and on every rank, draws exactly what an uninterrupted one would."""
 
     def __init__(self, spec: AugmentConfig, device: torch.device | str, seed: int):
         if not isinstance(spec, AugmentConfig):
@@ -49,35 +48,17 @@ class DeviceAugmentation:
                             f"got {type(spec).__name__}")
         self.device, self.seed = torch.device(device), int(seed)
         self.transform = augmentation(spec, self.device)
-        self._epoch, self._restored = 0, None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reseed)
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self)
 
     def reseed(self, engine: Engine) -> None:
-        """Seeds every random transform from (seed, epoch); the epoch a mid-epoch checkpoint was taken in
-        continues from the generators' saved states instead."""
-        self._epoch = engine.state.epoch
-        if self._restored is not None and self._restored["epoch"] == self._epoch:
-            for generator, saved in zip(self._generators(), self._restored["states"]):
-                generator.set_state(numpy_state_back(saved))
-        else:
-            self.transform.set_random_state(seed=(self.seed * 100_003 + self._epoch) % (2**32))
-        self._restored = None
-
-    def _generators(self) -> list:
-        """The NumPy generator of every random transform (RandAffine's grid has one of its own)."""
-        parts = [*self.transform.transforms, *(getattr(t, "rand_affine_grid", None) for t in self.transform.transforms)]
-        return [p.R for p in parts if p is not None and hasattr(p, "R")]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "states": [numpy_state(g.get_state()) for g in self._generators()]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._restored = state
+        s = engine.state
+        batch = (s.iteration - 1) % s.epoch_length if s.epoch_length else s.iteration
+        self.transform.set_random_state(seed=(self.seed * 100_003 + s.epoch * 10_007 + batch) % (2**32))
 
     def __call__(self, engine: Engine) -> None:
+        self.reseed(engine)
         batch = engine.state.batch
         batch[IMAGE] = self.apply(batch[IMAGE])
 

@@ -70,6 +70,29 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def init_process_group(backend: str, timeout) -> None:
+    """The process group, then ignite.distributed on it. Our own: after a worker died, torchrun's c10d
+    rendezvous hands the restarted workers a store that still holds the dead group's addresses, so each
+    attempt (TORCHELASTIC_RESTART_COUNT) gets keys of its own."""
+    import ignite.distributed as idist
+    import torch
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        idist.initialize(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ct3d/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+    idist.sync()
+
+
 def run_distributed(args: argparse.Namespace, cfg) -> int:
     """Under torchrun: one process group (NCCL on GPUs, gloo otherwise) with `train.dist_timeout_minutes`
     as its collectives' timeout, then `train` on every rank."""
@@ -80,8 +103,8 @@ def run_distributed(args: argparse.Namespace, cfg) -> int:
 
     if args.command != "train":
         raise CT3DError(f"{args.command} runs in one process; start it without torchrun")
-    idist.initialize("nccl" if torch.cuda.is_available() else "gloo",
-                     timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    init_process_group(backend, timedelta(minutes=cfg.train.dist_timeout_minutes))
     try:
         return dispatch(args, cfg)
     except RuntimeError as exc:  # a collective that waited longer than the timeout

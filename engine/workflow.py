@@ -84,8 +84,7 @@ def train(cfg: Config) -> Path:
     if cfg.train.freeze_epochs:
         FreezeBackbone(net, cfg.model, cfg.train.freeze_epochs).attach(trainer)
     if cfg.augment.enabled:
-        augmentation = to_save["augment"] = DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank)
-        augmentation.attach(trainer)
+        DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank).attach(trainer)
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
     attach_loss_metrics(trainer, stop_on_nan=amp_dtype != torch.float16)
     if main:

@@ -103,3 +103,51 @@ def test_cache_stage_in_two_shards_then_torchrun_under_a_timeout_shorter_than_th
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "runs" / "run" / "checkpoints" / "final.pt").is_file()
+
+
+def torchrun(*args: str, restarts: int = 0) -> list[str]:
+    """torchrun with the c10d rendezvous (as a Kubernetes Job's pods meet), two workers on this machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", f"--max-restarts={restarts}", *command(*args)[1:]]
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_killed_worker_ends_with_an_uninterrupted_runs_weights(tmp_path, tiny_demo):
+    import threading
+
+    import psutil
+    import torch
+
+    def overrides(name: str) -> list[str]:
+        return tiny_overrides(tmp_path, tiny_demo, "train.deterministic=true", "train.epochs=3", "train.log_every=1",
+                              "augment.affine_prob=0.5", "train.checkpoint_minutes=0.0001", "loader.batch_size=2",
+                              f"output.name={name}")
+
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(torchrun("train", *overrides("whole")), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = subprocess.Popen(torchrun("train", *overrides("elastic"), restarts=1), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    deadline = time.time() + 300
+    while "epoch 2/3 iteration 3/" not in "".join(lines):
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.01)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "engine.run" in " ".join(p.cmdline())]
+    victim = next(p for p in workers if p.environ().get("RANK") == "1")
+    victim.kill()  # a lost node: no SIGTERM, no last words
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    assert "resumed from" in "".join(lines)
+
+    def weights(name: str) -> dict:
+        return torch.load(tmp_path / "runs" / name / "checkpoints" / "final.pt", weights_only=True)["model"]
+
+    expected, got = weights("whole"), weights("elastic")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
