@@ -12,7 +12,15 @@ import torch
 
 from engine.datalist import IMAGE, LABEL
 from engine.errors import CT3DError
-from engine.schema import LoaderConfig, MetricsConfig, ModelConfig, OutputConfig, TrainConfig
+from engine.schema import (
+    Config,
+    LoaderConfig,
+    MetricsConfig,
+    ModelConfig,
+    OutputConfig,
+    PreprocessConfig,
+    TrainConfig,
+)
 
 log = logging.getLogger("ct3d")
 
@@ -102,34 +110,76 @@ def make_loss(train: TrainConfig, task: str, frequencies: list[float]) -> torch.
     return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
 
 
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """torch's DistributedSampler (order from seed and epoch alone) that can skip the first samples of
-    the next epoch's order once: a run resumed mid-epoch sees exactly the batches it had not seen yet."""
+class ShareSampler(torch.utils.data.DistributedSampler):
+    """A rank's share of the training set (all it holds in RAM), shuffled each epoch from (seed, epoch) as
+    torch's DistributedSampler does (with one rank, the very same order) and padded with repeats to
+    `per_rank`, so every rank takes as many steps. `skip_next` skips the first samples of the next epoch
+    once: a run resumed mid-epoch sees exactly the batches it had not seen yet."""
 
-    _skip = 0
+    def __init__(self, share, per_rank: int, seed: int):
+        super().__init__(share, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self.per_rank, self._skip = per_rank, 0
+
+    def __len__(self) -> int:
+        return self.per_rank
 
     def skip_next(self, samples: int) -> None:
         self._skip = samples
 
     def __iter__(self):
-        indices, self._skip = list(super().__iter__())[self._skip:], 0
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order = (order * (self.per_rank // max(1, len(order)) + 1))[: self.per_rank]
+        indices, self._skip = order[self._skip:], 0
         return iter(indices)
 
 
-def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_seed: int | None = None):
-    """Training (`shuffle_seed` given) shuffles through a DistributedSampler (one replica when not
-    distributed) whose order depends on (seed, epoch) alone, so a resumed run sees the batches an
-    uninterrupted one would. Validation gives each rank every world-th sample, unpadded, so gathered
-    metrics count each sample once."""
+def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -> float:
+    """The RAM cache rate that fits: every rank on this node (LOCAL_WORLD_SIZE) caches its share; above 80%
+    of the memory available the rate is lowered (and the log says so), the rest read from the disk cache."""
+    import math
+    import os
+
+    import psutil
+
+    per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need, available = volumes * per_volume * memory_rate * ranks, 0.8 * psutil.virtual_memory().available
+    if need <= available:
+        return memory_rate
+    rate = memory_rate * available / need
+    log.warning("RAM cache: %d volumes x %.1f MB x %d rank(s) on this node need %.1f GB, more than 80%% of the "
+                "%.1f GB available: caching %.0f%% of them in RAM (cache.memory_rate %.2f), the rest from disk",
+                volumes, per_volume / 1e6, ranks, need / 1e9, available / 0.8 / 1e9, 100 * rate, rate)
+    return rate
+
+
+def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], progress: bool):
+    """This rank's shares of the training and validation sets (every world-th item from its rank), each
+    cached on disk and, within the RAM budget, in RAM: a node holds about one copy of the data set,
+    whatever its number of ranks."""
     import ignite.distributed as idist
-    from monai.data import DistributedSampler
+
+    from engine.data import build_dataset
+    from engine.prepare import shard
 
     rank, world = idist.get_rank(), idist.get_world_size()
+    shares = shard(train_items, rank, world), shard(val_items, rank, world)
+    rate = ram_budget(cfg.cache.memory_rate, sum(map(len, shares)), cfg.preprocess)
+    disk = cfg.cache.dir if cfg.cache.disk else None
+    return tuple(build_dataset(items, cfg.preprocess, disk, rate, cfg.cache.workers, progress) for items in shares)
+
+
+def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_seed: int | None = None,
+                per_rank: int | None = None):
+    """Training (`shuffle_seed` given): a ShareSampler over this rank's share, `per_rank` samples an epoch.
+    Validation: the share in order, unpadded, so gathered metrics count each sample once."""
     shuffle = shuffle_seed is not None
     if shuffle:
-        sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=shuffle_seed)
+        sampler = ShareSampler(dataset, per_rank or len(dataset), shuffle_seed)
     else:
-        sampler = DistributedSampler(dataset, even_divisible=False, num_replicas=world, rank=rank, shuffle=False)
+        sampler = torch.utils.data.SequentialSampler(dataset)
     batch_size = loader.batch_size if shuffle else loader.val_batch_size or loader.batch_size
     # A last training batch of one sample breaks BatchNorm: drop it (the sampler reshuffles each epoch).
     drop_last = shuffle and len(sampler) % batch_size == 1 and len(sampler) > 1
@@ -152,7 +202,7 @@ def make_network(model: ModelConfig, outputs: int, spatial_size: list[int], devi
 
 def gathered_order(n: int, world: int) -> list[int]:
     """Dataset rows in the order validation outputs are gathered: each rank's share (every world-th row,
-    from its rank, as make_loader's validation sampler gives it) in rank order."""
+    from its rank, as make_datasets gives it) in rank order."""
     return [i for rank in range(world) for i in range(rank, n, world)]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from engine.augment import DeviceAugmentation
 from engine.build import (
     attach_validation,
+    make_datasets,
     make_evaluator,
     make_loader,
     make_loss,
@@ -58,10 +58,9 @@ def train(cfg: Config) -> Path:
     if main:
         write_run_start(folder, cfg, data)
 
-    disk = cfg.cache.dir if cfg.cache.disk else None
-    train_ds, val_ds = (build_dataset(items, cfg.preprocess, disk, cfg.cache.memory_rate, cfg.cache.workers,
-                                      main and sys.stderr.isatty()) for items in (data.train, data.val))
-    train_loader = make_loader(train_ds, cfg.loader, device, shuffle_seed=cfg.train.seed)
+    train_ds, val_ds = make_datasets(cfg, data.train, data.val, main)
+    per_rank = math.ceil(len(data.train) / idist.get_world_size())
+    train_loader = make_loader(train_ds, cfg.loader, device, shuffle_seed=cfg.train.seed, per_rank=per_rank)
     net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
     model, optimizer, scheduler = make_optimization(net, cfg.train, len(train_loader))
     task, frequencies = str(cfg.data.task), label_frequencies(data.train)
@@ -114,7 +113,7 @@ def train(cfg: Config) -> Path:
         "wall_seconds": round(time.time() - start, 1), "epoch_seconds": history.epoch_seconds,
     }
     if main:
-        write_outputs(folder, summary, table, history, cfg, tracker, net, val_ds)
+        write_outputs(folder, summary, table, history, cfg, tracker, net, data.val)
     if idist.get_world_size() > 1:
         idist.barrier()  # every rank leaves together: tearing down the group under a busy peer aborts
     return folder
@@ -236,9 +235,10 @@ def summary_table(summary: dict, labels: list[str]) -> str:
     return "\n".join(f"{a:<{width}}  {b:>8}  {c:>8}" for a, b, c in rows)
 
 
-def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_ds, table: MetricsTable,
+def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_items: list[dict], table: MetricsTable,
                       labels: list[str]) -> list:
-    """The report's Grad-CAM panels for the best epoch's model (from best.pt) and its input views."""
+    """The report's Grad-CAM panels for the best epoch's model (from best.pt) and its input views; the
+    volumes come from the disk cache (rank 0 holds only its share in RAM)."""
     import copy
 
     import ignite.distributed as idist
@@ -251,14 +251,15 @@ def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_ds, t
         return []
     best = copy.deepcopy(net).cpu()
     best.load_state_dict(load_checkpoint(folder / "checkpoints" / "best.pt")["model"])
-    in_gathered_order = torch.utils.data.Subset(val_ds, gathered_order(len(val_ds), idist.get_world_size()))
+    in_gathered_order = build_dataset([val_items[i] for i in gathered_order(len(val_items), idist.get_world_size())],
+                                      cfg.preprocess, cfg.cache.dir if cfg.cache.disk else None, 0.0, cfg.cache.workers)
     outputs = table.best_outputs
     return report_panels(best, cfg.model, in_gathered_order, labels, outputs["probs"], outputs["labels"],
                          cfg.metrics.threshold)
 
 
 def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: History, cfg: Config, tracker,
-                  net: torch.nn.Module, val_ds) -> None:
+                  net: torch.nn.Module, val_items: list[dict]) -> None:
     """Rank 0's closing files: summary.json, the report (with Grad-CAM panels of the best epoch's model),
     the W&B run's end, the printed table."""
     write_json(folder / "summary.json", summary)
@@ -270,7 +271,7 @@ def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: His
         report_png, _ = write_report(folder, table.rows, history.lr_history, outputs["probs"], outputs["labels"],
                                      summary["labels"], summary["task"], cfg.metrics.threshold, cfg.metrics.beta,
                                      summary, to_yaml(cfg),
-                                     inspection_panels(cfg, folder, net, val_ds, table, summary["labels"]))
+                                     inspection_panels(cfg, folder, net, val_items, table, summary["labels"]))
     if tracker is not None:
         tracker.finish(report_png, folder / "checkpoints" / "best.pt", summary)
     print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n"

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from engine.build import make_inferer, resolve_amp
@@ -20,21 +21,47 @@ def test_bf16_inferer_autocasts_the_forward_pass():
     assert make_inferer(torch.device("cpu"), torch.bfloat16)(torch.ones(1, 2), net).dtype == torch.bfloat16
 
 
-def test_validation_loader_gives_every_sample_to_exactly_one_rank_unpadded(monkeypatch):
+def test_ranks_hold_disjoint_shares_and_take_equal_steps_over_every_sample(monkeypatch):
     import ignite.distributed as idist
 
-    from engine.build import make_loader
-    from engine.schema import LoaderConfig
+    from engine.build import ShareSampler, make_datasets, make_loader
+    from engine.config import load_config
 
-    dataset = [{"image": torch.tensor([float(i)]), "label": torch.tensor([0.0])} for i in range(7)]
-    seen = []
+    items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(7)]
+    cfg = load_config(None, ["data.demo.enabled=true", "cache.memory_rate=0", "cache.disk=false"])
+    shares, steps = [], []
     for rank in range(3):
         monkeypatch.setattr(idist, "get_rank", lambda r=rank: r)
         monkeypatch.setattr(idist, "get_world_size", lambda: 3)
-        loader = make_loader(dataset, LoaderConfig(batch_size=2), torch.device("cpu"))
-        seen.append([int(v) for batch in loader for v in batch["image"].flatten()])
-    assert sorted(sum(seen, [])) == list(range(7))  # each once: no padding repeats a sample
-    assert [len(s) for s in seen] == [3, 2, 2]
+        train_ds, val_ds = make_datasets(cfg, items, items, progress=False)
+        shares.append([it["name"] for it in train_ds.items])
+        sampler = make_loader(train_ds, cfg.loader, torch.device("cpu"), shuffle_seed=0, per_rank=3).sampler
+        sampler.set_epoch(1)
+        steps.append(list(sampler))
+        assert [it["name"] for it in val_ds.items] == shares[-1]  # validation: the same share, unpadded
+    assert sorted(sum(shares, [])) == sorted(it["name"] for it in items)  # disjoint, and together everything
+    assert [len(s) for s in steps] == [3, 3, 3]  # the share of 2 repeats one sample
+    one_rank = ShareSampler(list(range(7)), 7, seed=5)
+    one_rank.set_epoch(2)
+    reference = torch.utils.data.DistributedSampler(list(range(7)), num_replicas=1, rank=0, shuffle=True, seed=5)
+    reference.set_epoch(2)
+    assert list(one_rank) == list(reference)  # one process: torch's order, so older runs resume the same
+
+
+def test_ram_cache_rate_is_lowered_to_fit_the_node(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    import psutil
+
+    from engine.build import ram_budget
+    from engine.schema import PreprocessConfig
+
+    p = PreprocessConfig(spatial_size=[100, 100, 100])  # 2 MB a volume in float16
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=100e6))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert ram_budget(1.0, 10, p) == 1.0  # 2 ranks x 10 x 2 MB = 40 MB fits in 80 MB
+    rate = ram_budget(1.0, 40, p)  # 160 MB does not
+    assert rate == pytest.approx(0.5) and "caching 50% of them in RAM" in caplog.text
 
 
 def test_trainer_reshuffles_each_epoch_through_monai_and_the_order_depends_on_seed_and_epoch():
