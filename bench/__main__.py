@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, train_volumes=64, train_size=64,
-            engine_epochs=5, engine_repeats=3, startup_runs=5)
+            engine_epochs=5, engine_repeats=3, startup_runs=5, rank_volumes=64, rank_size=128,
+            rank_runs=(0.0, 1.0, 0.0))  # the first run fills the disk cache: not measured
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
-             engine_epochs=3, engine_repeats=1, startup_runs=1)
+             engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
+             rank_runs=(1.0, 0.0))
 
 
 # ---------------------------------------------------------------- data pipeline
@@ -77,22 +79,26 @@ def child_pipeline(args: dict) -> dict:
     raise ValueError(mode)
 
 
-def run_child(args: dict, sample_memory: bool = False) -> dict:
-    """Runs child_pipeline in a new process; with sample_memory, adds its tree's peak PSS."""
+def peak_pss(proc: subprocess.Popen) -> int:
+    """The peak PSS of `proc` and its children, sampled until it ends."""
     import psutil
 
+    peak, parent = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    return peak
+
+
+def run_child(args: dict, sample_memory: bool = False) -> dict:
+    """Runs child_pipeline in a new process; with sample_memory, adds its tree's peak PSS."""
     proc = subprocess.Popen([sys.executable, "-m", "bench", "--child", json.dumps(args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = 0
-    if sample_memory:
-        parent = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                tree = [parent, *parent.children(recursive=True)]
-                peak = max(peak, sum(p.memory_full_info().pss for p in tree))
-            except psutil.Error:
-                pass
-            time.sleep(0.02)
+    peak = peak_pss(proc) if sample_memory else 0
     out, _ = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {args['mode']} failed")
@@ -207,6 +213,28 @@ def bench_memory(cfg: dict, work: Path) -> dict:
             "cache_bytes": with_cache["cache_bytes"]}
 
 
+# ---------------------------------------------------------------- two ranks, one copy
+def bench_ranks(cfg: dict, work: Path) -> dict:
+    """Peak PSS of a 2-rank torchrun training with the RAM cache on and off: the difference is what the
+    node holds of the cached data set (each rank caches its own share)."""
+    n, size = cfg["rank_volumes"], cfg["rank_size"]
+    overrides = [f"data.demo.dir={work / 'ranks-demo'}", f"data.demo.num_volumes={n}",
+                 f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
+                 f"cache.dir={work / 'ranks-cache'}", f"output.dir={work / 'ranks-runs'}", "train.epochs=1",
+                 "train.resume=off", "tracking.wandb.mode=disabled", "model.widen_factor=0.25", "loader.batch_size=4",
+                 "train.threads=1", "data.val_fraction=0.25"]
+    peaks = {}
+    for rate in cfg["rank_runs"]:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "-m", "engine.run", "train", *overrides, f"cache.memory_rate={rate}",
+                                 f"output.name=rate{rate}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peaks[rate] = peak_pss(proc)
+        if proc.wait() != 0:
+            raise RuntimeError("benchmark: the 2-rank training failed")
+    return {"ranks_pss_cached": peaks[1.0], "ranks_pss_uncached": peaks[0.0], "ranks_cache_bytes": n * size**3 * 2}
+
+
 # ---------------------------------------------------------------- start-up
 def bench_startup(cfg: dict) -> dict:
     def timed(*args: str) -> float:
@@ -235,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ct3d-bench-") as tmp:
         work = Path(tmp)
         figures = {**bench_pipeline(cfg, work), **bench_engine(cfg, work), **bench_memory(cfg, work),
-                   **bench_startup(cfg)}
+                   **bench_ranks(cfg, work), **bench_startup(cfg)}
     from bench.report import markdown
 
     text = markdown(figures, cfg, args.smoke, time.time() - start)

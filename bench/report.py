@@ -27,6 +27,9 @@ def results(f: dict) -> list[tuple[str, str, str, bool]]:
                  "(reported)", True))
     mem = f["cached_pss"] / (f["baseline_pss"] + f["cache_bytes"])
     rows.append(("peak PSS, RAM cache + 2 workers vs baseline + cache bytes", f"{mem:.3f}x", "<= 1.15x", mem <= 1.15))
+    node = (f["ranks_pss_cached"] - f["ranks_pss_uncached"]) / f["ranks_cache_bytes"]
+    rows.append(("2-rank run: RAM cache's share of peak PSS vs one copy of the cached bytes", f"{node:.2f}x",
+                 "<= 1.3x", node <= 1.3))
     rows.append(("`python -m engine.run --help`", f"{f['help_seconds']:.2f} s", "< 2 s", f["help_seconds"] < 2))
     rows.append(("config error (`model.name=nope`)", f"{f['config_error_seconds']:.2f} s", "< 2 s",
                  f["config_error_seconds"] < 2))
@@ -59,7 +62,7 @@ def markdown(f: dict, cfg: dict, smoke: bool, seconds: float) -> str:
     raw = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in f.items())
     sizes = (f"{cfg['volumes']} volumes of {'x'.join(map(str, cfg['source']))} int16 NIfTI in HU, preprocessed "
              f"to {'x'.join(map(str, cfg['target']))} float16; engine: {cfg['train_volumes']} volumes of "
-             f"{cfg['train_size']}^3, batch 8")
+             f"{cfg['train_size']}^3, batch 8; 2 ranks: {cfg['rank_volumes']} volumes of {cfg['rank_size']}^3 float16")
     return f"""# Benchmark results{' (smoke sizes)' if smoke else ''}
 
 `make bench` (`python -m bench`) rewrites this file. Figures are ratios measured in one run.
