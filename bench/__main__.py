@@ -18,10 +18,11 @@ sys.path.insert(0, str(ROOT))
 
 FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, train_volumes=64, train_size=64,
             engine_epochs=5, engine_repeats=3, startup_runs=5, rank_volumes=64, rank_size=128,
-            rank_runs=(0.0, 1.0, 0.0))  # the first run fills the disk cache: not measured
+            rank_runs=(0.0, 1.0, 0.0),  # the first run fills the disk cache: not measured
+            augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)))
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
-             rank_runs=(1.0, 0.0))
+             rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),))
 
 
 # ---------------------------------------------------------------- data pipeline
@@ -260,10 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     cfg = SMOKE if args.smoke else FULL
     start = time.time()
+    from bench.augment import augment_figures
+
     with tempfile.TemporaryDirectory(prefix="ct3d-bench-") as tmp:
         work = Path(tmp)
         figures = {**bench_pipeline(cfg, work), **bench_engine(cfg, work), **bench_memory(cfg, work),
-                   **bench_ranks(cfg, work), **bench_startup(cfg)}
+                   **bench_ranks(cfg, work), **augment_figures(cfg), **bench_startup(cfg)}
     from bench.report import markdown
 
     text = markdown(figures, cfg, args.smoke, time.time() - start)

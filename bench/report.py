@@ -30,6 +30,12 @@ def results(f: dict) -> list[tuple[str, str, str, bool]]:
     node = (f["ranks_pss_cached"] - f["ranks_pss_uncached"]) / f["ranks_cache_bytes"]
     rows.append(("2-rank run: RAM cache's share of peak PSS vs one copy of the cached bytes", f"{node:.2f}x",
                  "<= 1.3x", node <= 1.3))
+    for name in ("64", "ctrate"):
+        if f"augment_{name}_batched_samples_per_s" in f:
+            batched, loop = f[f"augment_{name}_batched_samples_per_s"], f[f"augment_{name}_loop_samples_per_s"]
+            shape = "64^3" if name == "64" else "128x256x256"
+            rows.append((f"device augmentation, batch 8 at {shape}: batched vs per-sample MONAI chain (CPU)",
+                         f"{batched:.1f} vs {loop:.1f} samples/s ({batched / loop:.1f}x)", "(reported)", True))
     rows.append(("`python -m engine.run --help`", f"{f['help_seconds']:.2f} s", "< 2 s", f["help_seconds"] < 2))
     rows.append(("config error (`model.name=nope`)", f"{f['config_error_seconds']:.2f} s", "< 2 s",
                  f["config_error_seconds"] < 2))

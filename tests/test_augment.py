@@ -48,3 +48,34 @@ def test_same_seed_and_epoch_same_draws_other_epoch_differs():
 def test_spec_is_checked():
     with pytest.raises(TypeError, match="spec"):
         DeviceAugmentation({"flip_prob": 1}, "cpu", 0)
+
+
+def test_batched_draws_reproduce_per_seed_epoch_and_batch_and_stay_on_the_device():
+    images = torch.randn(4, 1, 12, 12, 12)
+    aug = DeviceAugmentation(ALWAYS, "cpu", 3)
+    a = aug.apply(images, aug.generator(2, 5))
+    assert a.device == images.device and a.dtype == torch.float32
+    assert torch.equal(a, aug.apply(images, aug.generator(2, 5)))
+    assert not torch.equal(a, aug.apply(images, aug.generator(2, 6)))  # the next batch draws anew
+    other = DeviceAugmentation(ALWAYS, "cpu", 4)
+    assert not torch.equal(a, other.apply(images, other.generator(2, 5)))  # another seed: other draws
+
+
+def test_each_transform_does_what_it_says():
+    from engine.augment import augment_batch
+    from engine.schema import AugmentConfig
+
+    off = dict(flip_prob=0.0, affine_prob=0.0, smooth_prob=0.0, contrast_prob=0.0, noise_prob=0.0, shift_prob=0.0)
+    volume = torch.linspace(0, 1, 8 ** 3).reshape(1, 1, 8, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(volume, AugmentConfig(**off), generator), volume)  # nothing on: untouched
+    flipped = augment_batch(volume, AugmentConfig(**{**off, "flip_prob": 1.0}), generator)
+    assert torch.equal(flipped, volume.flip(2).flip(3).flip(4))
+    shifted = augment_batch(volume, AugmentConfig(**{**off, "shift_prob": 1.0, "shift": 0.1}), generator)
+    offset = shifted - volume
+    assert torch.allclose(offset, offset.flatten()[0]) and 0 < abs(float(offset.flatten()[0])) <= 0.1
+    smoothed = augment_batch(volume, AugmentConfig(**{**off, "smooth_prob": 1.0}), generator)
+    assert smoothed.std() < volume.std() and abs(float(smoothed.mean() - volume.mean())) < 0.02
+    turned = augment_batch(volume, AugmentConfig(**{**off, "affine_prob": 1.0, "rotate_degrees": [0.0, 0.0, 90.0],
+                                                     "scale_range": [1.0, 1.0]}), generator)
+    assert turned.shape == volume.shape and not torch.allclose(turned, volume)
