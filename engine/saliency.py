@@ -26,8 +26,9 @@ def grad_cam(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, lab
     from monai.visualize import GradCAM
 
     cam = GradCAM(nn_module=net.eval(), target_layers=TARGET_LAYERS[str(model.name)])
+    device = next(net.parameters()).device
     with torch.enable_grad():  # the input carries the graph even where every weight is frozen
-        return cam(x=images.float().requires_grad_(True), class_idx=label).detach()
+        return cam(x=images.float().to(device).requires_grad_(True), class_idx=label).detach().cpu()
 
 
 def peak(heat: torch.Tensor) -> tuple[int, int, int]:
