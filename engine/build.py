@@ -135,6 +135,18 @@ class ShareSampler(torch.utils.data.DistributedSampler):
         return iter(indices)
 
 
+def _cgroup_limit() -> float:
+    """The container's memory limit (cgroup v2 or v1), what a Kubernetes pod may use; infinite if none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return float(text)
+    return float("inf")
+
+
 def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -> float:
     """The RAM cache rate that fits: every rank on this node (LOCAL_WORLD_SIZE) caches its share; above 80%
     of the memory available the rate is lowered (and the log says so), the rest read from the disk cache."""
@@ -145,7 +157,8 @@ def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -
 
     per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    need, available = volumes * per_volume * memory_rate * ranks, 0.8 * psutil.virtual_memory().available
+    need, available = volumes * per_volume * memory_rate * ranks, 0.8 * min(psutil.virtual_memory().available,
+                                                                          _cgroup_limit())
     if need <= available:
         return memory_rate
     rate = memory_rate * available / need
@@ -165,6 +178,10 @@ def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], p
     from engine.prepare import shard
 
     rank, world = idist.get_rank(), idist.get_world_size()
+    for side, items in (("training", train_items), ("validation", val_items)):
+        if len(items) < world:  # every rank decides alike: none is left waiting for the others
+            raise CT3DError(f"{len(items)} {side} volume(s) for {world} ranks: each rank needs at least one; "
+                            f"lower --nproc-per-node or raise data.val_fraction")
     shares = shard(train_items, rank, world), shard(val_items, rank, world)
     rate = ram_budget(cfg.cache.memory_rate, sum(map(len, shares)), cfg.preprocess)
     disk = cfg.cache.dir if cfg.cache.disk else None

@@ -169,6 +169,15 @@ def _snapshot(value: Any) -> Any:
     return value
 
 
+def resumable_here(trainer: Engine) -> bool:
+    """Whether a mid-epoch checkpoint taken now resumes exactly: right after an optimizer step (no
+    gradients of an accumulation window in flight), before the epoch's last batch (whose end-of-epoch
+    work, validation included, belongs to the epoch-end checkpoint), and not after a NaN stop."""
+    s, acc = trainer.state, getattr(trainer, "accumulation_steps", 1)
+    batch = (s.iteration - 1) % s.epoch_length + 1
+    return batch % acc == 0 and batch < s.epoch_length and not trainer.should_terminate
+
+
 class Checkpoints:
     """last.pt after every epoch, best.pt when the key metric improved (`table.improved_at`), final.pt by
     `save("final")`. Each holds `state_dict()` of every part of `to_save` plus the fixed `meta` (labels,
@@ -196,7 +205,7 @@ class Checkpoints:
             self.save(*(["best"] if table.improved_at(engine.state.epoch) else []), "last")
 
         def on_the_clock(engine: Engine) -> None:
-            if time.monotonic() - self._saved_at >= self.every_seconds:
+            if resumable_here(engine) and time.monotonic() - self._saved_at >= self.every_seconds:
                 self.save("last")
 
         trainer.add_event_handler(Events.EPOCH_COMPLETED, after_epoch)
@@ -278,8 +287,10 @@ class StopOnSignal:
         self._previous: Any = None
 
     def attach(self, trainer: Engine) -> None:
+        """After Checkpoints' own handlers: at an epoch's end last.pt has just been written."""
         trainer.add_event_handler(Events.STARTED, self._install)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self, True)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self, False)
 
     def _install(self, trainer: Engine) -> None:
         self._previous = signal.signal(signal.SIGTERM, self._on_signal)
@@ -292,15 +303,19 @@ class StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def __call__(self, trainer: Engine) -> None:
+    def __call__(self, trainer: Engine, mid_epoch: bool) -> None:
         import ignite.distributed as idist
 
+        if mid_epoch and not resumable_here(trainer):
+            return  # the next step boundary, or the epoch's end, stops it
         distributed = idist.get_world_size() > 1
         requested = self.requested
         if distributed:  # any rank told to stop stops them all, at this iteration
             requested = bool(idist.all_reduce(torch.tensor(float(requested))) > 0)
         if requested:
-            self.checkpoints.save("last", background=False)
+            if mid_epoch:
+                self.checkpoints.save("last", background=False)
+            self.checkpoints.wait()
             if distributed:
                 idist.barrier()  # rank 0 has written before any rank leaves
             self.stopped = True

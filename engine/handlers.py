@@ -152,7 +152,8 @@ class MetricsTable:
             self.best = row
         if improved:
             self._improved_epoch = row["epoch"]
-            self.best_outputs = {"probs": self.validation.last_probs, "labels": self.validation.last_labels}
+            self.best_outputs = {"probs": self.validation.last_probs, "labels": self.validation.last_labels,
+                                 "ranks": idist.get_world_size()}  # the rows' order: see gathered_order
         if self.write:
             self._write()
         log.info("epoch %d validation: loss %.4f, AUC macro %.4f, F%g macro %.4f%s", row["epoch"], m["val_loss"],

@@ -173,13 +173,13 @@ def predict(cfg: Config) -> Path:
                 probs = probabilities(inferer(batch[IMAGE].to(device).float(), model), state["task"]).cpu().tolist()
                 rows += [[items[i][NAME], *(f"{p:.6f}" for p in row)] for i, row in zip(batch["index"], probs)]
     folder = _output_folder(cfg, "predict")
-    if cfg.saliency:
-        write_saliency(model, state, items, {row[0] for row in rows}, folder / "saliency")
     buf = io.StringIO()
     csv.writer(buf).writerows([["VolumeName", *state["labels"]], *rows])
     write_text(folder / "predictions.csv", buf.getvalue())
     if skipped:
         write_skipped(folder, skipped)
+    if cfg.saliency:  # after predictions.csv: a map that fails loses no prediction
+        write_saliency(model, state, items, {row[0] for row in rows}, folder / "saliency")
     print(f"ct3d predict: {len(rows)} volume(s) -> {folder / 'predictions.csv'}"
           + (f"; {len(skipped)} input(s) left out, listed in {folder / 'skipped.csv'}:" if skipped else "")
           + "".join(f"\n  {p}" for p in skipped))

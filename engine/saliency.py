@@ -22,10 +22,15 @@ def supports(model: ModelConfig) -> bool:
 
 
 def grad_cam(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, label: int) -> torch.Tensor:
-    """(B, 1, *spatial) heat maps in [0, 1] for output `label`, upsampled to the input's grid."""
+    """(B, 1, *spatial) heat maps in [0, 1] for output `label`, upsampled to the input's grid. One MONAI
+    GradCAM per network: each registers hooks it never removes, so a new one per call would pile them up."""
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=net.eval(), target_layers=TARGET_LAYERS[str(model.name)])
+    cam = getattr(net, "_ct3d_grad_cam", None)
+    if cam is None:
+        cam = GradCAM(nn_module=net, target_layers=TARGET_LAYERS[str(model.name)])
+        net._ct3d_grad_cam = cam
+    net.eval()
     device = next(net.parameters()).device
     with torch.enable_grad():  # the input carries the graph even where every weight is frozen
         return cam(x=images.float().to(device).requires_grad_(True), class_idx=label).detach().cpu()

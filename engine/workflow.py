@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def train(cfg: Config) -> Path:
     if main:
         write_run_start(folder, cfg, data)
 
-    train_ds, val_ds = make_datasets(cfg, data.train, data.val, main)
+    train_ds, val_ds = make_datasets(cfg, data.train, data.val, main and sys.stderr.isatty())  # bars: terminals
     per_rank = math.ceil(len(data.train) / idist.get_world_size())
     train_loader = make_loader(train_ds, cfg.loader, device, shuffle_seed=cfg.train.seed, per_rank=per_rank)
     net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
@@ -251,7 +252,8 @@ def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_items
         return []
     best = copy.deepcopy(net).cpu()
     best.load_state_dict(load_checkpoint(folder / "checkpoints" / "best.pt")["model"])
-    in_gathered_order = build_dataset([val_items[i] for i in gathered_order(len(val_items), idist.get_world_size())],
+    ranks = table.best_outputs.get("ranks", idist.get_world_size())  # the best validation's, not this start's
+    in_gathered_order = build_dataset([val_items[i] for i in gathered_order(len(val_items), ranks)],
                                       cfg.preprocess, cfg.cache.dir if cfg.cache.disk else None, 0.0, cfg.cache.workers)
     outputs = table.best_outputs
     return report_panels(best, cfg.model, in_gathered_order, labels, outputs["probs"], outputs["labels"],

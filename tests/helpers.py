@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+TEXT = {"encoding": "utf-8", "errors": "replace"}  # children's output, whatever this locale
 SCHEMA_DEFAULTS = ROOT / "tests" / "schema-defaults.yaml"  # the CLI on the schema's defaults, as load_config(None)
 
 
@@ -28,5 +29,5 @@ def command(*args: str) -> list[str]:
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run(command(*args), cwd=ROOT, capture_output=True, **TEXT, timeout=600,
                           env=kwargs.pop("env", ENV), **kwargs)

@@ -4,14 +4,14 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, TEXT
 
 
 @pytest.mark.slow
 def test_benchmark_smoke_produces_every_figure(tmp_path):
     out = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, **TEXT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for figure in ("RAM cache vs tutorial Dataset, 0 workers", "warm disk cache (new process) vs tutorial, 2 workers",

@@ -158,3 +158,17 @@ def test_sync_batchnorm_needs_cuda_under_torchrun(monkeypatch):
     monkeypatch.setattr(idist, "get_world_size", lambda: 2)
     with pytest.raises(CT3DError, match="train.sync_bn"):
         make_optimization(net, TrainConfig(sync_bn=True), 4)
+
+
+def test_fewer_volumes_than_ranks_is_refused_on_every_rank(monkeypatch):
+    import ignite.distributed as idist
+
+    from engine.build import make_datasets
+    from engine.config import load_config
+    from engine.errors import CT3DError
+
+    items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(3)]
+    cfg = load_config(None, ["data.demo.enabled=true", "cache.memory_rate=0", "cache.disk=false"])
+    monkeypatch.setattr(idist, "get_world_size", lambda: 4)
+    with pytest.raises(CT3DError, match="3 validation volume.*4 ranks"):
+        make_datasets(cfg, items * 2, items, progress=False)

@@ -20,7 +20,7 @@ from engine.data import (
 from engine.errors import CT3DError
 from engine.prepare import cache, load_splits
 from engine.schema import PreprocessConfig
-from helpers import ENV, ROOT, command, tiny_overrides
+from helpers import ENV, ROOT, TEXT, command, tiny_overrides
 from volumes import write_dicom_series, write_itk, write_nifti
 
 SMALL = PreprocessConfig(spatial_size=[16, 16, 16])
@@ -163,7 +163,7 @@ def test_crash_inside_cache_write_leaves_no_entry(tmp_path, monkeypatch):
 def test_two_processes_filling_one_cache_leave_every_entry_valid(tmp_path, tiny_demo):
     overrides = [*tiny_overrides(tmp_path, tiny_demo), "cache.workers=2"]
     procs = [subprocess.Popen(command("cache", *overrides), cwd=ROOT, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, **TEXT) for _ in range(2)]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.demo import LABELS, generate, phantom
-from helpers import ROOT
+from helpers import ROOT, TEXT
 
 
 def test_phantom_is_deterministic_and_in_hounsfield_units():
@@ -47,7 +47,7 @@ def test_generated_set_prevalence_and_reuse(tmp_path):
 def test_demo_command_trains_to_target_auc(tmp_path):
     """The README's demo: `python -m engine.run` with no arguments, in a fresh folder."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "engine.run"], cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "engine.run"], cwd=tmp_path, capture_output=True, **TEXT,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
@@ -66,7 +66,7 @@ def test_demo_command_trains_to_target_auc(tmp_path):
 
     best = runs[0] / "checkpoints" / "best.pt"
     proc = subprocess.run([sys.executable, "-m", "engine.run", "evaluate", f"checkpoint={best}", "output.name=eval"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+                          cwd=tmp_path, capture_output=True, **TEXT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluation = json.loads((tmp_path / "runs" / "eval" / "evaluation.json").read_text())["metrics"]
     for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from engine.config import load_config
-from helpers import ROOT
+from helpers import ROOT, TEXT
 from k8s.render import render, render_objects
 
 KUBE_VERSION = "1.30.0"
@@ -34,7 +34,7 @@ def objects(*overrides: str, config=ROOT / "configs" / "default.yaml") -> list[d
 
 def validate(text: str) -> subprocess.CompletedProcess:
     tool = Path(sys.executable).with_name("kubernetes-validate")
-    return subprocess.run([str(tool), "--strict", "-k", KUBE_VERSION, "-"], input=text, capture_output=True, text=True)
+    return subprocess.run([str(tool), "--strict", "-k", KUBE_VERSION, "-"], input=text, capture_output=True, **TEXT)
 
 
 @pytest.mark.parametrize("overrides", [[], MULTI, ["k8s.gpus=4"], ["k8s.gpus=0", "k8s.cache.existing=true"]])
@@ -127,19 +127,19 @@ def test_pods_resume_from_the_output_claim(tmp_path):
                                           ("k8s.name=Bad_Name", "k8s.name"), ("k8s.namespace=ml.team", "k8s.namespace"),
                                           ("k8s.memory=lots", "k8s.memory"), ("k8s.nodse=2", "k8s.nodse")])
 def test_bad_values_name_the_key_and_print_nothing(override, key):
-    proc = subprocess.run([sys.executable, "-m", "k8s", "render", override], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "k8s", "render", override], cwd=ROOT, capture_output=True, **TEXT)
     assert proc.returncode != 0 and proc.stdout == ""
     assert key in proc.stderr
 
 
 # ------------------------------------------------------------------ Helm
 def helm(*args: str, values: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([HELM, *args], input=values, capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([HELM, *args], input=values, capture_output=True, **TEXT, cwd=ROOT)
 
 
 def chart_objects(*overrides: str, namespace: str = "default") -> list[dict]:
     values = subprocess.run([sys.executable, "-m", "k8s", "values", *overrides], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout
+                            **TEXT, check=True).stdout
     name = load_config(ROOT / "configs" / "default.yaml", list(overrides)).k8s.name
     proc = helm("template", name, "charts/ct3d", "--namespace", namespace, "-f", "-", values=values)
     assert proc.returncode == 0, proc.stderr
@@ -217,5 +217,5 @@ def test_dockerfile_is_pinned_non_root_and_runs_the_engine():
     assert user not in ("root", "0") and not user.startswith("0:")
     assert 'ENTRYPOINT ["python", "-m", "engine.run"]' in lines
     assert any("requirements.lock" in ln and "pip install" in ln for ln in lines)
-    proc = subprocess.run([sys.executable, "-m", "engine.run", "--help"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "engine.run", "--help"], cwd=ROOT, capture_output=True, **TEXT)
     assert proc.returncode == 0 and "Sections and keys" in proc.stdout

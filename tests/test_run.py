@@ -10,12 +10,12 @@ import pytest
 
 from engine.config import load_config
 from engine.inference import evaluate
-from helpers import ENV, ROOT, cli, command, tiny_overrides
+from helpers import ENV, ROOT, TEXT, cli, command, tiny_overrides
 
 
 def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "engine.run", *args], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "engine.run", *args], cwd=ROOT, capture_output=True, **TEXT,
                           timeout=60)
     return proc, time.time() - start
 
@@ -31,7 +31,7 @@ def test_cli_bad_model_fails_fast_naming_the_key():
 def test_cli_config_error_imports_neither_torch_nor_monai():
     code = ("import sys; from engine.run import main; rc = main(['model.name=nope']); "
             "print(rc, 'torch' in sys.modules, 'monai' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, **TEXT, timeout=60)
     assert proc.stdout.split() == ["2", "False", "False"]
 
 
@@ -57,7 +57,7 @@ def test_demo_under_torchrun_two_processes_gloo_cpu(tmp_path):
                  "data.val_fraction=0.205"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "engine.run", "train", *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "-m", "engine.run", "train", *overrides], cwd=ROOT, env=env, capture_output=True, **TEXT,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("ct3d run ") == 1  # the closing summary: rank 0 only
@@ -85,7 +85,7 @@ def test_cache_stage_in_two_shards_then_torchrun_under_a_timeout_shorter_than_th
     whole fill took."""
     overrides = tiny_overrides(tmp_path, tiny_demo, "preprocess.spacing=[0.6,0.6,0.6]", "cache.workers=1",
                                "train.dist_timeout_minutes=0.25", "tracking.wandb.mode=disabled")
-    procs = [subprocess.Popen(command("cache", f"--shard={i}/2", *overrides), cwd=ROOT, env=ENV, text=True,
+    procs = [subprocess.Popen(command("cache", f"--shard={i}/2", *overrides), cwd=ROOT, env=ENV, **TEXT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     fill_seconds = 0.0
     for proc in procs:
@@ -100,7 +100,7 @@ def test_cache_stage_in_two_shards_then_torchrun_under_a_timeout_shorter_than_th
     assert "checked 24, corrupt 0, stale 0, temp_files 0, built 0, problems 0" in verified.stdout
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            *command("train", *overrides)[1:]], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, **TEXT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "runs" / "run" / "checkpoints" / "final.pt").is_file()
 
@@ -129,11 +129,11 @@ def test_elastic_restart_after_a_killed_worker_ends_with_an_uninterrupted_runs_w
                               f"output.name={name}")
 
     env = {**ENV, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run(torchrun("train", *overrides("whole")), cwd=ROOT, env=env, capture_output=True, text=True,
+    whole = subprocess.run(torchrun("train", *overrides("whole")), cwd=ROOT, env=env, capture_output=True, **TEXT,
                            timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     proc = subprocess.Popen(torchrun("train", *overrides("elastic"), restarts=1), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **TEXT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     deadline = time.time() + 300

@@ -30,3 +30,11 @@ def test_peak_of_a_flat_map_is_the_centre():
     assert peak(heat) == (4, 5, 6)
     heat[0, 1, 2, 3] = 1.0
     assert peak(heat) == (1, 2, 3)
+
+
+def test_one_grad_cam_per_network_so_hooks_do_not_pile_up():
+    config = ModelConfig(name="resnet3d", variant="10", widen_factor=0.25)
+    net = create_model(config, 2, [16, 16, 16])
+    for label in (0, 1, 0):
+        grad_cam(net, config, torch.randn(1, 1, 16, 16, 16), label)
+    assert len(net.layer2._forward_hooks) == 1

@@ -17,7 +17,7 @@ from engine.config import load_config
 from engine.demo import LABELS
 from engine.errors import CT3DError
 from engine.workflow import train
-from helpers import ENV, ROOT, cli, command, tiny_overrides
+from helpers import ENV, ROOT, TEXT, cli, command, tiny_overrides
 
 
 @pytest.mark.parametrize("model", [["model.name=resnet3d"], ["model.name=densenet3d"],
@@ -156,7 +156,7 @@ def start_and_kill(overrides: list[str], folder: Path, phase: str, seed: int) ->
     rng = random.Random(seed)
     epoch = rng.randint(1, 2)
     proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **TEXT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     iteration = rng.randint(1, 4)
@@ -244,7 +244,7 @@ def test_sigterm_mid_epoch_saves_at_once_and_resumes_at_the_next_batch(tmp_path,
     whole = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=whole")))
     overrides = tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=term")
     proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, **TEXT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     wait_for(proc, lines, "epoch 2/3 iteration 2/")
@@ -265,7 +265,7 @@ def test_clock_checkpoints_make_a_killed_run_lose_minutes_not_an_epoch(tmp_path,
     whole = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=whole")))
     overrides = tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=clock", "train.checkpoint_minutes=0.0001")
     proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, **TEXT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     wait_for(proc, lines, "epoch 2/3 iteration 3/")
