@@ -178,11 +178,13 @@ def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], p
     from engine.prepare import shard
 
     rank, world = idist.get_rank(), idist.get_world_size()
-    for side, items in (("training", train_items), ("validation", val_items)):
-        if len(items) < world:  # every rank decides alike: none is left waiting for the others
-            raise CT3DError(f"{len(items)} {side} volume(s) for {world} ranks: each rank needs at least one; "
-                            f"lower --nproc-per-node or raise data.val_fraction")
-    shares = shard(train_items, rank, world), shard(val_items, rank, world)
+    if len(train_items) < world:  # every rank decides alike: none is left waiting for the others
+        raise CT3DError(f"{len(train_items)} training volume(s) for {world} ranks: each rank needs at least one; "
+                        f"lower --nproc-per-node")
+    val_share = shard(val_items, rank, world)
+    if not val_share:  # fewer validation volumes than ranks: validate a stand-in the metrics leave out
+        val_share = [{**val_items[0], LABEL: [float("nan")] * len(val_items[0][LABEL])}]
+    shares = shard(train_items, rank, world), val_share
     rate = ram_budget(cfg.cache.memory_rate, sum(map(len, shares)), cfg.preprocess)
     disk = cfg.cache.dir if cfg.cache.disk else None
     return tuple(build_dataset(items, cfg.preprocess, disk, rate, cfg.cache.workers, progress) for items in shares)

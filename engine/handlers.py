@@ -50,13 +50,16 @@ class ValidationMetrics:
         self._labels.append(out["label"].detach().float().cpu())
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ranks' logits and labels, every sample once (ranks hold unequal, unpadded shares)."""
+        """All ranks' logits and labels, every sample once (ranks hold unequal, unpadded shares; a rank
+        with no share validates a stand-in labelled NaN, left out here)."""
         logits, labels = (torch.cat(parts) if parts else torch.zeros(0, len(self.names))
                           for parts in (self._logits, self._labels))
         if idist.get_world_size() == 1:
             return logits, labels
         shapes = [[int(n), logits.shape[1]] for n in idist.all_gather(torch.tensor([logits.shape[0]])).tolist()]
-        return tuple(torch.cat(idist.all_gather_tensors_with_shapes(t, shapes)) for t in (logits, labels))
+        logits, labels = (torch.cat(idist.all_gather_tensors_with_shapes(t, shapes)) for t in (logits, labels))
+        real = ~labels.isnan().any(dim=1)
+        return logits[real], labels[real]
 
     def compute(self, engine: Engine) -> None:
         logits, labels = self.outputs()

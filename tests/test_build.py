@@ -160,7 +160,9 @@ def test_sync_batchnorm_needs_cuda_under_torchrun(monkeypatch):
         make_optimization(net, TrainConfig(sync_bn=True), 4)
 
 
-def test_fewer_volumes_than_ranks_is_refused_on_every_rank(monkeypatch):
+def test_fewer_volumes_than_ranks_training_refused_validation_stands_in(monkeypatch):
+    import math
+
     import ignite.distributed as idist
 
     from engine.build import make_datasets
@@ -170,5 +172,8 @@ def test_fewer_volumes_than_ranks_is_refused_on_every_rank(monkeypatch):
     items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(3)]
     cfg = load_config(None, ["data.demo.enabled=true", "cache.memory_rate=0", "cache.disk=false"])
     monkeypatch.setattr(idist, "get_world_size", lambda: 4)
-    with pytest.raises(CT3DError, match="3 validation volume.*4 ranks"):
-        make_datasets(cfg, items * 2, items, progress=False)
+    monkeypatch.setattr(idist, "get_rank", lambda: 3)
+    with pytest.raises(CT3DError, match="3 training volume.*4 ranks"):
+        make_datasets(cfg, items, items, progress=False)
+    _, val = make_datasets(cfg, items * 2, items, progress=False)  # rank 3 has no validation volume
+    assert len(val.items) == 1 and math.isnan(val.items[0]["label"][0])  # a stand-in the metrics drop

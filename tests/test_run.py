@@ -84,7 +84,8 @@ def test_cache_stage_in_two_shards_then_torchrun_under_a_timeout_shorter_than_th
     every entry valid and none missing; then two ranks train with a process-group timeout shorter than the
     whole fill took."""
     overrides = tiny_overrides(tmp_path, tiny_demo, "preprocess.spacing=[0.6,0.6,0.6]", "cache.workers=1",
-                               "train.dist_timeout_minutes=0.25", "tracking.wandb.mode=disabled")
+                               "train.dist_timeout_minutes=0.25", "tracking.wandb.mode=disabled",
+                               "data.val_fraction=0.04")  # one validation volume: rank 1 validates a stand-in
     procs = [subprocess.Popen(command("cache", f"--shard={i}/2", *overrides), cwd=ROOT, env=ENV, **TEXT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     fill_seconds = 0.0
@@ -103,6 +104,8 @@ def test_cache_stage_in_two_shards_then_torchrun_under_a_timeout_shorter_than_th
                           capture_output=True, **TEXT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "runs" / "run" / "checkpoints" / "final.pt").is_file()
+    summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
+    assert summary["val_volumes"] == 1 and summary["best"]["val_loss"] is not None
 
 
 def torchrun(*args: str, restarts: int = 0) -> list[str]:
