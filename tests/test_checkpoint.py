@@ -148,18 +148,3 @@ def test_scaler_state_round_trips_once_the_trainer_made_its_scaler():
     trainer.scaler = torch.amp.GradScaler("cpu")  # what run() makes afresh
     ScalerState(trainer).load_state_dict(saved)
     assert trainer.scaler.get_scale() == 1024.0
-
-
-def test_mid_epoch_checkpoints_only_where_a_resume_is_exact():
-    from engine.checkpoint import resumable_here
-
-    trainer = counting_trainer(2)
-    trainer.state.epoch_length, trainer.accumulation_steps = 6, 2
-    verdicts = []
-    for iteration in range(1, 7):
-        trainer.state.iteration = iteration
-        verdicts.append(resumable_here(trainer))
-    assert verdicts == [False, True, False, True, False, False]  # after steps; never the epoch's last batch
-    trainer.state.iteration = 2
-    trainer.should_terminate = True  # TerminateOnNan: the weights may be NaN
-    assert not resumable_here(trainer)

@@ -29,15 +29,20 @@ def a_volume(tmp_path, state) -> torch.Tensor:
     return item["image"].float()[None]
 
 
+def exported(trained, tmp_path, fmt: str):
+    """The export command's file for the trained checkpoint, the PyTorch model, and a volume to compare on."""
+    checkpoint, _ = trained
+    path = export(load_config(None, [f"checkpoint={checkpoint}", f"format={fmt}", f"output.dir={tmp_path}",
+                                     f"output.name={fmt}"], command="export"))
+    model, state = load_trained_model(str(checkpoint), torch.device("cpu"))
+    return path, model, a_volume(tmp_path, state)
+
+
 def test_onnx_file_matches_pytorch_in_onnxruntime(trained, tmp_path):
     import onnx
     import onnxruntime
 
-    checkpoint, _ = trained
-    path = export(load_config(None, [f"checkpoint={checkpoint}", "format=onnx", f"output.dir={tmp_path}",
-                                     "output.name=onnx"], command="export"))
-    model, state = load_trained_model(str(checkpoint), torch.device("cpu"))
-    image = a_volume(tmp_path, state)
+    path, model, image = exported(trained, tmp_path, "onnx")
     with torch.no_grad():
         expected = model(image).numpy()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -51,11 +56,7 @@ def test_onnx_file_matches_pytorch_in_onnxruntime(trained, tmp_path):
 
 
 def test_torchscript_file_matches_pytorch(trained, tmp_path):
-    checkpoint, _ = trained
-    path = export(load_config(None, [f"checkpoint={checkpoint}", "format=torchscript", f"output.dir={tmp_path}",
-                                     "output.name=ts"], command="export"))
-    model, state = load_trained_model(str(checkpoint), torch.device("cpu"))
-    image = a_volume(tmp_path, state)
+    path, model, image = exported(trained, tmp_path, "torchscript")
     extra = {"ct3d.json": ""}
     scripted = torch.jit.load(str(path), _extra_files=extra)
     with torch.no_grad():
