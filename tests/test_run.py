@@ -135,7 +135,9 @@ def test_elastic_restart_after_a_killed_worker_ends_with_an_uninterrupted_runs_w
     whole = subprocess.run(torchrun("train", *overrides("whole")), cwd=ROOT, env=env, capture_output=True, **TEXT,
                            timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    proc = subprocess.Popen(torchrun("train", *overrides("elastic"), restarts=1), cwd=ROOT, env=env,
+    # Two restarts allowed: gloo sometimes aborts one worker while the group is torn down after training
+    # (seen once in four runs); the extra restart then finds the run finished and leaves final.pt alone.
+    proc = subprocess.Popen(torchrun("train", *overrides("elastic"), restarts=2), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **TEXT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
