@@ -250,10 +250,9 @@ def _iteration(engine, batch):
     MONAI's own rule) under DDP's no_sync(), so gradients are all-reduced once per step, not per batch."""
     import contextlib
 
-    acc, length = engine.accumulation_steps, engine.state.epoch_length
-    local = (engine.state.iteration - 1) % length
-    steps = (local + 1) % acc == 0 or local + 1 == length
-    quiet = acc > 1 and not steps and hasattr(engine.network, "no_sync")
+    from engine.preemption import steps_optimizer
+
+    quiet = engine.accumulation_steps > 1 and not steps_optimizer(engine) and hasattr(engine.network, "no_sync")
     with engine.network.no_sync() if quiet else contextlib.nullcontext():
         return engine._iteration(engine, batch)
 

@@ -84,31 +84,23 @@ def resume_checkpoint(resume: str, folder: Path) -> Path | None:
     return Path(resume)
 
 
-def numpy_state(state: tuple) -> dict:
-    """A NumPy RandomState's get_state() as tensors and plain values (what weights_only loads)."""
-    kind, keys, pos, has_gauss, cached = state
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def numpy_state_back(saved: dict) -> tuple:
-    return saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"], saved["cached"]
-
-
 class RandomState:
     """Python, NumPy, torch and CUDA generator states, as tensors and plain containers."""
 
     def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
         return {
             "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "numpy": numpy_state(np.random.get_state()),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate((state["python_version"], tuple(state["python"]), None))
-        np.random.set_state(numpy_state_back(state["numpy"]))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

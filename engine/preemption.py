@@ -13,13 +13,24 @@ from ignite.engine import Engine, Events
 log = logging.getLogger("ct3d")
 
 
+def _batch_of_epoch(trainer: Engine) -> int:
+    s = trainer.state
+    return (s.iteration - 1) % s.epoch_length + 1
+
+
+def steps_optimizer(trainer: Engine) -> bool:
+    """Whether this iteration ends with an optimizer step: MONAI's rule for `accumulation_steps` (every
+    acc-th batch of the epoch, and the epoch's last)."""
+    batch = _batch_of_epoch(trainer)
+    return batch % getattr(trainer, "accumulation_steps", 1) == 0 or batch == trainer.state.epoch_length
+
+
 def resumable_here(trainer: Engine) -> bool:
     """Whether a mid-epoch checkpoint taken now resumes exactly: right after an optimizer step (no
     gradients of an accumulation window in flight), before the epoch's last batch (whose end-of-epoch
     work, validation included, belongs to the epoch-end checkpoint), and not after a NaN stop."""
-    s, acc = trainer.state, getattr(trainer, "accumulation_steps", 1)
-    batch = (s.iteration - 1) % s.epoch_length + 1
-    return batch % acc == 0 and batch < s.epoch_length and not trainer.should_terminate
+    return (_batch_of_epoch(trainer) < trainer.state.epoch_length and steps_optimizer(trainer)
+            and not trainer.should_terminate)
 
 
 class StopOnSignal:
