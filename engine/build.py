@@ -272,17 +272,20 @@ def make_trainer(model, optimizer, loss_fn, loader, device: torch.device, amp_dt
 
 
 def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype | None, metrics: MetricsConfig,
-                   labels: list[str], task: str, loss_fn):
+                   labels: list[str], task: str, loss_fn, thresholds: list[float] | None = None, inferer=None):
     """A MONAI SupervisedEvaluator under the training's autocast, with every metric attached (the loss on
-    the CPU, where the gathered outputs are: give it its own loss module, not the trainer's)."""
+    the CPU, where the gathered outputs are: give it its own loss module, not the trainer's). Given
+    `thresholds` (evaluate: the checkpoint's), it uses them; without, each validation fits its own."""
     from monai.engines import SupervisedEvaluator
 
     from engine.handlers import ValidationMetrics
 
     evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
-                                    prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
+                                    prepare_batch=prepare_batch, inferer=inferer or make_inferer(device, amp_dtype),
                                     decollate=False, **_amp_arguments(amp_dtype))
-    validation = ValidationMetrics(labels, task, loss_fn, metrics.threshold, metrics.beta)
+    validation = ValidationMetrics(labels, task, loss_fn, metrics.threshold, metrics.beta, str(metrics.threshold_rule),
+                                   metrics.calibrate, metrics.calibration_bins, fit=thresholds is None,
+                                   thresholds=thresholds)
     validation.attach(evaluator)
     return evaluator, validation
 

@@ -52,6 +52,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+SHAREABLE = ("model", "labels", "task", "model_config", "preprocessing", "threshold", "calibration", "format")
+
+
+def write_weights_only(checkpoint: str | Path, path: str | Path) -> Path:
+    """A copy of `checkpoint` that holds what inference needs (weights, labels, preprocessing, thresholds,
+    temperatures) and nothing of the data: no per-volume validation outputs, metrics, optimizer or RNG.
+    It loads wherever a checkpoint does (evaluate, predict, export, model.pretrained)."""
+    state = load_checkpoint(checkpoint)
+    shared = {k: state[k] for k in SHAREABLE if k in state}
+    shared["trainer"] = {"epoch": state["trainer"]["epoch"], "iteration": state["trainer"]["iteration"]}
+    save_checkpoint(path, shared)
+    return Path(path)
+
+
 def _iteration_of(path: Path) -> int | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -32,13 +32,24 @@ from engine.io import TMP_PREFIX, atomic_write
 from engine.schema import PreprocessConfig
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
+PREPROCESSING_VERSION = 2  # bump when preprocessing_transform changes what it computes
 SOURCE = "source"  # cache entries record the path, size and mtime they were built from
+RESCALE, PIXDIM = "rescale", "pixdim"  # per-volume metadata (data.metadata): [slope, intercept], [x, y, z] mm
 
 
 def cache_key(p: PreprocessConfig) -> str:
-    """Hash of every setting that changes a cache entry: the disk cache's folder name."""
-    text = json.dumps({**plain(p), "format": CACHE_FORMAT}, sort_keys=True)
+    """Hash of every setting that changes a cache entry, our preprocessing code's version and MONAI's:
+    the disk cache's folder name."""
+    import monai
+
+    text = json.dumps({**plain(p), "format": CACHE_FORMAT, "code": PREPROCESSING_VERSION,
+                       "monai": monai.__version__}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def source_of(item: dict) -> dict:
+    """What preprocessing reads of an item (never its label, so a label edit keeps the cache entry)."""
+    return {k: item[k] for k in (IMAGE, NAME, RESCALE, PIXDIM) if k in item}
 
 
 class LoadVolumed(MapTransform):
@@ -54,8 +65,35 @@ class LoadVolumed(MapTransform):
         return d
 
 
+class ApplyMetadatad(MapTransform):
+    """data.metadata: raw scanner values to HU (value * slope + intercept) and the voxel spacing, from the
+    item's RESCALE and PIXDIM entries (the direction of the volume's own affine is kept)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if RESCALE in d:
+                slope, intercept = d[RESCALE]
+                image = image.float() * slope + intercept
+            if PIXDIM in d:
+                affine = image.affine.clone().double()
+                direction = affine[:3, :3] / affine[:3, :3].norm(dim=0, keepdim=True)
+                affine[:3, :3] = direction * torch.tensor(d[PIXDIM], dtype=torch.float64)
+                image.affine = affine
+            d[key] = image
+        return d
+
+
 class CheckVolumed(MapTransform):
-    """Fails with the file's name when a loaded image is not one 3D volume, holds NaN, or is constant."""
+    """Fails with the file's name when a loaded image is not one 3D volume, holds NaN, or is constant; and,
+    when the HU window starts below 0, when it has no value below 0 (no air: raw scanner values, not HU).
+
+    `hu_low`: the window's lower end."""
+
+    def __init__(self, keys, hu_low: float = -1000.0):
+        super().__init__(keys)
+        self.hu_low = hu_low
 
     def __call__(self, data):
         d = dict(data)
@@ -66,8 +104,15 @@ class CheckVolumed(MapTransform):
                 raise CT3DError(f"{name}: expected one 3D volume, got array of shape {shape[1:]}")
             if torch.isnan(image).any():
                 raise CT3DError(f"{name}: volume holds NaN voxels")
-            if image.min() == image.max():
-                raise CT3DError(f"{name}: every voxel has the same value ({float(image.min())})")
+            low = float(image.min())
+            if low == float(image.max()):
+                raise CT3DError(f"{name}: every voxel has the same value ({low})")
+            if self.hu_low < 0 <= low:
+                raise CT3DError(
+                    f"{name}: no voxel below 0 (lowest {low:g}) while preprocess.hu_window starts at {self.hu_low:g}: "
+                    f"these look like raw scanner values, not Hounsfield units (air is -1000 HU). CT-RATE's first "
+                    f"release stores raw values: give its metadata CSV as data.metadata to apply the rescale; its "
+                    f"second release stores HU (do not rescale it again)")
         return d
 
 
@@ -77,14 +122,15 @@ def preprocessing_transform(p: PreprocessConfig, keep_meta: bool = False) -> Com
     steps = [
         LoadVolumed(IMAGE),
         EnsureChannelFirstd(IMAGE),
-        CheckVolumed(IMAGE),
+        ApplyMetadatad(IMAGE),
+        CheckVolumed(IMAGE, hu_low=p.hu_window[0]),
         Orientationd(IMAGE, axcodes=p.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if p.spacing is not None:
         steps.append(Spacingd(IMAGE, pixdim=p.spacing, mode="bilinear"))
     steps.append(ScaleIntensityRanged(IMAGE, *p.hu_window, *p.scale_range, clip=True))
     if p.resize == "resize":
-        steps.append(Resized(IMAGE, spatial_size=p.spatial_size, mode="trilinear", anti_aliasing=False))
+        steps.append(Resized(IMAGE, spatial_size=p.spatial_size, mode="trilinear", anti_aliasing=p.anti_aliasing))
     else:
         steps.append(ResizeWithPadOrCropd(IMAGE, spatial_size=p.spatial_size, constant_values=p.scale_range[0]))
     # Plain tensors, no MetaTensor: smaller cache entries that load with weights_only=True.
@@ -105,7 +151,9 @@ def source_signature(path: str) -> list:
 
 
 def source_hash(item: dict) -> bytes:
-    return hashlib.md5(json.dumps(source_signature(item[IMAGE])).encode()).hexdigest().encode()
+    """The cache entry's name: the source's signature and the metadata applied to it."""
+    key = source_signature(item[IMAGE]) + [item[k] for k in (RESCALE, PIXDIM) if k in item]
+    return hashlib.md5(json.dumps(key).encode()).hexdigest().encode()
 
 
 def _root_error(exc: BaseException) -> BaseException:
@@ -179,7 +227,7 @@ def build_dataset(items: list[dict], p: PreprocessConfig, disk_dir: str | Path |
                   workers: int, progress: bool = False) -> Labelled:
     """Disk cache (if `disk_dir`) then RAM cache (if `memory_rate` > 0); filling the RAM cache
     preprocesses every volume before training, so a bad file stops the run here."""
-    sources = [{IMAGE: it[IMAGE], NAME: it[NAME]} for it in items]
+    sources = [source_of(it) for it in items]
     if disk_dir is not None:
         images = _disk_cache(p, disk_dir, sources)
     else:
@@ -212,7 +260,7 @@ def volume_problems(items: list[dict], p: PreprocessConfig, disk_dir: str | Path
     transform = preprocessing_transform(p)
 
     def one(item: dict) -> Problem | None:
-        source = {IMAGE: item[IMAGE], NAME: item[NAME]}
+        source = source_of(item)
         try:
             if cache is None:
                 preprocess(transform, source)
@@ -250,7 +298,7 @@ def verify_cache(items: list[dict], p: PreprocessConfig, disk_dir: str | Path, w
             path.unlink(missing_ok=True)
             counts["stale"] += 1
     cache = _disk_cache(p, disk_dir)
-    missing = [it for it in items if not cache.entry_path({IMAGE: it[IMAGE]}).is_file()]
+    missing = [it for it in items if not cache.entry_path(source_of(it)).is_file()]
     problems = volume_problems(missing, p, disk_dir, workers, progress)
     counts["built"] = len(missing) - len(problems)
     counts["problems"] = len(problems)

@@ -5,9 +5,9 @@ Every problem found is reported at once, each with its file and row."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,24 +202,67 @@ def split_problems(train: list[dict], val: list[dict], pattern: str) -> list[Pro
     return problems
 
 
+def side_draw(patient: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (patient, seed) alone: the patient goes to validation when it is below
+    data.val_fraction, so adding or removing rows never moves another patient."""
+    digest = hashlib.sha256(f"{seed}\0{patient}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def check_patient_pattern(items: list[dict], data: DataConfig) -> None:
+    """A pattern that matches no volume name would make every volume its own patient without a word."""
+    if data.patient_column or not data.patient_pattern or not items or any(it.get(PATIENT) for it in items):
+        return
+    if not any(re.match(data.patient_pattern, it[NAME]) for it in items):
+        examples = ", ".join(it[NAME] for it in items[:3])
+        raise CT3DError(f"config error: data.patient_pattern: {data.patient_pattern!r} matches none of the "
+                        f"{len(items)} volume names (e.g. {examples}); give a regex whose first group is the "
+                        f"patient id, data.patient_column, or data.patient_pattern='' if every volume is its "
+                        f"own patient")
+
+
 def split(items: list[dict], val_fraction: float, seed: int,
-          patient_of: Callable[[dict], str] = lambda item: item[NAME]) -> tuple[list[dict], list[dict]]:
-    """A seeded random train/validation split by patient (all of a patient's volumes on one side)."""
+          patient_of: Callable[[dict], str] = lambda item: item[NAME],
+          stratify: bool = False) -> tuple[list[dict], list[dict]]:
+    """A seeded train/validation split by patient (all of a patient's volumes on one side), stable: each
+    patient's side depends on (patient id, seed) alone. `stratify` then moves the fewest patients needed
+    for each label to have positives on both sides (where it has two or more positive patients)."""
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(patient_of(item), []).append(i)
     if len(groups) < 2:
         raise CT3DError(f"cannot split {len(items)} volume(s) of {len(groups)} patient(s) into train and "
                         f"validation; give data.val")
-    patients = sorted(groups)
-    random.Random(seed).shuffle(patients)
-    target = max(1, round(len(items) * val_fraction))
-    val_idx: set[int] = set()
-    for patient in patients[:-1]:  # the last patient always stays in training
-        if len(val_idx) >= target:
-            break
-        val_idx.update(groups[patient])
-    return [it for i, it in enumerate(items) if i not in val_idx], [items[i] for i in sorted(val_idx)]
+    draw = {patient: side_draw(patient, seed) for patient in groups}
+    val = {patient for patient in groups if draw[patient] < val_fraction}
+    if not val:  # both sides need a patient: the nearest to each side's edge crosses
+        val.add(min(groups, key=draw.__getitem__))
+    if len(val) == len(groups):
+        val.discard(max(groups, key=draw.__getitem__))
+    if stratify:
+        _stratify(items, groups, draw, val)
+    return ([it for i, it in enumerate(items) if patient_of(it) not in val],
+            [it for it in items if patient_of(it) in val])
+
+
+def _stratify(items: list[dict], groups: dict[str, list[int]], draw: dict[str, float], val: set[str]) -> None:
+    """Per label, a side without a positive patient takes the positive patient nearest to it (by draw)."""
+    n_labels = len(items[0][LABEL])
+    for _ in range(3):  # a move can empty another label's side; a few passes settle it
+        moved = False
+        for j in range(n_labels):
+            positive = [p for p, rows in groups.items() if any(items[i][LABEL][j] for i in rows)]
+            if len(positive) < 2 or len(positive) == len(groups):
+                continue
+            in_val = [p for p in positive if p in val]
+            if not in_val:
+                val.add(min(positive, key=draw.__getitem__))
+                moved = True
+            elif len(in_val) == len(positive):
+                val.discard(max(positive, key=draw.__getitem__))
+                moved = True
+        if not moved:
+            return
 
 
 def label_frequencies(items: list[dict]) -> list[float]:

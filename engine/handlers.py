@@ -25,16 +25,27 @@ log = logging.getLogger("ct3d")
 class ValidationMetrics:
     """Collects the evaluator's logits and labels over an epoch, gathers them from every rank, and
     puts loss and every metric into `engine.state.metrics`. One pass feeds every metric, where
-    MONAI's handlers would each keep their own copy of the outputs."""
+    MONAI's handlers would each keep their own copy of the outputs.
 
-    def __init__(self, names: list[str], task: str, loss_fn: Callable, threshold: float, beta: float):
+    With `fit` (training), each validation also fits what turns outputs into decisions: a temperature per
+    label (`calibrate`) and per-label thresholds (`rule`: fixed, youden, fbeta); the metrics use them, and
+    `state_dict` carries them into the checkpoint written after it. Without `fit` (evaluate), the given
+    `thresholds` are used as they are."""
+
+    def __init__(self, names: list[str], task: str, loss_fn: Callable, threshold: float, beta: float,
+                 rule: str = "fixed", calibrate: bool = False, bins: int = 10, fit: bool = True,
+                 thresholds: list[float] | None = None):
         if not names:
             raise ValueError("names: expected at least one label name")
         self.names, self.task, self.loss_fn = names, task, loss_fn
-        self.threshold, self.beta = threshold, beta
+        self.threshold, self.beta, self.rule, self.calibrate, self.bins, self.fit = (threshold, beta, rule, calibrate,
+                                                                                     bins, fit)
+        self.thresholds: list[float] = list(thresholds) if thresholds else [threshold] * len(names)
+        self.temperature: list[float] | None = None
+        self.ece: list[float] = []
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
-        self.last_probs = self.last_labels = torch.empty(0)
+        self.last_probs = self.last_labels = self.last_logits = torch.empty(0)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -62,12 +73,27 @@ class ValidationMetrics:
         return logits[real], labels[real]
 
     def compute(self, engine: Engine) -> None:
+        from engine.calibration import apply_temperature, expected_calibration_error, fit_temperature, tune_thresholds
+
         logits, labels = self.outputs()
-        probs = probabilities(logits, self.task)
-        metrics = classification_metrics(probs, labels, self.names, self.task, self.threshold, self.beta)
+        if self.fit and self.calibrate:
+            self.temperature = fit_temperature(logits, labels, self.task)
+        probs = probabilities(apply_temperature(logits, self.temperature), self.task)
+        if self.fit:
+            self.thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
+        metrics = classification_metrics(probs, labels, self.names, self.task, self.thresholds, self.beta)
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
+        self.ece = expected_calibration_error(probs, labels, self.bins)
+        metrics["ece_macro"] = sum(self.ece) / len(self.ece)
         engine.state.metrics.update(metrics)
-        self.last_probs, self.last_labels = probs, labels
+        self.last_probs, self.last_labels, self.last_logits = probs, labels, logits
+
+    def state_dict(self) -> dict:
+        """What decisions need: the checkpoint's thresholds and temperature (None: not calibrated)."""
+        return {"thresholds": list(self.thresholds), "temperature": self.temperature}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.thresholds, self.temperature = list(state["thresholds"]), state["temperature"]
 
 
 class History:
@@ -128,8 +154,8 @@ class MetricsTable:
         self.path, self.key, self.history, self.validation = Path(path), key, history, validation
         self.sign, self.beta, self.write = 1.0 if mode == "max" else -1.0, beta, write
         self.columns = ["epoch", "iteration", "train_loss", "lr", "val_loss",
-                        "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
-                        "specificity", "accuracy", "seconds"]
+                        "auc_macro", "auc_labels", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
+                        "specificity", "accuracy", "ece_macro", "seconds"]
         self.columns += [f"auc/{n}" for n in names] + [f"fbeta/{n}" for n in names]
         self.rows: list[dict] = []
         self.best: dict | None = None
@@ -151,12 +177,14 @@ class MetricsTable:
         value = row[self.key]
         improved = value is not None and not math.isnan(value) and (
             self.best is None or math.isnan(self.best[self.key]) or self.sign * value > self.sign * self.best[self.key])
-        if improved or self.best is None:
+        if improved or self.best is None:  # the first validation is the best so far even when NaN
+            improved = improved or self.best is None
             self.best = row
-        if improved:
             self._improved_epoch = row["epoch"]
-            self.best_outputs = {"probs": self.validation.last_probs, "labels": self.validation.last_labels,
-                                 "ranks": idist.get_world_size()}  # the rows' order: see gathered_order
+            v = self.validation
+            self.best_outputs = {"probs": v.last_probs, "labels": v.last_labels, "logits": v.last_logits,
+                                 "ranks": idist.get_world_size(),  # the rows' order: see gathered_order
+                                 **v.state_dict(), "ece": list(v.ece)}
         if self.write:
             self._write()
         log.info("epoch %d validation: loss %.4f, AUC macro %.4f, F%g macro %.4f%s", row["epoch"], m["val_loss"],

@@ -23,11 +23,20 @@ from engine.build import (
 from engine.checkpoint import load_checkpoint
 from engine.config import restore
 from engine.data import build_dataset, preprocess, preprocessing_transform
-from engine.datalist import IMAGE, NAME, VOLUME_SUFFIXES, Problem, could_be_series, label_frequencies, resolve_image
+from engine.datalist import (
+    IMAGE,
+    NAME,
+    VOLUME_SUFFIXES,
+    Problem,
+    could_be_series,
+    label_frequencies,
+    patient_of,
+    resolve_image,
+)
 from engine.errors import CT3DError
 from engine.io import write_json, write_text
 from engine.models import create_model
-from engine.prepare import load_splits, write_skipped
+from engine.prepare import evaluation_split_note, load_splits, write_skipped
 from engine.progress import tracked
 from engine.schema import Config, ModelConfig, PreprocessConfig
 from engine.sources import find_volumes
@@ -51,32 +60,86 @@ def checkpoint_preprocessing(state: dict) -> PreprocessConfig:
     return restore(PreprocessConfig, state["preprocessing"])
 
 
+def decision_settings(state: dict) -> tuple[list[float], list[float] | None]:
+    """The checkpoint's per-label thresholds and temperatures (None: uncalibrated), fitted on the validation
+    before it was written; a checkpoint from before any validation has its fixed threshold only."""
+    fitted = state.get("calibration") or {}
+    return list(fitted.get("thresholds") or [state["threshold"]] * len(state["labels"])), fitted.get("temperature")
+
+
+class Calibrated(torch.nn.Module):
+    """The network's logits divided by the checkpoint's temperatures (metrics.calibrate)."""
+
+    def __init__(self, network: torch.nn.Module, temperature: list[float]):
+        super().__init__()
+        self.network = network
+        self.register_buffer("temperature", torch.tensor(temperature))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x) / self.temperature
+
+
+def with_tta(inferer, task: str, tta: str):
+    """infer.tta=flips: the mean probability over the volume and its flips along each spatial axis (4
+    passes), returned as logits whose probabilities are that mean, so metrics and predictions downstream
+    stay as they are. MONAI's TestTimeAugmentation targets segmentation (it inverts spatial outputs)."""
+    from monai.inferers import Inferer
+
+    from engine.metrics import probabilities
+
+    if tta == "none":
+        return inferer
+
+    class FlipAverage(Inferer):
+        def __call__(self, inputs, network, *args, **kwargs):
+            views = [inputs] + [torch.flip(inputs, dims=(axis,)) for axis in (2, 3, 4)]
+            mean = torch.stack([probabilities(inferer(v, network, *args, **kwargs), task) for v in views]).mean(0)
+            return torch.log(mean.clamp_min(1e-12)) if task == "multiclass" else torch.logit(mean, eps=1e-7)
+
+    return FlipAverage()
+
+
 def _output_folder(cfg: Config, command: str) -> Path:
     return Path(cfg.output.dir) / (cfg.output.name or f"{command}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def evaluate(cfg: Config) -> dict:
-    """Every validation metric of a checkpoint on the config's validation datalist (or split)."""
+    """Every validation metric of a checkpoint on the config's validation datalist (or split), at the
+    checkpoint's thresholds and temperatures, with patient-level bootstrap intervals."""
+    from engine.statistics import run_statistics
+
     device = resolve_device(cfg.train.device)
     model, state = load_trained_model(cfg.checkpoint, device)
     train_items, val_items, labels = load_splits(cfg.data)
     if labels != state["labels"]:
         raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
+    on = evaluation_split_note(Path(cfg.checkpoint), val_items)
+    thresholds, temperature = decision_settings(state)
     dataset = build_dataset(val_items, checkpoint_preprocessing(state), cfg.cache.dir if cfg.cache.disk else None,
                             cfg.cache.memory_rate, cfg.cache.workers)
-    evaluator, _ = make_evaluator(model, make_loader(dataset, cfg.loader, device), device,
-                                  resolve_amp(cfg.train.amp, device), cfg.metrics, labels, state["task"],
-                                  make_loss(cfg.train, state["task"], label_frequencies(train_items)))
+    amp = resolve_amp(cfg.train.amp, device)
+    evaluator, validation = make_evaluator(
+        Calibrated(model, temperature) if temperature else model, make_loader(dataset, cfg.loader, device), device,
+        amp, cfg.metrics, labels, state["task"], make_loss(cfg.train, state["task"], label_frequencies(train_items)),
+        thresholds=thresholds, inferer=with_tta(make_inferer(device, amp), state["task"], str(cfg.infer.tta)))
     evaluator.run()
     metrics = dict(evaluator.state.metrics)
     folder = _output_folder(cfg, "evaluate")
     result = {"checkpoint": str(cfg.checkpoint), "epoch": state["trainer"]["epoch"], "volumes": len(val_items),
-              "labels": labels, "metrics": metrics}
+              "data": on, "labels": labels, "tta": str(cfg.infer.tta), "metrics": metrics,
+              **run_statistics(validation.last_probs, validation.last_labels,
+                               [patient_of(it, cfg.data.patient_pattern) for it in val_items], labels, state["task"],
+                               thresholds, temperature, cfg.metrics)}
     write_json(folder / "evaluation.json", result)
     width = max(len(k) for k in metrics)
-    print(f"\nct3d evaluate {cfg.checkpoint} on {len(val_items)} volumes -> {folder}")
-    print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()))
+    print(f"\nct3d evaluate {cfg.checkpoint} on {len(val_items)} volumes ({on}) -> {folder}")
+    print("\n".join(f"{k:<{width}}  {v:.4f}" + _interval_text(result, k) for k, v in metrics.items()))
     return metrics
+
+
+def _interval_text(result: dict, key: str) -> str:
+    low, high = result.get("bootstrap", {}).get("intervals", {}).get(key, (None, None))
+    return f"  [{low:.4f}, {high:.4f}]" if low is not None else ""
 
 
 def _datalist_volumes(path: Path, cfg: Config) -> tuple[list[dict], list[Problem]]:
@@ -109,6 +172,10 @@ def list_inputs(source: str, cfg: Config) -> tuple[list[dict], list[Problem]]:
     if not items:
         raise CT3DError(f"input {path}: no volumes (NIfTI, NRRD, MHA files or DICOM series) found"
                         + "".join(f"\n  {p}" for p in skipped))
+    if cfg.data.metadata:  # raw scanner values: each volume's rescale and spacing (a volume without: skipped)
+        from engine.metadata import attach_metadata
+
+        (items,) = attach_metadata(cfg.data.metadata, (items,), skipped)
     return items, skipped
 
 
@@ -154,27 +221,33 @@ def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predi
 
 
 def predict(cfg: Config) -> Path:
-    """predictions.csv: one row per volume, one probability column per label of the checkpoint; every
-    input left out (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
-    from engine.metrics import probabilities
+    """predictions.csv: one row per volume, one probability column per label of the checkpoint, then one 0/1
+    decision column per label at the checkpoint's thresholds (`<label>_decision`); every input left out
+    (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
+    from engine.metrics import decisions, probabilities
 
     device = resolve_device(cfg.train.device)
     model, state = load_trained_model(cfg.checkpoint, device)
     items, skipped = list_inputs(cfg.input, cfg)
+    thresholds, temperature = decision_settings(state)
+    network = Calibrated(model, temperature) if temperature else model
     batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
     loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
                                          num_workers=cfg.loader.num_workers, collate_fn=_batches)
-    inferer = make_inferer(device, resolve_amp(cfg.train.amp, device))
+    inferer = with_tta(make_inferer(device, resolve_amp(cfg.train.amp, device)), state["task"], str(cfg.infer.tta))
     rows = []
     with torch.no_grad():
         for errors, batch in tracked(loader, len(loader), "predict", batch_size, len(items)):
             skipped += [Problem(items[e["index"]][IMAGE], e["error"], items[e["index"]][NAME]) for e in errors]
             if batch is not None:
-                probs = probabilities(inferer(batch[IMAGE].to(device).float(), model), state["task"]).cpu().tolist()
-                rows += [[items[i][NAME], *(f"{p:.6f}" for p in row)] for i, row in zip(batch["index"], probs)]
+                probs = probabilities(inferer(batch[IMAGE].to(device).float(), network), state["task"]).cpu()
+                decided = decisions(probs, state["task"], thresholds).int().tolist()
+                rows += [[items[i][NAME], *(f"{p:.6f}" for p in row), *d]
+                         for i, row, d in zip(batch["index"], probs.tolist(), decided)]
     folder = _output_folder(cfg, "predict")
     buf = io.StringIO()
-    csv.writer(buf).writerows([["VolumeName", *state["labels"]], *rows])
+    header = ["VolumeName", *state["labels"], *(f"{name}_decision" for name in state["labels"])]
+    csv.writer(buf).writerows([header, *rows])
     write_text(folder / "predictions.csv", buf.getvalue())
     if skipped:
         write_skipped(folder, skipped)

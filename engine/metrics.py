@@ -1,5 +1,5 @@
 """Validation metrics from MONAI's metric functions: ROC AUC and F-beta per label, macro and micro,
-and precision, recall, specificity and accuracy at a threshold."""
+and precision, recall, specificity and accuracy at a threshold (one for all labels, or one per label)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1) if task == "multiclass" else torch.sigmoid(logits.float())
 
 
-def decisions(probs: torch.Tensor, task: str, threshold: float) -> torch.Tensor:
-    """0/1 per output: the arg-max class for multiclass, probability >= threshold otherwise."""
+def decisions(probs: torch.Tensor, task: str, threshold: float | list[float]) -> torch.Tensor:
+    """0/1 per output: the arg-max class for multiclass, probability >= its threshold otherwise."""
     if task == "multiclass":
         return torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).float()
-    return (probs >= threshold).float()
+    return (probs >= torch.as_tensor(threshold, dtype=probs.dtype)).float()
 
 
 def _nanmean(values: list[float]) -> float:
@@ -37,14 +37,15 @@ def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(compute_roc_auc(probs, labels))
 
 
-def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: float) -> torch.Tensor:
+def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: float | list[float]) -> torch.Tensor:
     """(num_outputs, 4) counts: tp, fp, tn, fn per output."""
     return get_confusion_matrix(decisions(probs, task, threshold), labels).sum(dim=0)
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str], task: str,
-                           threshold: float = 0.5, beta: float = 1.0) -> dict[str, float]:
-    """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels."""
+                           threshold: float | list[float] = 0.5, beta: float = 1.0) -> dict[str, float]:
+    """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC averages the
+    labels with both classes present; `auc_labels` says how many that was."""
     probs, labels = probs.float().cpu(), labels.float().cpu()
     per_label_auc = [_auc(probs[:, j], labels[:, j]) for j in range(labels.shape[1])]
     cm = confusion(probs, labels, task, threshold)
@@ -52,6 +53,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: lis
     fbeta = compute_f_beta_score(cm, beta).flatten().tolist()
     out = {
         "auc_macro": _nanmean(per_label_auc),
+        "auc_labels": float(sum(not math.isnan(v) for v in per_label_auc)),
         "auc_micro": _auc(probs.flatten(), labels.flatten()),
         "fbeta_macro": _nanmean(fbeta),
         "fbeta_micro": float(compute_f_beta_score(cm_all, beta)),

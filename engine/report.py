@@ -69,19 +69,33 @@ def _auc_bars(ax, best, names, **_):
     ax.invert_yaxis()
 
 
-def _confusion_bars(ax, probs, labels, names, task, threshold, **_):
-    counts = confusion(probs, labels, task, threshold)  # tp, fp, tn, fn per label
+def _confusion_bars(ax, probs, labels, names, task, thresholds, **_):
+    counts = confusion(probs, labels, task, thresholds)  # tp, fp, tn, fn per label
     left = torch.zeros(len(names))
     colours = ("tab:green", "tab:red", "tab:blue", "tab:orange")
     for k, (name, colour) in enumerate(zip(("TP", "FP", "TN", "FN"), colours)):
         ax.barh(names, counts[:, k].tolist(), left=left.tolist(), label=name, color=colour)
         left += counts[:, k]
-    ax.set(title=f"Confusion counts at threshold {threshold:g} (best epoch)", xlabel="volumes")
+    at = f"threshold {thresholds[0]:g}" if len(set(thresholds)) == 1 else "each label's threshold"
+    ax.set(title=f"Confusion counts at {at} (best epoch)", xlabel="volumes")
     ax.invert_yaxis()
     ax.legend(ncol=4, fontsize="small")
 
 
-PANELS = (_losses, _scores, _lr, _roc, _auc_bars, _confusion_bars)
+def _reliability(ax, probs, labels, names, bins, **_):
+    from engine.calibration import expected_calibration_error, reliability
+
+    table, ece = reliability(probs, labels, bins), expected_calibration_error(probs, labels, bins)
+    for j, name in enumerate(names):
+        used = table[j, :, 2] > 0
+        ax.plot(table[j, used, 0].tolist(), table[j, used, 1].tolist(), marker="o", label=f"{name} (ECE {ece[j]:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(title=f"Reliability, {bins} bins (best epoch)", xlabel="mean predicted probability",
+           ylabel="fraction positive", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize="small")
+
+
+PANELS = (_losses, _scores, _lr, _roc, _auc_bars, _confusion_bars, _reliability)
 
 
 def _png(fig) -> bytes:
@@ -91,7 +105,7 @@ def _png(fig) -> bytes:
 
 
 def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, float]], probs: torch.Tensor,
-                 labels: torch.Tensor, names: list[str], task: str, threshold: float, beta: float,
+                 labels: torch.Tensor, names: list[str], task: str, thresholds: list[float], beta: float,
                  summary: dict, config_yaml: str, sections: list[tuple[str, bytes]] = ()) -> tuple[Path, Path]:
     """Writes report.png and report.html into `folder`; returns their paths. `sections` (title, PNG) follow
     the panels in report.html: the saliency and input views."""
@@ -101,17 +115,20 @@ def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, flo
     import matplotlib.pyplot as plt
 
     data = dict(rows=rows, lr_history=lr_history, probs=probs.float(), labels=labels.float(), names=names,
-                task=task, threshold=threshold, beta=beta, best=summary["best"])
+                task=task, thresholds=list(thresholds), beta=beta, best=summary["best"],
+                bins=summary.get("calibration", {}).get("bins", 10))
     height = max(4.0, 0.35 * len(names) + 1.5)
     images = []
     for panel in PANELS:
-        fig, ax = plt.subplots(figsize=(7, height if panel in (_auc_bars, _confusion_bars) else 4))
+        fig, ax = plt.subplots(figsize=(7, height if panel in (_auc_bars, _confusion_bars) else 4.5))
         panel(ax, **data)
         images.append(_png(fig))
         plt.close(fig)
-    fig, axes = plt.subplots(3, 2, figsize=(15, 5 + 2 * height))
+    fig, axes = plt.subplots(4, 2, figsize=(15, 9 + 2 * height))
     for panel, ax in zip(PANELS, axes.flat):
         panel(ax, **data)
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     fig.suptitle(f"ct3d run {Path(summary['run']).name}: best epoch {summary['best_epoch']}, "
                  f"{summary['key_metric']} {summary['best'][summary['key_metric']]:.4f}")
     fig.tight_layout()
@@ -134,11 +151,49 @@ SALIENCY_NOTE = ("<p>Grad-CAM heat maps (MONAI) for each label at the best epoch
                  "not a finding.</p>")
 
 
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def statistics_html(summary: dict) -> str:
+    """The best epoch's figures with their bootstrap intervals, how macro AUC was averaged, and each
+    label's threshold, temperature and calibration error."""
+    if "thresholds" not in summary:
+        return ""
+    best, names = summary["best"], summary["labels"]
+    boot = summary.get("bootstrap")
+    intervals = boot["intervals"] if boot else {}
+    keys = ["auc_macro", "fbeta_macro"] + [f"{m}/{n}" for n in names for m in ("auc", "fbeta")]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(best.get(k))}</td><td>"
+                   + ("n/a" if k not in intervals else f"{_fmt(intervals[k][0])} to {_fmt(intervals[k][1])}")
+                   + "</td></tr>" for k in keys)
+    head = (f"<p>95% intervals: percentile bootstrap over {boot['patients']} validation patients "
+            f"({boot['resamples']} resamples, each patient's volumes kept together). A wide interval means the "
+            f"validation set is too small to tell models apart.</p>" if boot else
+            "<p>No intervals (metrics.bootstrap=0).</p>")
+    left_out = summary.get("auc_left_out") or []
+    head += (f"<p>Macro AUC averages {summary['auc_macro_labels']} of {len(names)} labels"
+             + (f"; left out (one class only in validation): {html.escape(', '.join(left_out))}" if left_out else "")
+             + ".</p>")
+    temperature = summary.get("temperature") or {}
+    ece = summary["calibration"]["ece"]
+    per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{_fmt(summary['thresholds'][n])}</td>"
+                        f"<td>{_fmt(temperature.get(n))}</td><td>{_fmt(ece[n])}</td></tr>" for n in names)
+    rule = summary.get("threshold_rule", "fixed")
+    note = ("" if rule == "fixed" else f" Thresholds tuned on this validation set ({rule}): F-beta here is "
+            "optimistic; evaluate on held-out data for an unbiased figure.")
+    return (f"<h2>Best epoch with 95% intervals</h2>{head}<table><tr><th>metric</th><th>value</th><th>95% interval"
+            f"</th></tr>{rows}</table><h2>Decisions and calibration</h2><p>Threshold rule: {html.escape(rule)}."
+            f"{note} Temperature: logits are divided by it before the sigmoid (metrics.calibrate; n/a: not "
+            f"calibrated). ECE: expected calibration error over {summary['calibration']['bins']} probability bins "
+            f"(0 is perfectly calibrated; see the reliability panel).</p><table><tr><th>label</th><th>threshold"
+            f"</th><th>temperature</th><th>ECE</th></tr>{per_label}</table>")
+
+
 def _html(images: list[bytes], summary: dict, config_yaml: str, sections: list[tuple[str, bytes]]) -> str:
-    def fmt(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "n/a"
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    fmt = _fmt
 
     best, final = summary["best"], summary["final"]
     stopped = " (stopped early)" if summary.get("stopped_early") else ""
@@ -157,6 +212,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{
 device {html.escape(summary['device'])}, wall time {summary['wall_seconds']:.0f} s.
 Best epoch {summary['best_epoch']} by {summary['key_metric']}{stopped}.</p>
 {figures}
+{statistics_html(summary)}
 {extra}
 <h2>Best and final validation</h2><table><tr><th>metric</th><th>best</th><th>final</th></tr>{rows}</table>
 <h2>Config</h2><pre>{html.escape(config_yaml)}</pre></body></html>

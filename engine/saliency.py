@@ -75,9 +75,10 @@ def _png(fig) -> bytes:
 
 
 def report_panels(net: torch.nn.Module, model: ModelConfig, dataset, names: list[str], probs: torch.Tensor,
-                  labels: torch.Tensor, threshold: float, inputs: int = 4) -> list[tuple[str, bytes]]:
+                  labels: torch.Tensor, thresholds: list[float], inputs: int = 4) -> list[tuple[str, bytes]]:
     """(title, PNG) panels for the report: per label, Grad-CAM through the peak for its top true positives
-    and worst false positives (rows of `probs` are `dataset` items); then inputs as the model saw them."""
+    and worst false positives at its threshold (rows of `probs` are `dataset` items); then inputs as the
+    model saw them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +87,7 @@ def report_panels(net: torch.nn.Module, model: ModelConfig, dataset, names: list
     panels = []
     if supports(model):
         for j, name in enumerate(names):
-            chosen = cases(probs, labels, j, threshold)
+            chosen = cases(probs, labels, j, thresholds[j])
             if not chosen:
                 continue
             fig, axes = plt.subplots(len(chosen), 3, figsize=(9, 3 * len(chosen)), squeeze=False)

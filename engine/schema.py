@@ -41,6 +41,9 @@ WandbMode = choice("WandbMode", "offline", "online", "disabled")
 PullPolicy = choice("PullPolicy", "IfNotPresent", "Always", "Never")
 ExportFormat = choice("ExportFormat", "onnx", "torchscript")
 AccessMode = choice("AccessMode", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
+# fixed: metrics.threshold for every label; youden: max TPR - FPR; fbeta: max F-beta (both per label, on validation)
+ThresholdRule = choice("ThresholdRule", "fixed", "youden", "fbeta")
+Tta = choice("Tta", "none", "flips")
 
 MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "169", "201"),
                   "vit3d": ("tiny", "small", "base")}
@@ -76,7 +79,8 @@ class DataConfig:
     train: str = ""  # datalist: CSV (CT-RATE style) or MONAI JSON datalist
     val: str = ""  # separate validation datalist; empty: a seeded split of `train`
     val_fraction: float = setting(0.2, **PROBABILITY)
-    split_seed: int = 0
+    split_seed: int = 0  # a patient's side depends on (patient id, split_seed) alone: new rows move no one
+    stratify: bool = False  # move a few patients so each label has positives on both sides where it can
     image_root: str = ""  # relative image paths resolve here; empty: the datalist's folder
     layout: Layout = Layout.flat  # flat: <root>/<name>; ct-rate: <root>/train/train_1/train_1_a/<name>
     image_column: str = "VolumeName"  # CSV column (JSON datalists use "image")
@@ -88,6 +92,9 @@ class DataConfig:
     on_error: OnError = OnError["raise"]  # raise: stop on any bad row or volume; skip: leave them out, listed
     json_train_key: str = "training"
     json_val_key: str = "validation"
+    # CSV per volume (CT-RATE's metadata: VolumeName, RescaleSlope, RescaleIntercept, XYSpacing, ZSpacing):
+    # applied before the HU window. Only for data stored as raw scanner values (CT-RATE's first release).
+    metadata: str = ""
     demo: DemoConfig = setting(DemoConfig())
 
 
@@ -101,6 +108,7 @@ class PreprocessConfig:
     scale_range: List[float] = setting([-1.0, 1.0], length=2)
     spatial_size: List[int] = setting([64, 64, 64], length=3, ge=1)  # x, y, z after orientation
     resize: Resize = Resize.resize  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
+    anti_aliasing: bool = True  # resize: smooth before shrinking an axis (no effect where it grows)
     dtype: Dtype = Dtype.float16  # dtype kept in the caches; the model always sees float32
 
 
@@ -181,6 +189,8 @@ class WandbConfig:
     project: str = "ct3d"
     entity: str = ""
     tags: List[str] = setting([])
+    # upload a weights-only copy of best.pt (no per-volume outputs) as a W&B artifact
+    upload_checkpoint: bool = False
 
 
 @dataclass
@@ -192,8 +202,18 @@ class TrackingConfig:
 class MetricsConfig:
     key: KeyMetric = KeyMetric.auc_macro
     mode: Mode = Mode.auto  # auto: min for val_loss, else max
-    threshold: float = setting(0.5, **PROBABILITY)
+    threshold: float = setting(0.5, **PROBABILITY)  # the decision threshold of threshold_rule=fixed
+    threshold_rule: ThresholdRule = ThresholdRule.fixed  # per-label thresholds, saved in the checkpoint
     beta: float = setting(1.0, gt=0)
+    calibrate: bool = False  # fit a temperature per label on each validation (saved in the checkpoint)
+    bootstrap: int = setting(1000, ge=0)  # patient-level resamples for 95% intervals; 0: none
+    bootstrap_seed: int = 0
+    calibration_bins: int = setting(10, ge=2)  # equal-width bins of the reliability diagram and ECE
+
+
+@dataclass
+class InferConfig:
+    tta: Tta = Tta.none  # evaluate / predict: flips averages the identity and each axis' flip (probabilities)
 
 
 @dataclass
@@ -248,6 +268,7 @@ class Config:
     augment: AugmentConfig = setting(AugmentConfig())
     tracking: TrackingConfig = setting(TrackingConfig())
     metrics: MetricsConfig = setting(MetricsConfig())
+    infer: InferConfig = setting(InferConfig())
     output: OutputConfig = setting(OutputConfig())
     k8s: K8sConfig = setting(K8sConfig())
     checkpoint: str = ""  # evaluate / predict / export: the checkpoint to load

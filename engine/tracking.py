@@ -1,6 +1,7 @@
 """W&B tracking through Ignite's WandBLogger and its output handlers: training loss and LR per
-iteration, every validation metric, and at the end the report image and summary (and the best
-checkpoint as an artifact when online). Ours only around it: the W&B run starts when the trainer
+iteration, every validation metric, and at the end the report image and summary (and, with
+tracking.wandb.upload_checkpoint, a weights-only copy of best.pt as an artifact: never the per-volume
+validation outputs best.pt carries for the report). Ours only around it: the W&B run starts when the trainer
 starts, after a resume restored the run id, so a resumed run continues its W&B run.
 The API key is read by wandb from WANDB_API_KEY; it is never passed, logged or saved by us."""
 
@@ -59,8 +60,11 @@ class WandbTracker:
             self.logger.log({"report": self.logger.Image(str(report_png))})
         for key in ("best_epoch", "wall_seconds"):
             self.logger.run.summary[key] = summary[key]
-        if self.settings.mode == "online" and best_checkpoint is not None and best_checkpoint.is_file():
+        if self.settings.upload_checkpoint and best_checkpoint is not None and best_checkpoint.is_file():
+            from engine.checkpoint import write_weights_only
+
+            weights = write_weights_only(best_checkpoint, best_checkpoint.with_name("best-weights.pt"))
             artifact = self.logger.Artifact(f"model-{self.run_id}", type="model")
-            artifact.add_file(str(best_checkpoint))
+            artifact.add_file(str(weights))
             self.logger.run.log_artifact(artifact)
         self.logger.close()

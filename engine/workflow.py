@@ -36,7 +36,7 @@ from engine.errors import CT3DError, Interrupted
 from engine.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
 from engine.io import write_json, write_text
 from engine.models import FreezeBackbone
-from engine.prepare import Splits, prepare_data, write_skipped
+from engine.prepare import Splits, check_same_run, prepare_data, split_rows, write_skipped, write_split
 from engine.schema import Config
 
 log = logging.getLogger("ct3d")
@@ -56,6 +56,9 @@ def train(cfg: Config) -> Path:
     amp_dtype = resolve_amp(cfg.train.amp, device)
     data = prepare_data_in_shares(cfg, progress=main)
     folder = run_folder(cfg.output, cfg.model)
+    resume_path = resume_from(cfg, folder)
+    if resume_path is not None:
+        check_same_run(resume_path, folder, cfg, data)
     if main:
         write_run_start(folder, cfg, data)
 
@@ -74,10 +77,11 @@ def train(cfg: Config) -> Path:
     table = MetricsTable(folder / "metrics.csv", str(cfg.metrics.key), history, data.labels, validation,
                          str(cfg.metrics.mode), cfg.metrics.beta, write=main)
     to_save = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": ScalerState(trainer),
-               "trainer": TrainerState(trainer), "metrics_table": table, "history": history, "rng": RandomState()}
+               "trainer": TrainerState(trainer), "metrics_table": table, "history": history, "rng": RandomState(),
+               "calibration": validation}
 
     # Handlers, in the order they run on each event.
-    resume = Resume(resume_from(cfg, folder), to_save)
+    resume = Resume(resume_path, to_save)
     resume.attach(trainer)
     total_steps = cfg.train.epochs * len(train_loader)  # a raised train.epochs extends a resumed schedule
     trainer.add_event_handler(Events.STARTED, lambda _: setattr(scheduler, "t_total", total_steps))
@@ -112,6 +116,7 @@ def train(cfg: Config) -> Path:
         "key_metric": str(cfg.metrics.key), "best_epoch": table.best["epoch"], "best": table.best,
         "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
         "wall_seconds": round(time.time() - start, 1), "epoch_seconds": history.epoch_seconds,
+        **(best_statistics(cfg, table, data, task) if main else {}),
     }
     if main:
         write_outputs(folder, summary, table, history, cfg, tracker, net, data.val)
@@ -149,11 +154,30 @@ def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
 
 def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
     write_text(folder / "config.yaml", to_yaml(cfg))
+    write_split(folder, split_rows(data, cfg.data.patient_pattern))
     if data.skipped:
         write_skipped(folder, data.skipped)
         log.warning("left out %d bad volume(s) or row(s), listed in %s", len(data.skipped), folder / "skipped.csv")
     log.info("run folder %s; %d train / %d validation volumes; labels: %s", folder, len(data.train), len(data.val),
              ", ".join(data.labels))
+
+
+def best_statistics(cfg: Config, table: MetricsTable, data: Splits, task: str) -> dict:
+    """The best validation's thresholds, calibration, labels in macro AUC and bootstrap intervals (patients
+    in the order the outputs were gathered)."""
+    from engine.build import gathered_order
+    from engine.datalist import patient_of
+    from engine.statistics import run_statistics
+
+    best = table.best_outputs
+    if not best:
+        return {}
+    thresholds = best.get("thresholds", [cfg.metrics.threshold] * len(data.labels))
+    order = gathered_order(len(data.val), best["ranks"])
+    patients = [patient_of(data.val[i], cfg.data.patient_pattern) for i in order]
+    return {"threshold_rule": str(cfg.metrics.threshold_rule),
+            **run_statistics(best["probs"], best["labels"], patients, data.labels, task,
+                             thresholds, best.get("temperature"), cfg.metrics)}
 
 
 def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer):
@@ -257,7 +281,7 @@ def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_items
                                       cfg.preprocess, cfg.cache.dir if cfg.cache.disk else None, 0.0, cfg.cache.workers)
     outputs = table.best_outputs
     return report_panels(best, cfg.model, in_gathered_order, labels, outputs["probs"], outputs["labels"],
-                         cfg.metrics.threshold)
+                         outputs.get("thresholds", [cfg.metrics.threshold] * len(labels)))
 
 
 def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: History, cfg: Config, tracker,
@@ -271,8 +295,8 @@ def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: His
 
         outputs = table.best_outputs
         report_png, _ = write_report(folder, table.rows, history.lr_history, outputs["probs"], outputs["labels"],
-                                     summary["labels"], summary["task"], cfg.metrics.threshold, cfg.metrics.beta,
-                                     summary, to_yaml(cfg),
+                                     summary["labels"], summary["task"], list(summary["thresholds"].values()),
+                                     cfg.metrics.beta, summary, to_yaml(cfg),
                                      inspection_panels(cfg, folder, net, val_items, table, summary["labels"]))
     if tracker is not None:
         tracker.finish(report_png, folder / "checkpoints" / "best.pt", summary)

@@ -40,11 +40,21 @@ def cache_entries(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def test_cache_key_is_stable_across_versions():
-    """Existing disk caches stay valid: the key of these settings was computed by ct3d 0.1.0."""
-    assert cache_key(PreprocessConfig()) == "c71924e3524f00ce"
+def test_cache_key_depends_on_settings_our_code_and_monai_alone(monkeypatch):
+    """The same settings, code and MONAI give the same folder (these keys: MONAI 1.6.1, as locked);
+    a new MONAI or a change to our preprocessing code gives a new one, never a stale entry."""
+    import monai
+
+    from engine import data
+
     ct_rate = PreprocessConfig(spacing=[0.75, 0.75, 1.5], orientation="LPS", spatial_size=[256, 256, 128])
-    assert cache_key(ct_rate) == "e54ba74a86dae2c3"
+    keys = cache_key(PreprocessConfig()), cache_key(ct_rate)
+    assert keys == ("2edf620dd71075e8", "b3e3c1b39bc68f6a")
+    monkeypatch.setattr(monai, "__version__", "9.9.9")
+    assert cache_key(PreprocessConfig()) not in keys
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "PREPROCESSING_VERSION", data.PREPROCESSING_VERSION + 1)
+    assert cache_key(PreprocessConfig()) not in keys
 
 
 def test_cache_key_changes_with_every_preprocessing_setting():
@@ -52,7 +62,7 @@ def test_cache_key_changes_with_every_preprocessing_setting():
     variants = [PreprocessConfig(spacing=[1.0, 1.0, 2.0]), PreprocessConfig(hu_window=[-500.0, 500.0]),
                 PreprocessConfig(spatial_size=[32, 32, 32]), PreprocessConfig(orientation="LPS"),
                 PreprocessConfig(resize="crop_pad"), PreprocessConfig(dtype="float32"),
-                PreprocessConfig(scale_range=[0.0, 1.0])]
+                PreprocessConfig(scale_range=[0.0, 1.0]), PreprocessConfig(anti_aliasing=False)]
     keys = {cache_key(base)} | {cache_key(v) for v in variants}
     assert len(keys) == len(variants) + 1
     assert cache_key(PreprocessConfig()) == cache_key(base)
