@@ -30,18 +30,18 @@ class ValidationMetrics:
     With `fit` (training), each validation also fits what turns outputs into decisions: a temperature per
     label (`calibrate`) and per-label thresholds (`rule`: fixed, youden, fbeta); the metrics use them, and
     `state_dict` carries them into the checkpoint written after it. Without `fit` (evaluate), the given
-    `thresholds` are used as they are."""
+    `thresholds` and `temperature` are used as they are. The loss is always the raw logits'."""
 
     def __init__(self, names: list[str], task: str, loss_fn: Callable, threshold: float, beta: float,
                  rule: str = "fixed", calibrate: bool = False, bins: int = 10, fit: bool = True,
-                 thresholds: list[float] | None = None):
+                 thresholds: list[float] | None = None, temperature: list[float] | None = None):
         if not names:
             raise ValueError("names: expected at least one label name")
         self.names, self.task, self.loss_fn = names, task, loss_fn
         self.threshold, self.beta, self.rule, self.calibrate, self.bins, self.fit = (threshold, beta, rule, calibrate,
                                                                                      bins, fit)
         self.thresholds: list[float] = list(thresholds) if thresholds else [threshold] * len(names)
-        self.temperature: list[float] | None = None
+        self.temperature = temperature
         self.ece: list[float] = []
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []

@@ -67,22 +67,11 @@ def decision_settings(state: dict) -> tuple[list[float], list[float] | None]:
     return list(fitted.get("thresholds") or [state["threshold"]] * len(state["labels"])), fitted.get("temperature")
 
 
-class Calibrated(torch.nn.Module):
-    """The network's logits divided by the checkpoint's temperatures (metrics.calibrate)."""
-
-    def __init__(self, network: torch.nn.Module, temperature: list[float]):
-        super().__init__()
-        self.network = network
-        self.register_buffer("temperature", torch.tensor(temperature))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x) / self.temperature
-
-
 def with_tta(inferer, task: str, tta: str):
     """infer.tta=flips: the mean probability over the volume and its flips along each spatial axis (4
     passes), returned as logits whose probabilities are that mean, so metrics and predictions downstream
-    stay as they are. MONAI's TestTimeAugmentation targets segmentation (it inverts spatial outputs)."""
+    stay as they are (a checkpoint's temperature then applies to those logits). MONAI's TestTimeAugmentation
+    targets segmentation (it inverts spatial outputs)."""
     from monai.inferers import Inferer
 
     from engine.metrics import probabilities
@@ -119,9 +108,9 @@ def evaluate(cfg: Config) -> dict:
                             cfg.cache.memory_rate, cfg.cache.workers)
     amp = resolve_amp(cfg.train.amp, device)
     evaluator, validation = make_evaluator(
-        Calibrated(model, temperature) if temperature else model, make_loader(dataset, cfg.loader, device), device,
-        amp, cfg.metrics, labels, state["task"], make_loss(cfg.train, state["task"], label_frequencies(train_items)),
-        thresholds=thresholds, inferer=with_tta(make_inferer(device, amp), state["task"], str(cfg.infer.tta)))
+        model, make_loader(dataset, cfg.loader, device), device, amp, cfg.metrics, labels, state["task"],
+        make_loss(cfg.train, state["task"], label_frequencies(train_items)), thresholds=thresholds,
+        temperature=temperature, inferer=with_tta(make_inferer(device, amp), state["task"], str(cfg.infer.tta)))
     evaluator.run()
     metrics = dict(evaluator.state.metrics)
     folder = _output_folder(cfg, "evaluate")
@@ -224,13 +213,13 @@ def predict(cfg: Config) -> Path:
     """predictions.csv: one row per volume, one probability column per label of the checkpoint, then one 0/1
     decision column per label at the checkpoint's thresholds (`<label>_decision`); every input left out
     (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
+    from engine.calibration import apply_temperature
     from engine.metrics import decisions, probabilities
 
     device = resolve_device(cfg.train.device)
     model, state = load_trained_model(cfg.checkpoint, device)
     items, skipped = list_inputs(cfg.input, cfg)
     thresholds, temperature = decision_settings(state)
-    network = Calibrated(model, temperature) if temperature else model
     batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
     loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
                                          num_workers=cfg.loader.num_workers, collate_fn=_batches)
@@ -240,7 +229,8 @@ def predict(cfg: Config) -> Path:
         for errors, batch in tracked(loader, len(loader), "predict", batch_size, len(items)):
             skipped += [Problem(items[e["index"]][IMAGE], e["error"], items[e["index"]][NAME]) for e in errors]
             if batch is not None:
-                probs = probabilities(inferer(batch[IMAGE].to(device).float(), network), state["task"]).cpu()
+                logits = apply_temperature(inferer(batch[IMAGE].to(device).float(), model), temperature)
+                probs = probabilities(logits, state["task"]).cpu()
                 decided = decisions(probs, state["task"], thresholds).int().tolist()
                 rows += [[items[i][NAME], *(f"{p:.6f}" for p in row), *d]
                          for i, row, d in zip(batch["index"], probs.tolist(), decided)]

@@ -18,7 +18,9 @@ from volumes import write_dicom_series, write_itk, write_nifti
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_demo):
     tmp = tmp_path_factory.mktemp("trained")
-    overrides = tiny_overrides(tmp, tiny_demo, "train.epochs=2")
+    # thresholds tuned for F1 and temperatures fitted on validation: evaluate and predict must use the checkpoint's
+    overrides = tiny_overrides(tmp, tiny_demo, "train.epochs=2", "metrics.threshold_rule=fbeta",
+                               "metrics.calibrate=true")
     return train(load_config(None, overrides)), overrides, tmp
 
 
@@ -28,10 +30,55 @@ def test_evaluate_reproduces_best_validation_metrics(trained):
     cfg = load_config(None, [*overrides, f"checkpoint={folder / 'checkpoints' / 'best.pt'}", "output.name=eval"],
                       command="evaluate")
     metrics = evaluate(cfg)
-    for key in ("auc_macro", "fbeta_macro", "accuracy", "val_loss", "auc/Emphysema"):
+    for key in ("auc_macro", "fbeta_macro", "accuracy", "val_loss", "auc/Lung nodule", "fbeta/Lung nodule",
+                "precision", "ece_macro"):
         assert metrics[key] == pytest.approx(summary["best"][key], abs=1e-4), key
     saved = json.loads((tmp / "runs" / "eval" / "evaluation.json").read_text())
-    assert saved["epoch"] == summary["best_epoch"]
+    assert saved["epoch"] == summary["best_epoch"] and saved["data"] == "the run's own validation split"
+    assert saved["thresholds"] == pytest.approx(summary["thresholds"]) and len(set(saved["thresholds"].values())) > 1
+    assert saved["temperature"] == pytest.approx(summary["temperature"])
+    assert saved["bootstrap"]["intervals"]["auc_macro"] == pytest.approx(summary["bootstrap"]["intervals"]["auc_macro"])
+
+
+def test_evaluate_refuses_volumes_the_checkpoint_trained_on(trained, tmp_path, tiny_demo):
+    folder, overrides, _ = trained
+    cfg = load_config(None, [*overrides, f"checkpoint={folder / 'checkpoints' / 'best.pt'}", f"data.val={tiny_demo}",
+                             f"output.dir={tmp_path}"], command="evaluate")
+    with pytest.raises(CT3DError, match=r"evaluate: \d+ of the 24 volumes were in the training split of .*train_"):
+        evaluate(cfg)
+
+
+def test_predict_writes_decisions_at_the_checkpoints_thresholds_and_tta_averages_flips(trained, tmp_path):
+    import torch
+
+    from engine.data import preprocessing_transform
+    from engine.inference import checkpoint_preprocessing, decision_settings, load_trained_model
+
+    folder, _, _ = trained
+    volume = write_nifti(tmp_path / "v.nii.gz", phantom(np.random.default_rng(4), (32, 32, 32), (1, 0, 1, 0)))
+    ckpt = folder / "checkpoints" / "best.pt"
+    rows = {}
+    for tta in ("none", "flips"):
+        path = predict(load_config(None, [f"checkpoint={ckpt}", f"input={volume}", f"infer.tta={tta}",
+                                          f"output.dir={tmp_path}", f"output.name={tta}"], command="predict"))
+        (rows[tta],) = list(csv.DictReader(open(path)))
+    assert list(rows["none"]) == ["VolumeName", *LABELS, *(f"{name}_decision" for name in LABELS)]
+
+    model, state = load_trained_model(str(ckpt), torch.device("cpu"))
+    thresholds, temperature = decision_settings(state)
+    x = preprocessing_transform(checkpoint_preprocessing(state))({"image": str(volume), "name": "v"})["image"]
+    x = x.float()[None]
+    with torch.no_grad():  # by hand: the mean of sigmoid over the volume and its three single-axis flips
+        views = [x, x.flip(2), x.flip(3), x.flip(4)]
+        by_hand = torch.stack([torch.sigmoid(model(v)) for v in views]).mean(0)[0]
+        by_hand = torch.sigmoid(torch.logit(by_hand) / torch.tensor(temperature))
+        plain = torch.sigmoid(model(x)[0] / torch.tensor(temperature))
+    for j, label in enumerate(LABELS):
+        assert float(rows["flips"][label]) == pytest.approx(float(by_hand[j]), abs=2e-5)
+        assert float(rows["none"][label]) == pytest.approx(float(plain[j]), abs=2e-5)
+        for tta in ("none", "flips"):
+            assert rows[tta][f"{label}_decision"] == str(int(float(rows[tta][label]) >= thresholds[j]))
+    assert any(abs(float(rows["flips"][n]) - float(rows["none"][n])) > 1e-4 for n in LABELS)  # flips did something
 
 
 def test_predict_folder_gives_a_row_per_series_and_lists_what_it_left_out(trained, tmp_path, caplog):
@@ -53,7 +100,7 @@ def test_predict_folder_gives_a_row_per_series_and_lists_what_it_left_out(traine
         path = predict(cfg)
     rows = list(csv.DictReader(open(path)))
     assert [r["VolumeName"] for r in rows] == ["a.nii.gz", "patient7/study/Axial", "patient7/study/Bone", "series_b"]
-    assert list(rows[0]) == ["VolumeName", *LABELS]  # label order from the checkpoint
+    assert list(rows[0])[:5] == ["VolumeName", *LABELS]  # label order from the checkpoint
     assert all(0.0 <= float(r[label]) <= 1.0 for r in rows for label in LABELS)
     skipped = list(csv.DictReader(open(path.parent / "skipped.csv")))
     by_place = {r["where"].removeprefix(str(inputs) + "/"): r["problem"] for r in skipped}

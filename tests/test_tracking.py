@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config
@@ -17,6 +18,27 @@ def test_offline_wandb_run_folder_and_resume_continues_it(tmp_path, tiny_demo, m
     train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "tracking.wandb.mode=offline", "train.epochs=2")))
     assert load_checkpoint(folder / "checkpoints" / "final.pt")["tracking"]["run_id"] == run_id
     assert all(r.name.endswith(run_id) for r in (folder / "wandb").glob("offline-run-*"))
+
+
+def test_uploaded_checkpoint_is_weights_only_and_only_when_asked(tmp_path, tiny_demo, monkeypatch):
+    """best.pt carries every validation volume's labels and probabilities (for the report): the artifact
+    W&B gets must not. Offline, W&B stages the artifact in the run folder for a later `wandb sync`."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "tracking.wandb.mode=offline")))
+    assert not (folder / "checkpoints" / "best-weights.pt").exists()  # not asked: nothing leaves
+    train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "tracking.wandb.mode=offline", "train.epochs=2",
+                                           "tracking.wandb.upload_checkpoint=true")))
+    best = load_checkpoint(folder / "checkpoints" / "best.pt")
+    assert best["metrics_table"]["best_outputs"]["probs"].shape[0] > 0  # what must not be uploaded
+    weights = load_checkpoint(folder / "checkpoints" / "best-weights.pt")
+    assert set(weights) == {"model", "labels", "task", "model_config", "preprocessing", "threshold", "calibration",
+                            "format", "trainer"}
+    assert weights["trainer"] == {"epoch": best["trainer"]["epoch"], "iteration": best["trainer"]["iteration"]}
+    tensors = [v for v in weights["model"].values()] + [v for v in weights.values() if hasattr(v, "shape")]
+    assert all(torch.equal(weights["model"][k], best["model"][k]) for k in best["model"])
+    assert len(tensors) == len(best["model"])  # no tensor beside the weights
+    staged = b"".join(p.read_bytes() for p in (folder / "wandb").rglob("*.wandb"))
+    assert b"best-weights.pt" in staged and b"best.pt" not in staged
 
 
 def test_online_without_key_is_a_clear_error(tmp_path, tiny_demo, monkeypatch):

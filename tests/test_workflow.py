@@ -130,6 +130,35 @@ def test_raising_epochs_on_resume_extends_training(tmp_path, tiny_demo):
     assert state["trainer"]["epoch"] == 2 and len(state["metrics_table"]["rows"]) == 2
 
 
+def test_resume_with_other_labels_preprocessing_or_split_stops_naming_the_difference(tmp_path, tiny_demo):
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo)))
+    rows = list(csv.DictReader(open(folder / "split.csv")))
+    assert len(rows) == 24 and {r["split"] for r in rows} == {"train", "validation"}
+    assert rows[0]["patient"] == rows[0]["volume"].split("_a_")[0] and set(rows[0]["labels"]) <= {"0", "1"}
+    for change, expected in (("preprocess.hu_window=[-900,900]", r"preprocess.hu_window: the checkpoint has "
+                                                                  r"\[-1000.0, 1000.0\], the config \[-900.0, 900.0\]"),
+                             ("data.label_columns=[Emphysema,Cardiomegaly]", r"labels: the checkpoint has \['Lung"),
+                             ("data.split_seed=5", r"volume\(s\) moved between train and validation: train_")):
+        with pytest.raises(CT3DError, match=r"(?s)cannot resume .*final.pt.*" + expected):
+            train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2", change)))
+    assert load_checkpoint(folder / "checkpoints" / "final.pt")["trainer"]["epoch"] == 1  # nothing was touched
+
+
+def test_best_checkpoint_exists_when_the_key_metric_was_nan_every_time(tmp_path, tiny_demo):
+    lines = tiny_demo.read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    (tmp_path / "train.csv").write_text("\n".join([header, *rows[:20]]) + "\n")
+    negatives = [row.split(",")[0] + ",0,0,0,0" for row in rows[20:]]  # one class only: AUC is NaN
+    (tmp_path / "val.csv").write_text("\n".join([header, *negatives]) + "\n")
+    folder = train(load_config(None, tiny_overrides(tmp_path, tmp_path / "train.csv", "train.epochs=2",
+                                                    f"data.val={tmp_path / 'val.csv'}",
+                                                    f"data.image_root={tiny_demo.parent}")))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["best"]["auc_macro"] is None and summary["auc_macro_labels"] == 0
+    assert summary["auc_left_out"] == list(LABELS)
+    assert load_checkpoint(folder / "checkpoints" / "best.pt")["trainer"]["epoch"] == 1
+
+
 def test_early_stopping_still_writes_last_and_final(tmp_path, tiny_demo):
     # min_delta=1 counts no AUC change as an improvement: patience 1 stops at epoch 2
     folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=6",
