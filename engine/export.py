@@ -12,7 +12,7 @@ import torch
 
 from engine.build import resolve_device
 from engine.errors import CT3DError
-from engine.inference import load_trained_model
+from engine.inference import decision_settings, load_trained_model
 from engine.io import atomic_write
 from engine.schema import Config
 
@@ -20,10 +20,14 @@ METADATA_KEY = "ct3d"
 
 
 def model_metadata(state: dict) -> dict:
-    """What a program needs beside the weights: outputs in order, how to read them, how to preprocess."""
+    """What a program needs beside the weights: outputs in order, how to read them (per-label decision
+    thresholds; temperatures to divide the logits by, or null), how to preprocess."""
+    thresholds, temperature = decision_settings(state)
     return {"labels": state["labels"], "task": state["task"], "threshold": state["threshold"],
+            "thresholds": thresholds, "temperature": temperature,
             "preprocessing": state["preprocessing"], "model": state["model_config"],
-            "input": "float32 (batch, 1, *preprocessing.spatial_size) after the preprocessing; output: logits"}
+            "input": "float32 (batch, 1, *preprocessing.spatial_size) after the preprocessing; output: logits "
+                     "(probability: sigmoid(logits / temperature), softmax for multiclass)"}
 
 
 def export_model(model: torch.nn.Module, state: dict, path: Path, fmt: str) -> Path:

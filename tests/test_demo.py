@@ -59,7 +59,10 @@ def test_demo_command_trains_to_target_auc(tmp_path):
     assert "auc_macro" in proc.stdout  # the closing summary table
     assert "nvimgcodec" not in (proc.stdout + proc.stderr).lower()  # no warning a user cannot act on
     page = (runs[0] / "report.html").read_text()
-    assert page.count('alt="panel ') == 6 and "<h2>Inputs as the model saw them</h2>" in page
+    assert page.count('alt="panel ') == 7 and "<h2>Inputs as the model saw them</h2>" in page  # 7: reliability
+    low, high = summary["bootstrap"]["intervals"]["auc_macro"]
+    assert low < summary["best"]["auc_macro"] < high and f"{low:.4f} to {high:.4f}" in page
+    assert "Best epoch with 95% intervals" in page and "Decisions and calibration" in page
     assert all(f"<h2>Where the model looked: {label}</h2>" in page for label in LABELS)
     assert list((runs[0] / "wandb").glob("offline-run-*/*.wandb"))
     print(f"demo: {summary['wall_seconds']} s, best macro AUC {summary['best']['auc_macro']:.4f}")
@@ -68,6 +71,8 @@ def test_demo_command_trains_to_target_auc(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine.run", "evaluate", f"checkpoint={best}", "output.name=eval"],
                           cwd=tmp_path, capture_output=True, **TEXT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    evaluation = json.loads((tmp_path / "runs" / "eval" / "evaluation.json").read_text())["metrics"]
+    evaluated = json.loads((tmp_path / "runs" / "eval" / "evaluation.json").read_text())
+    assert evaluated["data"] == "the run's own validation split"
+    evaluation = evaluated["metrics"]
     for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):
         assert evaluation[key] == pytest.approx(summary["best"][key], abs=1e-4), key
