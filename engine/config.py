@@ -86,6 +86,12 @@ def _check_together(cfg: Config, command: str) -> None:
         raise _error("data.patient_pattern", f"not a regular expression ({exc})") from None
     if command not in ("predict", "export") and not (cfg.data.train or cfg.data.demo.enabled):
         raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true")
+    if cfg.data.folds == 1:
+        raise _error("data.folds", "needs 2 or more folds (0: one train/validation split)")
+    if cfg.data.folds and cfg.data.fold >= cfg.data.folds:
+        raise _error("data.fold", f"must be below data.folds={cfg.data.folds}, got {cfg.data.fold}")
+    if cfg.checkpoints and not cfg.checkpoint:
+        cfg.checkpoint = cfg.checkpoints[0]
     if command in ("evaluate", "predict", "export") and not cfg.checkpoint:
         raise _error("checkpoint", f"{command} needs checkpoint=PATH (e.g. runs/<run>/checkpoints/best.pt)")
     if command == "predict" and not cfg.input:
@@ -96,6 +102,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 command: str = "train") -> Config:
     """Schema <- YAML file <- `key=value` overrides, checked for `command`; raises CT3DError naming the key."""
     merged = OmegaConf.structured(Config)
+    overrides = _ensemble_overrides(list(overrides))
     try:
         if path is not None:
             if not Path(path).is_file():
@@ -112,6 +119,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     _check_limits(cfg)
     _check_together(cfg, command)
     return cfg
+
+
+def with_overrides(cfg: Config, values: dict[str, Any], where: str = "override") -> Config:
+    """A copy of `cfg` with dotted keys set to values, checked as load_config checks a config; an error
+    names `where` and the key."""
+    node = OmegaConf.structured(cfg)
+    if "model.name" in values and "model.variant" not in values:
+        values = {**values, "model.variant": ""}  # the new family's smallest, not the old one's variant
+    try:
+        for key, value in values.items():
+            if OmegaConf.select(node, key, default=_MISSING) is _MISSING:
+                raise _error(key, f"({where}) unknown key; accepted here: {_accepted_keys(key)}")
+            OmegaConf.update(node, key, value, merge=False)
+        updated = OmegaConf.to_object(node)
+    except OmegaConfBaseException as exc:
+        raise CT3DError(f"{_translate(exc)} ({where})") from None
+    _check_limits(updated)
+    _check_together(updated, "train")
+    return updated
+
+
+_MISSING = object()
+
+
+def _ensemble_overrides(overrides: list[str]) -> list[str]:
+    """`checkpoint=a checkpoint=b` and `checkpoints=GLOB` (no brackets) -> one `checkpoints=[...]` list of the
+    files, sorted per glob; one `checkpoint=` stays as it is."""
+    import glob
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    patterns = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoints=") and "[" not in o]
+    if len(given) < 2 and not patterns:
+        return overrides
+    files = list(given)
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise _error("checkpoints", f"{pattern!r} matches no file")
+        files += found
+    rest = [o for o in overrides if not o.startswith("checkpoint=") and not (o.startswith("checkpoints=")
+                                                                              and "[" not in o)]
+    return rest + ["checkpoints=[" + ",".join(repr(f) for f in files) + "]"]
 
 
 def plain(section: Any) -> dict:

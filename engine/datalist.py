@@ -223,17 +223,22 @@ def check_patient_pattern(items: list[dict], data: DataConfig) -> None:
 
 def split(items: list[dict], val_fraction: float, seed: int,
           patient_of: Callable[[dict], str] = lambda item: item[NAME],
-          stratify: bool = False) -> tuple[list[dict], list[dict]]:
+          stratify: bool = False, folds: int = 0, fold: int = 0) -> tuple[list[dict], list[dict]]:
     """A seeded train/validation split by patient (all of a patient's volumes on one side), stable: each
     patient's side depends on (patient id, seed) alone. `stratify` then moves the fewest patients needed
-    for each label to have positives on both sides (where it has two or more positive patients)."""
+    for each label to have positives on both sides (where it has two or more positive patients).
+    With `folds` K >= 2, validation is fold `fold` of K patient-wise folds (see `fold_of`)."""
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(patient_of(item), []).append(i)
-    if len(groups) < 2:
-        raise CT3DError(f"cannot split {len(items)} volume(s) of {len(groups)} patient(s) into train and "
-                        f"validation; give data.val")
+    if len(groups) < max(2, folds):
+        raise CT3DError(f"cannot split {len(items)} volume(s) of {len(groups)} patient(s) into "
+                        f"{f'{folds} folds' if folds else 'train and validation'}; give data.val")
     draw = {patient: side_draw(patient, seed) for patient in groups}
+    if folds:
+        assigned = fold_of(items, groups, draw, folds, stratify)
+        val = {patient for patient, k in assigned.items() if k == fold}
+        return ([it for it in items if patient_of(it) not in val], [it for it in items if patient_of(it) in val])
     val = {patient for patient in groups if draw[patient] < val_fraction}
     if not val:  # both sides need a patient: the nearest to each side's edge crosses
         val.add(min(groups, key=draw.__getitem__))
@@ -243,6 +248,35 @@ def split(items: list[dict], val_fraction: float, seed: int,
         _stratify(items, groups, draw, val)
     return ([it for i, it in enumerate(items) if patient_of(it) not in val],
             [it for it in items if patient_of(it) in val])
+
+
+def fold_of(items: list[dict], groups: dict[str, list[int]], draw: dict[str, float], folds: int,
+            stratify: bool) -> dict[str, int]:
+    """Each patient's fold: int(draw * folds), which depends on (patient, seed) alone. With `stratify`, the
+    positive patients of each label (rarest label first) are dealt to the folds holding fewest of that
+    label's positives so far (in draw order), then the rest by draw: every fold gets positives of every
+    label with at least `folds` positive patients, at the cost of stability when rows are added."""
+    if not stratify:
+        return {patient: min(int(draw[patient] * folds), folds - 1) for patient in groups}
+    n_labels = len(items[0][LABEL])
+    positive = [[p for p in sorted(groups, key=draw.__getitem__) if any(items[i][LABEL][j] for i in groups[p])]
+                for j in range(n_labels)]
+    assigned: dict[str, int] = {}
+    sizes = [0] * folds  # patients per fold so far
+    for j in sorted(range(n_labels), key=lambda j: len(positive[j])):
+        counts = [0] * folds
+        for patient in positive[j]:
+            if patient in assigned:
+                counts[assigned[patient]] += 1
+        for patient in positive[j]:
+            if patient not in assigned:
+                k = min(range(folds), key=lambda k: (counts[k], sizes[k], k))
+                assigned[patient] = k
+                counts[k] += 1
+                sizes[k] += 1
+    for patient in groups:
+        assigned.setdefault(patient, min(int(draw[patient] * folds), folds - 1))
+    return assigned
 
 
 def _stratify(items: list[dict], groups: dict[str, list[int]], draw: dict[str, float], val: set[str]) -> None:

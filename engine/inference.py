@@ -67,6 +67,38 @@ def decision_settings(state: dict) -> tuple[list[float], list[float] | None]:
     return list(fitted.get("thresholds") or [state["threshold"]] * len(state["labels"])), fitted.get("temperature")
 
 
+class Ensemble(torch.nn.Module):
+    """Several trained models as one: the mean of their probabilities (each at its own temperature),
+    returned as logits whose probabilities are that mean."""
+
+    def __init__(self, models: list[torch.nn.Module], temperatures: list[list[float] | None], task: str):
+        super().__init__()
+        self.members, self.temperatures, self.task = torch.nn.ModuleList(models), temperatures, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from engine.calibration import apply_temperature
+        from engine.metrics import probabilities
+
+        mean = torch.stack([probabilities(apply_temperature(m(x), t), self.task)
+                            for m, t in zip(self.members, self.temperatures)]).mean(0)
+        return torch.log(mean.clamp_min(1e-12)) if self.task == "multiclass" else torch.logit(mean, eps=1e-7)
+
+
+def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, list[float]]:
+    """The models of `paths` as one Ensemble, the first checkpoint's dict, and the members' mean threshold
+    per label. They must share labels, task and preprocessing: any difference is an error naming it."""
+    models, states = zip(*(load_trained_model(path, device) for path in paths))
+    first = states[0]
+    for path, state in zip(paths[1:], states[1:]):
+        for key in ("labels", "task", "preprocessing"):
+            if state[key] != first[key]:
+                raise CT3DError(f"ensemble: {path} has other {key} than {paths[0]}: {state[key]} vs {first[key]}; "
+                                f"the members must be trained on the same labels with the same preprocessing")
+    settings = [decision_settings(state) for state in states]
+    thresholds = [sum(t[j] for t, _ in settings) / len(settings) for j in range(len(first["labels"]))]
+    return Ensemble(list(models), [t for _, t in settings], first["task"]).eval(), first, thresholds
+
+
 def with_tta(inferer, task: str, tta: str):
     """infer.tta=flips: the mean probability over the volume and its flips along each spatial axis (4
     passes), returned as logits whose probabilities are that mean, so metrics and predictions downstream
@@ -211,15 +243,23 @@ def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predi
 
 def predict(cfg: Config) -> Path:
     """predictions.csv: one row per volume, one probability column per label of the checkpoint, then one 0/1
-    decision column per label at the checkpoint's thresholds (`<label>_decision`); every input left out
+    decision column per label at the checkpoint's thresholds (`<label>_decision`); with several checkpoints,
+    the mean of their probabilities, decided at their mean thresholds. Every input left out
     (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
     from engine.calibration import apply_temperature
     from engine.metrics import decisions, probabilities
 
     device = resolve_device(cfg.train.device)
-    model, state = load_trained_model(cfg.checkpoint, device)
+    if len(cfg.checkpoints) > 1:
+        if cfg.saliency:
+            raise CT3DError("config error: saliency: Grad-CAM maps are per model; predict with one checkpoint")
+        model, state, thresholds = load_ensemble(list(cfg.checkpoints), device)
+        temperature = None  # each member's is applied inside the ensemble
+        log.info("ensemble of %d models: %s", len(cfg.checkpoints), ", ".join(cfg.checkpoints))
+    else:
+        model, state = load_trained_model(cfg.checkpoint, device)
+        thresholds, temperature = decision_settings(state)
     items, skipped = list_inputs(cfg.input, cfg)
-    thresholds, temperature = decision_settings(state)
     batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
     loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
                                          num_workers=cfg.loader.num_workers, collate_fn=_batches)

@@ -43,12 +43,17 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: f
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str], task: str,
-                           threshold: float | list[float] = 0.5, beta: float = 1.0) -> dict[str, float]:
+                           threshold: float | list[float] = 0.5, beta: float = 1.0,
+                           decided: torch.Tensor | None = None) -> dict[str, float]:
     """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC averages the
-    labels with both classes present; `auc_labels` says how many that was."""
+    labels with both classes present; `auc_labels` says how many that was. `decided`: 0/1 decisions to use
+    instead of thresholding `probs`."""
     probs, labels = probs.float().cpu(), labels.float().cpu()
     per_label_auc = [_auc(probs[:, j], labels[:, j]) for j in range(labels.shape[1])]
-    cm = confusion(probs, labels, task, threshold)
+    if decided is None:
+        cm = confusion(probs, labels, task, threshold)
+    else:  # decisions made elsewhere (cross-validation: each fold at its own thresholds)
+        cm = get_confusion_matrix(decided.float().cpu(), labels).sum(dim=0)
     cm_all = cm.sum(dim=0)
     fbeta = compute_f_beta_score(cm, beta).flatten().tolist()
     out = {

@@ -53,6 +53,9 @@ def load_splits(data: DataConfig, problems: list[Problem] | None = None) -> tupl
     val_path = data.val
     if not val_path and train_path.endswith(".json") and data.json_val_key in json.loads(Path(train_path).read_text()):
         val_path = train_path
+    if val_path and data.folds:
+        raise CT3DError("config error: data.folds: cross-validation folds split data.train; it takes no "
+                        "separate validation list (data.val, or the JSON datalist's validation list)")
     if val_path:
         val = load_datalist(val_path, data, data.json_val_key, problems)
         if val.labels != train.labels:
@@ -61,7 +64,8 @@ def load_splits(data: DataConfig, problems: list[Problem] | None = None) -> tupl
     else:
         check_patient_pattern(train.items, data)
         train_items, val_items = split(train.items, data.val_fraction, data.split_seed,
-                                       lambda item: patient_of(item, data.patient_pattern), data.stratify)
+                                       lambda item: patient_of(item, data.patient_pattern), data.stratify,
+                                       data.folds, data.fold)
     check_patient_pattern(train_items + val_items, data)
     if data.metadata:
         from engine.metadata import attach_metadata

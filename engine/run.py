@@ -1,4 +1,4 @@
-"""`python -m engine.run [train|evaluate|predict] [--config FILE] [key=value ...]`
+"""`python -m engine.run [train|evaluate|predict|export|check|cache|cv|sweep] [--config FILE] [key=value ...]`
 
 Config errors are reported before MONAI or torch is imported, so they come back in well under 2 s."""
 
@@ -11,7 +11,7 @@ import sys
 from engine.config import DEFAULT_CONFIG, describe_sections, load_config
 from engine.errors import CT3DError, Interrupted
 
-COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache")
+COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "cv", "sweep")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -59,6 +59,11 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
         workflow.train(cfg)  # sets up logging per rank
         return 0
     setup_logging()
+    if args.command in ("cv", "sweep"):
+        from engine import cv, sweep
+
+        {"cv": cv.cv, "sweep": sweep.sweep}[args.command](cfg)
+        return 0
     if args.shard is not None and args.command != "cache":
         raise CT3DError(f"--shard is for the cache command, not {args.command}")
     if args.command == "check":

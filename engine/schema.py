@@ -44,6 +44,7 @@ AccessMode = choice("AccessMode", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOn
 # fixed: metrics.threshold for every label; youden: max TPR - FPR; fbeta: max F-beta (both per label, on validation)
 ThresholdRule = choice("ThresholdRule", "fixed", "youden", "fbeta")
 Tta = choice("Tta", "none", "flips")
+Pruner = choice("Pruner", "none", "median")
 
 MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "169", "201"),
                   "vit3d": ("tiny", "small", "base")}
@@ -81,6 +82,8 @@ class DataConfig:
     val_fraction: float = setting(0.2, **PROBABILITY)
     split_seed: int = 0  # a patient's side depends on (patient id, split_seed) alone: new rows move no one
     stratify: bool = False  # move a few patients so each label has positives on both sides where it can
+    folds: int = setting(0, ge=0)  # K > 1: patient-wise cross-validation folds (val_fraction unused); 0: one split
+    fold: int = setting(0, ge=0)  # with folds: the fold validated on, 0..folds-1 (`cv` runs them all)
     image_root: str = ""  # relative image paths resolve here; empty: the datalist's folder
     layout: Layout = Layout.flat  # flat: <root>/<name>; ct-rate: <root>/train/train_1/train_1_a/<name>
     image_column: str = "VolumeName"  # CSV column (JSON datalists use "image")
@@ -217,6 +220,22 @@ class InferConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`sweep`: trials of Optuna over config keys; each trial is a normal run folder under
+    output.dir/<output.name>/, the study a journal file there (shared by workers on several pods)."""
+
+    # key -> {type: float|log|int, low, high} or {choices: [...]}; e.g. train.lr: {type: log, low: 1e-4, high: 1e-2}
+    space: Dict[str, Any] = setting({})
+    trials: int = setting(10, ge=1)  # trials in the study (failed ones are retried and do not count)
+    workers: int = setting(1, ge=1)  # local worker processes (on Kubernetes: k8s.sweep_workers pods)
+    metric: str = ""  # summary.json best-row key to optimise; empty: metrics.key (direction from metrics.mode)
+    pruner: Pruner = Pruner.median  # median: stop a trial whose validation is below the median of earlier ones
+    seed: int = 0
+    heartbeat_seconds: float = setting(30.0, gt=0)  # a running trial's worker touches a file this often;
+    # a trial silent for 4 heartbeats is marked failed (its worker was lost) and retried from its checkpoint
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs"
     name: str = ""  # empty: <model><variant>-<start time>
@@ -255,6 +274,7 @@ class K8sConfig:
     ttl_seconds_after_finished: int = setting(604800, ge=0)
     run_as_user: int = setting(1000, ge=1)  # pods run as this non-root user (0, root, is refused)
     master_port: int = setting(29500, ge=1, le=65535)
+    sweep_workers: int = setting(0, ge=0)  # > 0: also render a sweep Job of this many worker pods
 
 
 @dataclass
@@ -269,9 +289,12 @@ class Config:
     tracking: TrackingConfig = setting(TrackingConfig())
     metrics: MetricsConfig = setting(MetricsConfig())
     infer: InferConfig = setting(InferConfig())
+    sweep: SweepConfig = setting(SweepConfig())
     output: OutputConfig = setting(OutputConfig())
     k8s: K8sConfig = setting(K8sConfig())
     checkpoint: str = ""  # evaluate / predict / export: the checkpoint to load
+    # predict: an ensemble (probabilities averaged); give checkpoint= several times, or checkpoints=GLOB
+    checkpoints: List[str] = setting([])
     input: str = ""  # predict: a datalist, one volume, or a folder of volumes
     saliency: bool = False  # predict: also write a Grad-CAM heat map per volume (NIfTI, in the input's space)
     format: ExportFormat = ExportFormat.onnx  # export: onnx (onnxruntime and others) or torchscript

@@ -42,8 +42,9 @@ from engine.schema import Config
 log = logging.getLogger("ct3d")
 
 
-def train(cfg: Config) -> Path:
-    """Trains per `cfg`; returns the run folder."""
+def train(cfg: Config, attach=None) -> Path:
+    """Trains per `cfg`; returns the run folder. `attach(trainer, evaluator)` adds handlers of a caller's
+    own after ours (a sweep's pruning)."""
     import ignite.distributed as idist
     from ignite.engine import Events
     from monai.handlers import LrScheduleHandler
@@ -106,6 +107,8 @@ def train(cfg: Config) -> Path:
             "preprocessing": plain(cfg.preprocess), "threshold": cfg.metrics.threshold}
     checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
     checkpoints.attach(trainer, table)
+    if attach is not None:
+        attach(trainer, evaluator)
 
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
              cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")

@@ -21,6 +21,11 @@ def _check(k: K8sConfig) -> None:
     """What the schema's per-field limits cannot say (engine/config.py checks the rest at load)."""
     if len(k.name) > 52:  # Job pods are named <job>-<index>-<random>: keep them within 63
         raise CT3DError(f"config error: k8s.name: {k.name!r} is longer than 52 characters")
+    if k.sweep_workers and (k.nodes > 1 or k.gpus > 1):
+        raise CT3DError("config error: k8s.sweep_workers: each sweep worker trains its trials in one process on "
+                        "at most one GPU; set k8s.nodes=1 and k8s.gpus=1 (or 0), and more workers instead")
+    if k.sweep_workers and len(k.name) > 46:
+        raise CT3DError(f"config error: k8s.name: {k.name!r} is longer than 46 characters (the sweep Job adds -sweep)")
 
 
 def labels(k: K8sConfig, component: str = "training") -> dict:
@@ -147,6 +152,21 @@ def _job(k: K8sConfig) -> dict:
             "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k)}, "spec": spec}
 
 
+def _sweep_job(k: K8sConfig) -> dict:
+    """k8s.sweep_workers pods, each one `sweep` worker (an Indexed Job: JOB_COMPLETION_INDEX seeds its
+    sampler) on the study in the output claim; a pod that is replaced picks the study up again."""
+    job = _job(k)
+    job["metadata"].update(name=f"{k.name}-sweep", labels=labels(k, "sweep"))
+    spec = job["spec"]
+    spec.update(completionMode="Indexed", completions=k.sweep_workers, parallelism=k.sweep_workers)
+    spec["template"]["metadata"]["labels"] = labels(k, "sweep")
+    spec["podFailurePolicy"]["rules"][1]["onExitCodes"]["containerName"] = "sweep"
+    container = spec["template"]["spec"]["containers"][0]
+    container.update(name="sweep", command=["python", "-m", "engine.run", "sweep", "--config",
+                                            f"{CONFIG_DIR}/config.yaml", "sweep.workers=1"])
+    return job
+
+
 def _service(k: K8sConfig) -> dict:
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k, "rendezvous")},
@@ -156,13 +176,20 @@ def _service(k: K8sConfig) -> dict:
 
 
 def render_objects(cfg: Config) -> list[dict]:
-    """PVCs (unless existing), the ConfigMap, a headless Service for several nodes, and the Job."""
+    """PVCs (unless existing), the ConfigMap, a headless Service for several nodes, and the Job (with
+    k8s.sweep_workers, the sweep Job in its place)."""
     k = cfg.k8s
     _check(k)
+    if k.sweep_workers:
+        from engine.sweep import check_space
+
+        check_space(cfg)  # an empty or bad search space fails here, not in every pod
     objects = [_claim(k, role) for role in ("cache", "output") if not _volume(k, role).existing]
     objects.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": f"{k.name}-config", "namespace": k.namespace, "labels": labels(k, "config")},
                     "data": {"config.yaml": training_config(cfg)}})
+    if k.sweep_workers:
+        return [*objects, _sweep_job(k)]
     if k.nodes > 1:
         objects.append(_service(k))
     objects.append(_job(k))
@@ -193,6 +220,7 @@ def helm_values(cfg: Config) -> str:
         "cache": claim("cache"), "output": claim("output"), "dataClaim": k.data_claim,
         "wandbSecret": k.wandb_secret, "backoffLimit": k.backoff_limit,
         "activeDeadlineSeconds": k.active_deadline_seconds, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
-        "runAsUser": k.run_as_user, "masterPort": k.master_port, "trainingConfig": training_config(cfg),
+        "runAsUser": k.run_as_user, "masterPort": k.master_port, "sweepWorkers": k.sweep_workers,
+        "trainingConfig": training_config(cfg),
     }
     return yaml.safe_dump(values, sort_keys=False)

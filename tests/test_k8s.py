@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from engine.config import load_config
+from engine.errors import CT3DError
 from helpers import ROOT, TEXT
 from k8s.render import render, render_objects
 
@@ -37,7 +38,10 @@ def validate(text: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(tool), "--strict", "-k", KUBE_VERSION, "-"], input=text, capture_output=True, **TEXT)
 
 
-@pytest.mark.parametrize("overrides", [[], MULTI, ["k8s.gpus=4"], ["k8s.gpus=0", "k8s.cache.existing=true"]])
+SWEEP = ["k8s.sweep_workers=3", "sweep.space={train.lr: {type: log, low: 0.0001, high: 0.01}}"]
+
+
+@pytest.mark.parametrize("overrides", [[], MULTI, ["k8s.gpus=4"], ["k8s.gpus=0", "k8s.cache.existing=true"], SWEEP])
 def test_rendered_manifests_pass_strict_schema(overrides):
     proc = validate(render(load_config(ROOT / "configs" / "default.yaml", overrides)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -59,7 +63,22 @@ def assert_restricted(pod: dict) -> None:
     assert not any("hostPath" in v for v in pod["volumes"])
 
 
-@pytest.mark.parametrize("overrides", [[], MULTI])
+def test_sweep_renders_an_indexed_job_of_workers_in_place_of_training():
+    objs = objects(*SWEEP)
+    assert [o["kind"] for o in objs] == ["PersistentVolumeClaim", "PersistentVolumeClaim", "ConfigMap", "Job"]
+    job = objs[-1]
+    assert job["metadata"]["name"] == "ct3d-train-sweep"
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 3, 3)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-3:] == ["--config", "/etc/ct3d/config.yaml", "sweep.workers=1"]
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["containerName"] == container["name"]
+    with pytest.raises(CT3DError, match="sweep.space: empty"):
+        objects("k8s.sweep_workers=2")
+    with pytest.raises(CT3DError, match="k8s.sweep_workers: each sweep worker"):
+        objects(*SWEEP, "k8s.gpus=2")
+
+
+@pytest.mark.parametrize("overrides", [[], MULTI, SWEEP])
 def test_every_container_meets_restricted_pod_security(overrides):
     for pod in pods_of(objects(*overrides)):
         assert_restricted(pod)
@@ -193,7 +212,8 @@ def essentials(obj: dict) -> dict:
 
 @needs_helm
 @pytest.mark.parametrize("overrides", [[], MULTI, ["k8s.gpus=2", "k8s.output.existing=true",
-                                                   "k8s.output.name=shared-runs", "k8s.active_deadline_seconds=3600"]])
+                                                   "k8s.output.name=shared-runs", "k8s.active_deadline_seconds=3600"],
+                                       SWEEP])
 def test_chart_and_renderer_render_the_same_objects(overrides):
     namespace = load_config(ROOT / "configs" / "default.yaml", list(overrides)).k8s.namespace
     ours = sorted((essentials(o) for o in objects(*overrides)), key=lambda o: (o["kind"], o["name"]))
