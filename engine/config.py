@@ -148,8 +148,11 @@ def _ensemble_overrides(overrides: list[str]) -> list[str]:
     files, sorted per glob; one `checkpoint=` stays as it is."""
     import glob
 
+    def is_glob(o: str) -> bool:
+        return o.startswith("checkpoints=") and not o.split("=", 1)[1].startswith("[")
+
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
-    patterns = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoints=") and "[" not in o]
+    patterns = [o.split("=", 1)[1] for o in overrides if is_glob(o)]
     if len(given) < 2 and not patterns:
         return overrides
     files = list(given)
@@ -158,8 +161,7 @@ def _ensemble_overrides(overrides: list[str]) -> list[str]:
         if not found:
             raise _error("checkpoints", f"{pattern!r} matches no file")
         files += found
-    rest = [o for o in overrides if not o.startswith("checkpoint=") and not (o.startswith("checkpoints=")
-                                                                              and "[" not in o)]
+    rest = [o for o in overrides if not o.startswith("checkpoint=") and not is_glob(o)]
     return rest + ["checkpoints=[" + ",".join(repr(f) for f in files) + "]"]
 
 
