@@ -22,7 +22,9 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)))
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
-             rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),))
+             rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),),
+             in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
+#                                not what a new process costs (each costs seconds of imports)
 
 
 # ---------------------------------------------------------------- data pipeline
@@ -95,8 +97,15 @@ def peak_pss(proc: subprocess.Popen) -> int:
     return peak
 
 
-def run_child(args: dict, sample_memory: bool = False) -> dict:
-    """Runs child_pipeline in a new process; with sample_memory, adds its tree's peak PSS."""
+def run_child(args: dict, sample_memory: bool = False, in_process: bool = False) -> dict:
+    """Runs child_pipeline in a new process; with sample_memory, adds its tree's peak PSS. `in_process`
+    (the smoke run): here, with this process's PSS afterwards."""
+    if in_process:
+        import psutil
+
+        result = json.loads(json.dumps(child_pipeline(args)))
+        result["peak_pss"] = psutil.Process().memory_full_info().pss if sample_memory else 0
+        return result
     proc = subprocess.Popen([sys.executable, "-m", "bench", "--child", json.dumps(args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = peak_pss(proc) if sample_memory else 0
@@ -130,7 +139,8 @@ def bench_pipeline(cfg: dict, work: Path) -> dict:
         cache = str(work / f"cache-{workers}")
         for mode in ("tutorial", "cold", "disk", "ram"):
             epochs = 3 if mode == "tutorial" else cfg["epochs"]  # the slow baseline: 3 epochs are enough
-            times = run_child({**base, "mode": mode, "workers": workers, "cache": cache, "epochs": epochs})["times"]
+            times = run_child({**base, "mode": mode, "workers": workers, "cache": cache, "epochs": epochs},
+                              in_process=cfg.get("in_process", False))["times"]
             figures[f"{mode}_w{workers}"] = statistics.median(times)
     figures["memcpy_floor"] = memcpy_floor(cfg["volumes"], cfg["target"])
     return figures
@@ -207,9 +217,10 @@ def bench_memory(cfg: dict, work: Path) -> dict:
     items = make_sources(work / "sources", cfg["volumes"], cfg["source"])
     base = {"items": items, "target": list(cfg["source"]), "epochs": 2, "workers": 2, "mode": "memory",
             "cache": str(work / "cache-memory")}
-    run_child({**base, "rate": 0.0})  # fill the disk cache first, so both runs below do the same work
-    without = run_child({**base, "rate": 0.0}, sample_memory=True)
-    with_cache = run_child({**base, "rate": 1.0}, sample_memory=True)
+    here = cfg.get("in_process", False)
+    run_child({**base, "rate": 0.0}, in_process=here)  # fill the disk cache first, so both runs below do the same work
+    without = run_child({**base, "rate": 0.0}, sample_memory=True, in_process=here)
+    with_cache = run_child({**base, "rate": 1.0}, sample_memory=True, in_process=here)
     return {"baseline_pss": without["peak_pss"], "cached_pss": with_cache["peak_pss"],
             "cache_bytes": with_cache["cache_bytes"]}
 

@@ -126,6 +126,10 @@ def claim(study, storage, cfg: Config):
             reap_lost(study, storage, cfg)
             trials = study.get_trials(deepcopy=False)
             counted = [t for t in trials if t.state != TrialState.FAIL]
+            failed = [t for t in trials if t.state == TrialState.FAIL]
+            if len(failed) > cfg.sweep.trials:  # every trial fails: a data or config error, not bad luck
+                raise CT3DError(f"sweep {study_folder(cfg)}: {len(failed)} trials failed (more than sweep.trials="
+                                f"{cfg.sweep.trials}); the last: {failed[-1].user_attrs.get('failure', '?')}")
             if len(counted) < cfg.sweep.trials or any(t.state == TrialState.WAITING for t in trials):
                 return study.ask()
             running = any(t.state == TrialState.RUNNING for t in trials)
