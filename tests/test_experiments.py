@@ -160,3 +160,17 @@ def test_pruned_trial_stops_training_and_records_why(tmp_path, tiny_demo):
     assert [step for step, _ in trial.reported] == [1]  # stopped after the first validation
     assert trial.attrs["pruned"].startswith("pruned at epoch 1: val_loss")
     assert json.loads((folder / "summary.json").read_text())["final"]["epoch"] == 1
+
+
+def test_ensemble_members_must_share_labels_and_preprocessing(cv_run, tiny_demo, tmp_path):
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.inference import predict
+
+    folds, _, _, _ = cv_run
+    a = folds / "fold0" / "checkpoints" / "best.pt"
+    other = load_checkpoint(a)
+    other["preprocessing"] = {**other["preprocessing"], "spatial_size": [48, 48, 48]}
+    save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(CT3DError, match=r"ensemble: .*other.pt has other preprocessing than .*fold0"):
+        predict(load_config(None, [f"checkpoint={a}", f"checkpoint={tmp_path / 'other.pt'}", f"input={tiny_demo}",
+                                   f"output.dir={tmp_path}"], command="predict"))
