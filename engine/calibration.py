@@ -4,8 +4,6 @@ have none of these for classification."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -33,11 +31,18 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, task: str, steps: int = 100) -> list[float]:
     """Temperatures T minimising the validation negative log-likelihood of logits / T: one per label
-    (sigmoid outputs), one for all classes (softmax). A label with one class in the data keeps T = 1."""
+    (sigmoid outputs), one for all classes (softmax). A label with one class in the data, or whose classes
+    the logits separate perfectly (the likelihood then grows without bound as T falls), keeps T = 1."""
     logits, labels = logits.float().detach(), labels.float()
     shared = task == "multiclass"
     log_t = torch.zeros(1 if shared else logits.shape[1], requires_grad=True)
-    both = torch.ones(logits.shape[1], dtype=torch.bool) if shared else (labels.min(0).values != labels.max(0).values)
+    if shared:
+        top = logits.argmax(1) == labels.argmax(1)
+        both = torch.full((logits.shape[1],), not bool(top.all()))
+    else:
+        highest_negative = torch.where(labels == 0, logits, torch.full_like(logits, -torch.inf)).max(0).values
+        lowest_positive = torch.where(labels == 1, logits, torch.full_like(logits, torch.inf)).min(0).values
+        both = (labels.min(0).values != labels.max(0).values) & (highest_negative >= lowest_positive)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def nll() -> torch.Tensor:
@@ -53,8 +58,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, task: str, steps
     if both.any():
         optimizer.step(nll)
     temperature = log_t.detach().exp().clamp(0.05, 20.0)
+    if not torch.isfinite(temperature).all():
+        temperature = torch.ones_like(temperature)
     if not shared:
         temperature[~both] = 1.0
+    elif not both.any():
+        temperature[:] = 1.0
     return [float(t) for t in temperature]
 
 
@@ -95,6 +104,3 @@ def tune_thresholds(probs: torch.Tensor, labels: torch.Tensor, rule: str, beta: 
         out.append(float(thresholds[int(torch.argmax(scores))]))
     return out
 
-
-def is_finite(values: list[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

@@ -32,6 +32,35 @@ def fold_config(cfg: Config, k: int) -> Config:
     return fold
 
 
+def same_settings(run: Path, cfg: Config) -> None:
+    """A fold folder from an earlier `cv` must have been made with these settings (output and resume aside),
+    or skipping or resuming it would mix models trained differently into one cross-validation."""
+    import yaml
+
+    from engine.config import to_yaml
+
+    def flat(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    compared = ("data.", "preprocess.", "model.", "train.", "augment.", "loader.batch_size", "metrics.key",
+                "metrics.mode", "metrics.threshold", "metrics.beta", "metrics.calibrate")
+    ignored = ("data.fold", "data.demo.dir", "train.resume", "train.threads", "train.log_every", "train.device",
+               "train.checkpoint_minutes", "train.dist_timeout_minutes")
+    then = flat(yaml.safe_load((run / "config.yaml").read_text()))
+    now = flat(yaml.safe_load(to_yaml(cfg)))
+    differ = [k for k in sorted(set(then) | set(now))
+              if k.startswith(compared) and k not in ignored and then.get(k) != now.get(k)]
+    if differ:
+        raise CT3DError(f"cv: {run} was trained with other settings ({', '.join(differ[:8])}"
+                        f"{' ...' if len(differ) > 8 else ''}); give another output.name for a new cross-validation")
+
+
 def finished(run: Path) -> bool:
     return (run / "summary.json").is_file() and (run / "checkpoints" / "final.pt").is_file()
 
@@ -45,6 +74,8 @@ def cv(cfg: Config) -> Path:
     folder = Path(cfg.output.dir) / cv_name(cfg)
     for k in range(cfg.data.folds):
         run = folder / f"fold{k}"
+        if (run / "config.yaml").is_file():
+            same_settings(run, fold_config(cfg, k))
         if finished(run):
             log.info("fold %d/%d: finished earlier (%s), skipped", k + 1, cfg.data.folds, run)
             continue
@@ -166,7 +197,9 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head>
 <body><h1>ct3d cross-validation {html.escape(folder.name)}: {len(summary['folds'])} folds</h1>
 <p>Each fold validates a disjoint set of patients; pooled rows put every fold's best-epoch validation outputs
 together (out-of-fold: each of the {pooled['patients']} patients scored once, by the model that did not train on
-it). Intervals: 95% patient-level bootstrap. Macro AUC across folds: mean {_fmt(summary['auc_macro_mean'])},
+it). Intervals: 95% patient-level bootstrap. Pooled F-beta is decided at each fold's thresholds, and those
+(with metrics.threshold_rule other than fixed) were tuned on that fold's validation: optimistic, as AUC is not.
+Macro AUC across folds: mean {_fmt(summary['auc_macro_mean'])},
 standard deviation {_fmt(summary['auc_macro_sd'])}. Each fold's report is in its folder.</p>
 <table><tr><th></th><th>validation volumes</th><th>best epoch</th><th>macro AUC</th><th>95% interval</th>
 <th>macro F-beta</th><th>95% interval</th></tr>{rows}</table>

@@ -34,6 +34,8 @@ from engine.schema import PreprocessConfig
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 PREPROCESSING_VERSION = 2  # bump when preprocessing_transform changes what it computes
 SOURCE = "source"  # cache entries record the path, size and mtime they were built from
+# What checkpoints written before a preprocessing setting existed ran with (they lack the key).
+LEGACY_PREPROCESSING = {"anti_aliasing": False}
 RESCALE, PIXDIM = "rescale", "pixdim"  # per-volume metadata (data.metadata): [slope, intercept], [x, y, z] mm
 
 

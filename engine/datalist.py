@@ -257,7 +257,11 @@ def fold_of(items: list[dict], groups: dict[str, list[int]], draw: dict[str, flo
     label's positives so far (in draw order), then the rest by draw: every fold gets positives of every
     label with at least `folds` positive patients, at the cost of stability when rows are added."""
     if not stratify:
-        return {patient: min(int(draw[patient] * folds), folds - 1) for patient in groups}
+        assigned = {patient: min(int(draw[patient] * folds), folds - 1) for patient in groups}
+        if len(set(assigned.values())) == folds:
+            return assigned
+        ranked = sorted(groups, key=draw.__getitem__)  # a fold drew no patient: deal them out evenly by draw
+        return {patient: i * folds // len(ranked) for i, patient in enumerate(ranked)}
     n_labels = len(items[0][LABEL])
     positive = [[p for p in sorted(groups, key=draw.__getitem__) if any(items[i][LABEL][j] for i in groups[p])]
                 for j in range(n_labels)]

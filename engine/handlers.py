@@ -76,8 +76,8 @@ class ValidationMetrics:
         from engine.calibration import apply_temperature, expected_calibration_error, fit_temperature, tune_thresholds
 
         logits, labels = self.outputs()
-        if self.fit and self.calibrate:
-            self.temperature = fit_temperature(logits, labels, self.task)
+        if self.fit:  # a temperature restored from a checkpoint goes when calibration is off now
+            self.temperature = fit_temperature(logits, labels, self.task) if self.calibrate else None
         probs = probabilities(apply_temperature(logits, self.temperature), self.task)
         if self.fit:
             self.thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)

@@ -57,7 +57,10 @@ def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module
 
 
 def checkpoint_preprocessing(state: dict) -> PreprocessConfig:
-    return restore(PreprocessConfig, state["preprocessing"])
+    """The preprocessing a checkpoint was trained with (settings newer than it: as they were before)."""
+    from engine.data import LEGACY_PREPROCESSING
+
+    return restore(PreprocessConfig, {**LEGACY_PREPROCESSING, **state["preprocessing"]})
 
 
 def decision_settings(state: dict) -> tuple[list[float], list[float] | None]:

@@ -221,9 +221,11 @@ def check_same_run(checkpoint: Path, folder: Path, cfg: Config, data: Splits) ->
         found.append(f"labels: the checkpoint has {state['labels']}, the data {data.labels}")
     if state["task"] != str(cfg.data.task):
         found.append(f"data.task: the checkpoint has {state['task']}, the config {cfg.data.task}")
-    now = plain(cfg.preprocess)
-    found += [f"preprocess.{k}: the checkpoint has {state['preprocessing'].get(k)!r}, the config {now[k]!r}"
-              for k in now if state["preprocessing"].get(k) != now[k]]
+    from engine.data import LEGACY_PREPROCESSING
+
+    now, then = plain(cfg.preprocess), {**LEGACY_PREPROCESSING, **state["preprocessing"]}
+    found += [f"preprocess.{k}: the checkpoint has {then.get(k)!r}, the config {now[k]!r}"
+              for k in now if then.get(k) != now[k]]
     if (folder / SPLIT_FILE).is_file():
         found += split_differences(read_split(folder / SPLIT_FILE), split_rows(data, cfg.data.patient_pattern))
     if found:

@@ -85,7 +85,8 @@ def run_statistics(probs: torch.Tensor, labels: torch.Tensor, patients: list[str
     single = [n for j, n in enumerate(names) if labels.shape[0] and labels[:, j].min() == labels[:, j].max()]
     out = {
         "thresholds": dict(zip(names, thresholds)),
-        "temperature": dict(zip(names, temperature)) if temperature else None,
+        "temperature": (dict(zip(names, temperature)) if len(temperature) == len(names) else
+                        dict.fromkeys(names, temperature[0])) if temperature else None,  # multiclass: one shared
         "calibration": {"bins": metrics.calibration_bins, "ece_macro": sum(ece) / len(ece),
                         "ece": dict(zip(names, ece))},
         "auc_macro_labels": len(names) - len(single), "auc_left_out": single,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CT3DError
+from engine.errors import CT3DError, Interrupted
 from engine.schema import Config
 
 log = logging.getLogger("ct3d")
@@ -31,9 +31,17 @@ def study_folder(cfg: Config) -> Path:
     return Path(cfg.output.dir) / (cfg.output.name or "sweep")
 
 
+LOWER_IS_BETTER = ("val_loss", "ece_macro")
+METRICS = ("auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall", "specificity", "accuracy",
+           *LOWER_IS_BETTER)  # and auc/<label>, fbeta/<label>
+
+
 def metric_and_direction(cfg: Config) -> tuple[str, str]:
     metric = cfg.sweep.metric or str(cfg.metrics.key)
-    lower = metric == "val_loss" or (metric == str(cfg.metrics.key) and cfg.metrics.mode == "min")
+    if metric not in METRICS and not metric.startswith(("auc/", "fbeta/")):
+        raise CT3DError(f"config error: sweep.metric: {metric!r} is not a validation metric ({', '.join(METRICS)}, "
+                        f"auc/<label>, fbeta/<label>)")
+    lower = metric in LOWER_IS_BETTER or (metric == str(cfg.metrics.key) and cfg.metrics.mode == "min")
     return metric, "minimize" if lower else "maximize"
 
 
@@ -41,6 +49,7 @@ def check_space(cfg: Config) -> dict[str, dict]:
     """sweep.space as {key: spec}, each key a config setting and each spec a range or choices."""
     from engine.config import with_overrides
 
+    metric_and_direction(cfg)  # a bad metric name stops here, before any trial
     space = dict(cfg.sweep.space)
     if not space:
         raise CT3DError("config error: sweep.space: empty; e.g. sweep.space={train.lr: {type: log, low: 1e-4, "
@@ -104,7 +113,9 @@ def reap_lost(study, storage, cfg: Config) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         run = Path(cfg.output.dir) / t.user_attrs.get("run", "")
         beat = _heartbeat(run)
-        last = beat.stat().st_mtime if "run" in t.user_attrs and beat.is_file() else t.datetime_start.timestamp()
+        last = t.datetime_start.timestamp()  # a retry's folder holds the lost worker's old heartbeat
+        if "run" in t.user_attrs and beat.is_file():
+            last = max(last, beat.stat().st_mtime)
         if time.time() - last > silent:
             reason = f"worker lost: no heartbeat for {time.time() - last:.0f} s (more than {silent:g} s)"
             storage.set_trial_user_attr(t._trial_id, "failure", reason)
@@ -126,7 +137,8 @@ def claim(study, storage, cfg: Config):
             reap_lost(study, storage, cfg)
             trials = study.get_trials(deepcopy=False)
             counted = [t for t in trials if t.state != TrialState.FAIL]
-            failed = [t for t in trials if t.state == TrialState.FAIL]
+            failed = [t for t in trials if t.state == TrialState.FAIL  # lost workers' trials are retried
+                      and not t.user_attrs.get("failure", "").startswith("worker lost")]
             if len(failed) > cfg.sweep.trials:  # every trial fails: a data or config error, not bad luck
                 raise CT3DError(f"sweep {study_folder(cfg)}: {len(failed)} trials failed (more than sweep.trials="
                                 f"{cfg.sweep.trials}); the last: {failed[-1].user_attrs.get('failure', '?')}")
@@ -151,7 +163,10 @@ class Beat:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(f"{os.getpid()}\n")  # which process runs the trial
         while not self._stop.wait(self.seconds):
-            self.path.touch()
+            try:
+                self.path.touch()
+            except OSError as exc:  # a shared filesystem's hiccup must not end the heartbeat
+                log.warning("sweep: heartbeat %s: %s", self.path, exc)
 
     def __enter__(self):
         self._thread.start()
@@ -169,10 +184,17 @@ def pruning(trial, metric: str, reason: dict):
 
     def attach(trainer, evaluator) -> None:
         def report(engine) -> None:
+            from optuna.exceptions import UpdateFinishedTrialError
+
             value = engine.state.metrics.get(metric)
             if value is None or math.isnan(value):
                 return
-            trial.report(value, step=trainer.state.epoch)
+            try:
+                trial.report(value, step=trainer.state.epoch)
+            except UpdateFinishedTrialError:  # marked lost (a silent heartbeat) and retried elsewhere: stop
+                reason["text"] = "taken over: the trial was marked failed and retried by another worker"
+                trainer.terminate()
+                return
             if trial.should_prune():
                 reason["text"] = (f"pruned at epoch {trainer.state.epoch}: {metric} {value:.4f} is worse than the "
                                   f"median of earlier trials at that epoch")
@@ -194,33 +216,34 @@ def run_trial(study, trial, cfg: Config, space: dict[str, dict]) -> None:
     from engine.workflow import train
 
     params = suggest(trial, space)
+    retry = "retry_of" in trial.user_attrs
     run = trial.user_attrs.get("run") or f"{study_folder(cfg).name}/trial{trial.number:03d}"
     trial.set_user_attr("run", run)
     metric = metric_and_direction(cfg)[0]
-    trial_cfg = with_overrides(cfg, {**params, "output.name": run}, f"sweep trial {trial.number}")
+    # only a retry resumes its folder's checkpoint; a new trial never continues a stale folder's run
+    trial_cfg = with_overrides(cfg, {**params, "output.name": run, "train.resume": "auto" if retry else "off"},
+                               f"sweep trial {trial.number}")
     log.info("sweep: trial %d in %s: %s", trial.number, run, ", ".join(f"{k}={v}" for k, v in params.items()))
     reason: dict = {}
     try:
         with Beat(_heartbeat(Path(cfg.output.dir) / run), cfg.sweep.heartbeat_seconds):
             folder = train(trial_cfg, attach=pruning(trial, metric, reason))
-    except CT3DError as exc:
-        trial.set_user_attr("failure", str(exc))
-        study.tell(trial, state=TrialState.FAIL)
+    except Interrupted:  # SIGTERM (a pod preempted): the trial stays running; its heartbeat stops and a
+        raise  # worker retries it from the checkpoint just written
+    except Exception as exc:  # noqa: BLE001 - any error (a CUDA OOM, a bad volume) fails this trial, not the study
+        trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}" if not isinstance(exc, CT3DError) else str(exc))
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         log.warning("sweep: trial %d failed: %s", trial.number, exc)
         return
     if reason:
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         return
-    best = json.loads((folder / "summary.json").read_text())["best"]
-    if metric not in best:
-        raise CT3DError(f"config error: sweep.metric: {metric!r} is not a validation metric "
-                        f"(one of {', '.join(k for k in best if k not in ('epoch', 'iteration'))})")
-    value = best[metric]
+    value = json.loads((folder / "summary.json").read_text())["best"].get(metric)
     if value is None or math.isnan(value):
         trial.set_user_attr("failure", f"{metric} was never a number (a label with one class only?)")
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         return
-    study.tell(trial, value)
+    study.tell(trial, value, skip_if_finished=True)
 
 
 def work(cfg: Config, worker: int) -> None:

@@ -62,3 +62,11 @@ def test_tuned_thresholds_reach_at_least_the_fixed_thresholds_score(rule):
             return tpr + tnr - 1
         assert (j(tuned) >= j(0.5) - 1e-9).all()
     assert tune_thresholds(probs, labels, "fixed", fixed=0.3) == [0.3] * 3
+
+
+def test_perfectly_separated_label_keeps_temperature_one():
+    """With no overlap the likelihood grows without bound as T falls: no temperature is fitted there."""
+    logits = torch.tensor([[2.0, 2.0], [1.0, -1.0], [-1.0, 1.0], [-3.0, -2.0]])
+    labels = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # label 0 separable, label 1 not
+    temperature = fit_temperature(logits, labels, "multilabel")
+    assert temperature[0] == 1.0 and temperature[1] != 1.0

@@ -174,3 +174,30 @@ def test_ensemble_members_must_share_labels_and_preprocessing(cv_run, tiny_demo,
     with pytest.raises(CT3DError, match=r"ensemble: .*other.pt has other preprocessing than .*fold0"):
         predict(load_config(None, [f"checkpoint={a}", f"checkpoint={tmp_path / 'other.pt'}", f"input={tiny_demo}",
                                    f"output.dir={tmp_path}"], command="predict"))
+
+
+def test_no_fold_is_empty_even_when_few_patients_draw_unevenly(tmp_path):
+    from engine.datalist import split
+
+    items = [{"image": str(i), "name": str(i), "label": [float(i % 2)]} for i in range(5)]
+    sides = [split(items, 0.2, seed=s, folds=5, fold=k)[1] for s in range(20) for k in range(5)]
+    assert all(len(val) == 1 for val in sides)  # five patients, five folds: one each, whatever the draw
+
+
+def test_cv_refuses_fold_folders_made_with_other_settings(cv_run):
+    from engine.cv import cv
+
+    _, overrides, _, _ = cv_run
+    with pytest.raises(CT3DError, match=r"cv: .*fold0 was trained with other settings \(model.widen_factor\)"):
+        cv(load_config(None, [*overrides, "model.widen_factor=0.5"]))
+    with pytest.raises(CT3DError, match="checkpoints: an ensemble of 2 checkpoints is for predict"):
+        load_config(None, [*overrides, "checkpoint=a.pt", "checkpoint=b.pt"], command="evaluate")
+
+
+def test_checkpoints_from_before_anti_aliasing_predict_without_it():
+    from engine.inference import checkpoint_preprocessing
+
+    saved = {"preprocessing": {"orientation": "RAS", "spacing": None, "hu_window": [-1000.0, 1000.0],
+                               "scale_range": [-1.0, 1.0], "spatial_size": [32, 32, 32], "resize": "resize",
+                               "dtype": "float16"}}
+    assert checkpoint_preprocessing(saved).anti_aliasing is False
