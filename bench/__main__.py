@@ -19,10 +19,13 @@ sys.path.insert(0, str(ROOT))
 FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, train_volumes=64, train_size=64,
             engine_epochs=5, engine_repeats=3, startup_runs=5, rank_volumes=64, rank_size=128,
             rank_runs=(0.0, 1.0, 0.0),  # the first run fills the disk cache: not measured
-            augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)))
+            augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)),
+            data_path_shape=(128, 256, 256), data_path_volumes=32, matmul_size=2048, roofline_size=64,
+            roofline_steps=3)
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),),
+             data_path_shape=(16, 32, 32), data_path_volumes=8, matmul_size=256, roofline_size=16, roofline_steps=1,
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
 
@@ -142,15 +145,20 @@ def bench_pipeline(cfg: dict, work: Path) -> dict:
             times = run_child({**base, "mode": mode, "workers": workers, "cache": cache, "epochs": epochs},
                               in_process=cfg.get("in_process", False))["times"]
             figures[f"{mode}_w{workers}"] = statistics.median(times)
+            figures[f"{mode}_w{workers}_all"] = list(times)
     figures["memcpy_floor"] = memcpy_floor(cfg["volumes"], cfg["target"])
     return figures
 
 
 # ---------------------------------------------------------------- engine overhead
-def hand_loop_epochs(dataset, model_config, outputs: int, size, pos_weight, lr, epochs: int) -> list[float]:
-    """The loop people write by hand: same model, data, batch size, optimizer and loss."""
+def hand_loop_epochs(dataset, val_dataset, names, model_config, outputs: int, size, pos_weight, lr, epochs: int,
+                     folder: Path) -> list[float]:
+    """The loop people write by hand, doing the engine's work: same model, data, batch size, optimizer and
+    loss; each epoch validates, computes the same metrics and writes the same checkpoint (atomically)."""
     import torch
 
+    from engine.checkpoint import save_checkpoint
+    from engine.metrics import classification_metrics
     from engine.models import create_model
 
     torch.manual_seed(0)
@@ -169,6 +177,16 @@ def hand_loop_epochs(dataset, model_config, outputs: int, size, pos_weight, lr, 
             loss = loss_fn(model(batch["image"].float()), batch["label"].float())
             loss.backward()
             optimizer.step()
+        model.eval()
+        logits, labels = [], []
+        with torch.no_grad():
+            for batch in torch.utils.data.DataLoader(val_dataset, batch_size=8):
+                logits.append(model(batch["image"].float()))
+                labels.append(batch["label"].float())
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        classification_metrics(torch.sigmoid(logits), labels, names, "multilabel")
+        float(loss_fn(logits, labels))
+        save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
         times.append(time.perf_counter() - start)
     return times[1:]  # the first epoch warms allocators, as the engine's first epoch is excluded too
 
@@ -186,30 +204,35 @@ def bench_engine(cfg: dict, work: Path) -> dict:
         f"data.demo.dir={work / 'engine-demo'}", f"data.demo.num_volumes={cfg['train_volumes']}",
         f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
         f"cache.dir={work / 'engine-cache'}", f"output.dir={work / 'engine-runs'}", "train.resume=off",
-        f"train.epochs={cfg['engine_epochs']}", f"train.val_every={cfg['engine_epochs']}", "data.val_fraction=0.1",
+        f"train.epochs={cfg['engine_epochs']}", "train.val_every=1", "data.val_fraction=0.1", "metrics.bootstrap=0",
         "augment.enabled=false", "loader.batch_size=8", "model.widen_factor=0.5",
     ]
     config = load_config(ROOT / "configs" / "default.yaml", overrides)
-    train_items, _, labels = load_splits(config.data)
+    train_items, val_items, labels = load_splits(config.data)
     dataset = build_dataset(train_items, config.preprocess, config.cache.dir, 1.0, 2)
+    val_dataset = build_dataset(val_items, config.preprocess, config.cache.dir, 1.0, 2)
     pos_weight = make_loss(config.train, "multilabel", label_frequencies(train_items)).pos_weight.tolist()
     ours, bare, hand = [], [], []  # per-run medians; runs alternate so slow drifts hit all three alike
 
     def engine_run(name: str, *extra: str) -> float:
         folder = train(load_config(ROOT / "configs" / "default.yaml", [*overrides, f"output.name={name}", *extra]))
         seconds = json.loads((folder / "summary.json").read_text())["epoch_seconds"]
-        return statistics.median(seconds[1:-1])  # without the first (warm-up) and the validated last epoch
+        return statistics.median(seconds[1:])  # every epoch validates and checkpoints; the first warms up
 
     for repeat in range(cfg["engine_repeats"]):
         ours.append(engine_run(f"r{repeat}"))
-        hand.append(statistics.median(hand_loop_epochs(dataset, config.model, len(labels),
+        hand_dir = work / f"hand{repeat}"
+        hand_dir.mkdir(exist_ok=True)
+        hand.append(statistics.median(hand_loop_epochs(dataset, val_dataset, labels, config.model, len(labels),
                                                        config.preprocess.spatial_size, pos_weight, config.train.lr,
-                                                       cfg["engine_epochs"])))
+                                                       cfg["engine_epochs"], hand_dir)))
         bare.append(engine_run(f"bare{repeat}", "tracking.wandb.mode=disabled"))
-    ratio = statistics.median(o / h for o, h in zip(ours, hand))
-    ratio_bare = statistics.median(b / h for b, h in zip(bare, hand))
+    ratios = [o / h for o, h in zip(ours, hand)]
+    ratios_bare = [b / h for b, h in zip(bare, hand)]
     return {"engine_epoch": statistics.median(ours), "engine_epoch_no_wandb": statistics.median(bare),
-            "hand_epoch": statistics.median(hand), "engine_ratio": ratio, "engine_ratio_no_wandb": ratio_bare}
+            "hand_epoch": statistics.median(hand), "engine_ratio": statistics.median(ratios),
+            "engine_ratio_all": ratios, "engine_ratio_no_wandb": statistics.median(ratios_bare),
+            "engine_ratio_no_wandb_all": ratios_bare}
 
 
 # ---------------------------------------------------------------- memory
@@ -248,16 +271,103 @@ def bench_ranks(cfg: dict, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------- start-up
-def bench_startup(cfg: dict) -> dict:
-    def timed(*args: str) -> float:
-        times = []
-        for _ in range(cfg["startup_runs"]):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "engine.run", *args], cwd=ROOT, capture_output=True, timeout=120)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+def timed_command(args: list[str], expect_code: int, expect_text: str, runs: int) -> tuple[float, bool]:
+    """Median seconds of `args` over `runs`, and whether every run exited with `expect_code` and printed
+    `expect_text` (a command that crashes at once must not pass a start-up row)."""
+    times, ok = [], True
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        times.append(time.perf_counter() - start)
+        ok = ok and proc.returncode == expect_code and expect_text in proc.stdout + proc.stderr
+    return statistics.median(times), ok
 
-    return {"help_seconds": timed("--help"), "config_error_seconds": timed("model.name=nope")}
+
+def bench_startup(cfg: dict) -> dict:
+    engine = [sys.executable, "-m", "engine.run"]
+    help_s, help_ok = timed_command([*engine, "--help"], 0, "usage:", cfg["startup_runs"])
+    error_s, error_ok = timed_command([*engine, "model.name=nope"], 2, "model.name", cfg["startup_runs"])
+    return {"help_seconds": help_s, "help_ok": help_ok, "config_error_seconds": error_s, "config_error_ok": error_ok}
+
+
+# ---------------------------------------------------------------- data path and roofline
+def bench_data_path(cfg: dict, work: Path) -> dict:
+    """Samples/s reading CT-RATE-shaped cache entries (128x256x256 float16, as the disk cache stores them)
+    through a DataLoader with 0 and 2 workers, against `cat` of the same files (the raw read floor), from a
+    warm page cache."""
+    import torch
+
+    folder = work / "data-path"
+    folder.mkdir()
+    shape, n = cfg["data_path_shape"], cfg["data_path_volumes"]
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i:03d}.pt")
+        torch.save({"image": torch.randn(1, *shape).to(torch.float16)}, paths[-1])
+
+    class Entries(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return torch.load(paths[i], weights_only=True)["image"]
+
+    figures = {}
+    for workers in (0, 2):
+        times = []
+        for _ in range(3):
+            loader = torch.utils.data.DataLoader(Entries(), batch_size=4, num_workers=workers)
+            start = time.perf_counter()
+            for _batch in loader:
+                pass
+            times.append(time.perf_counter() - start)
+        figures[f"data_path_w{workers}_samples_per_s"] = n / statistics.median(times)
+    figures["data_path_shape"] = "x".join(map(str, shape))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - start)
+    figures["data_path_cat_samples_per_s"] = n / statistics.median(times)
+    return figures
+
+
+def bench_roofline(cfg: dict) -> dict:
+    """The training step's achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) against a large fp32
+    matmul's on this machine: how much of the CPU's arithmetic the 3D network's step turns into work."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.models import create_model
+    from engine.schema import ModelConfig
+
+    n = cfg["matmul_size"]
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    matmul = 3 * 2 * n**3 / (time.perf_counter() - start) / 1e9
+    size = cfg["roofline_size"]
+    model = create_model(ModelConfig(variant="18"), 18, [size] * 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    x, y = torch.randn(4, 1, size, size, size), torch.rand(4, 18).round()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    times = []
+    for _ in range(cfg["roofline_steps"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"matmul_gflops": matmul, "step_gflops": counter.get_total_flops() / statistics.median(times) / 1e9,
+            "roofline_size": size, "matmul_size": n}
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ct3d-bench-") as tmp:
         work = Path(tmp)
         figures = {**bench_pipeline(cfg, work), **bench_engine(cfg, work), **bench_memory(cfg, work),
-                   **bench_ranks(cfg, work), **augment_figures(cfg), **bench_startup(cfg)}
+                   **bench_ranks(cfg, work), **augment_figures(cfg), **bench_data_path(cfg, work),
+                   **bench_roofline(cfg), **bench_startup(cfg)}
     from bench.report import markdown
 
     text = markdown(figures, cfg, args.smoke, time.time() - start)
