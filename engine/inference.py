@@ -19,6 +19,7 @@ from engine.build import (
     make_loss,
     resolve_amp,
     resolve_device,
+    to_device,
 )
 from engine.checkpoint import load_checkpoint
 from engine.config import restore
@@ -53,7 +54,7 @@ def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module
     model = create_model(restore(ModelConfig, state["model_config"]), len(state["labels"]),
                          state["preprocessing"]["spatial_size"])
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+    return to_device(model, device).eval(), state
 
 
 def checkpoint_preprocessing(state: dict) -> PreprocessConfig:
