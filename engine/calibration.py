@@ -29,42 +29,27 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return (gaps * counts).sum(dim=1).div(counts.sum(dim=1).clamp(min=1)).tolist()
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, task: str, steps: int = 100) -> list[float]:
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, task: str, points: int = 400) -> list[float]:
     """Temperatures T minimising the validation negative log-likelihood of logits / T: one per label
-    (sigmoid outputs), one for all classes (softmax). A label with one class in the data, or whose classes
-    the logits separate perfectly (the likelihood then grows without bound as T falls), keeps T = 1."""
+    (sigmoid outputs), one for all classes (softmax). The likelihood is convex in 1/T, so a fine log-spaced
+    grid over T in [0.05, 20] finds the minimum without a line search that can run off to infinity. A label
+    with one class in the data, or whose classes the logits separate perfectly (the likelihood then grows
+    without bound as T falls), keeps T = 1."""
     logits, labels = logits.float().detach(), labels.float()
-    shared = task == "multiclass"
-    log_t = torch.zeros(1 if shared else logits.shape[1], requires_grad=True)
-    if shared:
-        top = logits.argmax(1) == labels.argmax(1)
-        both = torch.full((logits.shape[1],), not bool(top.all()))
-    else:
-        highest_negative = torch.where(labels == 0, logits, torch.full_like(logits, -torch.inf)).max(0).values
-        lowest_positive = torch.where(labels == 1, logits, torch.full_like(logits, torch.inf)).min(0).values
-        both = (labels.min(0).values != labels.max(0).values) & (highest_negative >= lowest_positive)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def nll() -> torch.Tensor:
-        optimizer.zero_grad()
-        scaled = logits / log_t.exp()
-        if shared:
-            loss = torch.nn.functional.cross_entropy(scaled, labels.argmax(1))
-        else:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(scaled[:, both], labels[:, both])
-        loss.backward()
-        return loss
-
-    if both.any():
-        optimizer.step(nll)
-    temperature = log_t.detach().exp().clamp(0.05, 20.0)
-    if not torch.isfinite(temperature).all():
-        temperature = torch.ones_like(temperature)
-    if not shared:
-        temperature[~both] = 1.0
-    elif not both.any():
-        temperature[:] = 1.0
-    return [float(t) for t in temperature]
+    grid = torch.logspace(torch.log10(torch.tensor(0.05)), torch.log10(torch.tensor(20.0)), points)
+    if task == "multiclass":
+        if bool((logits.argmax(1) == labels.argmax(1)).all()):
+            return [1.0]
+        target = labels.argmax(1)
+        nll = torch.stack([torch.nn.functional.cross_entropy(logits / t, target) for t in grid])
+        return [float(grid[int(torch.argmin(nll))])]
+    highest_negative = torch.where(labels == 0, logits, torch.full_like(logits, -torch.inf)).max(0).values
+    lowest_positive = torch.where(labels == 1, logits, torch.full_like(logits, torch.inf)).min(0).values
+    fit = (labels.min(0).values != labels.max(0).values) & (highest_negative >= lowest_positive)
+    nll = torch.stack([torch.nn.functional.binary_cross_entropy_with_logits(logits / t, labels, reduction="none")
+                       .mean(0) for t in grid])  # (points, C)
+    best = grid[torch.argmin(nll, dim=0)]
+    return [float(t) if ok else 1.0 for t, ok in zip(best, fit)]
 
 
 def apply_temperature(logits: torch.Tensor, temperature: list[float] | None) -> torch.Tensor:
