@@ -15,6 +15,7 @@ import torch
 
 from engine.errors import CT3DError
 from engine.io import atomic_write, write_json, write_text
+from engine.report import format_value as fmt
 from engine.schema import Config
 
 log = logging.getLogger("ct3d")
@@ -83,8 +84,8 @@ def cv(cfg: Config) -> Path:
         train(fold_config(cfg, k))
     summary = cv_summary(folder, cfg)
     print(f"\nct3d cv {folder}: {cfg.data.folds} folds; pooled out-of-fold macro AUC "
-          f"{_fmt(summary['pooled']['metrics']['auc_macro'])} {_interval(summary['pooled'], 'auc_macro')}, "
-          f"per fold {', '.join(_fmt(f['auc_macro']) for f in summary['folds'])}\n-> {folder / 'cv_summary.json'}, "
+          f"{fmt(summary['pooled']['metrics']['auc_macro'])} {_interval(summary['pooled'], 'auc_macro')}, "
+          f"per fold {', '.join(fmt(f['auc_macro']) for f in summary['folds'])}\n-> {folder / 'cv_summary.json'}, "
           f"{folder / 'cv_report.html'}")
     return folder
 
@@ -146,13 +147,9 @@ def cv_summary(folder: Path, cfg: Config) -> dict:
     return summary
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-
 def _interval(pooled: dict, key: str) -> str:
     low, high = pooled.get("bootstrap", {}).get("intervals", {}).get(key) or (None, None)
-    return f"[{_fmt(low)}, {_fmt(high)}]" if low is not None else ""
+    return f"[{fmt(low)}, {fmt(high)}]" if low is not None else ""
 
 
 def cv_report(folder: Path, summary: dict, probs: torch.Tensor, labels: torch.Tensor) -> str:
@@ -177,18 +174,18 @@ def cv_report(folder: Path, summary: dict, probs: torch.Tensor, labels: torch.Te
         tmp.write_bytes(roc)
 
     def interval(iv) -> str:
-        return f"{_fmt(iv[0])} to {_fmt(iv[1])}" if iv else "n/a"
+        return f"{fmt(iv[0])} to {fmt(iv[1])}" if iv else "n/a"
 
     rows = "".join(f"<tr><td>fold {f['fold']}</td><td>{f['val_volumes']}</td><td>{f['best_epoch']}</td>"
-                   f"<td>{_fmt(f['auc_macro'])}</td><td>{interval(f['intervals']['auc_macro'])}</td>"
-                   f"<td>{_fmt(f['fbeta_macro'])}</td><td>{interval(f['intervals']['fbeta_macro'])}</td></tr>"
+                   f"<td>{fmt(f['auc_macro'])}</td><td>{interval(f['intervals']['auc_macro'])}</td>"
+                   f"<td>{fmt(f['fbeta_macro'])}</td><td>{interval(f['intervals']['fbeta_macro'])}</td></tr>"
                    for f in summary["folds"])
     pooled = summary["pooled"]
     boot = pooled.get("bootstrap", {}).get("intervals", {})
-    rows += (f"<tr><th>pooled</th><td>{pooled['volumes']}</td><td></td><td>{_fmt(pooled['metrics']['auc_macro'])}</td>"
-             f"<td>{interval(boot.get('auc_macro'))}</td><td>{_fmt(pooled['metrics']['fbeta_macro'])}</td>"
+    rows += (f"<tr><th>pooled</th><td>{pooled['volumes']}</td><td></td><td>{fmt(pooled['metrics']['auc_macro'])}</td>"
+             f"<td>{interval(boot.get('auc_macro'))}</td><td>{fmt(pooled['metrics']['fbeta_macro'])}</td>"
              f"<td>{interval(boot.get('fbeta_macro'))}</td></tr>")
-    per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{_fmt(pooled['metrics'][f'auc/{n}'])}</td>"
+    per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{fmt(pooled['metrics'][f'auc/{n}'])}</td>"
                         f"<td>{interval(boot.get(f'auc/{n}'))}</td></tr>" for n in summary["labels"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ct3d cross-validation {html.escape(folder.name)}</title>
@@ -199,8 +196,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head>
 together (out-of-fold: each of the {pooled['patients']} patients scored once, by the model that did not train on
 it). Intervals: 95% patient-level bootstrap. Pooled F-beta is decided at each fold's thresholds, and those
 (with metrics.threshold_rule other than fixed) were tuned on that fold's validation: optimistic, as AUC is not.
-Macro AUC across folds: mean {_fmt(summary['auc_macro_mean'])},
-standard deviation {_fmt(summary['auc_macro_sd'])}. Each fold's report is in its folder.</p>
+Macro AUC across folds: mean {fmt(summary['auc_macro_mean'])},
+standard deviation {fmt(summary['auc_macro_sd'])}. Each fold's report is in its folder.</p>
 <table><tr><th></th><th>validation volumes</th><th>best epoch</th><th>macro AUC</th><th>95% interval</th>
 <th>macro F-beta</th><th>95% interval</th></tr>{rows}</table>
 <h2>Pooled per label</h2><table><tr><th>label</th><th>AUC</th><th>95% interval</th></tr>{per_label}</table>

@@ -81,11 +81,11 @@ class Ensemble(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from engine.calibration import apply_temperature
-        from engine.metrics import probabilities
+        from engine.metrics import as_logits, probabilities
 
         mean = torch.stack([probabilities(apply_temperature(m(x), t), self.task)
                             for m, t in zip(self.members, self.temperatures)]).mean(0)
-        return torch.log(mean.clamp_min(1e-12)) if self.task == "multiclass" else torch.logit(mean, eps=1e-7)
+        return as_logits(mean, self.task)
 
 
 def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, list[float]]:
@@ -110,7 +110,7 @@ def with_tta(inferer, task: str, tta: str):
     targets segmentation (it inverts spatial outputs)."""
     from monai.inferers import Inferer
 
-    from engine.metrics import probabilities
+    from engine.metrics import as_logits, probabilities
 
     if tta == "none":
         return inferer
@@ -119,7 +119,7 @@ def with_tta(inferer, task: str, tta: str):
         def __call__(self, inputs, network, *args, **kwargs):
             views = [inputs] + [torch.flip(inputs, dims=(axis,)) for axis in (2, 3, 4)]
             mean = torch.stack([probabilities(inferer(v, network, *args, **kwargs), task) for v in views]).mean(0)
-            return torch.log(mean.clamp_min(1e-12)) if task == "multiclass" else torch.logit(mean, eps=1e-7)
+            return as_logits(mean, task)
 
     return FlipAverage()
 

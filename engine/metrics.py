@@ -18,6 +18,11 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1) if task == "multiclass" else torch.sigmoid(logits.float())
 
 
+def as_logits(probs: torch.Tensor, task: str) -> torch.Tensor:
+    """Logits whose `probabilities` are `probs` (for averaged probabilities: ensembles, test-time flips)."""
+    return torch.log(probs.clamp_min(1e-12)) if task == "multiclass" else torch.logit(probs, eps=1e-7)
+
+
 def decisions(probs: torch.Tensor, task: str, threshold: float | list[float]) -> torch.Tensor:
     """0/1 per output: the arg-max class for multiclass, probability >= its threshold otherwise."""
     if task == "multiclass":

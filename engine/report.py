@@ -151,7 +151,8 @@ SALIENCY_NOTE = ("<p>Grad-CAM heat maps (MONAI) for each label at the best epoch
                  "not a finding.</p>")
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
+    """A metric for a table: 4 decimals, n/a for None or NaN."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -162,12 +163,13 @@ def statistics_html(summary: dict) -> str:
     label's threshold, temperature and calibration error."""
     if "thresholds" not in summary:
         return ""
+    fmt = format_value
     best, names = summary["best"], summary["labels"]
     boot = summary.get("bootstrap")
     intervals = boot["intervals"] if boot else {}
     keys = ["auc_macro", "fbeta_macro"] + [f"{m}/{n}" for n in names for m in ("auc", "fbeta")]
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(best.get(k))}</td><td>"
-                   + ("n/a" if k not in intervals else f"{_fmt(intervals[k][0])} to {_fmt(intervals[k][1])}")
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>"
+                   + ("n/a" if k not in intervals else f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}")
                    + "</td></tr>" for k in keys)
     head = (f"<p>95% intervals: percentile bootstrap over {boot['patients']} validation patients "
             f"({boot['resamples']} resamples, each patient's volumes kept together). A wide interval means the "
@@ -179,8 +181,8 @@ def statistics_html(summary: dict) -> str:
              + ".</p>")
     temperature = summary.get("temperature") or {}
     ece = summary["calibration"]["ece"]
-    per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{_fmt(summary['thresholds'][n])}</td>"
-                        f"<td>{_fmt(temperature.get(n))}</td><td>{_fmt(ece[n])}</td></tr>" for n in names)
+    per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{fmt(summary['thresholds'][n])}</td>"
+                        f"<td>{fmt(temperature.get(n))}</td><td>{fmt(ece[n])}</td></tr>" for n in names)
     rule = summary.get("threshold_rule", "fixed")
     note = ("" if rule == "fixed" else f" Thresholds tuned on this validation set ({rule}): F-beta here is "
             "optimistic; evaluate on held-out data for an unbiased figure.")
@@ -193,7 +195,7 @@ def statistics_html(summary: dict) -> str:
 
 
 def _html(images: list[bytes], summary: dict, config_yaml: str, sections: list[tuple[str, bytes]]) -> str:
-    fmt = _fmt
+    fmt = format_value
 
     best, final = summary["best"], summary["final"]
     stopped = " (stopped early)" if summary.get("stopped_early") else ""
