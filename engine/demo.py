@@ -82,6 +82,16 @@ def phantom(rng: np.random.Generator, shape=(64, 64, 64), findings=(0, 0, 0, 0),
     return (image, nodules) if nodule_mask else image
 
 
+def replay(num_volumes: int = 200, shape=(64, 64, 64), seed: int = 0):
+    """(volume name, findings, image, nodule mask) of each phantom `generate` writes with these arguments,
+    in order: the generator's own draws, so a test knows where every nodule is."""
+    rng = np.random.default_rng(seed)
+    for i in range(num_volumes):
+        findings = tuple(int(v) for v in rng.random(len(LABELS)) < PREVALENCE)
+        image, nodules = phantom(rng, tuple(shape), findings, nodule_mask=True)
+        yield f"train_{i}_a_1.nii.gz", findings, image, nodules
+
+
 def generate(out_dir: str | Path, num_volumes: int = 200, shape=(64, 64, 64), seed: int = 0) -> Path:
     """Writes `num_volumes` phantoms and `datalist.csv` once; returns the CSV path.
     Same arguments, same files: an existing complete set is reused."""
@@ -93,13 +103,9 @@ def generate(out_dir: str | Path, num_volumes: int = 200, shape=(64, 64, 64), se
     if csv_path.is_file() and params_path.is_file() and json.loads(params_path.read_text()) == params:
         return csv_path
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     affine = np.diag([*SPACING_MM, 1.0])
     rows = []
-    for i in range(num_volumes):
-        findings = tuple(int(v) for v in rng.random(len(LABELS)) < PREVALENCE)
-        volume = phantom(rng, tuple(shape), findings)
-        name = f"train_{i}_a_1.nii.gz"
+    for name, findings, volume, _ in replay(num_volumes, shape, seed):
         image = nib.Nifti1Image(volume, affine)
         image.header.set_xyzt_units("mm")
         with atomic_write(out / name) as tmp:

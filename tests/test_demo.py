@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from engine.demo import LABELS, generate, phantom
+from engine.demo import LABELS, generate, phantom, replay
 from helpers import ROOT, TEXT
 
 
@@ -43,6 +43,49 @@ def test_generated_set_prevalence_and_reuse(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_replay_draws_what_generate_wrote(tmp_path):
+    generate(tmp_path, num_volumes=6, shape=(16, 16, 16), seed=3)
+    for name, findings, image, nodules in replay(6, (16, 16, 16), seed=3):
+        assert np.array_equal(nib.load(str(tmp_path / name)).get_fdata(), image)
+        assert nodules.any() == bool(findings[0])
+
+
+def nodule_peaks(run, near_voxels: int = 3):
+    """(volumes whose Grad-CAM peak lies within `near_voxels` of a nodule, nodule-positive validation
+    volumes, the chance a voxel drawn at random does) for the run's best model on the demo's nodules.
+    Near, not inside: the map's grid is 4 voxels (ResNet layer1 at a 64^3 input)."""
+    import torch
+
+    from engine.config import restore
+    from engine.data import preprocessing_transform
+    from engine.inference import checkpoint_preprocessing, load_trained_model
+    from engine.saliency import grad_cam, peak
+    from engine.schema import ModelConfig
+
+    net, state = load_trained_model(run / "checkpoints" / "best.pt", torch.device("cpu"))
+    model = restore(ModelConfig, state["model_config"])
+    transform = preprocessing_transform(checkpoint_preprocessing(state))
+    sides = {row["volume"]: row["split"] for row in csv.DictReader(open(run / "split.csv"))}
+    demo = run.parent.parent / ".ct3d" / "demo"
+    hits, chances = 0, []
+    for name, findings, _, nodules in replay():
+        if sides[name] != "validation" or not findings[0]:
+            continue
+        image = transform({"image": str(demo / name), "name": name})["image"].float()
+        near = torch.nn.functional.max_pool3d(torch.from_numpy(nodules).float()[None, None], 2 * near_voxels + 1,
+                                              stride=1, padding=near_voxels)[0, 0].bool()
+        hits += bool(near[peak(grad_cam(net, model, image[None], 0)[0])])
+        chances.append(float(near.float().mean()))
+    return hits, len(chances), float(np.mean(chances))
+
+
+def binomial_tail(hits: int, n: int, p: float) -> float:
+    """P(at least `hits` successes in `n` draws at rate `p`)."""
+    from math import comb
+
+    return sum(comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(hits, n + 1))
+
+
 @pytest.mark.slow
 def test_demo_command_trains_to_target_auc(tmp_path):
     """The README's demo: `python -m engine.run` with no arguments, in a fresh folder."""
@@ -66,6 +109,9 @@ def test_demo_command_trains_to_target_auc(tmp_path):
     assert all(f"<h2>Where the model looked: {label}</h2>" in page for label in LABELS)
     assert list((runs[0] / "wandb").glob("offline-run-*/*.wandb"))
     print(f"demo: {summary['wall_seconds']} s, best macro AUC {summary['best']['auc_macro']:.4f}")
+    hits, cases, chance = nodule_peaks(runs[0])
+    print(f"Grad-CAM peaks near a nodule in {hits}/{cases} validation volumes; chance {chance:.3f}")
+    assert binomial_tail(hits, cases, chance) < 1e-3, (hits, cases, chance)
 
     best = runs[0] / "checkpoints" / "best.pt"
     proc = subprocess.run([sys.executable, "-m", "engine.run", "evaluate", f"checkpoint={best}", "output.name=eval"],

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.models import create_model
-from engine.saliency import cases, grad_cam, peak, supports
+from engine.saliency import cases, grad_cam, peak, supports, unit_range
 from engine.schema import ModelConfig
 
 
@@ -37,4 +37,14 @@ def test_one_grad_cam_per_network_so_hooks_do_not_pile_up():
     net = create_model(config, 2, [16, 16, 16])
     for label in (0, 1, 0):
         grad_cam(net, config, torch.randn(1, 1, 16, 16, 16), label)
-    assert len(net.layer2._forward_hooks) == 1
+    assert len(net.layer1._forward_hooks) == 1
+
+
+def test_maps_read_hottest_where_the_evidence_is_strongest():
+    """MONAI's default normaliser maps (min, max) to (1, 0); ours keeps the hottest voxel at 1."""
+    maps = torch.zeros(2, 1, 4, 4, 4)
+    maps[0, 0, 1, 2, 3] = 5.0
+    maps[0, 0, 0, 0, 0] = -1.0
+    scaled = unit_range(maps)
+    assert float(scaled[0, 0, 1, 2, 3]) == 1.0 and float(scaled[0, 0, 0, 0, 0]) == 0.0
+    assert torch.equal(scaled[1], torch.zeros(1, 4, 4, 4))  # a flat map stays flat, no division by zero
