@@ -21,11 +21,14 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             rank_runs=(0.0, 1.0, 0.0),  # the first run fills the disk cache: not measured
             augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)),
             data_path_shape=(128, 256, 256), data_path_volumes=32, matmul_size=2048, roofline_size=64,
-            roofline_steps=3)
+            roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2,
+            loader_model=("model.variant=18", "model.widen_factor=1.0"))
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),),
              data_path_shape=(16, 32, 32), data_path_volumes=8, matmul_size=256, roofline_size=16, roofline_steps=1,
+             loader_volumes=8, loader_size=16, loader_epochs=2, loader_repeats=1,
+             loader_model=("model.variant=10", "model.widen_factor=0.25"),
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
 
@@ -270,6 +273,43 @@ def bench_ranks(cfg: dict, work: Path) -> dict:
     return {"ranks_pss_cached": peaks[1.0], "ranks_pss_uncached": peaks[0.0], "ranks_cache_bytes": n * size**3 * 2}
 
 
+# ---------------------------------------------------------------- loader default with the RAM cache
+def bench_loaders(cfg: dict, work: Path) -> dict:
+    """A CT-RATE-style training (ResNet-18, batch 4) whose data sits wholly in the RAM cache, with the
+    default loader (no worker processes: MONAI's ThreadDataLoader) and with 2 worker processes: peak PSS
+    of the process tree and the median epoch time (after the first), runs alternating."""
+    n, size = cfg["loader_volumes"], cfg["loader_size"]
+    overrides = [f"data.demo.dir={work / 'loader-demo'}", f"data.demo.num_volumes={n}",
+                 f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
+                 f"cache.dir={work / 'loader-cache'}", f"output.dir={work / 'loader-runs'}", "train.resume=off",
+                 f"train.epochs={cfg['loader_epochs']}", "tracking.wandb.mode=disabled", *cfg["loader_model"],
+                 "loader.batch_size=4", "data.val_fraction=0.25", "metrics.bootstrap=0",
+                 "cache.memory_rate=1.0"]
+    figures: dict = {"loader_volumes": n, "loader_size": size}
+    for repeat in range(cfg["loader_repeats"]):
+        for mode, extra in (("threads", []), ("workers", ["loader.num_workers=2"])):
+            name = f"{mode}{repeat}"
+            if cfg.get("in_process", False):  # the smoke run: this process's PSS afterwards
+                import psutil
+
+                from engine.config import load_config
+                from engine.workflow import train
+
+                train(load_config(ROOT / "configs" / "default.yaml", [*overrides, *extra, f"output.name={name}"]))
+                pss = psutil.Process().memory_full_info().pss
+            else:
+                proc = subprocess.Popen([sys.executable, "-m", "engine.run", "train", *overrides, *extra,
+                                         f"output.name={name}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+                pss = peak_pss(proc)
+                if proc.wait() != 0:
+                    raise RuntimeError(f"benchmark: the {mode} training failed")
+            seconds = json.loads((work / "loader-runs" / name / "summary.json").read_text())["epoch_seconds"]
+            figures.setdefault(f"loader_{mode}_pss_all", []).append(pss)
+            figures.setdefault(f"loader_{mode}_epoch_all", []).append(statistics.median(seconds[1:]))
+    return figures
+
+
 # ---------------------------------------------------------------- start-up
 def timed_command(args: list[str], expect_code: int, expect_text: str, runs: int) -> tuple[float, bool]:
     """Median seconds of `args` over `runs`, and whether every run exited with `expect_code` and printed
@@ -338,6 +378,7 @@ def bench_roofline(cfg: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from engine.build import to_device
     from engine.models import create_model
     from engine.schema import ModelConfig
 
@@ -349,7 +390,7 @@ def bench_roofline(cfg: dict) -> dict:
         a @ b
     matmul = 3 * 2 * n**3 / (time.perf_counter() - start) / 1e9
     size = cfg["roofline_size"]
-    model = create_model(ModelConfig(variant="18"), 18, [size] * 3)
+    model = to_device(create_model(ModelConfig(variant="18"), 18, [size] * 3), torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters())
     x, y = torch.randn(4, 1, size, size, size), torch.rand(4, 18).round()
 
@@ -360,13 +401,16 @@ def bench_roofline(cfg: dict) -> dict:
 
     with FlopCounterMode(display=False) as counter:
         step()
-    times = []
-    for _ in range(cfg["roofline_steps"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"matmul_gflops": matmul, "step_gflops": counter.get_total_flops() / statistics.median(times) / 1e9,
-            "roofline_size": size, "matmul_size": n}
+    times = {"channels_last": [], "default": []}
+    for _ in range(cfg["roofline_steps"]):  # alternating: the engine's layout on the CPU, then PyTorch's default
+        for layout, memory_format in (("channels_last", torch.channels_last_3d), ("default", torch.contiguous_format)):
+            model.to(memory_format=memory_format)
+            start = time.perf_counter()
+            step()
+            times[layout].append(time.perf_counter() - start)
+    return {"matmul_gflops": matmul, "roofline_size": size, "matmul_size": n,
+            "step_gflops": counter.get_total_flops() / statistics.median(times["channels_last"]) / 1e9,
+            "step_seconds_channels_last_all": times["channels_last"], "step_seconds_default_all": times["default"]}
 
 
 
@@ -388,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         figures = {**bench_pipeline(cfg, work), **bench_engine(cfg, work), **bench_memory(cfg, work),
                    **bench_ranks(cfg, work), **augment_figures(cfg), **bench_data_path(cfg, work),
-                   **bench_roofline(cfg), **bench_startup(cfg)}
+                   **bench_roofline(cfg), **bench_loaders(cfg, work), **bench_startup(cfg)}
     from bench.report import markdown
 
     text = markdown(figures, cfg, args.smoke, time.time() - start)

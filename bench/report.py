@@ -6,6 +6,7 @@ import os
 import platform
 from datetime import date
 from pathlib import Path
+from statistics import median
 
 MET, MISSED, REPORTED = "met", "MISSED", "reported"
 
@@ -74,6 +75,19 @@ def results(f: dict) -> list[tuple[str, str, str, str]]:
                         f"{f['matmul_size']}^2 fp32 matmul",
                         f"{f['step_gflops']:.1f} vs {f['matmul_gflops']:.1f} GFLOP/s "
                         f"({f['step_gflops'] / f['matmul_gflops']:.2f}x)"))
+    if "step_seconds_default_all" in f:
+        last, default = f["step_seconds_channels_last_all"], f["step_seconds_default_all"]
+        rows.append(ratio_row(f"ResNet-18 training step at {f['roofline_size']}^3, batch 4: channels-last 3D "
+                              f"weights (the engine's CPU default) vs PyTorch's default layout (step time)",
+                              median(last) / median(default), _band(last, default), 1.0, True))
+    if "loader_threads_pss_all" in f:
+        what = f"RAM cache holding {f['loader_volumes']} volumes of {f['loader_size']}^3, ResNet-18 training"
+        pss_t, pss_w = f["loader_threads_pss_all"], f["loader_workers_pss_all"]
+        rows.append(ratio_row(f"{what}: default loader (threads) vs 2 worker processes, peak PSS",
+                              median(pss_t) / median(pss_w), _band(pss_t, pss_w), 0.9, True))
+        sec_t, sec_w = f["loader_threads_epoch_all"], f["loader_workers_epoch_all"]
+        rows.append(ratio_row(f"{what}: default loader (threads) vs 2 worker processes, epoch time",
+                              median(sec_t) / median(sec_w), _band(sec_t, sec_w), 1.1, True))
     rows.append(row("`python -m engine.run --help` (exit 0, prints usage)", f"{f['help_seconds']:.2f} s", "< 2 s",
                     f["help_seconds"] < 2 and f.get("help_ok", False)))
     rows.append(row("config error `model.name=nope` (exit 2, names the key)", f"{f['config_error_seconds']:.2f} s",

@@ -214,6 +214,12 @@ class Labelled(torch.utils.data.Dataset):
         return {IMAGE: self.images[index][IMAGE], LABEL: torch.tensor(self.items[index][LABEL])}
 
 
+def in_ram(dataset) -> bool:
+    """Whether every item of a `build_dataset` result is served from the RAM cache (nothing read from disk)."""
+    images = getattr(dataset, "images", dataset)
+    return isinstance(images, CacheDataset) and images.cache_num >= len(images)
+
+
 class _Preprocessed(Dataset):
     """No disk cache: preprocess on every access, errors naming the volume."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.build import (
+    loader_workers,
     make_evaluator,
     make_inferer,
     make_loader,
@@ -266,7 +267,7 @@ def predict(cfg: Config) -> Path:
     items, skipped = list_inputs(cfg.input, cfg)
     batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
     loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
-                                         num_workers=cfg.loader.num_workers, collate_fn=_batches)
+                                         num_workers=loader_workers(cfg.loader, None), collate_fn=_batches)
     inferer = with_tta(make_inferer(device, resolve_amp(cfg.train.amp, device)), state["task"], str(cfg.infer.tta))
     rows = []
     with torch.no_grad():

@@ -127,7 +127,9 @@ class CacheConfig:
 class LoaderConfig:
     batch_size: int = setting(8, ge=1)
     val_batch_size: int = setting(0, ge=0)  # 0: same as batch_size
-    num_workers: int = setting(0, ge=0)
+    # null: none when this rank's share sits wholly in the RAM cache (a thread prefetches batches: MONAI's
+    # ThreadDataLoader), else worker processes (up to 4 per rank) that read the disk cache
+    num_workers: Optional[int] = setting(None, ge=0)
     pin_memory: bool = True  # only used when training on CUDA
 
 

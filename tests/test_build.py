@@ -177,3 +177,27 @@ def test_fewer_volumes_than_ranks_training_refused_validation_stands_in(monkeypa
         make_datasets(cfg, items, items, progress=False)
     _, val = make_datasets(cfg, items * 2, items, progress=False)  # rank 3 has no validation volume
     assert len(val.items) == 1 and math.isnan(val.items[0]["label"][0])  # a stand-in the metrics drop
+
+
+def test_loader_threads_when_the_ram_cache_holds_the_share_and_workers_when_it_does_not():
+    from monai.data import CacheDataset, ThreadDataLoader
+
+    from engine.build import make_loader
+    from engine.data import Labelled
+    from engine.schema import LoaderConfig
+
+    items = [{"image": f"v{i}", "label": [float(i % 2)], "name": f"v{i}"} for i in range(6)]
+    images = [{"image": torch.full((1, 2, 2, 2), float(i))} for i in range(6)]
+    cpu, auto = torch.device("cpu"), LoaderConfig(batch_size=2)
+
+    def dataset(rate: float):
+        return Labelled(CacheDataset(images, transform=None, cache_rate=rate, progress=False), items)
+
+    loader = make_loader(dataset(1.0), auto, cpu, shuffle_seed=0)
+    assert isinstance(loader, ThreadDataLoader) and loader.num_workers == 0
+    seen = sorted(float(v) for batch in loader for v in batch["image"][:, 0, 0, 0, 0])
+    assert seen == [0, 1, 2, 3, 4, 5]  # every sample once, through the prefetch thread
+    partly = make_loader(dataset(0.5), auto, cpu, shuffle_seed=0)
+    assert not isinstance(partly, ThreadDataLoader) and 1 <= partly.num_workers <= 4
+    fixed = make_loader(dataset(1.0), LoaderConfig(batch_size=2, num_workers=2), cpu, shuffle_seed=0)
+    assert not isinstance(fixed, ThreadDataLoader) and fixed.num_workers == 2
