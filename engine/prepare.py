@@ -111,6 +111,22 @@ def write_skipped(folder: Path, problems: list[Problem]) -> None:
     write_text(folder / "skipped.csv", buf.getvalue())
 
 
+def check_lists(cfg: Config) -> int:
+    """`check --quick` (a pod's first step): the config, the datalists' rows and labels, every listed volume
+    present, and the split, without reading any volume. Raises (exit 2, a user error) where training would
+    stop; returns the number of rows data.on_error=skip would leave out."""
+    problems: list[Problem] = []
+    train_items, val_items, _ = load_splits(cfg.data, problems)
+    fatal = split_problems(train_items, val_items, cfg.data.patient_pattern)
+    if fatal or (problems and cfg.data.on_error == "raise"):
+        every = fatal + problems
+        raise CT3DError(f"{len(every)} problem(s) in the data:\n  {format_problems(every, 50)}")
+    note = f", {len(problems)} bad row(s) left out (data.on_error=skip)" if problems else ""
+    print(f"ct3d check --quick: {len(train_items)} train and {len(val_items)} validation volumes listed and "
+          f"present{note}")
+    return len(problems)
+
+
 def check(cfg: Config) -> int:
     """`check`: every data problem at once; returns the number of problems found (0: all good)."""
     splits = prepare_data(cfg, progress=True, strict=False)

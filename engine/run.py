@@ -27,6 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="cache: also find and rebuild corrupt or stale entries")
     parser.add_argument("--shard", metavar="I/N", help="cache: fill the I-th of N disjoint shares (0-based); default "
                         "from JOB_COMPLETION_INDEX and JOB_COMPLETIONS when set (a Kubernetes Indexed Job), else 0/1")
+    parser.add_argument("--quick", action="store_true", help="check: the config, the datalists and that every "
+                        "volume is present, without reading volumes (exit 2 on a user error: a pod's first step)")
     parser.add_argument("words", nargs="*", metavar="[command] key=value",
                         help=f"command, one of {', '.join(COMMANDS)} (default train), then overrides")
     args = parser.parse_intermixed_args(argv)  # `evaluate --config F key=value`: words on both sides
@@ -74,9 +76,14 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
 
         {"cv": cv.cv, "sweep": sweep.sweep}[args.command](cfg)
         return 0
+    if args.quick and args.command != "check":
+        raise CT3DError(f"--quick is for the check command, not {args.command}")
     if args.shard is not None and args.command != "cache":
         raise CT3DError(f"--shard is for the cache command, not {args.command}")
     if args.command == "check":
+        if args.quick:
+            prepare.check_lists(cfg)
+            return 0
         return 1 if prepare.check(cfg) else 0
     if args.command == "cache":
         counts = prepare.cache(cfg, verify=args.verify, shard_of=prepare.parse_shard(args.shard))

@@ -1,4 +1,7 @@
-"""`python -m k8s render --config FILE [key=value ...]`: a YAML stream for `kubectl apply -f -`.
+"""`python -m k8s render --config FILE [--part claims|cache|train] [key=value ...]`: a YAML stream for
+`kubectl apply -f -` (all parts: the claims, the ConfigMap, the cache-fill Job, the training workload).
+`python -m k8s script --config FILE [key=value ...]`: a shell script that applies them in order, waiting
+for the cache-fill Job to complete before the training starts.
 `python -m k8s values --config FILE [key=value ...]`: the same run as Helm values for charts/ct3d."""
 
 from __future__ import annotations
@@ -6,22 +9,44 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import DEFAULT_CONFIG, load_config
+from engine.config import DEFAULT_CONFIG
 from engine.errors import CT3DError
+
+
+def script(cfg) -> str:
+    """Apply the claims, the cache-fill Job, wait for it, then the training workload."""
+    from k8s.render import render
+
+    k = cfg.k8s
+    lines = ["#!/bin/sh", f"# ct3d {k.name}: claims, cache fill, then training", "set -eu"]
+    steps = [("claims", None), ("cache", f"job/{k.name}-cache"), ("train", None)]
+    for part, wait in steps:
+        text = render(cfg, part)
+        if not text.strip() or (part == "cache" and not cfg.cache.disk):
+            continue
+        lines += [f"kubectl apply -f - <<'CT3D_{part.upper()}'", text.rstrip("\n"), f"CT3D_{part.upper()}"]
+        if wait:
+            lines.append(f"kubectl -n {k.namespace} wait --for=condition=complete --timeout=24h {wait}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m k8s", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("render", "values"))
+    parser.add_argument("action", choices=("render", "script", "values"))
     parser.add_argument("--config", help="ct3d YAML config (default: configs/default.yaml)")
+    parser.add_argument("--part", choices=("all", "claims", "cache", "train"), default="all",
+                        help="render: only these objects (claims once; cache, then train)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-        from k8s.render import helm_values, render
+        from k8s.render import helm_values, load_pod_config, render
 
-        text = render(cfg) if args.action == "render" else helm_values(cfg)
+        cfg = load_pod_config(args.config or DEFAULT_CONFIG, args.overrides)
+        if args.action == "render":
+            text = render(cfg, args.part)
+        else:
+            text = script(cfg) if args.action == "script" else helm_values(cfg)
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
         return 2

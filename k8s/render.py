@@ -1,35 +1,133 @@
 """Kubernetes objects for one training run, from the `k8s` section of a ct3d config.
 
 Plain dicts rendered to YAML: the objects are small and fixed, so a template engine would add a
-dependency without removing code; the Helm chart in charts/ct3d renders the same objects."""
+dependency without removing code; the Helm chart in charts/ct3d renders the same objects (a
+property-based test compares them whole)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from engine import __version__
-from engine.config import plain, to_yaml
+from engine.config import SECRET_KEYS, load_config, plain, to_yaml
 from engine.errors import CT3DError
 from engine.schema import Config, K8sConfig, VolumeClaimConfig
 
 CONFIG_DIR, CACHE_DIR, OUTPUT_DIR, DATA_DIR = "/etc/ct3d", "/cache", "/output", "/data"
+CONFIG = f"{CONFIG_DIR}/config.yaml"
+KEEP = {"helm.sh/resource-policy": "keep"}  # `helm uninstall` leaves the claim (and its data) alone
+FIXED_ENV = {"WANDB_DIR": OUTPUT_DIR, "PYTHONUNBUFFERED": "1", "CT3D_CACHE": CACHE_DIR, "CT3D_OUTPUT": OUTPUT_DIR}
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
-def _check(k: K8sConfig) -> None:
+# ------------------------------------------------------------------ config as the pods see it
+def pod_environment(k: K8sConfig) -> dict[str, str]:
+    """The environment every ct3d container has (besides the W&B key): what `${oc.env:...}` in a config
+    resolves to inside a pod."""
+    return {**FIXED_ENV, **dict(sorted(k.env.items()))}
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def load_pod_config(path, overrides: list[str]) -> Config:
+    """The config with every `${oc.env:...}` resolved as in a pod (the pod's environment, not this
+    machine's), so no local path or value reaches the ConfigMap."""
+    k = load_config(path, overrides).k8s
+    with _environment({"PATH": os.environ.get("PATH", ""), **pod_environment(k)}):
+        return load_config(path, overrides)
+
+
+def training_config(cfg: Config) -> str:
+    """The run's config as the pods see it: caches and outputs on the claims, a fixed run folder and
+    resume=auto, so a restarted pod continues from the last checkpoint; cuda where the pods have GPUs, so
+    a node without its driver fails loudly instead of training on the CPU."""
+    pod = OmegaConf.create(plain(cfg))
+    pod.cache.dir = CACHE_DIR
+    pod.output.dir = OUTPUT_DIR
+    pod.output.name = cfg.k8s.name
+    pod.train.resume = "auto"
+    if cfg.k8s.gpus > 0 and pod.train.device == "auto":
+        pod.train.device = "cuda"
+    if pod.data.demo.enabled:
+        pod.data.demo.dir = f"{CACHE_DIR}/demo"
+    del pod["k8s"]
+    return to_yaml(pod)
+
+
+# ------------------------------------------------------------------ checks
+def _data_paths(cfg: Config) -> list[tuple[str, str]]:
+    d = cfg.data
+    return [(f"data.{key}", str(value)) for key, value in (("train", d.train), ("val", d.val),
+                                                         ("image_root", d.image_root)) if value]
+
+
+def _check(cfg: Config) -> None:
     """What the schema's per-field limits cannot say (engine/config.py checks the rest at load)."""
-    if len(k.name) > 52:  # Job pods are named <job>-<index>-<random>: keep them within 63
-        raise CT3DError(f"config error: k8s.name: {k.name!r} is longer than 52 characters")
+    k = cfg.k8s
+    if len(k.name) > 46:  # pods are named <job>-cache-<index>-<random>: keep them within 63
+        raise CT3DError(f"config error: k8s.name: {k.name!r} is longer than 46 characters")
     if k.sweep_workers and (k.nodes > 1 or k.gpus > 1):
         raise CT3DError("config error: k8s.sweep_workers: each sweep worker trains its trials in one process on "
                         "at most one GPU; set k8s.nodes=1 and k8s.gpus=1 (or 0), and more workers instead")
-    if k.sweep_workers and len(k.name) > 46:
-        raise CT3DError(f"config error: k8s.name: {k.name!r} is longer than 46 characters (the sweep Job adds -sweep)")
+    for role in ("cache", "output"):
+        access_mode(k, role)
+    for key in k.env:
+        if key in (*FIXED_ENV, "WANDB_API_KEY", "JOB_COMPLETION_INDEX", "JOB_COMPLETIONS"):
+            raise CT3DError(f"config error: k8s.env.{key}: set by ct3d in every pod; leave it out")
+        if any(s in key.lower() for s in (*SECRET_KEYS, "secret")):
+            raise CT3DError(f"config error: k8s.env.{key}: looks like a secret; manifests are not the place for "
+                            f"one: put it in a Kubernetes Secret")
+    if not cfg.data.demo.enabled:
+        outside = [(key, path) for key, path in _data_paths(cfg) if not re.match(r"^[a-z][a-z0-9+.-]*://", path)
+                   and not (path == DATA_DIR or path.startswith(DATA_DIR + "/"))]
+        if not k.data_claim:
+            raise CT3DError("config error: k8s.data_claim: the pods read the data set from a claim mounted at "
+                            f"{DATA_DIR}; name the claim that holds it (k8s.data_claim=NAME)")
+        if outside:
+            key, path = outside[0]
+            raise CT3DError(f"config error: {key}: {path!r} is not under {DATA_DIR}, where the pods mount "
+                            f"k8s.data_claim; give the path as the pods see it")
 
 
+def access_mode(k: K8sConfig, role: str) -> str:
+    """The claim's access mode: auto picks ReadWriteOnce when one node mounts it, ReadWriteMany when pods on
+    several nodes do; a one-node mode where several nodes need it is an error."""
+    shared = (k.nodes > 1 or (role == "cache" and k.cache_pods > 1)
+              or (role == "output" and k.sweep_workers > 1))
+    mode = str(_volume(k, role).access_mode)
+    if mode == "auto":
+        return "ReadWriteMany" if shared else "ReadWriteOnce"
+    if shared and mode != "ReadWriteMany" and not _volume(k, role).existing:
+        why = f"{k.nodes} nodes" if k.nodes > 1 else (f"{k.cache_pods} cache pods" if role == "cache"
+                                                       else f"{k.sweep_workers} sweep workers")
+        raise CT3DError(f"config error: k8s.{role}.access_mode: {mode} lets one node mount the claim, but {why} "
+                        f"share it: use ReadWriteMany (a StorageClass that offers it: EFS, Filestore, FSx for "
+                        f"Lustre, CephFS, NFS) or auto")
+    return mode
+
+
+# ------------------------------------------------------------------ names and metadata
 def labels(k: K8sConfig, component: str = "training") -> dict:
     return {
+        **dict(k.labels),
         "app.kubernetes.io/name": "ct3d",
         "app.kubernetes.io/instance": k.name,
         "app.kubernetes.io/version": __version__,
@@ -38,168 +136,319 @@ def labels(k: K8sConfig, component: str = "training") -> dict:
     }
 
 
-def claim_name(k: K8sConfig, role: str) -> str:
-    return _volume(k, role).name or f"{k.name}-{role}"
+def data_key(cfg: Config) -> str:
+    """Ten hex digits naming the data set and its preprocessing: runs that share both share a cache claim."""
+    d = cfg.data
+    data = {"train": d.train, "val": d.val, "image_root": d.image_root, "layout": str(d.layout),
+            "demo": plain(d.demo) if d.demo.enabled else None, "metadata": d.metadata}
+    text = json.dumps({"data": data, "preprocess": plain(cfg.preprocess)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def claim_name(cfg: Config, role: str) -> str:
+    k = cfg.k8s
+    if _volume(k, role).name:
+        return _volume(k, role).name
+    return f"ct3d-cache-{data_key(cfg)}" if role == "cache" else f"{k.name}-output"
 
 
 def _volume(k: K8sConfig, role: str) -> VolumeClaimConfig:
     return k.cache if role == "cache" else k.output
 
 
-def training_config(cfg: Config) -> str:
-    """The run's config as the pods see it: caches and outputs on the claims, a fixed run folder and
-    resume=auto, so a restarted pod continues from the last checkpoint."""
-    pod = OmegaConf.create(plain(cfg))
-    pod.cache.dir = CACHE_DIR
-    pod.output.dir = OUTPUT_DIR
-    pod.output.name = cfg.k8s.name
-    pod.train.resume = "auto"
-    if pod.data.demo.enabled:
-        pod.data.demo.dir = f"{CACHE_DIR}/demo"
-    del pod["k8s"]
-    return to_yaml(pod)
+def _metadata(k: K8sConfig, name: str, component: str, annotations: dict | None = None) -> dict:
+    meta: dict[str, Any] = {"name": name, "namespace": k.namespace, "labels": labels(k, component)}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
 
 
-def _claim(k: K8sConfig, role: str) -> dict:
-    c = _volume(k, role)
-    spec: dict[str, Any] = {"accessModes": [str(c.access_mode)], "resources": {"requests": {"storage": c.size}}}
-    if k.storage_class:
-        spec["storageClassName"] = k.storage_class
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim_name(k, role), "namespace": k.namespace, "labels": labels(k, role)},
-            "spec": spec}
+# ------------------------------------------------------------------ resources
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
 
-def command(k: K8sConfig) -> list[str]:
-    """The container command: plain python for one process, torchrun for several GPUs or nodes."""
-    train = ["-m", "engine.run", "train", "--config", f"{CONFIG_DIR}/config.yaml"]
-    if k.nodes == 1 and k.gpus <= 1:
-        return ["python", *train]
-    per_node = str(max(1, k.gpus))
-    if k.nodes == 1:
-        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={per_node}", *train]
-    master = f"{k.name}-0.{k.name}.{k.namespace}.svc"
-    return ["torchrun", f"--nnodes={k.nodes}", f"--nproc-per-node={per_node}",
-            "--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={master}", f"--master-port={k.master_port}",
-            *train]
+def quantity_bytes(text: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", text).groups()
+    return float(number) * _UNITS[unit]
 
 
+def _mebibytes(n: float) -> str:
+    mib = int(-(-n // 2**20))
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def pod_resources(k: K8sConfig) -> tuple[dict, str]:
+    """(container resources, /dev/shm size): CPU and memory per GPU unless set; the memory-backed /dev/shm
+    counts against the memory limit, so the default memory adds it."""
+    per = max(1, k.gpus)
+    shm = k.shm_size or f"{k.shm_per_gpu * per}Gi"
+    memory = k.memory or _mebibytes(k.memory_per_gpu * per * 2**30 + quantity_bytes(shm))
+    amounts: dict[str, Any] = {"cpu": k.cpu or str(k.cpu_per_gpu * per), "memory": memory}
+    if k.gpus > 0:
+        amounts["nvidia.com/gpu"] = k.gpus
+    return {"requests": dict(amounts), "limits": dict(amounts)}, shm
+
+
+# ------------------------------------------------------------------ pods
 def container_security() -> dict:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _job(k: K8sConfig) -> dict:
-    resources: dict[str, Any] = {"requests": {"cpu": str(k.cpu), "memory": k.memory},
-                                 "limits": {"cpu": str(k.cpu), "memory": k.memory}}
-    if k.gpus > 0:
-        resources["requests"]["nvidia.com/gpu"] = k.gpus
-        resources["limits"]["nvidia.com/gpu"] = k.gpus
-    env = [
-        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": k.wandb_secret, "key": "api-key",
-                                                                  "optional": True}}},
-        {"name": "WANDB_DIR", "value": OUTPUT_DIR},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
-    if k.nodes > 1:
-        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-              {"name": "cache", "mountPath": CACHE_DIR}, {"name": "output", "mountPath": OUTPUT_DIR},
-              {"name": "shm", "mountPath": "/dev/shm"}]
-    volumes = [{"name": "config", "configMap": {"name": f"{k.name}-config"}},
-               {"name": "cache", "persistentVolumeClaim": {"claimName": claim_name(k, "cache")}},
-               {"name": "output", "persistentVolumeClaim": {"claimName": claim_name(k, "output")}},
-               {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}}]
+def _env(k: K8sConfig, indexed: bool) -> list[dict]:
+    env = [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": k.wandb_secret, "key": "api-key",
+                                                                     "optional": True}}}]
+    env += [{"name": name, "value": value} for name, value in pod_environment(k).items()]
+    if indexed:
+        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}})
+    return env
+
+
+def _container(k: K8sConfig, name: str, command: list[str], env: list[dict], mounts: list[dict],
+               resources: dict | None = None) -> dict:
+    c: dict[str, Any] = {"name": name, "image": k.image, "imagePullPolicy": str(k.image_pull_policy),
+                         "command": command, "env": env}
+    if resources:
+        c["resources"] = resources
+    c.update(volumeMounts=mounts, securityContext=container_security())
+    return c
+
+
+def _mounts(k: K8sConfig, output: bool = True, shm: bool = True) -> list[dict]:
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "cache", "mountPath": CACHE_DIR}]
+    if output:
+        mounts.append({"name": "output", "mountPath": OUTPUT_DIR})
+    if shm:
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     if k.data_claim:
         mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
+    return mounts
+
+
+def _volumes(cfg: Config, shm_size: str | None, output: bool = True) -> list[dict]:
+    k = cfg.k8s
+    volumes = [{"name": "config", "configMap": {"name": f"{k.name}-config"}},
+               {"name": "cache", "persistentVolumeClaim": {"claimName": claim_name(cfg, "cache")}}]
+    if output:
+        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": claim_name(cfg, "output")}})
+    if shm_size:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}})
+    if k.data_claim:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": k.data_claim, "readOnly": True}})
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "securityContext": {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_user,
-                            "fsGroup": k.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{
-            "name": "train", "image": k.image, "imagePullPolicy": str(k.image_pull_policy),
-            "command": command(k), "env": env, "resources": resources, "volumeMounts": mounts,
-            "securityContext": container_security(),
-            "ports": [{"name": "rendezvous", "containerPort": k.master_port}] if k.nodes > 1 else [],
-        }],
-        "volumes": volumes,
-    }
-    if not pod["containers"][0]["ports"]:
-        del pod["containers"][0]["ports"]
+    return volumes
+
+
+def _pod(k: K8sConfig, containers: list[dict], volumes: list[dict], init: list[dict] | None = None,
+         restart: str = "Never") -> dict:
+    pod: dict[str, Any] = {"restartPolicy": restart, "terminationGracePeriodSeconds": k.termination_grace_seconds}
+    if k.service_account:
+        pod["serviceAccountName"] = k.service_account
+    if k.priority_class:
+        pod["priorityClassName"] = k.priority_class
+    if k.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in k.image_pull_secrets]
+    pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_user,
+                              "fsGroup": k.run_as_user, "fsGroupChangePolicy": "OnRootMismatch",
+                              "seccompProfile": {"type": "RuntimeDefault"}}
     if k.node_selector:
         pod["nodeSelector"] = dict(k.node_selector)
+    if k.affinity:
+        pod["affinity"] = plain_dict(k.affinity)
     if k.tolerations:
-        pod["tolerations"] = [dict(t) for t in k.tolerations]
-    if k.nodes > 1:
+        pod["tolerations"] = [plain_dict(t) for t in k.tolerations]
+    if init:
+        pod["initContainers"] = init
+    pod["containers"] = containers
+    pod["volumes"] = volumes
+    return pod
+
+
+def plain_dict(node: Any) -> Any:
+    """A deep copy of plain data (dicts, lists, scalars), so no two objects share a node."""
+    return json.loads(json.dumps(node))
+
+
+def _template(k: K8sConfig, component: str, pod: dict) -> dict:
+    meta: dict[str, Any] = {"labels": labels(k, component)}
+    if k.annotations:
+        meta["annotations"] = dict(k.annotations)
+    return {"metadata": meta, "spec": pod}
+
+
+def _job_metadata(k: K8sConfig, name: str, component: str) -> dict:
+    meta = _metadata(k, name, component, dict(k.annotations) or None)
+    if k.queue:
+        meta["labels"][QUEUE_LABEL] = k.queue
+    return meta
+
+
+def _failure_policy(*containers: str) -> dict:
+    """Node disruptions (preemption, drain) do not count; a user error (exit 2: config or data) in any of
+    `containers` fails the Job at once instead of being retried."""
+    rules: list[dict] = [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    rules += [{"action": "FailJob", "onExitCodes": {"containerName": c, "operator": "In", "values": [2]}}
+              for c in containers]
+    return {"rules": rules}
+
+
+def check_container(k: K8sConfig) -> dict:
+    """Validates the config and the datalists (every volume listed, readable labels, files present) before
+    any GPU work: exit 2 on a user error, which the Job's FailJob rule names."""
+    return _container(k, "check", ["python", "-m", "engine.run", "check", "--quick", "--config", CONFIG],
+                      _env(k, False), _mounts(k, output=False, shm=False),
+                      {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}})
+
+
+# ------------------------------------------------------------------ workloads
+def train_command(k: K8sConfig) -> list[str]:
+    """Plain python for one process; torchrun for several GPUs or nodes (c10d rendezvous at pod 0 for
+    several nodes, so a replaced pod rejoins and the group restarts from the last checkpoint)."""
+    train = ["-m", "engine.run", "train", "--config", CONFIG]
+    if k.nodes == 1 and k.gpus <= 1:
+        return ["python", *train]
+    per_node = str(max(1, k.gpus))
+    restarts = f"--max-restarts={k.max_restarts}"
+    if k.nodes == 1:
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={per_node}", restarts, *train]
+    endpoint = f"{k.name}-0.{k.name}.{k.namespace}.svc:{k.master_port}"
+    return ["torchrun", f"--nnodes={k.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}", f"--rdzv-id={k.name}", restarts, *train]
+
+
+def _training_job(cfg: Config) -> dict:
+    k = cfg.k8s
+    resources, shm = pod_resources(k)
+    indexed = k.nodes > 1
+    train = _container(k, "train", train_command(k), _env(k, indexed), _mounts(k), resources)
+    if indexed:
+        train["ports"] = [{"name": "rendezvous", "containerPort": k.master_port}]
+    pod = _pod(k, [train], _volumes(cfg, shm), init=[check_container(k)])
+    if indexed:
         pod["subdomain"] = k.name  # pods resolve as <job>-<index>.<service>
-    spec: dict[str, Any] = {
-        "backoffLimit": k.backoff_limit,
-        "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
-        "podFailurePolicy": {"rules": [
-            # preemption, drain: not the job's fault
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}},
-        ]},
-        "template": {"metadata": {"labels": labels(k)}, "spec": pod},
-    }
+    spec: dict[str, Any] = {}
+    if indexed:  # a failed pod is replaced at its index and rejoins the rendezvous; any index failing for good ends it
+        spec.update(completionMode="Indexed", completions=k.nodes, parallelism=k.nodes,
+                    backoffLimitPerIndex=k.backoff_limit, maxFailedIndexes=0)
+    else:
+        spec["backoffLimit"] = k.backoff_limit
+    spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
     if k.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = k.active_deadline_seconds
-    if k.nodes > 1:
-        spec.update(completionMode="Indexed", completions=k.nodes, parallelism=k.nodes)
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k)}, "spec": spec}
+    spec["podFailurePolicy"] = _failure_policy("check", "train")
+    spec["template"] = _template(k, "training", pod)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _job_metadata(k, k.name, "training"), "spec": spec}
 
 
-def _sweep_job(k: K8sConfig) -> dict:
+def _pytorch_job(cfg: Config) -> dict:
+    """Kubeflow Training Operator's PyTorchJob: Worker replicas under an elastic policy (c10d rendezvous the
+    operator wires through PET_* variables); exit codes 1-127 are permanent (ExitCode), so a user error
+    fails it at once, a killed pod (128+) is restarted."""
+    k = cfg.k8s
+    resources, shm = pod_resources(k)
+    command = ["torchrun", "-m", "engine.run", "train", "--config", CONFIG]
+    container = _container(k, "pytorch", command, _env(k, False), _mounts(k), resources)
+    pod = _pod(k, [container], _volumes(cfg, shm), init=[check_container(k)], restart="OnFailure")
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": k.backoff_limit,
+                                  "ttlSecondsAfterFinished": k.ttl_seconds_after_finished}
+    if k.active_deadline_seconds:
+        run_policy["activeDeadlineSeconds"] = k.active_deadline_seconds
+    if k.queue:
+        run_policy["schedulingPolicy"] = {"queue": k.queue}
+    spec = {
+        "runPolicy": run_policy,
+        "elasticPolicy": {"rdzvBackend": "c10d", "minReplicas": k.nodes, "maxReplicas": k.nodes,
+                          "maxRestarts": k.max_restarts, "nProcPerNode": max(1, k.gpus)},
+        "pytorchReplicaSpecs": {"Worker": {"replicas": k.nodes, "restartPolicy": "ExitCode",
+                                           "template": _template(k, "training", pod)}},
+    }
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": _job_metadata(k, k.name, "training"), "spec": spec}
+
+
+def _cache_job(cfg: Config) -> dict:
+    """k8s.cache_pods pods, each filling its share of the disk cache (`engine.run cache`: the share from
+    JOB_COMPLETION_INDEX / JOB_COMPLETIONS), before the training starts on a warm cache."""
+    k = cfg.k8s
+    workers = max(1, cfg.cache.workers)
+    amounts = {"cpu": str(workers), "memory": f"{4 * workers}Gi"}
+    env = [*_env(k, True), {"name": "JOB_COMPLETIONS", "value": str(k.cache_pods)}]
+    container = _container(k, "cache", ["python", "-m", "engine.run", "cache", "--config", CONFIG], env,
+                           _mounts(k, output=False, shm=False), {"requests": amounts, "limits": dict(amounts)})
+    pod = _pod(k, [container], _volumes(cfg, None, output=False))
+    spec = {"completionMode": "Indexed", "completions": k.cache_pods, "parallelism": k.cache_pods,
+            "backoffLimitPerIndex": k.backoff_limit, "maxFailedIndexes": 0,
+            "ttlSecondsAfterFinished": k.ttl_seconds_after_finished, "podFailurePolicy": _failure_policy("cache"),
+            "template": _template(k, "cache-fill", pod)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _job_metadata(k, f"{k.name}-cache", "cache-fill"),
+            "spec": spec}
+
+
+def _sweep_job(cfg: Config) -> dict:
     """k8s.sweep_workers pods, each one `sweep` worker (an Indexed Job: JOB_COMPLETION_INDEX seeds its
     sampler) on the study in the output claim; a pod that is replaced picks the study up again."""
-    job = _job(k)
-    job["metadata"].update(name=f"{k.name}-sweep", labels=labels(k, "sweep"))
-    spec = job["spec"]
-    spec.update(completionMode="Indexed", completions=k.sweep_workers, parallelism=k.sweep_workers)
-    spec["template"]["metadata"]["labels"] = labels(k, "sweep")
-    spec["podFailurePolicy"]["rules"][1]["onExitCodes"]["containerName"] = "sweep"
-    container = spec["template"]["spec"]["containers"][0]
-    container.update(name="sweep", command=["python", "-m", "engine.run", "sweep", "--config",
-                                            f"{CONFIG_DIR}/config.yaml", "sweep.workers=1"])
-    return job
+    k = cfg.k8s
+    resources, shm = pod_resources(k)
+    command = ["python", "-m", "engine.run", "sweep", "--config", CONFIG, "sweep.workers=1"]
+    container = _container(k, "sweep", command, _env(k, True), _mounts(k), resources)
+    pod = _pod(k, [container], _volumes(cfg, shm), init=[check_container(k)])
+    spec = {"completionMode": "Indexed", "completions": k.sweep_workers, "parallelism": k.sweep_workers,
+            "backoffLimitPerIndex": k.backoff_limit, "maxFailedIndexes": k.sweep_workers - 1,
+            "ttlSecondsAfterFinished": k.ttl_seconds_after_finished}
+    if k.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = k.active_deadline_seconds
+    spec["podFailurePolicy"] = _failure_policy("check", "sweep")
+    spec["template"] = _template(k, "sweep", pod)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _job_metadata(k, f"{k.name}-sweep", "sweep"),
+            "spec": spec}
+
+
+def _claim(cfg: Config, role: str) -> dict:
+    k = cfg.k8s
+    c = _volume(k, role)
+    spec: dict[str, Any] = {"accessModes": [access_mode(k, role)], "resources": {"requests": {"storage": c.size}}}
+    if k.storage_class:
+        spec["storageClassName"] = k.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _metadata(k, claim_name(cfg, role), role, dict(KEEP)), "spec": spec}
 
 
 def _service(k: K8sConfig) -> dict:
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": k.name, "namespace": k.namespace, "labels": labels(k, "rendezvous")},
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(k, k.name, "rendezvous"),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                      "selector": {"app.kubernetes.io/instance": k.name, "app.kubernetes.io/component": "training"},
                      "ports": [{"name": "rendezvous", "port": k.master_port, "targetPort": k.master_port}]}}
 
 
-def render_objects(cfg: Config) -> list[dict]:
-    """PVCs (unless existing), the ConfigMap, a headless Service for several nodes, and the Job (with
-    k8s.sweep_workers, the sweep Job in its place)."""
+def render_objects(cfg: Config, part: str = "all") -> list[dict]:
+    """`part`: claims (the PVCs, kept when a run is deleted), cache (the ConfigMap and the cache-fill Job),
+    train (the ConfigMap, a headless Service for several nodes and the training workload, or with
+    k8s.sweep_workers the sweep Job), or all of them in that order."""
     k = cfg.k8s
-    _check(k)
+    _check(cfg)
     if k.sweep_workers:
         from engine.sweep import check_space
 
         check_space(cfg)  # an empty or bad search space fails here, not in every pod
-    objects = [_claim(k, role) for role in ("cache", "output") if not _volume(k, role).existing]
-    objects.append({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": f"{k.name}-config", "namespace": k.namespace, "labels": labels(k, "config")},
-                    "data": {"config.yaml": training_config(cfg)}})
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(k, f"{k.name}-config", "config"),
+                  "data": {"config.yaml": training_config(cfg)}}
+    claims = [_claim(cfg, role) for role in ("cache", "output") if not _volume(k, role).existing]
+    cache = [_cache_job(cfg)] if cfg.cache.disk else []
     if k.sweep_workers:
-        return [*objects, _sweep_job(k)]
-    if k.nodes > 1:
-        objects.append(_service(k))
-    objects.append(_job(k))
-    return objects
+        train = [_sweep_job(cfg)]
+    elif k.kind == "pytorchjob":
+        train = [_pytorch_job(cfg)]
+    else:
+        train = ([_service(k)] if k.nodes > 1 else []) + [_training_job(cfg)]
+    parts = {"claims": claims, "cache": [config_map, *cache], "train": [config_map, *train],
+             "all": [*claims, config_map, *cache, *train]}
+    return parts[part]
 
 
-def render(cfg: Config) -> str:
+def render(cfg: Config, part: str = "all") -> str:
     import yaml
 
-    return yaml.safe_dump_all(render_objects(cfg), sort_keys=False)
+    return yaml.safe_dump_all(render_objects(cfg, part), sort_keys=False)
 
 
 def helm_values(cfg: Config) -> str:
@@ -207,20 +456,44 @@ def helm_values(cfg: Config) -> str:
     import yaml
 
     k = cfg.k8s
-    _check(k)
+    _check(cfg)
 
     def claim(role: str) -> dict:
         c = _volume(k, role)
-        return {"name": claim_name(k, role), "existing": c.existing, "size": c.size, "accessMode": str(c.access_mode)}
+        return {"name": claim_name(cfg, role), "existing": c.existing, "size": c.size,
+                "accessMode": access_mode(k, role)}
 
+    resources, shm = pod_resources(k)
     values = {
-        "name": k.name, "image": k.image, "imagePullPolicy": str(k.image_pull_policy), "nodes": k.nodes, "gpus": k.gpus,
-        "cpu": str(k.cpu), "memory": k.memory, "shmSize": k.shm_size, "nodeSelector": dict(k.node_selector),
-        "tolerations": [dict(t) for t in k.tolerations], "storageClass": k.storage_class,
-        "cache": claim("cache"), "output": claim("output"), "dataClaim": k.data_claim,
-        "wandbSecret": k.wandb_secret, "backoffLimit": k.backoff_limit,
+        "name": k.name, "kind": str(k.kind), "image": k.image, "imagePullPolicy": str(k.image_pull_policy),
+        "imagePullSecrets": list(k.image_pull_secrets), "serviceAccountName": k.service_account,
+        "nodes": k.nodes, "gpus": k.gpus, "cpu": resources["limits"]["cpu"], "memory": resources["limits"]["memory"],
+        "shmSize": shm, "labels": dict(k.labels), "annotations": dict(k.annotations), "queue": k.queue,
+        "priorityClassName": k.priority_class, "nodeSelector": dict(k.node_selector),
+        "affinity": plain_dict(k.affinity), "tolerations": [plain_dict(t) for t in k.tolerations],
+        "env": dict(k.env), "storageClass": k.storage_class, "cache": claim("cache"), "output": claim("output"),
+        "dataClaim": k.data_claim, "cacheFill": cfg.cache.disk, "cachePods": k.cache_pods,
+        "cacheWorkers": max(1, cfg.cache.workers), "wandbSecret": k.wandb_secret, "backoffLimit": k.backoff_limit,
+        "maxRestarts": k.max_restarts, "terminationGracePeriodSeconds": k.termination_grace_seconds,
         "activeDeadlineSeconds": k.active_deadline_seconds, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
         "runAsUser": k.run_as_user, "masterPort": k.master_port, "sweepWorkers": k.sweep_workers,
         "trainingConfig": training_config(cfg),
     }
-    return yaml.safe_dump(values, sort_keys=False)
+    return yaml.dump(values, Dumper=_QuotingDumper, sort_keys=False)
+
+
+_YAML11_WORDS = re.compile(r"^(y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)$")
+
+
+def _quoted(dumper, text: str):
+    """Several lines as a block; a word YAML 1.1 reads as a boolean (Helm reads a bare y, on or no so,
+    PyYAML leaves y bare) quoted."""
+    style = "|" if "\n" in text else '"' if _YAML11_WORDS.match(text) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+class _QuotingDumper(__import__("yaml").SafeDumper):
+    pass
+
+
+_QuotingDumper.add_representer(str, _quoted)
