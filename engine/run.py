@@ -94,8 +94,10 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
 
 def init_process_group(backend: str, timeout) -> None:
     """The process group, then ignite.distributed on it. Our own: after a worker died, torchrun's c10d
-    rendezvous hands the restarted workers a store that still holds the dead group's addresses, so each
-    attempt (TORCHELASTIC_RESTART_COUNT) gets keys of its own."""
+    rendezvous hands the restarted workers the agent's shared store, which still holds the dead group's
+    addresses, so each attempt (TORCHELASTIC_RESTART_COUNT) gets keys of its own. Without that sharing
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as our pods run) rank 0 hosts a new store each round and the
+    attempt counts may differ (a replaced pod's agent starts from 0): no prefix then."""
     import ignite.distributed as idist
     import torch
     import torch.distributed as dist
@@ -110,7 +112,8 @@ def init_process_group(backend: str, timeout) -> None:
                           is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"ct3d/attempt_{attempt}", store), rank=rank,
+    prefix = f"ct3d/attempt_{attempt}" if hosted_by_agent else "ct3d"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=world, timeout=timeout)
     idist.sync()
 

@@ -23,7 +23,10 @@ from engine.schema import Config, K8sConfig, VolumeClaimConfig
 CONFIG_DIR, CACHE_DIR, OUTPUT_DIR, DATA_DIR = "/etc/ct3d", "/cache", "/output", "/data"
 CONFIG = f"{CONFIG_DIR}/config.yaml"
 KEEP = {"helm.sh/resource-policy": "keep"}  # `helm uninstall` leaves the claim (and its data) alone
-FIXED_ENV = {"WANDB_DIR": OUTPUT_DIR, "PYTHONUNBUFFERED": "1", "CT3D_CACHE": CACHE_DIR, "CT3D_OUTPUT": OUTPUT_DIR}
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE: torchrun's c10d handler otherwise keeps round 0's worker store address,
+# so a survivor of a lost pod never publishes a new one and its replacement waits forever (torch 2.13: tested).
+FIXED_ENV = {"WANDB_DIR": OUTPUT_DIR, "PYTHONUNBUFFERED": "1", "CT3D_CACHE": CACHE_DIR, "CT3D_OUTPUT": OUTPUT_DIR,
+             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 

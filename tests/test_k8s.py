@@ -582,7 +582,13 @@ def test_rendered_two_pod_training_survives_a_pod_replaced_mid_run(tmp_path):
         return proc
 
     pod0 = start(0, logs[0])
-    time.sleep(2)  # pod 0 hosts the rendezvous store, as the endpoint names it
+    deadline = time.time() + 120
+    while True:  # pod 0 hosts the rendezvous store (on a cluster only its name resolves to the endpoint)
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert pod0.poll() is None and time.time() < deadline, "".join(logs[0])[-3000:]
+        time.sleep(0.1)
     pod1 = start(1, logs[1])
     deadline = time.time() + 300
     while "epoch 2/3 iteration 3/" not in "".join(logs[0] + logs[1]):
@@ -592,8 +598,9 @@ def test_rendered_two_pod_training_survives_a_pod_replaced_mid_run(tmp_path):
         p.kill()  # the node is gone: no SIGTERM, no checkpoint on the way out
     pod1.wait()
     replacement = start(1, logs[2])
-    assert pod0.wait(timeout=600) == 0, "".join(logs[0])[-4000:]
-    assert replacement.wait(timeout=600) == 0, "".join(logs[2])[-4000:]
+    both = lambda: f"pod 0:\n{''.join(logs[0])[-3000:]}\nreplacement:\n{''.join(logs[2])[-3000:]}"  # noqa: E731
+    assert pod0.wait(timeout=600) == 0, both()
+    assert replacement.wait(timeout=600) == 0, both()
     assert "resumed from" in "".join(logs[0] + logs[2])
     run = tmp_path / "output" / "two"
     assert (run / "checkpoints" / "final.pt").is_file()

@@ -74,6 +74,8 @@ metadata:
   value: /cache
 - name: CT3D_OUTPUT
   value: /output
+- name: TORCH_DISABLE_SHARE_RDZV_TCP_STORE
+  value: "1"
 {{- range $k, $v := .root.Values.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
