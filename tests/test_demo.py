@@ -112,13 +112,3 @@ def test_demo_command_trains_to_target_auc(tmp_path):
     hits, cases, chance = nodule_peaks(runs[0])
     print(f"Grad-CAM peaks near a nodule in {hits}/{cases} validation volumes; chance {chance:.3f}")
     assert binomial_tail(hits, cases, chance) < 1e-3, (hits, cases, chance)
-
-    best = runs[0] / "checkpoints" / "best.pt"
-    proc = subprocess.run([sys.executable, "-m", "engine.run", "evaluate", f"checkpoint={best}", "output.name=eval"],
-                          cwd=tmp_path, capture_output=True, **TEXT, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "runs" / "eval" / "evaluation.json").read_text())
-    assert evaluated["data"] == "the run's own validation split"
-    evaluation = evaluated["metrics"]
-    for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):
-        assert evaluation[key] == pytest.approx(summary["best"][key], abs=1e-4), key
