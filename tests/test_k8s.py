@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,11 +266,10 @@ def test_extra_env_holds_no_secrets_and_keeps_ct3d_settings():
         objects("k8s.env={WANDB_DIR: /tmp}")
 
 
-def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
+def load_pytorchjob(job: dict):
+    """The object as the kubeflow-training SDK's model, checked to round-trip whole (nothing unknown dropped)."""
     from kubeflow.training import models
     from kubeflow.training.api_client import ApiClient
-
-    job = next(o for o in objects(*PYTORCHJOB) if o["kind"] == "PyTorchJob")
 
     class Response:  # ApiClient.deserialize reads a response's .data
         data = json.dumps(job)
@@ -277,13 +277,19 @@ def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
     client = ApiClient()
     client.client_side_validation = True
     loaded = client.deserialize(Response(), models.KubeflowOrgV1PyTorchJob)
+    quantities_as_text = json.loads(re.sub(r'"nvidia.com/gpu": (\d+)', r'"nvidia.com/gpu": "\1"', json.dumps(job)))
+    assert client.sanitize_for_serialization(loaded) == quantities_as_text  # nothing dropped as unknown
+    return loaded
+
+
+def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
+    job = next(o for o in objects(*PYTORCHJOB) if o["kind"] == "PyTorchJob")
+    loaded = load_pytorchjob(job)
     assert loaded.spec.elastic_policy.rdzv_backend == "c10d" and loaded.spec.elastic_policy.max_replicas == 4
     worker = loaded.spec.pytorch_replica_specs["Worker"]
     assert worker.replicas == 4 and worker.restart_policy == "ExitCode"
     assert worker.template.spec.containers[0].name == "pytorch"
     assert worker.template.spec.init_containers[0].name == "check"
-    quantities_as_text = json.loads(json.dumps(job).replace('"nvidia.com/gpu": 8', '"nvidia.com/gpu": "8"'))
-    assert client.sanitize_for_serialization(loaded) == quantities_as_text  # nothing dropped as unknown
     assert loaded.spec.run_policy.scheduling_policy.queue == "team-a"
 
 
@@ -439,9 +445,19 @@ def _flow(mapping: dict) -> str:
 @hypothesis_settings(max_examples=30, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 def test_chart_and_renderer_render_the_same_objects(overrides):
+    """Whole objects equal, and the chart's pass the strict schemas (1.30, 1.33) or, for a PyTorchJob,
+    load into the kubeflow-training SDK's models."""
+    import kubernetes_validate
+
     cfg = load_config(ROOT / "configs" / "default.yaml", overrides)
     ours, theirs = render_objects(cfg), chart_objects(cfg)
     assert comparable(ours) == comparable(theirs)
+    for obj in theirs:
+        if obj["kind"] == "PyTorchJob":
+            load_pytorchjob(obj)
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 PARITY_CASES = [[], MULTI, PYTORCHJOB, SWEEP, ["k8s.gpus=2", "k8s.output.existing=true", "k8s.output.name=runs"]]
