@@ -206,10 +206,35 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
     kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                   pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0)
     if loader.num_workers is None and workers == 0:
-        from monai.data import ThreadDataLoader
-
-        return ThreadDataLoader(dataset, buffer_size=2, **kwargs)
+        return thread_loader_class()(dataset, buffer_size=2, **kwargs)
     return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def thread_loader_class():
+    """MONAI's ThreadDataLoader (a thread prefetches batches) that raises what went wrong in its thread: our
+    own part because MONAI's ThreadBuffer drops the exception and the epoch just ends early."""
+    from monai.data import ThreadDataLoader
+    from monai.data.thread_buffer import ThreadBuffer
+
+    class Buffer(ThreadBuffer):
+        error: BaseException | None = None
+
+        def enqueue_values(self):
+            try:
+                super().enqueue_values()
+            except BaseException as exc:  # noqa: BLE001 - raised again in the training loop
+                self.error = exc
+
+        def __iter__(self):
+            yield from super().__iter__()
+            if self.error is not None:
+                raise self.error
+
+    class ThreadLoader(ThreadDataLoader):
+        def __iter__(self):
+            yield from Buffer(torch.utils.data.DataLoader.__iter__(self), self.buffer_size, self.buffer_timeout)
+
+    return ThreadLoader
 
 
 def loader_workers(loader: LoaderConfig, dataset) -> int:
@@ -225,7 +250,8 @@ def loader_workers(loader: LoaderConfig, dataset) -> int:
         return loader.num_workers
     if in_ram(dataset):
         return 0
-    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cpus = len(available) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(4, cpus - 1))
 
 

@@ -25,8 +25,12 @@ def script(cfg) -> str:
         if not text.strip() or (part == "cache" and not cfg.cache.disk):
             continue
         lines += [f"kubectl apply -f - <<'CT3D_{part.upper()}'", text.rstrip("\n"), f"CT3D_{part.upper()}"]
-        if wait:
-            lines.append(f"kubectl -n {k.namespace} wait --for=condition=complete --timeout=24h {wait}")
+        if wait:  # `kubectl wait --for=condition=complete` would wait out its timeout on a failed Job
+            lines += [f"echo 'waiting for {wait}'",
+                      f"until state=$(kubectl -n {k.namespace} get {wait} -o "
+                      "jsonpath='{.status.conditions[?(@.status==\"True\")].type}') && case \"$state\" in "
+                      f"*Complete*) true ;; *Failed*) echo '{wait} failed: kubectl -n {k.namespace} logs {wait}' >&2; "
+                      "exit 1 ;; *) false ;; esac; do sleep 20; done"]
     return "\n".join(lines) + "\n"
 
 

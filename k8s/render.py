@@ -113,14 +113,13 @@ def _check(cfg: Config) -> None:
 def access_mode(k: K8sConfig, role: str) -> str:
     """The claim's access mode: auto picks ReadWriteOnce when one node mounts it, ReadWriteMany when pods on
     several nodes do; a one-node mode where several nodes need it is an error."""
-    shared = (k.nodes > 1 or (role == "cache" and k.cache_pods > 1)
-              or (role == "output" and k.sweep_workers > 1))
+    shared = k.nodes > 1 or k.sweep_workers > 1 or (role == "cache" and k.cache_pods > 1)
     mode = str(_volume(k, role).access_mode)
     if mode == "auto":
         return "ReadWriteMany" if shared else "ReadWriteOnce"
     if shared and mode != "ReadWriteMany" and not _volume(k, role).existing:
-        why = f"{k.nodes} nodes" if k.nodes > 1 else (f"{k.cache_pods} cache pods" if role == "cache"
-                                                       else f"{k.sweep_workers} sweep workers")
+        why = (f"{k.nodes} nodes" if k.nodes > 1 else f"{k.sweep_workers} sweep workers" if k.sweep_workers > 1
+               else f"{k.cache_pods} cache pods")
         raise CT3DError(f"config error: k8s.{role}.access_mode: {mode} lets one node mount the claim, but {why} "
                         f"share it: use ReadWriteMany (a StorageClass that offers it: EFS, Filestore, FSx for "
                         f"Lustre, CephFS, NFS) or auto")
@@ -140,11 +139,14 @@ def labels(k: K8sConfig, component: str = "training") -> dict:
 
 
 def data_key(cfg: Config) -> str:
-    """Ten hex digits naming the data set and its preprocessing: runs that share both share a cache claim."""
+    """Ten hex digits naming the data set and its preprocessing, and the claim's access mode and storage
+    class (which a claim cannot change): runs that share all of them share a cache claim."""
     d = cfg.data
     data = {"train": d.train, "val": d.val, "image_root": d.image_root, "layout": str(d.layout),
             "demo": plain(d.demo) if d.demo.enabled else None, "metadata": d.metadata}
-    text = json.dumps({"data": data, "preprocess": plain(cfg.preprocess)}, sort_keys=True, default=str)
+    storage = {"access_mode": access_mode(cfg.k8s, "cache"), "storage_class": cfg.k8s.storage_class}
+    text = json.dumps({"data": data, "preprocess": plain(cfg.preprocess), "storage": storage}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -346,12 +348,15 @@ def _training_job(cfg: Config) -> dict:
 def _pytorch_job(cfg: Config) -> dict:
     """Kubeflow Training Operator's PyTorchJob: Worker replicas under an elastic policy (c10d rendezvous the
     operator wires through PET_* variables); exit codes 1-127 are permanent (ExitCode), so a user error
-    fails it at once, a killed pod (128+) is restarted."""
+    (the check's exit 2) fails it at once, a killed pod (128+) is restarted."""
     k = cfg.k8s
     resources, shm = pod_resources(k)
-    command = ["torchrun", "-m", "engine.run", "train", "--config", CONFIG]
+    # The check runs first in the same container: the operator reads only this container's exit code, and
+    # treats a failed init container as retryable (it would recreate the pod forever).
+    command = ["sh", "-c", f"python -m engine.run check --quick --config {CONFIG} && "
+                           f"exec torchrun -m engine.run train --config {CONFIG}"]
     container = _container(k, "pytorch", command, _env(k, False), _mounts(k), resources)
-    pod = _pod(k, [container], _volumes(cfg, shm), init=[check_container(k)], restart="OnFailure")
+    pod = _pod(k, [container], _volumes(cfg, shm), restart="OnFailure")
     run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": k.backoff_limit,
                                   "ttlSecondsAfterFinished": k.ttl_seconds_after_finished}
     if k.active_deadline_seconds:

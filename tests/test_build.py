@@ -201,3 +201,13 @@ def test_loader_threads_when_the_ram_cache_holds_the_share_and_workers_when_it_d
     assert not isinstance(partly, ThreadDataLoader) and 1 <= partly.num_workers <= 4
     fixed = make_loader(dataset(1.0), LoaderConfig(batch_size=2, num_workers=2), cpu, shuffle_seed=0)
     assert not isinstance(fixed, ThreadDataLoader) and fixed.num_workers == 2
+
+    class Broken(Labelled):
+        def __getitem__(self, index):
+            if index == 3:
+                raise RuntimeError("volume v3 is unreadable")
+            return super().__getitem__(index)
+
+    broken = make_loader(Broken(dataset(1.0).images, items), auto, cpu)
+    with pytest.raises(RuntimeError, match="v3 is unreadable"):  # not an epoch that quietly ends early
+        list(broken)

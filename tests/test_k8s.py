@@ -229,6 +229,8 @@ def test_storage_one_node_read_write_once_several_need_read_write_many_and_claim
     assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in many)
     with pytest.raises(CT3DError, match="k8s.output.access_mode: ReadWriteOnce .* 2 nodes .*ReadWriteMany"):
         objects("k8s.nodes=2", "k8s.output.access_mode=ReadWriteOnce")
+    sweep = [o for o in objects(*SWEEP) if o["kind"] == "PersistentVolumeClaim"]  # 3 worker pods mount both
+    assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in sweep)
 
 
 def test_cache_claim_is_named_by_data_and_preprocessing_and_shared_across_runs():
@@ -241,6 +243,8 @@ def test_cache_claim_is_named_by_data_and_preprocessing_and_shared_across_runs()
     assert first.startswith("ct3d-cache-") and first == cache_claim("k8s.name=run-b", "train.lr=0.1")
     assert first != cache_claim("k8s.name=run-a", "preprocess.spatial_size=[96,96,96]")
     assert first != cache_claim("k8s.name=run-a", "data.demo.num_volumes=50")
+    # a claim's access mode and class cannot change: a several-node run gets a claim of its own
+    assert first != cache_claim("k8s.name=run-a", "k8s.nodes=2") != cache_claim("k8s.nodes=2", "k8s.storage_class=efs")
 
 
 def test_environment_references_resolve_as_in_the_pod_not_on_this_machine(monkeypatch):
@@ -289,7 +293,8 @@ def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
     worker = loaded.spec.pytorch_replica_specs["Worker"]
     assert worker.replicas == 4 and worker.restart_policy == "ExitCode"
     assert worker.template.spec.containers[0].name == "pytorch"
-    assert worker.template.spec.init_containers[0].name == "check"
+    assert not worker.template.spec.init_containers  # the operator reads the exit code of `pytorch` only
+    assert worker.template.spec.containers[0].command[2].startswith("python -m engine.run check --quick")
     assert loaded.spec.run_policy.scheduling_policy.queue == "team-a"
 
 
@@ -299,7 +304,8 @@ def test_script_applies_claims_then_waits_for_the_cache_then_trains():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     applies = [i for i, line in enumerate(lines) if line.startswith("kubectl apply")]
-    wait = next(i for i, line in enumerate(lines) if "wait --for=condition=complete" in line)
+    wait = next(i for i, line in enumerate(lines) if line.startswith("until state="))
+    assert "*Failed*" in lines[wait] and "exit 1" in lines[wait]  # a failed cache fill stops the script
     assert len(applies) == 3 and applies[1] < wait < applies[2] and "job/run-1-cache" in lines[wait]
     body = "\n".join(lines[applies[2]:])
     assert "kind: Job" in body and "name: run-1-cache" not in body
@@ -366,6 +372,8 @@ def test_chart_schema_rejects_typos_and_wrong_types():
         assert proc.returncode != 0, bad
     proc = helm("template", "x", "charts/ct3d", "--set", "nodes=2", "--set", "output.accessMode=ReadWriteOnce")
     assert proc.returncode != 0 and "ReadWriteMany" in proc.stderr
+    for name in ("HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "CT3D_CACHE"):  # as the renderer refuses
+        assert helm("template", "x", "charts/ct3d", "--set-string", f"env.{name}=v").returncode != 0, name
 
 
 HELM_ONLY_LABELS = ("app.kubernetes.io/managed-by", "helm.sh/chart")  # who rendered it: the one allowed difference

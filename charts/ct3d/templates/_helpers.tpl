@@ -22,7 +22,7 @@
 shared by several nodes fails the render. */}}
 {{- define "ct3d.accessMode" -}}
 {{- $v := .root.Values -}}
-{{- $shared := or (gt (int $v.nodes) 1) (and (eq .role "cache") (gt (int ($v.cachePods | default 1)) 1)) (and (eq .role "output") (gt (int ($v.sweepWorkers | default 0)) 1)) -}}
+{{- $shared := or (gt (int $v.nodes) 1) (gt (int ($v.sweepWorkers | default 0)) 1) (and (eq .role "cache") (gt (int ($v.cachePods | default 1)) 1)) -}}
 {{- $mode := .claim.accessMode | default "auto" -}}
 {{- if eq $mode "auto" -}}
 {{- ternary "ReadWriteMany" "ReadWriteOnce" $shared -}}
