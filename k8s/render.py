@@ -27,6 +27,7 @@ KEEP = {"helm.sh/resource-policy": "keep"}  # `helm uninstall` leaves the claim 
 # so a survivor of a lost pod never publishes a new one and its replacement waits forever (torch 2.13: tested).
 FIXED_ENV = {"WANDB_DIR": OUTPUT_DIR, "PYTHONUNBUFFERED": "1", "CT3D_CACHE": CACHE_DIR, "CT3D_OUTPUT": OUTPUT_DIR,
              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+JOIN_SECONDS = 1800  # c10d rendezvous join timeout: a lost node's replacement may take this long to start
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -316,9 +317,15 @@ def train_command(k: K8sConfig) -> list[str]:
     restarts = f"--max-restarts={k.max_restarts}"
     if k.nodes == 1:
         return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={per_node}", restarts, *train]
+    # Through sh: pod 0 is told it hosts the rendezvous store (torch would otherwise decide by resolving
+    # the endpoint, which a replacement pod 0 may do before its DNS record exists), and the join timeout
+    # covers a replacement node's start and image pull.
     endpoint = f"{k.name}-0.{k.name}.{k.namespace}.svc:{k.master_port}"
-    return ["torchrun", f"--nnodes={k.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={endpoint}", f"--rdzv-id={k.name}", restarts, *train]
+    host = '$(test "$JOB_COMPLETION_INDEX" = 0 && echo 1 || echo 0)'
+    return ["sh", "-c", " ".join([
+        "exec torchrun", f"--nnodes={k.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}", f"--rdzv-id={k.name}", f"--rdzv-conf=is_host={host},join_timeout={JOIN_SECONDS}",
+        restarts, *train])]
 
 
 def _training_job(cfg: Config) -> dict:

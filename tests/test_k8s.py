@@ -158,11 +158,16 @@ def test_four_nodes_meet_at_pod_0_with_c10d_and_a_replaced_pod_rejoins():
     assert spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == "ctrate-r18"
-    command = pod["containers"][0]["command"]
-    assert command[:3] == ["torchrun", "--nnodes=4", "--nproc-per-node=8"]
+    shell, flag, line = pod["containers"][0]["command"]
+    command = line.split()
+    assert (shell, flag) == ("sh", "-c") and command[:4] == ["exec", "torchrun", "--nnodes=4", "--nproc-per-node=8"]
     assert {"--rdzv-backend=c10d", "--rdzv-endpoint=ctrate-r18-0.ctrate-r18.ml.svc:29500", "--rdzv-id=ctrate-r18",
             "--max-restarts=3"} <= set(command)
     assert not any(a.startswith(("--node-rank", "--master-addr")) for a in command)  # static rendezvous: gone
+    for index, hosts in (("0", "1"), ("3", "0")):  # pod 0 hosts the rendezvous store, by its index not by DNS
+        shown = subprocess.run(["sh", "-c", line.replace("exec torchrun", "echo")], env={"JOB_COMPLETION_INDEX": index},
+                               capture_output=True, **TEXT).stdout
+        assert f"--rdzv-conf=is_host={hosts},join_timeout=1800" in shown.split()
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert "job-completion-index" in env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["NCCL_IB_DISABLE"]["value"] == "1"
@@ -581,14 +586,11 @@ def local_pod(job: dict, config_map: dict, tmp_path: Path, index: int, port: int
             text = text.replace(f": {pod_path}", f": {here}")
         config.write_text(text)
     container = job["spec"]["template"]["spec"]["containers"][0]
-    command = []
-    for arg in container["command"]:
-        if arg == "torchrun":
-            command += [sys.executable, "-m", "torch.distributed.run"]
-        elif arg.startswith("--rdzv-endpoint="):
-            command.append(f"--rdzv-endpoint=127.0.0.1:{port}")
-        else:
-            command.append(str(config) if arg == "/etc/ct3d/config.yaml" else arg)
+    shell, flag, line = container["command"]
+    endpoint = next(w for w in line.split() if w.startswith("--rdzv-endpoint="))
+    line = (line.replace("exec torchrun", f"exec {sys.executable} -m torch.distributed.run")
+            .replace(endpoint, f"--rdzv-endpoint=127.0.0.1:{port}").replace("/etc/ct3d/config.yaml", str(config)))
+    command = [shell, flag, line]
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     for item in container["env"]:
         if "value" in item:
