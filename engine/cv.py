@@ -93,8 +93,8 @@ def cv(cfg: Config) -> Path:
 def fold_outputs(run: Path) -> dict:
     """A finished fold's best validation: probabilities, labels, decisions at its thresholds, and each row's
     volume and patient (from split.csv, in the order the outputs were gathered)."""
-    from engine.build import gathered_order
     from engine.checkpoint import load_checkpoint
+    from engine.loaders import gathered_order
     from engine.metrics import decisions
     from engine.prepare import SPLIT_FILE, read_split
 

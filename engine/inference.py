@@ -13,10 +13,8 @@ from pathlib import Path
 import torch
 
 from engine.build import (
-    loader_workers,
     make_evaluator,
     make_inferer,
-    make_loader,
     make_loss,
     resolve_amp,
     resolve_device,
@@ -37,6 +35,7 @@ from engine.datalist import (
 )
 from engine.errors import CT3DError
 from engine.io import write_json, write_text
+from engine.loaders import loader_workers, make_loader
 from engine.models import create_model
 from engine.prepare import evaluation_split_note, load_splits, write_skipped
 from engine.progress import tracked

@@ -15,9 +15,7 @@ import torch
 from engine.augment import DeviceAugmentation
 from engine.build import (
     attach_validation,
-    make_datasets,
     make_evaluator,
-    make_loader,
     make_loss,
     make_network,
     make_optimization,
@@ -35,6 +33,7 @@ from engine.datalist import label_frequencies
 from engine.errors import CT3DError, Interrupted
 from engine.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
 from engine.io import write_json, write_text
+from engine.loaders import make_datasets, make_loader
 from engine.models import FreezeBackbone
 from engine.prepare import Splits, check_same_run, prepare_data, split_rows, write_skipped, write_split
 from engine.schema import Config
@@ -168,8 +167,8 @@ def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
 def best_statistics(cfg: Config, table: MetricsTable, data: Splits, task: str) -> dict:
     """The best validation's thresholds, calibration, labels in macro AUC and bootstrap intervals (patients
     in the order the outputs were gathered)."""
-    from engine.build import gathered_order
     from engine.datalist import patient_of
+    from engine.loaders import gathered_order
     from engine.statistics import run_statistics
 
     best = table.best_outputs
@@ -271,8 +270,8 @@ def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_items
 
     import ignite.distributed as idist
 
-    from engine.build import gathered_order
     from engine.checkpoint import load_checkpoint
+    from engine.loaders import gathered_order
     from engine.saliency import report_panels
 
     if not table.best_outputs:
