@@ -94,13 +94,20 @@ def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share
     problems += unreadable
     if not strict:
         problems = fatal + problems
-    elif fatal or (problems and cfg.data.on_error == "raise"):
-        hint = "" if fatal or not problems else "\n(data.on_error=skip leaves bad volumes out and lists them)"
-        every = fatal + problems
-        raise CT3DError(f"{len(every)} problem(s) in the data:\n  {format_problems(every, 50)}{hint}")
+    else:
+        stop_on(fatal, problems, cfg.data.on_error)
     bad = {p.name for p in unreadable}  # bad datalist rows were never made items
     return Splits([it for it in train_items if it[NAME] not in bad], [it for it in val_items if it[NAME] not in bad],
                   labels, problems)
+
+
+def stop_on(fatal: list[Problem], problems: list[Problem], on_error: str) -> None:
+    """Raises, listing every problem, where training would stop: split problems always, bad rows and volumes
+    unless data.on_error=skip."""
+    if fatal or (problems and on_error == "raise"):
+        hint = "" if fatal or not problems else "\n(data.on_error=skip leaves bad volumes out and lists them)"
+        every = fatal + problems
+        raise CT3DError(f"{len(every)} problem(s) in the data:\n  {format_problems(every, 50)}{hint}")
 
 
 def write_skipped(folder: Path, problems: list[Problem]) -> None:
@@ -117,10 +124,7 @@ def check_lists(cfg: Config) -> int:
     stop; returns the number of rows data.on_error=skip would leave out."""
     problems: list[Problem] = []
     train_items, val_items, _ = load_splits(cfg.data, problems)
-    fatal = split_problems(train_items, val_items, cfg.data.patient_pattern)
-    if fatal or (problems and cfg.data.on_error == "raise"):
-        every = fatal + problems
-        raise CT3DError(f"{len(every)} problem(s) in the data:\n  {format_problems(every, 50)}")
+    stop_on(split_problems(train_items, val_items, cfg.data.patient_pattern), problems, cfg.data.on_error)
     note = f", {len(problems)} bad row(s) left out (data.on_error=skip)" if problems else ""
     print(f"ct3d check --quick: {len(train_items)} train and {len(val_items)} validation volumes listed and "
           f"present{note}")
