@@ -13,6 +13,7 @@ import re
 from contextlib import contextmanager
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from engine import __version__
@@ -289,6 +290,24 @@ def _job_metadata(k: K8sConfig, name: str, component: str) -> dict:
     return meta
 
 
+def _indexed(k: K8sConfig, pods: int, max_failed: int = 0) -> dict:
+    """An Indexed Job's spec head: a failed pod is replaced at its index (k.backoff_limit times per index)."""
+    return {"completionMode": "Indexed", "completions": pods, "parallelism": pods,
+            "backoffLimitPerIndex": k.backoff_limit, "maxFailedIndexes": max_failed}
+
+
+def _batch_job(k: K8sConfig, name: str, component: str, head: dict, pod: dict, checked: tuple[str, ...],
+               deadline: bool = True) -> dict:
+    """A batch/v1 Job: `head` (completions or backoff), the TTL, the deadline (unless `deadline` is off),
+    the failure policy naming the `checked` containers, and the pod template."""
+    spec: dict[str, Any] = {**head, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished}
+    if deadline and k.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = k.active_deadline_seconds
+    spec["podFailurePolicy"] = _failure_policy(*checked)
+    spec["template"] = _template(k, component, pod)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _job_metadata(k, name, component), "spec": spec}
+
+
 def _failure_policy(*containers: str) -> dict:
     """Node disruptions (preemption, drain) do not count; a user error (exit 2: config or data) in any of
     `containers` fails the Job at once instead of being retried."""
@@ -338,18 +357,9 @@ def _training_job(cfg: Config) -> dict:
     pod = _pod(k, [train], _volumes(cfg, shm), init=[check_container(k)])
     if indexed:
         pod["subdomain"] = k.name  # pods resolve as <job>-<index>.<service>
-    spec: dict[str, Any] = {}
-    if indexed:  # a failed pod is replaced at its index and rejoins the rendezvous; any index failing for good ends it
-        spec.update(completionMode="Indexed", completions=k.nodes, parallelism=k.nodes,
-                    backoffLimitPerIndex=k.backoff_limit, maxFailedIndexes=0)
-    else:
-        spec["backoffLimit"] = k.backoff_limit
-    spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
-    if k.active_deadline_seconds:
-        spec["activeDeadlineSeconds"] = k.active_deadline_seconds
-    spec["podFailurePolicy"] = _failure_policy("check", "train")
-    spec["template"] = _template(k, "training", pod)
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _job_metadata(k, k.name, "training"), "spec": spec}
+    # several nodes: a replaced pod rejoins the rendezvous; any index failing for good ends the Job
+    head = _indexed(k, k.nodes) if indexed else {"backoffLimit": k.backoff_limit}
+    return _batch_job(k, k.name, "training", head, pod, ("check", "train"))
 
 
 def _pytorch_job(cfg: Config) -> dict:
@@ -391,12 +401,8 @@ def _cache_job(cfg: Config) -> dict:
     container = _container(k, "cache", ["python", "-m", "engine.run", "cache", "--config", CONFIG], env,
                            _mounts(k, output=False, shm=False), {"requests": amounts, "limits": dict(amounts)})
     pod = _pod(k, [container], _volumes(cfg, None, output=False))
-    spec = {"completionMode": "Indexed", "completions": k.cache_pods, "parallelism": k.cache_pods,
-            "backoffLimitPerIndex": k.backoff_limit, "maxFailedIndexes": 0,
-            "ttlSecondsAfterFinished": k.ttl_seconds_after_finished, "podFailurePolicy": _failure_policy("cache"),
-            "template": _template(k, "cache-fill", pod)}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _job_metadata(k, f"{k.name}-cache", "cache-fill"),
-            "spec": spec}
+    # no deadline: k8s.active_deadline_seconds bounds the training, and a fill of 50k volumes takes its time
+    return _batch_job(k, f"{k.name}-cache", "cache-fill", _indexed(k, k.cache_pods), pod, ("cache",), deadline=False)
 
 
 def _sweep_job(cfg: Config) -> dict:
@@ -407,15 +413,8 @@ def _sweep_job(cfg: Config) -> dict:
     command = ["python", "-m", "engine.run", "sweep", "--config", CONFIG, "sweep.workers=1"]
     container = _container(k, "sweep", command, _env(k, True), _mounts(k), resources)
     pod = _pod(k, [container], _volumes(cfg, shm), init=[check_container(k)])
-    spec = {"completionMode": "Indexed", "completions": k.sweep_workers, "parallelism": k.sweep_workers,
-            "backoffLimitPerIndex": k.backoff_limit, "maxFailedIndexes": k.sweep_workers - 1,
-            "ttlSecondsAfterFinished": k.ttl_seconds_after_finished}
-    if k.active_deadline_seconds:
-        spec["activeDeadlineSeconds"] = k.active_deadline_seconds
-    spec["podFailurePolicy"] = _failure_policy("check", "sweep")
-    spec["template"] = _template(k, "sweep", pod)
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _job_metadata(k, f"{k.name}-sweep", "sweep"),
-            "spec": spec}
+    head = _indexed(k, k.sweep_workers, max_failed=k.sweep_workers - 1)  # the study goes on without a lost worker
+    return _batch_job(k, f"{k.name}-sweep", "sweep", head, pod, ("check", "sweep"))
 
 
 def _claim(cfg: Config, role: str) -> dict:
@@ -461,15 +460,11 @@ def render_objects(cfg: Config, part: str = "all") -> list[dict]:
 
 
 def render(cfg: Config, part: str = "all") -> str:
-    import yaml
-
     return yaml.safe_dump_all(render_objects(cfg, part), sort_keys=False)
 
 
 def helm_values(cfg: Config) -> str:
     """Values for charts/ct3d that describe the same run as `render(cfg)`."""
-    import yaml
-
     k = cfg.k8s
     _check(cfg)
 
@@ -507,7 +502,7 @@ def _quoted(dumper, text: str):
     return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
 
 
-class _QuotingDumper(__import__("yaml").SafeDumper):
+class _QuotingDumper(yaml.SafeDumper):
     pass
 
 
