@@ -154,6 +154,23 @@ def bench_pipeline(cfg: dict, work: Path) -> dict:
     return figures
 
 
+def demo_training(work: Path, tag: str, volumes: int, size: int) -> list[str]:
+    """Overrides for a training on `volumes` generated phantoms of size^3, its data, cache and runs under
+    work/<tag>-*."""
+    return [f"data.demo.dir={work / f'{tag}-demo'}", f"data.demo.num_volumes={volumes}",
+            f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
+            f"cache.dir={work / f'{tag}-cache'}", f"output.dir={work / f'{tag}-runs'}", "train.resume=off"]
+
+
+def training_pss(command: list[str], what: str, env: dict | None = None) -> int:
+    """Peak PSS of a training command's process tree; a failed training fails the benchmark."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    peak = peak_pss(proc)
+    if proc.wait() != 0:
+        raise RuntimeError(f"benchmark: the {what} training failed")
+    return peak
+
+
 # ---------------------------------------------------------------- engine overhead
 def hand_loop_epochs(dataset, val_dataset, names, model_config, outputs: int, size, pos_weight, lr, epochs: int,
                      folder: Path) -> list[float]:
@@ -205,9 +222,7 @@ def bench_engine(cfg: dict, work: Path) -> dict:
 
     size = cfg["train_size"]
     overrides = [
-        f"data.demo.dir={work / 'engine-demo'}", f"data.demo.num_volumes={cfg['train_volumes']}",
-        f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
-        f"cache.dir={work / 'engine-cache'}", f"output.dir={work / 'engine-runs'}", "train.resume=off",
+        *demo_training(work, "engine", cfg["train_volumes"], size),
         f"train.epochs={cfg['engine_epochs']}", "train.val_every=1", "data.val_fraction=0.1", "metrics.bootstrap=0",
         "augment.enabled=false", "loader.batch_size=8", "model.widen_factor=0.5",
     ]
@@ -257,20 +272,15 @@ def bench_ranks(cfg: dict, work: Path) -> dict:
     """Peak PSS of a 2-rank torchrun training with the RAM cache on and off: the difference is what the
     node holds of the cached data set (each rank caches its own share)."""
     n, size = cfg["rank_volumes"], cfg["rank_size"]
-    overrides = [f"data.demo.dir={work / 'ranks-demo'}", f"data.demo.num_volumes={n}",
-                 f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
-                 f"cache.dir={work / 'ranks-cache'}", f"output.dir={work / 'ranks-runs'}", "train.epochs=1",
-                 "train.resume=off", "tracking.wandb.mode=disabled", "model.widen_factor=0.25", "loader.batch_size=4",
+    overrides = [*demo_training(work, "ranks", n, size), "train.epochs=1", "tracking.wandb.mode=disabled",
+                 "model.widen_factor=0.25", "loader.batch_size=4",
                  "train.threads=1", "data.val_fraction=0.25"]
     peaks = {}
     for rate in cfg["rank_runs"]:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                 "-m", "engine.run", "train", *overrides, f"cache.memory_rate={rate}",
-                                 f"output.name=rate{rate}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        peaks[rate] = peak_pss(proc)
-        if proc.wait() != 0:
-            raise RuntimeError("benchmark: the 2-rank training failed")
+        peaks[rate] = training_pss([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc-per-node=2", "-m", "engine.run", "train", *overrides,
+                                    f"cache.memory_rate={rate}", f"output.name=rate{rate}"], "2-rank",
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {"ranks_pss_cached": peaks[1.0], "ranks_pss_uncached": peaks[0.0], "ranks_cache_bytes": n * size**3 * 2}
 
 
@@ -280,10 +290,8 @@ def bench_loaders(cfg: dict, work: Path) -> dict:
     default loader (no worker processes: MONAI's ThreadDataLoader) and with 2 worker processes: peak PSS
     of the process tree and the median epoch time (after the first), runs alternating."""
     n, size = cfg["loader_volumes"], cfg["loader_size"]
-    overrides = [f"data.demo.dir={work / 'loader-demo'}", f"data.demo.num_volumes={n}",
-                 f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
-                 f"cache.dir={work / 'loader-cache'}", f"output.dir={work / 'loader-runs'}", "train.resume=off",
-                 f"train.epochs={cfg['loader_epochs']}", "tracking.wandb.mode=disabled", *cfg["loader_model"],
+    overrides = [*demo_training(work, "loader", n, size), f"train.epochs={cfg['loader_epochs']}",
+                 "tracking.wandb.mode=disabled", *cfg["loader_model"],
                  "loader.batch_size=4", "data.val_fraction=0.25", "metrics.bootstrap=0",
                  "cache.memory_rate=1.0"]
     figures: dict = {"loader_volumes": n, "loader_size": size}
@@ -299,12 +307,8 @@ def bench_loaders(cfg: dict, work: Path) -> dict:
                 train(load_config(ROOT / "configs" / "default.yaml", [*overrides, *extra, f"output.name={name}"]))
                 pss = psutil.Process().memory_full_info().pss
             else:
-                proc = subprocess.Popen([sys.executable, "-m", "engine.run", "train", *overrides, *extra,
-                                         f"output.name={name}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-                pss = peak_pss(proc)
-                if proc.wait() != 0:
-                    raise RuntimeError(f"benchmark: the {mode} training failed")
+                pss = training_pss([sys.executable, "-m", "engine.run", "train", *overrides, *extra,
+                                    f"output.name={name}"], mode)
             seconds = json.loads((work / "loader-runs" / name / "summary.json").read_text())["epoch_seconds"]
             figures.setdefault(f"loader_{mode}_pss_all", []).append(pss)
             figures.setdefault(f"loader_{mode}_epoch_all", []).append(statistics.median(seconds[1:]))
