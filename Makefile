@@ -27,7 +27,8 @@ tools: $(HELM)
 
 test: $(STAMP) $(HELM)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q --durations=10
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -37,8 +37,8 @@ def augment_figures(cfg: dict) -> dict:
     """Samples/s of the default augmentation on a batch of 8, batched vs the per-sample MONAI chain."""
     import torch
 
-    from engine.augment import DeviceAugmentation
-    from engine.schema import AugmentConfig
+    from engine.config.schema import AugmentConfig
+    from engine.training.augment import DeviceAugmentation
 
     spec, figures = AugmentConfig(), {}
     for name, shape, repeats in cfg["augment_shapes"]:

@@ -8,8 +8,8 @@ import argparse
 import os
 import sys
 
-from engine.config import DEFAULT_CONFIG, describe_sections, load_config
-from engine.errors import CT3DError, Interrupted
+from engine.config.loading import DEFAULT_CONFIG, describe_sections, load_config
+from engine.utils.errors import CT3DError, Interrupted
 
 COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "cv", "sweep")
 
@@ -64,15 +64,17 @@ def leave(code: int) -> int:
 
 
 def dispatch(args: argparse.Namespace, cfg) -> int:
-    from engine import export, inference, prepare, workflow
-    from engine.build import setup_logging
+    from engine.data import prepare
+    from engine.serving import export, inference
+    from engine.training import workflow
+    from engine.training.build import setup_logging
 
     if args.command == "train":
         workflow.train(cfg)  # sets up logging per rank
         return 0
     setup_logging()
     if args.command in ("cv", "sweep"):
-        from engine import cv, sweep
+        from engine.experiments import cv, sweep
 
         {"cv": cv.cv, "sweep": sweep.sweep}[args.command](cfg)
         return 0

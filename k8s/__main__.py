@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import DEFAULT_CONFIG
-from engine.errors import CT3DError
+from engine.config.loading import DEFAULT_CONFIG
+from engine.utils.errors import CT3DError
 
 
 def script(cfg) -> str:
@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     try:
-        from k8s.render import helm_values, load_pod_config, render
+        from k8s.render import render
+        from k8s.settings import load_pod_config
+        from k8s.values import helm_values
 
         cfg = load_pod_config(args.config or DEFAULT_CONFIG, args.overrides)
         if args.action == "render":

@@ -1,4 +1,5 @@
-"""Shared by the tests: the repository root, tiny training overrides, and the CLI in a subprocess."""
+"""Shared by the tests: the repository root, tiny training overrides, a small label CSV, and the CLI in a
+subprocess."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def command(*args: str) -> list[str]:
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command(*args), cwd=ROOT, capture_output=True, **TEXT, timeout=600,
                           env=kwargs.pop("env", ENV), **kwargs)
+
+
+def make_csv(folder: Path, rows: list[str], header="VolumeName,Lung nodule,Emphysema", create=True) -> Path:
+    """labels.csv in `folder` with `rows` under `header`; with `create`, a placeholder file per named volume."""
+    for row in rows:
+        name = row.split(",")[0]
+        if create and name:
+            (folder / name).write_bytes(b"x")
+    path = folder / "labels.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path

@@ -1,4 +1,5 @@
-"""Writers of small test volumes in every supported format."""
+"""Small test volumes: an HU phantom (air around a soft-tissue block), writers in every supported format, the
+items a datalist would give for them, and a cache folder's files."""
 
 from __future__ import annotations
 
@@ -79,3 +80,20 @@ def recompress_with_itk(source: Path, folder: Path, kind: str) -> Path:
         itk.ImageFileWriter[type(image)].New(Input=image, FileName=str(folder / path.name), ImageIO=io,
                                              UseCompression=True).Update()
     return folder
+
+
+def hu_volume(shape=(20, 24, 28)) -> np.ndarray:
+    """Air (-1000 HU) around a block of soft tissue (40 HU), int16 as scanners store it."""
+    vol = np.full(shape, -1000, dtype=np.int16)
+    vol[4:-4, 4:-4, 4:-4] = 40
+    return vol
+
+
+def items_for(*paths: Path) -> list[dict]:
+    """Datalist items for `paths`, each with one positive label."""
+    return [{"image": str(p), "label": [1.0], "name": p.name} for p in paths]
+
+
+def cache_entries(root: Path) -> list[Path]:
+    """Every file under a cache root."""
+    return sorted(p for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,42 @@
+"""What the benchmark families share: the repository root, peak PSS of a process tree, and a demo training's
+overrides and memory."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def peak_pss(proc: subprocess.Popen) -> int:
+    """The peak PSS of `proc` and its children, sampled until it ends."""
+    import psutil
+
+    peak, parent = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    return peak
+
+
+def demo_training(work: Path, tag: str, volumes: int, size: int) -> list[str]:
+    """Overrides for a training on `volumes` generated phantoms of size^3, its data, cache and runs under
+    work/<tag>-*."""
+    return [f"data.demo.dir={work / f'{tag}-demo'}", f"data.demo.num_volumes={volumes}",
+            f"data.demo.shape=[{size},{size},{size}]", f"preprocess.spatial_size=[{size},{size},{size}]",
+            f"cache.dir={work / f'{tag}-cache'}", f"output.dir={work / f'{tag}-runs'}", "train.resume=off"]
+
+
+def training_pss(command: list[str], what: str, env: dict | None = None) -> int:
+    """Peak PSS of a training command's process tree; a failed training fails the benchmark."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    peak = peak_pss(proc)
+    if proc.wait() != 0:
+        raise RuntimeError(f"benchmark: the {what} training failed")
+    return peak

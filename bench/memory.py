@@ -1,0 +1,71 @@
+"""Memory: peak PSS with the RAM cache against without, two ranks holding one copy of the data set, and the
+default loader (threads over the RAM cache) against worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from bench.common import ROOT, demo_training, training_pss
+from bench.pipeline import make_sources, run_child
+
+
+def bench_memory(cfg: dict, work: Path) -> dict:
+    items = make_sources(work / "sources", cfg["volumes"], cfg["source"])
+    base = {"items": items, "target": list(cfg["source"]), "epochs": 2, "workers": 2, "mode": "memory",
+            "cache": str(work / "cache-memory")}
+    here = cfg.get("in_process", False)
+    run_child({**base, "rate": 0.0}, in_process=here)  # fill the disk cache first, so both runs below do the same work
+    without = run_child({**base, "rate": 0.0}, sample_memory=True, in_process=here)
+    with_cache = run_child({**base, "rate": 1.0}, sample_memory=True, in_process=here)
+    return {"baseline_pss": without["peak_pss"], "cached_pss": with_cache["peak_pss"],
+            "cache_bytes": with_cache["cache_bytes"]}
+
+
+def bench_ranks(cfg: dict, work: Path) -> dict:
+    """Peak PSS of a 2-rank torchrun training with the RAM cache on and off: the difference is what the
+    node holds of the cached data set (each rank caches its own share)."""
+    n, size = cfg["rank_volumes"], cfg["rank_size"]
+    overrides = [*demo_training(work, "ranks", n, size), "train.epochs=1", "tracking.wandb.mode=disabled",
+                 "model.widen_factor=0.25", "loader.batch_size=4",
+                 "train.threads=1", "data.val_fraction=0.25"]
+    peaks = {}
+    for rate in cfg["rank_runs"]:
+        peaks[rate] = training_pss([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc-per-node=2", "-m", "engine.run", "train", *overrides,
+                                    f"cache.memory_rate={rate}", f"output.name=rate{rate}"], "2-rank",
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return {"ranks_pss_cached": peaks[1.0], "ranks_pss_uncached": peaks[0.0], "ranks_cache_bytes": n * size**3 * 2}
+
+
+def bench_loaders(cfg: dict, work: Path) -> dict:
+    """A CT-RATE-style training (ResNet-18, batch 4) whose data sits wholly in the RAM cache, with the
+    default loader (no worker processes: MONAI's ThreadDataLoader) and with 2 worker processes: peak PSS
+    of the process tree and the median epoch time (after the first), runs alternating."""
+    n, size = cfg["loader_volumes"], cfg["loader_size"]
+    overrides = [*demo_training(work, "loader", n, size), f"train.epochs={cfg['loader_epochs']}",
+                 "tracking.wandb.mode=disabled", *cfg["loader_model"],
+                 "loader.batch_size=4", "data.val_fraction=0.25", "metrics.bootstrap=0",
+                 "cache.memory_rate=1.0"]
+    figures: dict = {"loader_volumes": n, "loader_size": size}
+    for repeat in range(cfg["loader_repeats"]):
+        for mode, extra in (("threads", []), ("workers", ["loader.num_workers=2"])):
+            name = f"{mode}{repeat}"
+            if cfg.get("in_process", False):  # the smoke run: this process's PSS afterwards
+                import psutil
+
+                from engine.config.loading import load_config
+                from engine.training.workflow import train
+
+                train(load_config(ROOT / "configs" / "default.yaml", [*overrides, *extra, f"output.name={name}"]))
+                pss = psutil.Process().memory_full_info().pss
+            else:
+                pss = training_pss([sys.executable, "-m", "engine.run", "train", *overrides, *extra,
+                                    f"output.name={name}"], mode)
+            seconds = json.loads((work / "loader-runs" / name / "summary.json").read_text())["epoch_seconds"]
+            figures.setdefault(f"loader_{mode}_pss_all", []).append(pss)
+            figures.setdefault(f"loader_{mode}_epoch_all", []).append(statistics.median(seconds[1:]))
+    return figures

@@ -1,0 +1,120 @@
+"""Engine overhead: the engine's epoch against a hand-written loop doing the same work, and the training
+step with channels-last 3D weights against PyTorch's default layout."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench.common import ROOT, demo_training
+
+
+def hand_loop_epochs(dataset, val_dataset, names, model_config, outputs: int, size, pos_weight, lr, epochs: int,
+                     folder: Path) -> list[float]:
+    """The loop people write by hand, doing the engine's work: same model, data, batch size, optimizer and
+    loss; each epoch validates, computes the same metrics and writes the same checkpoint (atomically)."""
+    import torch
+
+    from engine.results.metrics import classification_metrics
+    from engine.training.checkpoint import save_checkpoint
+    from engine.training.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_config, outputs, size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
+    times = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        model.train()
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch["image"].float()), batch["label"].float())
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        logits, labels = [], []
+        with torch.no_grad():
+            for batch in torch.utils.data.DataLoader(val_dataset, batch_size=8):
+                logits.append(model(batch["image"].float()))
+                labels.append(batch["label"].float())
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        classification_metrics(torch.sigmoid(logits), labels, names, "multilabel")
+        float(loss_fn(logits, labels))
+        save_checkpoint(folder / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        times.append(time.perf_counter() - start)
+    return times[1:]  # the first epoch warms allocators, as the engine's first epoch is excluded too
+
+
+def bench_engine(cfg: dict, work: Path) -> dict:
+    from engine.config.loading import load_config
+    from engine.data.cache import build_dataset
+    from engine.data.datalist import label_frequencies
+    from engine.data.prepare import load_splits
+    from engine.training.build import make_loss
+    from engine.training.workflow import train
+
+    size = cfg["train_size"]
+    overrides = [
+        *demo_training(work, "engine", cfg["train_volumes"], size),
+        f"train.epochs={cfg['engine_epochs']}", "train.val_every=1", "data.val_fraction=0.1", "metrics.bootstrap=0",
+        "augment.enabled=false", "loader.batch_size=8", "model.widen_factor=0.5",
+    ]
+    config = load_config(ROOT / "configs" / "default.yaml", overrides)
+    train_items, val_items, labels = load_splits(config.data)
+    dataset = build_dataset(train_items, config.preprocess, config.cache.dir, 1.0, 2)
+    val_dataset = build_dataset(val_items, config.preprocess, config.cache.dir, 1.0, 2)
+    pos_weight = make_loss(config.train, "multilabel", label_frequencies(train_items)).pos_weight.tolist()
+    ours, bare, hand = [], [], []  # per-run medians; runs alternate so slow drifts hit all three alike
+
+    def engine_run(name: str, *extra: str) -> float:
+        folder = train(load_config(ROOT / "configs" / "default.yaml", [*overrides, f"output.name={name}", *extra]))
+        seconds = json.loads((folder / "summary.json").read_text())["epoch_seconds"]
+        return statistics.median(seconds[1:])  # every epoch validates and checkpoints; the first warms up
+
+    for repeat in range(cfg["engine_repeats"]):
+        ours.append(engine_run(f"r{repeat}"))
+        hand_dir = work / f"hand{repeat}"
+        hand_dir.mkdir(exist_ok=True)
+        hand.append(statistics.median(hand_loop_epochs(dataset, val_dataset, labels, config.model, len(labels),
+                                                       config.preprocess.spatial_size, pos_weight, config.train.lr,
+                                                       cfg["engine_epochs"], hand_dir)))
+        bare.append(engine_run(f"bare{repeat}", "tracking.wandb.mode=disabled"))
+    ratios = [o / h for o, h in zip(ours, hand)]
+    ratios_bare = [b / h for b, h in zip(bare, hand)]
+    return {"engine_epoch": statistics.median(ours), "engine_epoch_no_wandb": statistics.median(bare),
+            "hand_epoch": statistics.median(hand), "engine_ratio": statistics.median(ratios),
+            "engine_ratio_all": ratios, "engine_ratio_no_wandb": statistics.median(ratios_bare),
+            "engine_ratio_no_wandb_all": ratios_bare}
+
+
+def bench_layout(cfg: dict) -> dict:
+    """Seconds per training step of the demo's network (ResNet-10, half width, batch 8 at 64^3) with its
+    3D weights channels-last (the engine's CPU default, build.to_device) and in PyTorch's default layout,
+    alternating, after one warm-up step of each."""
+    import torch
+
+    from engine.config.schema import ModelConfig
+    from engine.training.models import create_model
+
+    size = cfg["layout_size"]
+    model = create_model(ModelConfig(variant="10", widen_factor=0.5), 4, [size] * 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    x, y = torch.randn(8, 1, size, size, size), torch.rand(8, 4).round()
+    layouts = (("channels_last", torch.channels_last_3d), ("default", torch.contiguous_format))
+    times: dict[str, list[float]] = {name: [] for name, _ in layouts}
+    for repeat in range(cfg["layout_steps"] + 1):
+        for name, memory_format in layouts:
+            model.to(memory_format=memory_format)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+            optimizer.step()
+            if repeat:  # the first of each warms up
+                times[name].append(time.perf_counter() - start)
+    return {"layout_size": size, **{f"step_seconds_{name}_all": t for name, t in times.items()}}

@@ -1,0 +1,203 @@
+"""Loading a config: schema (engine/schema.py) <- YAML file <- `key=value` overrides, every limit
+checked with the key's full name; and writing one back (YAML, checkpoint dicts) with secrets blanked.
+Imports only the standard library and OmegaConf, so `--help` and config errors stay fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from engine.config.schema import MODEL_VARIANTS, Config, Mode
+from engine.utils.errors import CT3DError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"  # the demo; configs/default.yaml links here
+SECRET_KEYS = ("api_key", "password", "token")  # keys whose values never reach a saved config
+
+
+def _error(key: str, message: str) -> CT3DError:
+    return CT3DError(f"config error: {key}: {message}")
+
+
+def _accepted_keys(full_key: str) -> str:
+    """The keys valid beside `full_key`, for the error message."""
+    node: Any = Config()
+    for part in full_key.split(".")[:-1]:
+        node = getattr(node, part, None)
+    keys = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+    return ", ".join(keys) if keys else "no such section"
+
+
+def _translate(exc: OmegaConfBaseException) -> CT3DError:
+    full_key = getattr(exc, "full_key", "") or "?"
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "not in" in first_line or "Key '" in first_line and "not" in first_line:
+        return _error(full_key, f"unknown key; accepted here: {_accepted_keys(full_key)}")
+    return _error(full_key, first_line)
+
+
+def _check_limits(node: Any, prefix: str = "") -> None:
+    """Every field's limits (see `setting`), named by the field's full key."""
+    for f in dataclasses.fields(node):
+        key, value, limit = f"{prefix}{f.name}", getattr(node, f.name), f.metadata
+        if dataclasses.is_dataclass(value):
+            _check_limits(value, f"{key}.")
+            continue
+        if value is None or not limit:
+            continue
+        if "length" in limit and len(value) != limit["length"]:
+            raise _error(key, f"needs {limit['length']} values, got {list(value)}")
+        for v in value if isinstance(value, list) else [value]:
+            low = "ge" in limit and v < limit["ge"] or "gt" in limit and v <= limit["gt"]
+            if low or "le" in limit and v > limit["le"]:
+                bounds = [f"{op} {limit[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if k in limit]
+                raise _error(key, f"must be {' and '.join(bounds)}, got {value}")
+            if "pattern" in limit and v and not re.fullmatch(limit["pattern"][0], str(v)):
+                raise _error(key, f"{v!r} {limit['pattern'][1]}")
+
+
+def _check_together(cfg: Config, command: str) -> None:
+    """Limits that involve two settings, and settings normalised for the code that reads them."""
+    name = str(cfg.model.name)
+    cfg.model.variant = str(cfg.model.variant or MODEL_VARIANTS[name][0])
+    if cfg.model.variant not in MODEL_VARIANTS[name]:
+        raise _error("model.variant",
+                     f"{cfg.model.variant!r} is not one of {name}'s: {', '.join(MODEL_VARIANTS[name])}")
+    if cfg.preprocess.hu_window[0] >= cfg.preprocess.hu_window[1]:
+        raise _error("preprocess.hu_window", "needs [low, high] with low < high")
+    if cfg.data.task == "multiclass" and cfg.data.num_classes < 2:
+        raise _error("data.num_classes", "multiclass needs num_classes >= 2")
+    if cfg.data.task == "binary" and len(cfg.data.label_columns) > 1:
+        raise _error("data.label_columns", "binary takes one label column")
+    resume = str(cfg.train.resume).lower()
+    if resume in ("false", "off", "no", "none", ""):  # YAML reads `off` as false
+        cfg.train.resume = "off"
+    elif resume == "true":
+        cfg.train.resume = "auto"
+    if cfg.metrics.mode == "auto":
+        cfg.metrics.mode = Mode.min if cfg.metrics.key == "val_loss" else Mode.max
+    try:
+        re.compile(cfg.data.patient_pattern)
+    except re.error as exc:
+        raise _error("data.patient_pattern", f"not a regular expression ({exc})") from None
+    if command not in ("predict", "export") and not (cfg.data.train or cfg.data.demo.enabled):
+        raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true")
+    if cfg.data.folds == 1:
+        raise _error("data.folds", "needs 2 or more folds (0: one train/validation split)")
+    if cfg.data.folds and cfg.data.fold >= cfg.data.folds:
+        raise _error("data.fold", f"must be below data.folds={cfg.data.folds}, got {cfg.data.fold}")
+    if cfg.checkpoints and not cfg.checkpoint:
+        cfg.checkpoint = cfg.checkpoints[0]
+    if len(cfg.checkpoints) > 1 and command != "predict":
+        raise _error("checkpoints", f"an ensemble of {len(cfg.checkpoints)} checkpoints is for predict; "
+                                    f"{command} takes one checkpoint")
+    if command in ("evaluate", "predict", "export") and not cfg.checkpoint:
+        raise _error("checkpoint", f"{command} needs checkpoint=PATH (e.g. runs/<run>/checkpoints/best.pt)")
+    if command == "predict" and not cfg.input:
+        raise _error("input", "predict needs input=PATH: a datalist, one volume, or a folder of volumes")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                command: str = "train") -> Config:
+    """Schema <- YAML file <- `key=value` overrides, checked for `command`; raises CT3DError naming the key."""
+    merged = OmegaConf.structured(Config)
+    overrides = _ensemble_overrides(list(overrides))
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise CT3DError(f"config error: --config {path}: no such file")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise CT3DError(f"config error: {item!r}: overrides are key=value (e.g. train.epochs=3)")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc) from None
+    _check_limits(cfg)
+    _check_together(cfg, command)
+    return cfg
+
+
+def with_overrides(cfg: Config, values: dict[str, Any], where: str = "override") -> Config:
+    """A copy of `cfg` with dotted keys set to values, checked as load_config checks a config; an error
+    names `where` and the key."""
+    node = OmegaConf.structured(cfg)
+    if "model.name" in values and "model.variant" not in values:
+        values = {**values, "model.variant": ""}  # the new family's smallest, not the old one's variant
+    try:
+        for key, value in values.items():
+            if OmegaConf.select(node, key, default=_MISSING) is _MISSING:
+                raise _error(key, f"({where}) unknown key; accepted here: {_accepted_keys(key)}")
+            OmegaConf.update(node, key, value, merge=False)
+        updated = OmegaConf.to_object(node)
+    except OmegaConfBaseException as exc:
+        raise CT3DError(f"{_translate(exc)} ({where})") from None
+    _check_limits(updated)
+    _check_together(updated, "train")
+    return updated
+
+
+_MISSING = object()
+
+
+def _ensemble_overrides(overrides: list[str]) -> list[str]:
+    """`checkpoint=a checkpoint=b` and `checkpoints=GLOB` (no brackets) -> one `checkpoints=[...]` list of the
+    files, sorted per glob; one `checkpoint=` stays as it is."""
+    import glob
+
+    def is_glob(o: str) -> bool:
+        return o.startswith("checkpoints=") and not o.split("=", 1)[1].startswith("[")
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    patterns = [o.split("=", 1)[1] for o in overrides if is_glob(o)]
+    if len(given) < 2 and not patterns:
+        return overrides
+    files = list(given)
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise _error("checkpoints", f"{pattern!r} matches no file")
+        files += found
+    rest = [o for o in overrides if not o.startswith("checkpoint=") and not is_glob(o)]
+    return rest + ["checkpoints=[" + ",".join(repr(f) for f in files) + "]"]
+
+
+def plain(section: Any) -> dict:
+    """A config section (or a whole config) as plain containers: what checkpoints and YAML hold."""
+    node = section if isinstance(section, DictConfig) else OmegaConf.structured(section)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def restore(cls: type, saved: dict) -> Any:
+    """A config section back from `plain`'s dict (as saved in a checkpoint), checked against the schema."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), saved))
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, with any secret-looking value blanked."""
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("<redacted>" if any(s in str(k).lower() for s in SECRET_KEYS) and v else scrub(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return OmegaConf.to_yaml(OmegaConf.create(scrub(plain(cfg))))
+
+
+def describe_sections() -> str:
+    """One line per section with its keys, for `--help`."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        node = getattr(Config(), f.name)
+        keys = [g.name for g in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+        lines.append(f"  {f.name:<11} {', '.join(keys)}" if keys else f"  {f.name:<11} (top-level value)")
+    return "\n".join(lines)

@@ -1,0 +1,289 @@
+"""The config schema: every setting declared once, here, with its default, its limits beside it and
+its meaning in a comment. Choices are Enums, which OmegaConf validates itself; code takes the section
+objects (`cfg.augment`, `cfg.preprocess`, ...) as they are, so no setting is copied into a second
+class. `engine/config.py` loads and checks a config against it. Standard library only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from engine.config.fields import DNS_LABEL, PROBABILITY, QUANTITY, choice, setting
+
+Task = choice("Task", "multilabel", "multiclass", "binary")
+Layout = choice("Layout", "flat", "ct-rate")
+OnError = choice("OnError", "raise", "skip")
+Resize = choice("Resize", "resize", "crop_pad")
+Dtype = choice("Dtype", "float16", "float32")
+ModelName = choice("ModelName", "resnet3d", "densenet3d", "vit3d")
+Amp = choice("Amp", "auto", "bf16", "fp16", "off")
+Loss = choice("Loss", "bce", "focal")
+# The key metric picks best.pt and drives early stopping.
+KeyMetric = choice("KeyMetric", "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "accuracy", "val_loss")
+Mode = choice("Mode", "auto", "max", "min")
+WandbMode = choice("WandbMode", "offline", "online", "disabled")
+PullPolicy = choice("PullPolicy", "IfNotPresent", "Always", "Never")
+ExportFormat = choice("ExportFormat", "onnx", "torchscript")
+# auto: ReadWriteOnce when one pod mounts the claim at a time on one node, ReadWriteMany when pods on several do
+AccessMode = choice("AccessMode", "auto", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
+# job: an Indexed Job with torchrun's c10d rendezvous; pytorchjob: Kubeflow Training Operator's PyTorchJob
+K8sKind = choice("K8sKind", "job", "pytorchjob")
+# fixed: metrics.threshold for every label; youden: max TPR - FPR; fbeta: max F-beta (both per label, on validation)
+ThresholdRule = choice("ThresholdRule", "fixed", "youden", "fbeta")
+Tta = choice("Tta", "none", "flips")
+Pruner = choice("Pruner", "none", "median")
+
+MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "169", "201"),
+                  "vit3d": ("tiny", "small", "base")}
+
+
+
+@dataclass
+class DemoConfig:
+    enabled: bool = False  # generate the phantom data set and train on it
+    dir: str = ".ct3d/demo"  # where the NIfTI files and datalist.csv are written once
+    num_volumes: int = setting(200, ge=4)
+    shape: List[int] = setting([64, 64, 64], length=3, ge=8)  # voxels x, y, z
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # datalist: CSV (CT-RATE style) or MONAI JSON datalist
+    val: str = ""  # separate validation datalist; empty: a seeded split of `train`
+    val_fraction: float = setting(0.2, **PROBABILITY)
+    split_seed: int = 0  # a patient's side depends on (patient id, split_seed) alone: new rows move no one
+    stratify: bool = False  # move a few patients so each label has positives on both sides where it can
+    folds: int = setting(0, ge=0)  # K > 1: patient-wise cross-validation folds (val_fraction unused); 0: one split
+    fold: int = setting(0, ge=0)  # with folds: the fold validated on, 0..folds-1 (`cv` runs them all)
+    image_root: str = ""  # relative image paths resolve here; empty: the datalist's folder
+    layout: Layout = Layout.flat  # flat: <root>/<name>; ct-rate: <root>/train/train_1/train_1_a/<name>
+    image_column: str = "VolumeName"  # CSV column (JSON datalists use "image")
+    label_columns: List[str] = setting([])  # empty: every other CSV column
+    task: Task = Task.multilabel
+    num_classes: int = setting(0, ge=0)  # multiclass only: labels are class indices 0..num_classes-1
+    patient_column: str = ""  # CSV column with the patient id; empty: patient_pattern on the volume name
+    patient_pattern: str = r"^([A-Za-z]+_\d+)_"  # first group is the patient (CT-RATE: train_123_a_1 -> train_123)
+    on_error: OnError = OnError["raise"]  # raise: stop on any bad row or volume; skip: leave them out, listed
+    json_train_key: str = "training"
+    json_val_key: str = "validation"
+    # CSV per volume (CT-RATE's metadata: VolumeName, RescaleSlope, RescaleIntercept, XYSpacing, ZSpacing):
+    # applied before the HU window. Only for data stored as raw scanner values (CT-RATE's first release).
+    metadata: str = ""
+    demo: DemoConfig = setting(DemoConfig())
+
+
+@dataclass
+class PreprocessConfig:
+    """Deterministic preprocessing; every field is part of the disk cache's key."""
+
+    orientation: str = "RAS"
+    spacing: Optional[List[float]] = setting(None, length=3, gt=0)  # mm per voxel (x, y, z); null keeps the source's
+    hu_window: List[float] = setting([-1000.0, 1000.0], length=2)
+    scale_range: List[float] = setting([-1.0, 1.0], length=2)
+    spatial_size: List[int] = setting([64, 64, 64], length=3, ge=1)  # x, y, z after orientation
+    resize: Resize = Resize.resize  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
+    anti_aliasing: bool = True  # resize: smooth before shrinking an axis (no effect where it grows)
+    dtype: Dtype = Dtype.float16  # dtype kept in the caches; the model always sees float32
+
+
+@dataclass
+class CacheConfig:
+    disk: bool = True  # MONAI PersistentDataset under dir/<hash of preprocess settings>
+    dir: str = ".ct3d/cache"
+    memory_rate: float = setting(1.0, **PROBABILITY)  # fraction of each split kept in RAM (CacheDataset); 0: off
+    workers: int = setting(2, ge=0)  # threads that fill the caches
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = setting(8, ge=1)
+    val_batch_size: int = setting(0, ge=0)  # 0: same as batch_size
+    # null: none when this rank's share sits wholly in the RAM cache (a thread prefetches batches: MONAI's
+    # ThreadDataLoader), else worker processes (up to 4 per rank) that read the disk cache
+    num_workers: Optional[int] = setting(None, ge=0)
+    pin_memory: bool = True  # only used when training on CUDA
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = ModelName.resnet3d
+    variant: str = ""  # resnet3d: 10/18/34/50, densenet3d: 121/169/201, vit3d: tiny/small/base; empty: the smallest
+    in_channels: int = setting(1, ge=1)
+    first_conv_stride: int = setting(2, ge=1)  # resnet3d: MONAI's default of 1 is ~4x slower on CT volumes
+    widen_factor: float = setting(1.0, gt=0)  # resnet3d channel multiplier
+    patch_size: int = setting(16, ge=1)  # vit3d
+    dropout: float = setting(0.0, ge=0.0, le=0.99)
+    pretrained: str = ""  # weights to start from: a ct3d checkpoint or a state dict (e.g. MedicalNet's)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = setting(10, ge=1)
+    lr: float = setting(1e-3, gt=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    warmup_epochs: float = setting(1.0, ge=0)
+    accumulation_steps: int = setting(1, ge=1)
+    amp: Amp = Amp.auto  # auto: bf16 on CUDA when supported, else off
+    loss: Loss = Loss.bce  # bce (with pos_weight; cross entropy for multiclass) | focal
+    pos_weight_cap: float = setting(10.0, ge=0)  # 0 disables pos_weight
+    focal_gamma: float = setting(2.0, ge=0)
+    val_every: int = setting(1, ge=1)  # validate every N epochs (and always after the last)
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = setting(0, ge=0)  # torch intra-op threads; 0 keeps torch's default
+    log_every: int = setting(10, ge=1)  # iterations between plain log lines when not on a terminal
+    resume: str = "auto"  # auto: continue from the run folder's latest checkpoint if any; off; or a path
+    early_stopping_patience: int = setting(0, ge=0)  # validations without improvement before stopping; 0: off
+    early_stopping_min_delta: float = setting(0.0, ge=0)
+    dist_timeout_minutes: float = setting(30.0, gt=0)  # torchrun: how long a rank waits in a collective
+    checkpoint_minutes: float = setting(10.0, ge=0)  # also write last.pt mid-epoch this often; 0: epoch ends only
+    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over every rank's batch (2-4 volumes per GPU)
+    freeze_epochs: int = setting(0, ge=0)  # train the head alone (backbone and its BatchNorm statistics frozen)
+
+
+@dataclass
+class AugmentConfig:
+    """Random transforms applied per sample on the training device, after the caches."""
+
+    enabled: bool = True
+    flip_prob: float = setting(0.5, **PROBABILITY)  # per spatial axis
+    affine_prob: float = setting(0.3, **PROBABILITY)
+    rotate_degrees: List[float] = setting([5.0, 5.0, 15.0], length=3, ge=0)  # about x, y, z
+    scale_range: List[float] = setting([0.9, 1.1], length=2, gt=0)
+    smooth_prob: float = setting(0.1, **PROBABILITY)
+    contrast_prob: float = setting(0.2, **PROBABILITY)
+    noise_prob: float = setting(0.2, **PROBABILITY)
+    noise_std: float = setting(0.02, ge=0)  # in scaled intensity units
+    shift_prob: float = setting(0.2, **PROBABILITY)
+    shift: float = setting(0.05, ge=0)
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline  # offline (no network), online (key from WANDB_API_KEY), disabled
+    project: str = "ct3d"
+    entity: str = ""
+    tags: List[str] = setting([])
+    # upload a weights-only copy of best.pt (no per-volume outputs) as a W&B artifact
+    upload_checkpoint: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = setting(WandbConfig())
+
+
+@dataclass
+class MetricsConfig:
+    key: KeyMetric = KeyMetric.auc_macro
+    mode: Mode = Mode.auto  # auto: min for val_loss, else max
+    threshold: float = setting(0.5, **PROBABILITY)  # the decision threshold of threshold_rule=fixed
+    threshold_rule: ThresholdRule = ThresholdRule.fixed  # per-label thresholds, saved in the checkpoint
+    beta: float = setting(1.0, gt=0)
+    calibrate: bool = False  # fit a temperature per label on each validation (saved in the checkpoint)
+    bootstrap: int = setting(1000, ge=0)  # patient-level resamples for 95% intervals; 0: none
+    bootstrap_seed: int = 0
+    calibration_bins: int = setting(10, ge=2)  # equal-width bins of the reliability diagram and ECE
+
+
+@dataclass
+class InferConfig:
+    tta: Tta = Tta.none  # evaluate / predict: flips averages the identity and each axis' flip (probabilities)
+
+
+@dataclass
+class SweepConfig:
+    """`sweep`: trials of Optuna over config keys; each trial is a normal run folder under
+    output.dir/<output.name>/, the study a journal file there (shared by workers on several pods)."""
+
+    # key -> {type: float|log|int, low, high} or {choices: [...]}; e.g. train.lr: {type: log, low: 1e-4, high: 1e-2}
+    space: Dict[str, Any] = setting({})
+    trials: int = setting(10, ge=1)  # trials in the study (failed ones are retried and do not count)
+    workers: int = setting(1, ge=1)  # local worker processes (on Kubernetes: k8s.sweep_workers pods)
+    metric: str = ""  # summary.json best-row key to optimise; empty: metrics.key (direction from metrics.mode)
+    pruner: Pruner = Pruner.median  # median: stop a trial whose validation is below the median of earlier ones
+    seed: int = 0
+    heartbeat_seconds: float = setting(30.0, gt=0)  # a running trial's worker touches a file this often;
+    # a trial silent for 4 heartbeats is marked failed (its worker was lost) and retried from its checkpoint
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str = ""  # empty: <model><variant>-<start time>
+
+
+@dataclass
+class VolumeClaimConfig:
+    name: str = setting("", pattern=DNS_LABEL)  # claim name; empty: cache <data+preprocessing hash>, output <name>
+    existing: bool = False  # true: mount a claim that already exists, render none
+    size: str = setting("100Gi", pattern=QUANTITY)
+    access_mode: AccessMode = AccessMode.auto  # several nodes need ReadWriteMany (EFS, Filestore, CephFS, NFS)
+
+
+@dataclass
+class K8sConfig:
+    """`python -m k8s render` turns this section (and the rest of the config) into Kubernetes objects."""
+
+    name: str = setting("ct3d-train", pattern=DNS_LABEL)  # Job name; also the run folder on the output claim
+    namespace: str = setting("default", pattern=DNS_LABEL)
+    kind: K8sKind = K8sKind.job
+    image: str = "ghcr.io/ct3d/ct3d:0.1.0"
+    image_pull_policy: PullPolicy = PullPolicy.IfNotPresent
+    image_pull_secrets: List[str] = setting([])  # Secrets (docker-registry) for a private registry
+    service_account: str = setting("", pattern=DNS_LABEL)  # empty: the namespace's default
+    nodes: int = setting(1, ge=1)  # pods; more than 1: torchrun's c10d rendezvous at pod 0
+    gpus: int = setting(1, ge=0)  # GPUs per pod, also torchrun's --nproc-per-node
+    cpu: str = setting("", pattern=QUANTITY)  # per pod; empty: cpu_per_gpu x GPUs (8 without GPUs)
+    memory: str = setting("", pattern=QUANTITY)  # per pod; empty: memory_per_gpu x GPUs plus shm (it counts)
+    shm_size: str = setting("", pattern=QUANTITY)  # memory-backed /dev/shm; empty: shm_per_gpu x GPUs
+    cpu_per_gpu: int = setting(8, ge=1)
+    memory_per_gpu: int = setting(48, ge=1)  # GiB
+    shm_per_gpu: int = setting(8, ge=1)  # GiB
+    labels: Dict[str, str] = setting({})  # added to every object
+    annotations: Dict[str, str] = setting({})  # added to the workload and its pods
+    queue: str = setting("", pattern=DNS_LABEL)  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
+    priority_class: str = setting("", pattern=DNS_LABEL)  # the pods' priorityClassName
+    node_selector: Dict[str, str] = setting({})
+    affinity: Dict[str, Any] = setting({})  # the pods' affinity, as in a pod spec
+    tolerations: List[Dict[str, Any]] = setting([])  # as in a pod spec (tolerationSeconds a number)
+    env: Dict[str, str] = setting({})  # extra container env, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE
+    storage_class: str = ""  # empty: the cluster's default
+    cache: VolumeClaimConfig = setting(VolumeClaimConfig(size="500Gi"))
+    output: VolumeClaimConfig = setting(VolumeClaimConfig(size="50Gi"))
+    data_claim: str = setting("", pattern=DNS_LABEL)  # an existing claim holding the data set, read-only at /data
+    cache_pods: int = setting(1, ge=1)  # the cache-fill Indexed Job's pods (more than 1 need a ReadWriteMany cache)
+    wandb_secret: str = setting("wandb", pattern=DNS_LABEL)  # Secret with key `api-key`; optional for the job
+    backoff_limit: int = setting(3, ge=0)  # failures per pod index (not node disruptions) before the Job fails
+    max_restarts: int = setting(3, ge=0)  # torchrun restarts of the worker group (a lost rank, a replaced pod)
+    termination_grace_seconds: int = setting(300, ge=30)  # SIGTERM to kill: time for the interruption checkpoint
+    active_deadline_seconds: int = setting(0, ge=0)  # 0: no deadline
+    ttl_seconds_after_finished: int = setting(604800, ge=0)
+    run_as_user: int = setting(1000, ge=1)  # pods run as this non-root user (0, root, is refused)
+    master_port: int = setting(29500, ge=1, le=65535)
+    sweep_workers: int = setting(0, ge=0)  # > 0: also render a sweep Job of this many worker pods
+
+
+@dataclass
+class Config:
+    data: DataConfig = setting(DataConfig())
+    preprocess: PreprocessConfig = setting(PreprocessConfig())
+    cache: CacheConfig = setting(CacheConfig())
+    loader: LoaderConfig = setting(LoaderConfig())
+    model: ModelConfig = setting(ModelConfig())
+    train: TrainConfig = setting(TrainConfig())
+    augment: AugmentConfig = setting(AugmentConfig())
+    tracking: TrackingConfig = setting(TrackingConfig())
+    metrics: MetricsConfig = setting(MetricsConfig())
+    infer: InferConfig = setting(InferConfig())
+    sweep: SweepConfig = setting(SweepConfig())
+    output: OutputConfig = setting(OutputConfig())
+    k8s: K8sConfig = setting(K8sConfig())
+    checkpoint: str = ""  # evaluate / predict / export: the checkpoint to load
+    # predict: an ensemble (probabilities averaged); give checkpoint= several times, or checkpoints=GLOB
+    checkpoints: List[str] = setting([])
+    input: str = ""  # predict: a datalist, one volume, or a folder of volumes
+    saliency: bool = False  # predict: also write a Grad-CAM heat map per volume (NIfTI, in the input's space)
+    format: ExportFormat = ExportFormat.onnx  # export: onnx (onnxruntime and others) or torchscript

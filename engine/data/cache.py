@@ -1,0 +1,198 @@
+"""The two cache stages: disk (a PersistentDataset in a folder keyed by the preprocessing settings, one
+entry per source file) then RAM (CacheDataset), labels joined after both; and the disk cache's fill and
+verify (every volume read once, so filling the cache also checks the data)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+
+from engine.config.loading import plain
+from engine.config.schema import PreprocessConfig
+from engine.data.datalist import IMAGE, LABEL, NAME, WHERE, Problem
+from engine.data.preprocess import (
+    PIXDIM,
+    PREPROCESSING_VERSION,
+    RESCALE,
+    preprocess,
+    preprocessing_transform,
+    source_of,
+)
+from engine.utils.errors import CT3DError
+from engine.utils.io import TMP_PREFIX, atomic_write
+
+CACHE_FORMAT = 2  # bump when what a cache entry holds changes
+SOURCE = "source"  # cache entries record the path, size and mtime they were built from
+
+
+def cache_key(p: PreprocessConfig) -> str:
+    """Hash of every setting that changes a cache entry, our preprocessing code's version and MONAI's:
+    the disk cache's folder name."""
+    import monai
+
+    text = json.dumps({**plain(p), "format": CACHE_FORMAT, "code": PREPROCESSING_VERSION,
+                       "monai": monai.__version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def source_signature(path: str) -> list:
+    """The volume's path, size and modification time: a changed file is a new cache entry. A series named
+    inside a folder (`<folder>/<series>`) goes by its folder's."""
+    for candidate in (path, os.path.dirname(path)):
+        try:
+            stat = os.stat(candidate)
+            return [path, stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            continue
+    return [path]
+
+
+def source_hash(item: dict) -> bytes:
+    """The cache entry's name: the source's signature and the metadata applied to it."""
+    key = source_signature(item[IMAGE]) + [item[k] for k in (RESCALE, PIXDIM) if k in item]
+    return hashlib.md5(json.dumps(key).encode()).hexdigest().encode()
+
+
+class DiskCacheDataset(PersistentDataset):
+    """PersistentDataset that writes each entry atomically next to its final name and loads it with
+    weights_only=True. MONAI stages entries in /tmp and moves them, a non-atomic copy onto a PVC."""
+
+    def _cachecheck(self, item_transformed):
+        return self.entry(item_transformed)
+
+    def entry_path(self, item: dict) -> Path:
+        return self.cache_dir / f"{self.hash_func(item).decode()}.pt"
+
+    def entry(self, item: dict) -> dict:
+        """The cached preprocessing of `item`, built and written atomically when missing or unreadable."""
+        hashfile = self.entry_path(item)
+        if hashfile.is_file():
+            try:
+                return torch.load(hashfile, weights_only=True)
+            except Exception:  # unreadable entry (a foreign or damaged file): rebuild it below
+                pass
+        entry = preprocess(self.transform, dict(item))
+        entry[SOURCE] = source_signature(item[IMAGE])  # lets `cache --verify` find stale entries
+        with atomic_write(hashfile) as tmp:
+            torch.save(entry, tmp)
+        return entry
+
+
+class Labelled(torch.utils.data.Dataset):
+    """Images from a cached dataset joined with labels kept outside the cache, so a label edit
+    never needs a re-preprocess and never serves a stale label."""
+
+    def __init__(self, images, items: list[dict]):
+        self.images, self.items = images, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return {IMAGE: self.images[index][IMAGE], LABEL: torch.tensor(self.items[index][LABEL])}
+
+
+def in_ram(dataset) -> bool:
+    """Whether every item of a `build_dataset` result is served from the RAM cache (nothing read from disk)."""
+    images = getattr(dataset, "images", dataset)
+    return isinstance(images, CacheDataset) and images.cache_num >= len(images)
+
+
+class _Preprocessed(Dataset):
+    """No disk cache: preprocess on every access, errors naming the volume."""
+
+    def _transform(self, index: int):
+        return preprocess(self.transform, dict(self.data[index]))
+
+
+def cache_folder(root: str | Path, p: PreprocessConfig) -> Path:
+    return Path(root) / cache_key(p)
+
+
+def build_dataset(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None, memory_rate: float,
+                  workers: int, progress: bool = False) -> Labelled:
+    """Disk cache (if `disk_dir`) then RAM cache (if `memory_rate` > 0); filling the RAM cache
+    preprocesses every volume before training, so a bad file stops the run here."""
+    sources = [source_of(it) for it in items]
+    if disk_dir is not None:
+        images = _disk_cache(p, disk_dir, sources)
+    else:
+        images = _Preprocessed(sources, preprocessing_transform(p))
+    if memory_rate > 0:
+        images = CacheDataset(images, transform=None, cache_rate=memory_rate, num_workers=workers or None,
+                              progress=progress, copy_cache=False)
+    return Labelled(images, items)
+
+
+def _disk_cache(p: PreprocessConfig, disk_dir: str | Path, sources: list[dict] | None = None) -> DiskCacheDataset:
+    return DiskCacheDataset(sources or [], preprocessing_transform(p), cache_dir=cache_folder(disk_dir, p),
+                            hash_func=source_hash)
+
+
+def _parallel(fn: Callable, items: list, workers: int, progress: bool, what: str) -> list:
+    from engine.utils.progress import tracked
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(fn, items)
+        return list(tracked(results, len(items), what) if progress else results)
+
+
+def volume_problems(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None, workers: int,
+                    progress: bool = False) -> list[Problem]:
+    """Reads and preprocesses every volume (filling the disk cache when on); one Problem per bad volume.
+    A volume with a cache entry passed when the entry was built (entries are keyed by the source's size
+    and mtime), so it is not read again: a warm start does not reload the whole cache."""
+    cache = _disk_cache(p, disk_dir) if disk_dir else None
+    transform = preprocessing_transform(p)
+
+    def one(item: dict) -> Problem | None:
+        source = source_of(item)
+        try:
+            if cache is None:
+                preprocess(transform, source)
+            elif not cache.entry_path(source).is_file():
+                cache.entry(source)
+        except CT3DError as exc:
+            return Problem(item.get(WHERE, item[NAME]), str(exc), item[NAME])
+        return None
+
+    return [problem for problem in _parallel(one, items, workers, progress, "checking volumes") if problem]
+
+
+def verify_cache(items: list[dict], p: PreprocessConfig, disk_dir: str | Path, workers: int,
+                 progress: bool = False) -> dict:
+    """Removes corrupt entries, stale ones (source changed or gone) and temp files of interrupted writes
+    from the cache folder, then builds every missing entry. Returns counts of what it did."""
+    folder = cache_folder(disk_dir, p)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {"checked": 0, "corrupt": 0, "stale": 0, "temp_files": 0, "built": 0, "problems": 0}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(TMP_PREFIX):
+            path.unlink(missing_ok=True)
+            counts["temp_files"] += 1
+            continue
+        counts["checked"] += 1
+        try:
+            entry = torch.load(path, weights_only=True)
+            signature = entry[SOURCE]
+            entry[IMAGE].shape  # noqa: B018 - a readable entry holds an image tensor
+        except Exception:
+            path.unlink(missing_ok=True)
+            counts["corrupt"] += 1
+            continue
+        if source_signature(signature[0]) != list(signature):
+            path.unlink(missing_ok=True)
+            counts["stale"] += 1
+    cache = _disk_cache(p, disk_dir)
+    missing = [it for it in items if not cache.entry_path(source_of(it)).is_file()]
+    problems = volume_problems(missing, p, disk_dir, workers, progress)
+    counts["built"] = len(missing) - len(problems)
+    counts["problems"] = len(problems)
+    return {**counts, "problem_list": [str(x) for x in problems]}

@@ -1,0 +1,165 @@
+"""Each rank's data: its shares of the training and validation sets (cached on disk and, within the
+node's RAM budget, in RAM), the sampler and loaders over them, and the order gathered outputs come in."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config.schema import Config, LoaderConfig, PreprocessConfig
+from engine.data.datalist import LABEL
+from engine.utils.errors import CT3DError
+
+log = logging.getLogger("ct3d")
+
+
+class ShareSampler(torch.utils.data.DistributedSampler):
+    """A rank's share of the training set (all it holds in RAM), shuffled each epoch from (seed, epoch) as
+    torch's DistributedSampler does (with one rank, the very same order) and padded with repeats to
+    `per_rank`, so every rank takes as many steps. `skip_next` skips the first samples of the next epoch
+    once: a run resumed mid-epoch sees exactly the batches it had not seen yet."""
+
+    def __init__(self, share, per_rank: int, seed: int):
+        super().__init__(share, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self.per_rank, self._skip = per_rank, 0
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def skip_next(self, samples: int) -> None:
+        self._skip = samples
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order = (order * (self.per_rank // max(1, len(order)) + 1))[: self.per_rank]
+        indices, self._skip = order[self._skip:], 0
+        return iter(indices)
+
+
+def _cgroup_limit() -> float:
+    """The container's memory limit (cgroup v2 or v1), what a Kubernetes pod may use; infinite if none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return float(text)
+    return float("inf")
+
+
+def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -> float:
+    """The RAM cache rate that fits: every rank on this node (LOCAL_WORLD_SIZE) caches its share; above 80%
+    of the memory available the rate is lowered (and the log says so), the rest read from the disk cache."""
+    import math
+    import os
+
+    import psutil
+
+    per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need, available = volumes * per_volume * memory_rate * ranks, 0.8 * min(psutil.virtual_memory().available,
+                                                                          _cgroup_limit())
+    if need <= available:
+        return memory_rate
+    rate = memory_rate * available / need
+    log.warning("RAM cache: %d volumes x %.1f MB x %d rank(s) on this node need %.1f GB, more than 80%% of the "
+                "%.1f GB available: caching %.0f%% of them in RAM (cache.memory_rate %.2f), the rest from disk",
+                volumes, per_volume / 1e6, ranks, need / 1e9, available / 0.8 / 1e9, 100 * rate, rate)
+    return rate
+
+
+def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], progress: bool):
+    """This rank's shares of the training and validation sets (every world-th item from its rank), each
+    cached on disk and, within the RAM budget, in RAM: a node holds about one copy of the data set,
+    whatever its number of ranks."""
+    import ignite.distributed as idist
+
+    from engine.data.cache import build_dataset
+    from engine.data.prepare import shard
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if len(train_items) < world:  # every rank decides alike: none is left waiting for the others
+        raise CT3DError(f"{len(train_items)} training volume(s) for {world} ranks: each rank needs at least one; "
+                        f"lower --nproc-per-node")
+    val_share = shard(val_items, rank, world)
+    if not val_share:  # fewer validation volumes than ranks: validate a stand-in the metrics leave out
+        val_share = [{**val_items[0], LABEL: [float("nan")] * len(val_items[0][LABEL])}]
+    shares = shard(train_items, rank, world), val_share
+    rate = ram_budget(cfg.cache.memory_rate, sum(map(len, shares)), cfg.preprocess)
+    disk = cfg.cache.dir if cfg.cache.disk else None
+    return tuple(build_dataset(items, cfg.preprocess, disk, rate, cfg.cache.workers, progress) for items in shares)
+
+
+def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_seed: int | None = None,
+                per_rank: int | None = None):
+    """Training (`shuffle_seed` given): a ShareSampler over this rank's share, `per_rank` samples an epoch.
+    Validation: the share in order, unpadded, so gathered metrics count each sample once."""
+    shuffle = shuffle_seed is not None
+    if shuffle:
+        sampler = ShareSampler(dataset, per_rank or len(dataset), shuffle_seed)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    batch_size = loader.batch_size if shuffle else loader.val_batch_size or loader.batch_size
+    # A last training batch of one sample breaks BatchNorm: drop it (the sampler reshuffles each epoch).
+    drop_last = shuffle and len(sampler) % batch_size == 1 and len(sampler) > 1
+    workers = loader_workers(loader, dataset)
+    kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                  pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0)
+    if loader.num_workers is None and workers == 0:
+        return thread_loader_class()(dataset, buffer_size=2, **kwargs)
+    return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def thread_loader_class():
+    """MONAI's ThreadDataLoader (a thread prefetches batches) that raises what went wrong in its thread: our
+    own part because MONAI's ThreadBuffer drops the exception and the epoch just ends early."""
+    from monai.data import ThreadDataLoader
+    from monai.data.thread_buffer import ThreadBuffer
+
+    class Buffer(ThreadBuffer):
+        error: BaseException | None = None
+
+        def enqueue_values(self):
+            try:
+                super().enqueue_values()
+            except BaseException as exc:  # noqa: BLE001 - raised again in the training loop
+                self.error = exc
+
+        def __iter__(self):
+            yield from super().__iter__()
+            if self.error is not None:
+                raise self.error
+
+    class ThreadLoader(ThreadDataLoader):
+        def __iter__(self):
+            yield from Buffer(torch.utils.data.DataLoader.__iter__(self), self.buffer_size, self.buffer_timeout)
+
+    return ThreadLoader
+
+
+def loader_workers(loader: LoaderConfig, dataset) -> int:
+    """`loader.num_workers`, or when unset: 0 for a dataset wholly in the RAM cache (worker processes would
+    only copy it: 2 workers took +0.9 GB peak PSS and 1.45x the epoch time on a 48-volume ResNet-18 run,
+    bench/RESULTS.md), else one per spare CPU of this rank, at most 4, to read and decode the disk cache
+    while the model trains."""
+    import os
+
+    from engine.data.cache import in_ram
+
+    if loader.num_workers is not None:
+        return loader.num_workers
+    if in_ram(dataset):
+        return 0
+    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cpus = len(available) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, cpus - 1))
+
+
+def gathered_order(n: int, world: int) -> list[int]:
+    """Dataset rows in the order validation outputs are gathered: each rank's share (every world-th row,
+    from its rank, as make_datasets gives it) in rank order."""
+    return [i for rank in range(world) for i in range(rank, n, world)]

@@ -1,0 +1,273 @@
+"""Data preparation: the train and validation items from the datalists (or a patient-wise split),
+every check before training, and the `check` and `cache` commands."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config.schema import Config, DataConfig
+from engine.data.cache import verify_cache, volume_problems
+from engine.data.datalist import LABEL, NAME, Problem, format_problems, load_datalist
+from engine.data.split import check_patient_pattern, patient_of, split, split_problems
+from engine.utils.errors import CT3DError
+from engine.utils.io import write_text
+
+log = logging.getLogger("ct3d")
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    val: list[dict]
+    labels: list[str]  # output names, in model output order
+    skipped: list[Problem]  # bad rows and volumes left out (data.on_error=skip), or every problem (check)
+
+
+def load_splits(data: DataConfig, problems: list[Problem] | None = None) -> tuple[list[dict], list[dict], list[str]]:
+    """Train and validation items and the label names, from the demo, two datalists or a patient-wise
+    split. Bad rows raise, or go to `problems` when given. With data.metadata each item carries its
+    volume's rescale and spacing (a volume without a row is a bad row)."""
+    train_path = data.train
+    if data.demo.enabled:
+        from engine.data.demo import generate
+
+        train_path = str(generate(data.demo.dir, data.demo.num_volumes, tuple(data.demo.shape), data.demo.seed))
+    train = load_datalist(train_path, data, data.json_train_key, problems)
+    val_path = data.val
+    if not val_path and train_path.endswith(".json") and data.json_val_key in json.loads(Path(train_path).read_text()):
+        val_path = train_path
+    if val_path and data.folds:
+        raise CT3DError("config error: data.folds: cross-validation folds split data.train; it takes no "
+                        "separate validation list (data.val, or the JSON datalist's validation list)")
+    if val_path:
+        val = load_datalist(val_path, data, data.json_val_key, problems)
+        if val.labels != train.labels:
+            raise CT3DError(f"datalist {val_path}: labels {val.labels} differ from {train_path}'s {train.labels}")
+        train_items, val_items = train.items, val.items
+    else:
+        check_patient_pattern(train.items, data)
+        train_items, val_items = split(train.items, data.val_fraction, data.split_seed,
+                                       lambda item: patient_of(item, data.patient_pattern), data.stratify,
+                                       data.folds, data.fold)
+    check_patient_pattern(train_items + val_items, data)
+    if data.metadata:
+        from engine.data.metadata import attach_metadata
+
+        train_items, val_items = attach_metadata(data.metadata, (train_items, val_items), problems)
+    return train_items, val_items, train.labels
+
+
+def _disk_dir(cfg: Config) -> str | None:
+    return cfg.cache.dir if cfg.cache.disk else None
+
+
+def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share: tuple[int, int] = (0, 1),
+                 pool: Callable[[list[Problem]], list[Problem]] = list) -> Splits:
+    """Every check before training, every problem at once: datalist rows, split (empty, patient in both),
+    and every volume not yet in the disk cache read once (filling it). With data.on_error=skip, bad rows
+    and volumes are returned as problems and left out; split problems always stop the run. With
+    strict=False nothing raises: every problem, split ones included, is returned.
+    Several processes share the volume checks: each reads its `share` (I, N) and `pool` returns every
+    process's bad volumes from its own, so all leave out the same ones."""
+    problems: list[Problem] = []
+    train_items, val_items, labels = load_splits(cfg.data, problems)
+    fatal = split_problems(train_items, val_items, cfg.data.patient_pattern)
+    mine = shard(train_items + val_items, *share)
+    unreadable = pool(volume_problems(mine, cfg.preprocess, _disk_dir(cfg), cfg.cache.workers, progress))
+    problems += unreadable
+    if not strict:
+        problems = fatal + problems
+    else:
+        stop_on(fatal, problems, cfg.data.on_error)
+    bad = {p.name for p in unreadable}  # bad datalist rows were never made items
+    return Splits([it for it in train_items if it[NAME] not in bad], [it for it in val_items if it[NAME] not in bad],
+                  labels, problems)
+
+
+def stop_on(fatal: list[Problem], problems: list[Problem], on_error: str) -> None:
+    """Raises, listing every problem, where training would stop: split problems always, bad rows and volumes
+    unless data.on_error=skip."""
+    if fatal or (problems and on_error == "raise"):
+        hint = "" if fatal or not problems else "\n(data.on_error=skip leaves bad volumes out and lists them)"
+        every = fatal + problems
+        raise CT3DError(f"{len(every)} problem(s) in the data:\n  {format_problems(every, 50)}{hint}")
+
+
+def write_skipped(folder: Path, problems: list[Problem]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["volume", "where", "problem"])
+    writer.writerows([p.name, p.where, p.message] for p in problems)
+    write_text(folder / "skipped.csv", buf.getvalue())
+
+
+def check_lists(cfg: Config) -> int:
+    """`check --quick` (a pod's first step): the config, the datalists' rows and labels, every listed volume
+    present, and the split, without reading any volume. Raises (exit 2, a user error) where training would
+    stop; returns the number of rows data.on_error=skip would leave out."""
+    problems: list[Problem] = []
+    train_items, val_items, _ = load_splits(cfg.data, problems)
+    stop_on(split_problems(train_items, val_items, cfg.data.patient_pattern), problems, cfg.data.on_error)
+    note = f", {len(problems)} bad row(s) left out (data.on_error=skip)" if problems else ""
+    print(f"ct3d check --quick: {len(train_items)} train and {len(val_items)} validation volumes listed and "
+          f"present{note}")
+    return len(problems)
+
+
+def check(cfg: Config) -> int:
+    """`check`: every data problem at once; returns the number of problems found (0: all good)."""
+    splits = prepare_data(cfg, progress=True, strict=False)
+    if splits.skipped:
+        print(f"ct3d check: {len(splits.skipped)} problem(s):\n  {format_problems(splits.skipped, 10_000)}")
+        return len(splits.skipped)
+    print(f"ct3d check: {len(splits.train)} train and {len(splits.val)} validation volumes, no problems")
+    return 0
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`I/N` (0 <= I < N); without it JOB_COMPLETION_INDEX / JOB_COMPLETIONS (a Kubernetes Indexed Job's pod
+    index, and the completions the manifest passes), else the whole list (0/1)."""
+    if text is None:
+        index, count = os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("JOB_COMPLETIONS")
+        text = f"{index}/{count}" if index is not None and count is not None else "0/1"
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise CT3DError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise CT3DError(f"--shard {text!r}: needs 0 <= I < N")
+    return index, count
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """Every count-th item from `index`: disjoint shares that together are the whole list."""
+    return items[index::count]
+
+
+def cache(cfg: Config, verify: bool = False, shard_of: tuple[int, int] = (0, 1)) -> dict:
+    """`cache`: fill the disk cache ahead of training (one share of it with `shard_of`=(I, N), so N processes
+    or pods fill one cache together); with verify, also remove corrupt and stale entries."""
+    if not cfg.cache.disk:
+        raise CT3DError("config error: cache.disk: the disk cache is off; nothing to fill")
+    problems: list[Problem] = []
+    train_items, val_items, _ = load_splits(cfg.data, problems)
+    items = shard(train_items + val_items, *shard_of)
+    start = time.time()
+    if verify:
+        counts = verify_cache(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress=True)
+    else:
+        bad = volume_problems(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress=True)
+        counts = {"volumes": len(items), "problems": len(bad), "problem_list": [str(b) for b in bad]}
+    counts["shard"] = f"{shard_of[0]}/{shard_of[1]}"
+    counts["volumes_per_second"] = round(len(items) / max(time.time() - start, 1e-9), 2)
+    counts["problems"] += len(problems)  # bad datalist rows count too (the exit code says so)
+    counts["problem_list"] = [str(p) for p in problems] + counts["problem_list"]
+    listed = "".join(f"\n  {p}" for p in counts["problem_list"])
+    print(f"ct3d cache {cfg.cache.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "problem_list")
+          + listed)
+    return counts
+
+
+SPLIT_FILE = "split.csv"
+
+
+def split_rows(data: Splits, pattern: str) -> list[dict]:
+    """One row per volume: its patient, side and labels (0/1 per output, as one string)."""
+    return [{"volume": it[NAME], "patient": patient_of(it, pattern), "split": side,
+             "labels": _label_text(it)}
+            for side, items in (("train", data.train), ("validation", data.val)) for it in items]
+
+
+def write_split(folder: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["volume", "patient", "split", "labels"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(folder / SPLIT_FILE, buf.getvalue())
+
+
+def read_split(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["volume"]: row for row in csv.DictReader(f)}
+
+
+def _examples(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def split_differences(saved: dict[str, dict], rows: list[dict]) -> list[str]:
+    """What differs between a run's split.csv and this start's split: volumes new, gone, moved between
+    train and validation, or relabelled."""
+    now = {row["volume"]: row for row in rows}
+    found = []
+    for what, names in (
+        ("new since the run started", [v for v in now if v not in saved]),
+        ("gone since the run started", [v for v in saved if v not in now]),
+        ("moved between train and validation", [v for v in now if v in saved and saved[v]["split"] != now[v]["split"]]),
+        ("with other labels than when the run started", [v for v in now if v in saved
+                                                         and saved[v]["labels"] != now[v]["labels"]]),
+    ):
+        if names:
+            found.append(f"{len(names)} volume(s) {what}: {_examples(names)}")
+    return found
+
+
+def check_same_run(state: dict, checkpoint: Path, folder: Path, cfg: Config, data: Splits) -> None:
+    """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels and preprocessing it was
+    trained with: stop naming every difference otherwise (the run would validate on volumes it trained on,
+    or mix models)."""
+    from engine.config.loading import plain
+
+    found = []
+    if state["labels"] != data.labels:
+        found.append(f"labels: the checkpoint has {state['labels']}, the data {data.labels}")
+    if state["task"] != str(cfg.data.task):
+        found.append(f"data.task: the checkpoint has {state['task']}, the config {cfg.data.task}")
+    from engine.data.preprocess import LEGACY_PREPROCESSING
+
+    now, then = plain(cfg.preprocess), {**LEGACY_PREPROCESSING, **state["preprocessing"]}
+    found += [f"preprocess.{k}: the checkpoint has {then.get(k)!r}, the config {now[k]!r}"
+              for k in now if then.get(k) != now[k]]
+    if (folder / SPLIT_FILE).is_file():
+        found += split_differences(read_split(folder / SPLIT_FILE), split_rows(data, cfg.data.patient_pattern))
+    if found:
+        raise CT3DError(f"cannot resume {checkpoint}: this start differs from the run's:\n  " + "\n  ".join(found)
+                        + "\nrestore the run's data and settings, or start a new run (another output.name, "
+                        "or train.resume=off)")
+
+
+def _label_text(item: dict) -> str:
+    return "".join(str(int(v)) for v in item[LABEL])
+
+
+def evaluation_split_note(checkpoint: Path, items: list[dict]) -> str:
+    """Says which data an evaluation is on, from the checkpoint's run split.csv (if it is beside it), and
+    stops when volumes to evaluate were in the run's training split or carry other labels than there."""
+    path = Path(checkpoint).resolve().parent.parent / SPLIT_FILE
+    if not path.is_file():
+        return "no split.csv beside the checkpoint: cannot tell whether these volumes were trained on"
+    saved = read_split(path)
+    trained = [it[NAME] for it in items if saved.get(it[NAME], {}).get("split") == "train"]
+    if trained:
+        raise CT3DError(f"evaluate: {len(trained)} of the {len(items)} volumes were in the training split of "
+                        f"{checkpoint} ({path}): {_examples(trained)}. Their metrics would be inflated; evaluate on "
+                        f"the run's validation side (its data settings) or on another datalist")
+    relabelled = [it[NAME] for it in items if it[NAME] in saved and saved[it[NAME]]["labels"] != _label_text(it)]
+    if relabelled:
+        raise CT3DError(f"evaluate: {len(relabelled)} volume(s) carry other labels than in the run's {path}: "
+                        f"{_examples(relabelled)}")
+    val = {v for v, row in saved.items() if row["split"] == "validation"}
+    names = {it[NAME] for it in items}
+    if names == val:
+        return "the run's own validation split"
+    outside = len(names - val)
+    return f"another datalist: {outside} of {len(names)} volumes are not in the run's split" if outside else \
+        f"{len(names)} of the run's {len(val)} validation volumes"

@@ -1,0 +1,223 @@
+"""The end-of-run report: `report.png` (every panel on one page) and a self-contained `report.html`
+(the same panels embedded, plus the best-epoch summary and the config). Every panel is drawn from
+data the run computed: metrics.csv rows, the LR history and the best epoch's validation outputs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import torch
+
+from engine.results.metrics import confusion
+from engine.utils.io import atomic_write, write_text
+
+
+def roc_curve(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
+    """False and true positive rates at every distinct threshold (MONAI computes the area only)."""
+    order = torch.argsort(probs, descending=True)
+    p, y = probs[order], labels[order]
+    tps, fps = torch.cumsum(y, 0), torch.cumsum(1 - y, 0)
+    last_of_tie = torch.cat([p[1:] != p[:-1], torch.tensor([True])])
+    pos, neg = max(float(y.sum()), 1.0), max(float((1 - y).sum()), 1.0)
+    return [0.0] + (fps[last_of_tie] / neg).tolist(), [0.0] + (tps[last_of_tie] / pos).tolist()
+
+
+def _column(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+    return [e for e, _ in pairs], [v for _, v in pairs]
+
+
+def _losses(ax, rows, **_):
+    for key, label in (("train_loss", "training"), ("val_loss", "validation")):
+        ax.plot(*_column(rows, key), marker="o", label=label)
+    ax.set(title="Loss per epoch", xlabel="epoch", ylabel="loss (log scale)", yscale="log")
+    ax.legend()
+
+
+def _scores(ax, rows, beta, **_):
+    ax.plot(*_column(rows, "auc_macro"), marker="o", label="ROC AUC macro")
+    ax.plot(*_column(rows, "fbeta_macro"), marker="s", label=f"F{beta:g} macro")
+    ax.set(title="Validation scores per epoch", xlabel="epoch", ylim=(0, 1.02))
+    ax.legend()
+
+
+def _lr(ax, lr_history, **_):
+    ax.plot([i for i, _ in lr_history], [v for _, v in lr_history])
+    ax.set(title="Learning rate", xlabel="iteration", ylabel="lr")
+
+
+def _roc(ax, probs, labels, names, **_):
+    for j, name in enumerate(names):
+        if labels[:, j].min() != labels[:, j].max():
+            ax.plot(*roc_curve(probs[:, j], labels[:, j]), label=name)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(title="ROC curves (best epoch)", xlabel="false positive rate", ylabel="true positive rate")
+    ax.legend(fontsize="small")
+
+
+def _auc_bars(ax, best, names, **_):
+    values = [best.get(f"auc/{n}") for n in names]
+    values = [0.0 if v is None or math.isnan(v) else v for v in values]
+    ax.barh(names, values)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.3f}", va="center", fontsize="small")
+    ax.set(title="ROC AUC per label (best epoch)", xlim=(0, 1.1))
+    ax.invert_yaxis()
+
+
+def _confusion_bars(ax, probs, labels, names, task, thresholds, **_):
+    counts = confusion(probs, labels, task, thresholds)  # tp, fp, tn, fn per label
+    left = torch.zeros(len(names))
+    colours = ("tab:green", "tab:red", "tab:blue", "tab:orange")
+    for k, (name, colour) in enumerate(zip(("TP", "FP", "TN", "FN"), colours)):
+        ax.barh(names, counts[:, k].tolist(), left=left.tolist(), label=name, color=colour)
+        left += counts[:, k]
+    at = f"threshold {thresholds[0]:g}" if len(set(thresholds)) == 1 else "each label's threshold"
+    ax.set(title=f"Confusion counts at {at} (best epoch)", xlabel="volumes")
+    ax.invert_yaxis()
+    ax.legend(ncol=4, fontsize="small")
+
+
+def _reliability(ax, probs, labels, names, bins, **_):
+    from engine.results.calibration import expected_calibration_error, reliability
+
+    table, ece = reliability(probs, labels, bins), expected_calibration_error(probs, labels, bins)
+    for j, name in enumerate(names):
+        used = table[j, :, 2] > 0
+        ax.plot(table[j, used, 0].tolist(), table[j, used, 1].tolist(), marker="o", label=f"{name} (ECE {ece[j]:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(title=f"Reliability, {bins} bins (best epoch)", xlabel="mean predicted probability",
+           ylabel="fraction positive", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize="small")
+
+
+PANELS = (_losses, _scores, _lr, _roc, _auc_bars, _confusion_bars, _reliability)
+
+
+def png_bytes(fig, dpi: int = 90) -> bytes:
+    """A matplotlib figure as PNG bytes, for report pages (this one, cv's and the sweep's)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, float]], probs: torch.Tensor,
+                 labels: torch.Tensor, names: list[str], task: str, thresholds: list[float], beta: float,
+                 summary: dict, config_yaml: str, sections: list[tuple[str, bytes]] = ()) -> tuple[Path, Path]:
+    """Writes report.png and report.html into `folder`; returns their paths. `sections` (title, PNG) follow
+    the panels in report.html: the saliency and input views."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = dict(rows=rows, lr_history=lr_history, probs=probs.float(), labels=labels.float(), names=names,
+                task=task, thresholds=list(thresholds), beta=beta, best=summary["best"],
+                bins=summary.get("calibration", {}).get("bins", 10))
+    height = max(4.0, 0.35 * len(names) + 1.5)
+    images = []
+    for panel in PANELS:
+        fig, ax = plt.subplots(figsize=(7, height if panel in (_auc_bars, _confusion_bars) else 4.5))
+        panel(ax, **data)
+        images.append(png_bytes(fig))
+        plt.close(fig)
+    fig, axes = plt.subplots(4, 2, figsize=(15, 9 + 2 * height))
+    for panel, ax in zip(PANELS, axes.flat):
+        panel(ax, **data)
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
+    fig.suptitle(f"ct3d run {Path(summary['run']).name}: best epoch {summary['best_epoch']}, "
+                 f"{summary['key_metric']} {summary['best'][summary['key_metric']]:.4f}")
+    fig.tight_layout()
+    png_path, html_path = folder / "report.png", folder / "report.html"
+    with atomic_write(png_path) as tmp:
+        tmp.write_bytes(png_bytes(fig))
+    plt.close(fig)
+    write_text(html_path, _html(images, summary, config_yaml, sections))
+    return png_path, html_path
+
+
+def img_tag(png: bytes, alt: str) -> str:
+    """An <img> with the PNG inline, so a report page is one self-contained file."""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+SALIENCY_NOTE = ("<p>Grad-CAM heat maps (MONAI) for each label at the best epoch: the volumes the model scored "
+                 "highest among the positives, and the negatives it scored highest above the threshold. Each row "
+                 "shows axial, coronal and sagittal slices through the map's peak; red is where the evidence "
+                 "for the label lay. A map that lights the body's edge, the table or air points at a shortcut, "
+                 "not a finding.</p>")
+
+
+def format_value(v) -> str:
+    """A metric for a table: 4 decimals, n/a for None or NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def statistics_html(summary: dict) -> str:
+    """The best epoch's figures with their bootstrap intervals, how macro AUC was averaged, and each
+    label's threshold, temperature and calibration error."""
+    if "thresholds" not in summary:
+        return ""
+    fmt = format_value
+    best, names = summary["best"], summary["labels"]
+    boot = summary.get("bootstrap")
+    intervals = boot["intervals"] if boot else {}
+    keys = ["auc_macro", "fbeta_macro"] + [f"{m}/{n}" for n in names for m in ("auc", "fbeta")]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>"
+                   + ("n/a" if k not in intervals else f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}")
+                   + "</td></tr>" for k in keys)
+    head = (f"<p>95% intervals: percentile bootstrap over {boot['patients']} validation patients "
+            f"({boot['resamples']} resamples, each patient's volumes kept together). A wide interval means the "
+            f"validation set is too small to tell models apart.</p>" if boot else
+            "<p>No intervals (metrics.bootstrap=0).</p>")
+    left_out = summary.get("auc_left_out") or []
+    head += (f"<p>Macro AUC averages {summary['auc_macro_labels']} of {len(names)} labels"
+             + (f"; left out (one class only in validation): {html.escape(', '.join(left_out))}" if left_out else "")
+             + ".</p>")
+    temperature = summary.get("temperature") or {}
+    ece = summary["calibration"]["ece"]
+    per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{fmt(summary['thresholds'][n])}</td>"
+                        f"<td>{fmt(temperature.get(n))}</td><td>{fmt(ece[n])}</td></tr>" for n in names)
+    rule = summary.get("threshold_rule", "fixed")
+    note = ("" if rule == "fixed" else f" Thresholds tuned on this validation set ({rule}): F-beta here is "
+            "optimistic; evaluate on held-out data for an unbiased figure.")
+    return (f"<h2>Best epoch with 95% intervals</h2>{head}<table><tr><th>metric</th><th>value</th><th>95% interval"
+            f"</th></tr>{rows}</table><h2>Decisions and calibration</h2><p>Threshold rule: {html.escape(rule)}."
+            f"{note} Temperature: logits are divided by it before the sigmoid (metrics.calibrate; n/a: not "
+            f"calibrated). ECE: expected calibration error over {summary['calibration']['bins']} probability bins "
+            f"(0 is perfectly calibrated; see the reliability panel).</p><table><tr><th>label</th><th>threshold"
+            f"</th><th>temperature</th><th>ECE</th></tr>{per_label}</table>")
+
+
+def _html(images: list[bytes], summary: dict, config_yaml: str, sections: list[tuple[str, bytes]]) -> str:
+    fmt = format_value
+
+    best, final = summary["best"], summary["final"]
+    stopped = " (stopped early)" if summary.get("stopped_early") else ""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>{fmt(final.get(k))}</td></tr>"
+                   for k in best if k not in ("seconds",))
+    figures = "".join(img_tag(b, f"panel {i + 1}") for i, b in enumerate(images))
+    extra = "".join(f"<h2>{html.escape(title)}</h2>{img_tag(png, title)}" for title, png in sections)
+    if any(title.startswith("Where the model looked") for title, _ in sections):
+        extra = SALIENCY_NOTE + extra
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ct3d report {html.escape(Path(summary['run']).name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:48%;margin:0.5%}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{text-align:left}}</style></head>
+<body><h1>ct3d run {html.escape(Path(summary['run']).name)}</h1>
+<p>{summary['train_volumes']} training and {summary['val_volumes']} validation volumes, task {summary['task']},
+device {html.escape(summary['device'])}, wall time {summary['wall_seconds']:.0f} s.
+Best epoch {summary['best_epoch']} by {summary['key_metric']}{stopped}.</p>
+{figures}
+{statistics_html(summary)}
+{extra}
+<h2>Best and final validation</h2><table><tr><th>metric</th><th>best</th><th>final</th></tr>{rows}</table>
+<h2>Config</h2><pre>{html.escape(config_yaml)}</pre></body></html>
+"""

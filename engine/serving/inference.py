@@ -1,0 +1,287 @@
+"""Using a trained model: load it from a checkpoint, `evaluate` it on a validation datalist, `predict`
+probabilities for new volumes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from engine.config.loading import restore
+from engine.config.schema import Config, ModelConfig, PreprocessConfig
+from engine.data.cache import build_dataset
+from engine.data.datalist import (
+    IMAGE,
+    NAME,
+    VOLUME_SUFFIXES,
+    Problem,
+    could_be_series,
+    label_frequencies,
+    resolve_image,
+)
+from engine.data.loaders import loader_workers, make_loader
+from engine.data.prepare import evaluation_split_note, load_splits, write_skipped
+from engine.data.preprocess import preprocess, preprocessing_transform
+from engine.data.sources import find_volumes
+from engine.data.split import patient_of
+from engine.training.build import make_evaluator, make_inferer, make_loss, resolve_amp, resolve_device, to_device
+from engine.training.checkpoint import load_checkpoint
+from engine.training.models import create_model
+from engine.utils.errors import CT3DError
+from engine.utils.io import write_json, write_text
+from engine.utils.progress import tracked
+
+log = logging.getLogger("ct3d")
+
+
+def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The network of a ct3d checkpoint, in eval mode, and the checkpoint's dict."""
+    if not path:
+        raise CT3DError("config error: checkpoint: give the checkpoint to load, "
+                        "e.g. checkpoint=runs/x/checkpoints/best.pt")
+    state = load_checkpoint(path)
+    model = create_model(restore(ModelConfig, state["model_config"]), len(state["labels"]),
+                         state["preprocessing"]["spatial_size"])
+    model.load_state_dict(state["model"])
+    return to_device(model, device).eval(), state
+
+
+def checkpoint_preprocessing(state: dict) -> PreprocessConfig:
+    """The preprocessing a checkpoint was trained with (settings newer than it: as they were before)."""
+    from engine.data.preprocess import LEGACY_PREPROCESSING
+
+    return restore(PreprocessConfig, {**LEGACY_PREPROCESSING, **state["preprocessing"]})
+
+
+def decision_settings(state: dict) -> tuple[list[float], list[float] | None]:
+    """The checkpoint's per-label thresholds and temperatures (None: uncalibrated), fitted on the validation
+    before it was written; a checkpoint from before any validation has its fixed threshold only."""
+    fitted = state.get("calibration") or {}
+    return list(fitted.get("thresholds") or [state["threshold"]] * len(state["labels"])), fitted.get("temperature")
+
+
+class Ensemble(torch.nn.Module):
+    """Several trained models as one: the mean of their probabilities (each at its own temperature),
+    returned as logits whose probabilities are that mean."""
+
+    def __init__(self, models: list[torch.nn.Module], temperatures: list[list[float] | None], task: str):
+        super().__init__()
+        self.members, self.temperatures, self.task = torch.nn.ModuleList(models), temperatures, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from engine.results.calibration import apply_temperature
+        from engine.results.metrics import as_logits, probabilities
+
+        mean = torch.stack([probabilities(apply_temperature(m(x), t), self.task)
+                            for m, t in zip(self.members, self.temperatures)]).mean(0)
+        return as_logits(mean, self.task)
+
+
+def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, list[float]]:
+    """The models of `paths` as one Ensemble, the first checkpoint's dict, and the members' mean threshold
+    per label. They must share labels, task and preprocessing: any difference is an error naming it."""
+    models, states = zip(*(load_trained_model(path, device) for path in paths))
+    first = states[0]
+    for path, state in zip(paths[1:], states[1:]):
+        for key in ("labels", "task", "preprocessing"):
+            if state[key] != first[key]:
+                raise CT3DError(f"ensemble: {path} has other {key} than {paths[0]}: {state[key]} vs {first[key]}; "
+                                f"the members must be trained on the same labels with the same preprocessing")
+    settings = [decision_settings(state) for state in states]
+    thresholds = [sum(t[j] for t, _ in settings) / len(settings) for j in range(len(first["labels"]))]
+    return Ensemble(list(models), [t for _, t in settings], first["task"]).eval(), first, thresholds
+
+
+def with_tta(inferer, task: str, tta: str):
+    """infer.tta=flips: the mean probability over the volume and its flips along each spatial axis (4
+    passes), returned as logits whose probabilities are that mean, so metrics and predictions downstream
+    stay as they are (a checkpoint's temperature then applies to those logits). MONAI's TestTimeAugmentation
+    targets segmentation (it inverts spatial outputs)."""
+    from monai.inferers import Inferer
+
+    from engine.results.metrics import as_logits, probabilities
+
+    if tta == "none":
+        return inferer
+
+    class FlipAverage(Inferer):
+        def __call__(self, inputs, network, *args, **kwargs):
+            views = [inputs] + [torch.flip(inputs, dims=(axis,)) for axis in (2, 3, 4)]
+            mean = torch.stack([probabilities(inferer(v, network, *args, **kwargs), task) for v in views]).mean(0)
+            return as_logits(mean, task)
+
+    return FlipAverage()
+
+
+def _output_folder(cfg: Config, command: str) -> Path:
+    return Path(cfg.output.dir) / (cfg.output.name or f"{command}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def evaluate(cfg: Config) -> dict:
+    """Every validation metric of a checkpoint on the config's validation datalist (or split), at the
+    checkpoint's thresholds and temperatures, with patient-level bootstrap intervals."""
+    from engine.results.statistics import run_statistics
+
+    device = resolve_device(cfg.train.device)
+    model, state = load_trained_model(cfg.checkpoint, device)
+    train_items, val_items, labels = load_splits(cfg.data)
+    if labels != state["labels"]:
+        raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
+    on = evaluation_split_note(Path(cfg.checkpoint), val_items)
+    thresholds, temperature = decision_settings(state)
+    dataset = build_dataset(val_items, checkpoint_preprocessing(state), cfg.cache.dir if cfg.cache.disk else None,
+                            cfg.cache.memory_rate, cfg.cache.workers)
+    amp = resolve_amp(cfg.train.amp, device)
+    evaluator, validation = make_evaluator(
+        model, make_loader(dataset, cfg.loader, device), device, amp, cfg.metrics, labels, state["task"],
+        make_loss(cfg.train, state["task"], label_frequencies(train_items)), thresholds=thresholds,
+        temperature=temperature, inferer=with_tta(make_inferer(device, amp), state["task"], str(cfg.infer.tta)))
+    evaluator.run()
+    metrics = dict(evaluator.state.metrics)
+    folder = _output_folder(cfg, "evaluate")
+    result = {"checkpoint": str(cfg.checkpoint), "epoch": state["trainer"]["epoch"], "volumes": len(val_items),
+              "data": on, "labels": labels, "tta": str(cfg.infer.tta), "metrics": metrics,
+              **run_statistics(validation.last_probs, validation.last_labels,
+                               [patient_of(it, cfg.data.patient_pattern) for it in val_items], labels, state["task"],
+                               thresholds, temperature, cfg.metrics)}
+    write_json(folder / "evaluation.json", result)
+    width = max(len(k) for k in metrics)
+    print(f"\nct3d evaluate {cfg.checkpoint} on {len(val_items)} volumes ({on}) -> {folder}")
+    print("\n".join(f"{k:<{width}}  {v:.4f}" + _interval_text(result, k) for k, v in metrics.items()))
+    return metrics
+
+
+def _interval_text(result: dict, key: str) -> str:
+    low, high = result.get("bootstrap", {}).get("intervals", {}).get(key, (None, None))
+    return f"  [{low:.4f}, {high:.4f}]" if low is not None else ""
+
+
+def _datalist_volumes(path: Path, cfg: Config) -> tuple[list[dict], list[Problem]]:
+    if path.suffix.lower() == ".json":
+        names = [str(e["image"]) for e in json.loads(path.read_text()).get(cfg.data.json_train_key, [])]
+    else:
+        with open(path, newline="") as f:
+            names = [row[cfg.data.image_column] for row in csv.DictReader(f)]
+    root = Path(cfg.data.image_root) if cfg.data.image_root else path.parent
+    items, skipped = [], []
+    for name in names:
+        image = resolve_image(name, root, cfg.data.layout)
+        if image.exists() or could_be_series(image):
+            items.append({IMAGE: str(image), NAME: name})
+        else:
+            skipped.append(Problem(f"{path}: {name}", f"volume {image} does not exist", name))
+    return items, skipped
+
+
+def list_inputs(source: str, cfg: Config) -> tuple[list[dict], list[Problem]]:
+    """Items {"image", "name"} from a datalist, one volume, or a folder (volumes and DICOM series at any
+    depth), and every entry left out with its reason."""
+    path = Path(source)
+    if not source or not path.exists():
+        raise CT3DError(f"config error: input: {source!r} does not exist (a datalist, a volume or a folder)")
+    if path.is_file() and path.suffix.lower() in (".csv", ".json"):
+        items, skipped = _datalist_volumes(path, cfg)
+    else:
+        items, skipped = find_volumes(path)
+    if not items:
+        raise CT3DError(f"input {path}: no volumes (NIfTI, NRRD, MHA files or DICOM series) found"
+                        + "".join(f"\n  {p}" for p in skipped))
+    if cfg.data.metadata:  # raw scanner values: each volume's rescale and spacing (a volume without: skipped)
+        from engine.data.metadata import attach_metadata
+
+        (items,) = attach_metadata(cfg.data.metadata, (items,), skipped)
+    return items, skipped
+
+
+class _Readable(torch.utils.data.Dataset):
+    """Preprocessed volumes for prediction; one that cannot be read becomes a reason, not a crash."""
+
+    def __init__(self, items: list[dict], p: PreprocessConfig):
+        self.items, self.transform = items, preprocessing_transform(p)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return {"index": index, IMAGE: preprocess(self.transform, dict(self.items[index]))[IMAGE]}
+        except CT3DError as exc:
+            return {"index": index, "error": str(exc)}
+
+
+def _batches(samples: list[dict]) -> tuple[list[dict], dict | None]:
+    good = [s for s in samples if "error" not in s]
+    batch = {"index": [s["index"] for s in good], IMAGE: torch.stack([s[IMAGE] for s in good])} if good else None
+    return [s for s in samples if "error" in s], batch
+
+
+def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predicted: set[str], folder: Path) -> None:
+    """`saliency=true`: per predicted volume a NIfTI of Grad-CAM maps (one per label, in label order) on the
+    volume's own grid, named as its row in predictions.csv."""
+    from engine.results.saliency import input_space_maps, supports, write_maps
+
+    config = restore(ModelConfig, state["model_config"])
+    if not supports(config):
+        raise CT3DError(f"saliency: Grad-CAM needs a convolutional network; {config.name} has none")
+    transform = preprocessing_transform(checkpoint_preprocessing(state), keep_meta=True)
+    for item in items:
+        if item[NAME] in predicted:
+            maps, affine = input_space_maps(model, config, transform, item, len(state["labels"]))
+            stem = item[NAME].replace("/", "__")
+            for suffix in VOLUME_SUFFIXES:
+                stem = stem.removesuffix(suffix)
+            write_maps(folder / f"{stem}.nii.gz", maps, affine)
+    log.info("saliency maps in %s (one per label, in the order of predictions.csv's columns)", folder)
+
+
+def predict(cfg: Config) -> Path:
+    """predictions.csv: one row per volume, one probability column per label of the checkpoint, then one 0/1
+    decision column per label at the checkpoint's thresholds (`<label>_decision`); with several checkpoints,
+    the mean of their probabilities, decided at their mean thresholds. Every input left out
+    (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
+    from engine.results.calibration import apply_temperature
+    from engine.results.metrics import decisions, probabilities
+
+    device = resolve_device(cfg.train.device)
+    if len(cfg.checkpoints) > 1:
+        if cfg.saliency:
+            raise CT3DError("config error: saliency: Grad-CAM maps are per model; predict with one checkpoint")
+        model, state, thresholds = load_ensemble(list(cfg.checkpoints), device)
+        temperature = None  # each member's is applied inside the ensemble
+        log.info("ensemble of %d models: %s", len(cfg.checkpoints), ", ".join(cfg.checkpoints))
+    else:
+        model, state = load_trained_model(cfg.checkpoint, device)
+        thresholds, temperature = decision_settings(state)
+    items, skipped = list_inputs(cfg.input, cfg)
+    batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
+    loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
+                                         num_workers=loader_workers(cfg.loader, None), collate_fn=_batches)
+    inferer = with_tta(make_inferer(device, resolve_amp(cfg.train.amp, device)), state["task"], str(cfg.infer.tta))
+    rows = []
+    with torch.no_grad():
+        for errors, batch in tracked(loader, len(loader), "predict", batch_size, len(items)):
+            skipped += [Problem(items[e["index"]][IMAGE], e["error"], items[e["index"]][NAME]) for e in errors]
+            if batch is not None:
+                logits = apply_temperature(inferer(batch[IMAGE].to(device).float(), model), temperature)
+                probs = probabilities(logits, state["task"]).cpu()
+                decided = decisions(probs, state["task"], thresholds).int().tolist()
+                rows += [[items[i][NAME], *(f"{p:.6f}" for p in row), *d]
+                         for i, row, d in zip(batch["index"], probs.tolist(), decided)]
+    folder = _output_folder(cfg, "predict")
+    buf = io.StringIO()
+    header = ["VolumeName", *state["labels"], *(f"{name}_decision" for name in state["labels"])]
+    csv.writer(buf).writerows([header, *rows])
+    write_text(folder / "predictions.csv", buf.getvalue())
+    if skipped:
+        write_skipped(folder, skipped)
+    if cfg.saliency:  # after predictions.csv: a map that fails loses no prediction
+        write_saliency(model, state, items, {row[0] for row in rows}, folder / "saliency")
+    print(f"ct3d predict: {len(rows)} volume(s) -> {folder / 'predictions.csv'}"
+          + (f"; {len(skipped)} input(s) left out, listed in {folder / 'skipped.csv'}:" if skipped else "")
+          + "".join(f"\n  {p}" for p in skipped))
+    return folder / "predictions.csv"

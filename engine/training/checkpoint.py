@@ -1,0 +1,274 @@
+"""Checkpoints: one mapping of stateful parts (`to_save`, as in Ignite's `Checkpoint`) is both what a
+checkpoint holds and what a resume restores, so no part can be saved and forgotten. Files are written
+atomically and read with weights_only=True (never full pickle)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+from engine.training.preemption import StopOnSignal, resumable_here
+from engine.utils.errors import CT3DError
+from engine.utils.io import TMP_PREFIX, atomic_write
+
+log = logging.getLogger("ct3d")
+CHECKPOINT_NAMES = ("final.pt", "last.pt", "best.pt")
+CHECKPOINT_FORMAT = 2  # bump when what a checkpoint holds changes; older files are refused by name
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's dict; refuses anything that needs more than tensors and plain containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CT3DError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CT3DError(f"checkpoint {path}: refused, it needs full pickle to load (only tensors and plain "
+                        f"containers are accepted): {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise CT3DError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CT3DError(f"checkpoint {path}: not a ct3d checkpoint (no 'model' entry)")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CT3DError(f"checkpoint {path}: written by another ct3d version (checkpoint format "
+                        f"{state.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); start a new run "
+                        f"(another output.name, or train.resume=off)")
+    return state
+
+
+SHAREABLE = ("model", "labels", "task", "model_config", "preprocessing", "threshold", "calibration", "format")
+
+
+def write_weights_only(checkpoint: str | Path, path: str | Path) -> Path:
+    """A copy of `checkpoint` that holds what inference needs (weights, labels, preprocessing, thresholds,
+    temperatures) and nothing of the data: no per-volume validation outputs, metrics, optimizer or RNG.
+    It loads wherever a checkpoint does (evaluate, predict, export, model.pretrained)."""
+    state = load_checkpoint(checkpoint)
+    shared = {k: state[k] for k in SHAREABLE if k in state}
+    shared["trainer"] = {"epoch": state["trainer"]["epoch"], "iteration": state["trainer"]["iteration"]}
+    save_checkpoint(path, shared)
+    return Path(path)
+
+
+def _iteration_of(path: Path) -> int | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["trainer"]["iteration"])
+    except Exception:  # unreadable or foreign: never resume from it
+        return None
+
+
+def find_latest_checkpoint(folder: str | Path) -> Path | None:
+    """The readable checkpoint in `folder` with the most training iterations behind it, or None.
+    Temp files of interrupted writes (`.tmp-*`) are never candidates."""
+    best: tuple[int, Path] | None = None
+    for name in CHECKPOINT_NAMES:
+        path = Path(folder) / name
+        if path.is_file():
+            iteration = _iteration_of(path)
+            if iteration is not None and (best is None or iteration > best[0]):
+                best = (iteration, path)
+    return best[1] if best else None
+
+
+def resume_checkpoint(resume: str, folder: Path) -> Path | None:
+    """train.resume: auto (latest readable checkpoint in the run folder, if any), off, or a path."""
+    if resume == "off":
+        return None
+    if resume == "auto":
+        return find_latest_checkpoint(folder)
+    if not Path(resume).is_file():
+        raise CT3DError(f"config error: train.resume: {resume!r} is not auto, off or an existing checkpoint")
+    return Path(resume)
+
+
+class RandomState:
+    """Python, NumPy, torch and CUDA generator states, as tensors and plain containers."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate((state["python_version"], tuple(state["python"]), None))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainerState:
+    """The trainer's epoch, iteration and early stop. On load the configured epoch count stays (a raised
+    train.epochs extends a finished run), a run that had stopped early stops again at once, and a
+    checkpoint taken mid-epoch continues at the next batch: the training sampler skips the batches that
+    epoch had already seen (same order: it depends on seed and epoch alone)."""
+
+    def __init__(self, trainer: Engine):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        s = self.trainer.state
+        return {"epoch": s.epoch, "iteration": s.iteration, "epoch_length": s.epoch_length,
+                "stopped_early": bool(self.trainer.should_terminate)}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.trainer.state
+        length, epoch, iteration = s.epoch_length, state["epoch"], state["iteration"]
+        saved_length = state.get("epoch_length") or length
+        done = iteration - (epoch - 1) * saved_length  # batches of `epoch` behind the checkpoint
+        max_epochs = max(s.max_epochs, epoch)
+        if done < saved_length and saved_length == length:  # taken mid-epoch: continue at the next batch
+            self.trainer.load_state_dict({"iteration": iteration, "epoch_length": length, "max_epochs": max_epochs})
+            s.dataloader.sampler.skip_next(done * s.dataloader.batch_size)
+        else:  # at an epoch's end; or mid-epoch with another batch size: that epoch again
+            completed = epoch if done >= saved_length else epoch - 1
+            self.trainer.load_state_dict({"epoch": completed, "epoch_length": length, "max_epochs": max_epochs})
+        if state["stopped_early"]:
+            self.trainer.terminate()
+
+
+class ScalerState:
+    """MONAI's trainer makes its fp16 GradScaler when `run()` starts: read it then, not before."""
+
+    def __init__(self, trainer: Engine):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict | None:
+        return self.trainer.scaler.state_dict() if self.trainer.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.trainer.scaler is not None and state is not None:
+            self.trainer.scaler.load_state_dict(state)
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of a checkpoint state that later training steps cannot change (tensors cloned to CPU)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+class Checkpoints:
+    """last.pt after every epoch, best.pt when the key metric improved (`table.improved_at`), final.pt by
+    `save("final")`. Each holds `state_dict()` of every part of `to_save` plus the fixed `meta` (labels,
+    preprocessing, model settings) that inference needs.
+    Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not fsync. The state is
+    snapshotted at once and written (atomically) by a background thread, so training does not wait on
+    the disk; the next save, and `wait()`, wait for the previous write."""
+
+    def __init__(self, folder: Path, to_save: dict[str, Any], meta: dict, write: bool = True,
+                 every_minutes: float = 0.0):
+        self.folder, self.to_save, self.meta, self.write = Path(folder), to_save, meta, write
+        self.every_seconds, self._saved_at = 60 * every_minutes, time.monotonic()
+        self.on_signal = StopOnSignal(self)
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if write:  # clear temp files left by a killed writer (one process writes a run folder)
+            for stale in self.folder.glob(f"{TMP_PREFIX}*"):
+                stale.unlink(missing_ok=True)
+
+    def attach(self, trainer: Engine, table: Any) -> None:
+        """last.pt (and best.pt) after each epoch; with `every_minutes`, last.pt also mid-epoch when that
+        long has passed since the last save, so a lost node costs minutes, not an epoch."""
+
+        def after_epoch(engine: Engine) -> None:
+            self.save(*(["best"] if table.improved_at(engine.state.epoch) else []), "last")
+
+        def on_the_clock(engine: Engine) -> None:
+            if resumable_here(engine) and time.monotonic() - self._saved_at >= self.every_seconds:
+                self.save("last")
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, after_epoch)
+        if self.every_seconds > 0:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, on_the_clock)
+        self.on_signal.attach(trainer)
+
+    def state(self) -> dict:
+        parts = {name: part.state_dict() for name, part in self.to_save.items()}
+        return {**parts, **self.meta, "format": CHECKPOINT_FORMAT}
+
+    def save(self, *names: str, background: bool = True) -> list[Path]:
+        """Writes the current state to each `name`.pt (in this order); a no-op where write is False."""
+        if not self.write:
+            return []
+        state = _snapshot(self.state())
+        paths = [self.folder / f"{name}.pt" for name in names]
+        self.wait()
+        self._saved_at = time.monotonic()
+
+        def write() -> None:
+            try:
+                for path in paths:
+                    save_checkpoint(path, state)
+            except BaseException as exc:  # re-raised in the training thread by wait()
+                self._error = exc
+
+        if background:
+            self._writer = threading.Thread(target=write, name="ct3d-checkpoint", daemon=False)
+            self._writer.start()
+        else:
+            write()
+            self.wait()
+        return paths
+
+    def wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class Resume:
+    """Restores every part of `to_load` from a checkpoint when the trainer starts (as MONAI's
+    CheckpointLoader does: the scaler exists only then). Our own: MONAI's loader refuses a checkpoint
+    past `max_epochs` and parts the checkpoint lacks; here a part new to the run (e.g. early stopping
+    turned on) starts fresh, and the file is read with our checks."""
+
+    def __init__(self, path: Path | None, to_load: dict[str, Any]):
+        self.path, self.to_load = path, to_load
+        self.epoch: int | None = None  # the epoch the checkpoint was taken at, once loaded
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, trainer: Engine) -> None:
+        if self.path is None:
+            return
+        # On the CPU: the RNG states must be CPU tensors; model and optimizer copy to their own devices.
+        state = load_checkpoint(self.path, "cpu")
+        missing = [name for name in self.to_load if name not in state]
+        Checkpoint.load_objects({k: v for k, v in self.to_load.items() if k in state}, state)
+        self.epoch = trainer.state.epoch
+        log.info("resumed from %s at iteration %d (epoch %d done)%s%s", self.path, trainer.state.iteration,
+                 trainer.state.epoch,
+                 " (already finished)" if trainer.state.epoch >= trainer.state.max_epochs or trainer.should_terminate
+                 else "", f"; new since then: {', '.join(missing)}" if missing else "")

@@ -1,0 +1,242 @@
+"""The wiring: the one place that knows every part. Read `train` top to bottom to follow a run:
+config -> datalists -> cached preprocessing -> loaders -> model, loss, optimizer -> MONAI trainer and
+evaluator with handlers -> checkpoints, metrics.csv, summary.json and the report."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config.loading import plain, to_yaml
+from engine.config.schema import Config
+from engine.data.datalist import label_frequencies
+from engine.data.loaders import make_datasets, make_loader
+from engine.data.prepare import Splits, check_same_run, prepare_data, split_rows, write_skipped, write_split
+from engine.training.augment import DeviceAugmentation
+from engine.training.build import (
+    attach_validation,
+    make_evaluator,
+    make_loss,
+    make_network,
+    make_optimization,
+    make_trainer,
+    resolve_amp,
+    resolve_device,
+    run_folder,
+    setup_logging,
+    setup_torch,
+)
+from engine.training.checkpoint import (
+    Checkpoints,
+    RandomState,
+    Resume,
+    ScalerState,
+    TrainerState,
+    load_checkpoint,
+    resume_checkpoint,
+)
+from engine.training.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
+from engine.training.models import FreezeBackbone
+from engine.training.outputs import best_statistics, write_outputs
+from engine.utils.errors import CT3DError, Interrupted
+from engine.utils.io import write_text
+
+log = logging.getLogger("ct3d")
+
+
+def train(cfg: Config, attach=None) -> Path:
+    """Trains per `cfg`; returns the run folder. `attach(trainer, evaluator)` adds handlers of a caller's
+    own after ours (a sweep's pruning)."""
+    import ignite.distributed as idist
+    from ignite.engine import Events
+    from monai.handlers import LrScheduleHandler
+
+    start, rank = time.time(), idist.get_rank()
+    main = rank == 0  # only rank 0 writes files, logs progress, talks to W&B
+    setup_logging(main)
+    setup_torch(cfg.train, rank)
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    data = prepare_data_in_shares(cfg, progress=main)
+    folder = run_folder(cfg.output, cfg.model)
+    resume_path = resume_from(cfg, folder)
+    if resume_path is not None:
+        check_same_run(load_checkpoint(resume_path), resume_path, folder, cfg, data)
+    if main:
+        write_run_start(folder, cfg, data)
+
+    train_ds, val_ds = make_datasets(cfg, data.train, data.val, main and sys.stderr.isatty())  # bars: terminals
+    per_rank = math.ceil(len(data.train) / idist.get_world_size())
+    train_loader = make_loader(train_ds, cfg.loader, device, shuffle_seed=cfg.train.seed, per_rank=per_rank)
+    net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
+    model, optimizer, scheduler = make_optimization(net, cfg.train, len(train_loader))
+    task, frequencies = str(cfg.data.task), label_frequencies(data.train)
+    trainer = make_trainer(model, optimizer, make_loss(cfg.train, task, frequencies), train_loader, device,
+                           amp_dtype, cfg.train)
+    # The plain network: ranks validate different numbers of batches, and DDP's forward is a collective.
+    evaluator, validation = make_evaluator(net, make_loader(val_ds, cfg.loader, device), device, amp_dtype,
+                                           cfg.metrics, data.labels, task, make_loss(cfg.train, task, frequencies))
+    history = History(optimizer)
+    table = MetricsTable(folder / "metrics.csv", str(cfg.metrics.key), history, data.labels, validation,
+                         str(cfg.metrics.mode), cfg.metrics.beta, write=main)
+    to_save = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": ScalerState(trainer),
+               "trainer": TrainerState(trainer), "metrics_table": table, "history": history, "rng": RandomState(),
+               "calibration": validation}
+
+    # Handlers, in the order they run on each event.
+    resume = Resume(resume_path, to_save)
+    resume.attach(trainer)
+    total_steps = cfg.train.epochs * len(train_loader)  # a raised train.epochs extends a resumed schedule
+    trainer.add_event_handler(Events.STARTED, lambda _: setattr(scheduler, "t_total", total_steps))
+    if cfg.train.freeze_epochs:
+        FreezeBackbone(net, cfg.model, cfg.train.freeze_epochs).attach(trainer)
+    if cfg.augment.enabled:
+        DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank).attach(trainer)
+    LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
+    attach_loss_metrics(trainer, stop_on_nan=amp_dtype != torch.float16)
+    if main:
+        Progress(history, cfg.train.log_every).attach(trainer)
+    SyncBuffers(net).attach(trainer)
+    attach_validation(trainer, evaluator, cfg.train.val_every)
+    table.attach(trainer, evaluator)
+    history.attach(trainer)  # after validation, before checkpoints: see History
+    if cfg.train.early_stopping_patience:
+        to_save["early_stopping"] = early_stopping(cfg, trainer, evaluator)
+    tracker = tracking(cfg, folder, trainer, evaluator, optimizer) if main else None
+    if tracker is not None:
+        to_save["tracking"] = tracker
+    meta = {"labels": data.labels, "task": task, "model_config": plain(cfg.model),
+            "preprocessing": plain(cfg.preprocess), "threshold": cfg.metrics.threshold}
+    checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
+    checkpoints.attach(trainer, table)
+    if attach is not None:
+        attach(trainer, evaluator)
+
+    log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
+             cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")
+    run_to_end(trainer, checkpoints, table, resume, folder)
+    summary = {
+        "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
+        "train_volumes": len(data.train), "val_volumes": len(data.val), "skipped": len(data.skipped),
+        "key_metric": str(cfg.metrics.key), "best_epoch": table.best["epoch"], "best": table.best,
+        "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
+        "wall_seconds": round(time.time() - start, 1), "epoch_seconds": history.epoch_seconds,
+        **(best_statistics(cfg, table, data, task) if main else {}),
+    }
+    if main:
+        write_outputs(folder, summary, table, history, cfg, tracker, net, data.val)
+    if idist.get_world_size() > 1:
+        idist.barrier()  # every rank leaves together: tearing down the group under a busy peer aborts
+    return folder
+
+
+def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
+    """Under torchrun every rank checks, and fills the disk cache with, its own share of the volumes, so a
+    rank waits for the slowest share, never for one rank to read the whole data set; the ranks then pool
+    what they found. Rank 0 generates the demo data first."""
+    import json
+    from dataclasses import asdict
+
+    import ignite.distributed as idist
+
+    from engine.data.datalist import Problem
+    from engine.data.prepare import load_splits
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if world == 1:
+        return prepare_data(cfg, progress)
+    if cfg.data.demo.enabled:
+        if rank == 0:
+            load_splits(cfg.data, [])  # writes the phantoms once
+        idist.barrier()
+
+    def pool(mine: list) -> list:
+        every = idist.all_gather(json.dumps([asdict(p) for p in mine]))
+        return [Problem(**p) for text in every for p in json.loads(text)]
+
+    return prepare_data(cfg, progress, share=(rank, world), pool=pool)
+
+
+def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
+    write_text(folder / "config.yaml", to_yaml(cfg))
+    write_split(folder, split_rows(data, cfg.data.patient_pattern))
+    if data.skipped:
+        write_skipped(folder, data.skipped)
+        log.warning("left out %d bad volume(s) or row(s), listed in %s", len(data.skipped), folder / "skipped.csv")
+    log.info("run folder %s; %d train / %d validation volumes; labels: %s", folder, len(data.train), len(data.val),
+             ", ".join(data.labels))
+
+
+def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer):
+    """The W&B tracker, attached (None when tracking is off); it logs the config as saved, secrets blanked."""
+    import yaml
+
+    from engine.training.tracking import WandbTracker
+
+    if cfg.tracking.wandb.mode == "disabled":
+        return None
+    tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
+    tracker.attach(trainer, evaluator, optimizer)
+    return tracker
+
+
+def resume_from(cfg: Config, folder: Path) -> Path | None:
+    """The checkpoint to resume from; every rank loads the file rank 0 chose (rank 0 may be writing)."""
+    import ignite.distributed as idist
+
+    path = resume_checkpoint(cfg.train.resume, folder / "checkpoints")
+    if idist.get_world_size() > 1:
+        chosen = idist.broadcast(str(path or "") if idist.get_rank() == 0 else None, src=0, safe_mode=True)
+        path = Path(chosen) if chosen else None
+    return path
+
+
+def early_stopping(cfg: Config, trainer, evaluator):
+    """Ignite's EarlyStopping on the key metric after each validation (NaN counts as no improvement)."""
+    from ignite.engine import Events
+    from ignite.handlers import EarlyStopping
+
+    sign, key = (1.0 if cfg.metrics.mode == "max" else -1.0), str(cfg.metrics.key)
+
+    def score(engine) -> float:
+        value = engine.state.metrics[key]
+        return -math.inf if value is None or math.isnan(value) else sign * value
+
+    stopper = EarlyStopping(cfg.train.early_stopping_patience, score, trainer,
+                            min_delta=cfg.train.early_stopping_min_delta)
+    evaluator.add_event_handler(Events.COMPLETED, stopper)
+    return stopper
+
+
+def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path) -> None:
+    """Runs the trainer, waits for the last checkpoint write and writes final.pt (unless this start found
+    the run finished and final.pt there). A diverged loss (TerminateOnNan) is a clear error on every
+    rank, and no final.pt with NaN weights is written: last.pt holds the last good epoch."""
+    import ignite.distributed as idist
+
+    try:
+        trainer.run()
+    finally:
+        checkpoints.wait()
+        checkpoints.on_signal.restore()
+    if checkpoints.on_signal.stopped:
+        raise Interrupted(f"stopped by SIGTERM at iteration {trainer.state.iteration}; "
+                          f"{folder / 'checkpoints' / 'last.pt'} holds it: run again to continue")
+    output = trainer.state.output
+    diverged = bool(trainer.should_terminate and output is not None and not torch.isfinite(output["loss"]).all())
+    if idist.get_world_size() > 1:  # the ranks agree: a NaN on any rank stopped them all
+        diverged = bool(idist.all_reduce(int(diverged)))
+    if diverged:
+        raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
+                        f"the loss became {float(output['loss'].detach()):g}. The last good state is "
+                        f"{folder / 'checkpoints' / 'last.pt'} (end of the previous epoch); try a lower train.lr, "
+                        f"train.amp=off, or check the data")
+    if trainer.state.epoch != resume.epoch or not (folder / "checkpoints" / "final.pt").is_file():
+        checkpoints.save("final", background=False)
+    if not table.rows:
+        raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")

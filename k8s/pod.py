@@ -1,0 +1,134 @@
+"""The pod every workload runs: standard labels, resources per GPU (with the memory-backed /dev/shm
+counted), containers under the "restricted" Pod Security Standard, the env, mounts and volumes of the
+claims, scheduling knobs, and the `check` container that fails a run on a user error before any GPU work."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from engine.config.schema import Config, K8sConfig
+from k8s.meta import labels
+from k8s.settings import CACHE_DIR, CONFIG, CONFIG_DIR, DATA_DIR, OUTPUT_DIR, pod_environment
+from k8s.storage import claim_name
+
+INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_bytes(text: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", text).groups()
+    return float(number) * _UNITS[unit]
+
+
+def mebibytes(n: float) -> str:
+    mib = int(-(-n // 2**20))
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def pod_resources(k: K8sConfig) -> tuple[dict, str]:
+    """(container resources, /dev/shm size): CPU and memory per GPU unless set; the memory-backed /dev/shm
+    counts against the memory limit, so the default memory adds it."""
+    per = max(1, k.gpus)
+    shm = k.shm_size or f"{k.shm_per_gpu * per}Gi"
+    memory = k.memory or mebibytes(k.memory_per_gpu * per * 2**30 + quantity_bytes(shm))
+    amounts: dict[str, Any] = {"cpu": k.cpu or str(k.cpu_per_gpu * per), "memory": memory}
+    if k.gpus > 0:
+        amounts["nvidia.com/gpu"] = k.gpus
+    return {"requests": dict(amounts), "limits": dict(amounts)}, shm
+
+def container_security() -> dict:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_env(k: K8sConfig, indexed: bool) -> list[dict]:
+    env = [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": k.wandb_secret, "key": "api-key",
+                                                                     "optional": True}}}]
+    env += [{"name": name, "value": value} for name, value in pod_environment(k).items()]
+    if indexed:
+        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}})
+    return env
+
+
+def container_spec(k: K8sConfig, name: str, command: list[str], env: list[dict], mounts: list[dict],
+               resources: dict | None = None) -> dict:
+    c: dict[str, Any] = {"name": name, "image": k.image, "imagePullPolicy": str(k.image_pull_policy),
+                         "command": command, "env": env}
+    if resources:
+        c["resources"] = resources
+    c.update(volumeMounts=mounts, securityContext=container_security())
+    return c
+
+
+def mounts(k: K8sConfig, output: bool = True, shm: bool = True) -> list[dict]:
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "cache", "mountPath": CACHE_DIR}]
+    if output:
+        mounts.append({"name": "output", "mountPath": OUTPUT_DIR})
+    if shm:
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    if k.data_claim:
+        mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
+    return mounts
+
+
+def volumes(cfg: Config, shm_size: str | None, output: bool = True) -> list[dict]:
+    k = cfg.k8s
+    volumes = [{"name": "config", "configMap": {"name": f"{k.name}-config"}},
+               {"name": "cache", "persistentVolumeClaim": {"claimName": claim_name(cfg, "cache")}}]
+    if output:
+        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": claim_name(cfg, "output")}})
+    if shm_size:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}})
+    if k.data_claim:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": k.data_claim, "readOnly": True}})
+    return volumes
+
+
+def pod_spec(k: K8sConfig, containers: list[dict], volumes: list[dict], init: list[dict] | None = None,
+         restart: str = "Never") -> dict:
+    pod: dict[str, Any] = {"restartPolicy": restart, "terminationGracePeriodSeconds": k.termination_grace_seconds}
+    if k.service_account:
+        pod["serviceAccountName"] = k.service_account
+    if k.priority_class:
+        pod["priorityClassName"] = k.priority_class
+    if k.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in k.image_pull_secrets]
+    pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_user,
+                              "fsGroup": k.run_as_user, "fsGroupChangePolicy": "OnRootMismatch",
+                              "seccompProfile": {"type": "RuntimeDefault"}}
+    if k.node_selector:
+        pod["nodeSelector"] = dict(k.node_selector)
+    if k.affinity:
+        pod["affinity"] = plain_dict(k.affinity)
+    if k.tolerations:
+        pod["tolerations"] = [plain_dict(t) for t in k.tolerations]
+    if init:
+        pod["initContainers"] = init
+    pod["containers"] = containers
+    pod["volumes"] = volumes
+    return pod
+
+
+def plain_dict(node: Any) -> Any:
+    """A deep copy of plain data (dicts, lists, scalars), so no two objects share a node."""
+    return json.loads(json.dumps(node))
+
+
+def template(k: K8sConfig, component: str, pod: dict) -> dict:
+    meta: dict[str, Any] = {"labels": labels(k, component)}
+    if k.annotations:
+        meta["annotations"] = dict(k.annotations)
+    return {"metadata": meta, "spec": pod}
+
+
+def check_container(k: K8sConfig) -> dict:
+    """Validates the config and the datalists (every volume listed, readable labels, files present) before
+    any GPU work: exit 2 on a user error, which the Job's FailJob rule names."""
+    return container_spec(k, "check", ["python", "-m", "engine.run", "check", "--quick", "--config", CONFIG],
+                      container_env(k, False), mounts(k, output=False, shm=False),
+                      {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}})

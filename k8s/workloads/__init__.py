@@ -1,0 +1,2 @@
+"""One module per workload kind, each with `objects(cfg)`: the objects that run the training (or the sweep,
+or the cache fill) on the pod that k8s/pod.py builds. batch.py holds what the batch/v1 Jobs share."""

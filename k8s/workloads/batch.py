@@ -1,0 +1,47 @@
+"""What the batch/v1 workloads share: Job metadata with the Kueue queue label, the Indexed head (a failed pod
+replaced at its index), the failure policy (node disruptions ignored, a user error's exit 2 fails the Job at
+once) and the Job around a pod template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.config.schema import K8sConfig
+from k8s.meta import metadata
+from k8s.pod import template
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def job_metadata(k: K8sConfig, name: str, component: str) -> dict:
+    meta = metadata(k, name, component, dict(k.annotations) or None)
+    if k.queue:
+        meta["labels"][QUEUE_LABEL] = k.queue
+    return meta
+
+
+def indexed_head(k: K8sConfig, pods: int, max_failed: int = 0) -> dict:
+    """An Indexed Job's spec head: a failed pod is replaced at its index (k.backoff_limit times per index)."""
+    return {"completionMode": "Indexed", "completions": pods, "parallelism": pods,
+            "backoffLimitPerIndex": k.backoff_limit, "maxFailedIndexes": max_failed}
+
+
+def batch_job(k: K8sConfig, name: str, component: str, head: dict, pod: dict, checked: tuple[str, ...],
+               deadline: bool = True) -> dict:
+    """A batch/v1 Job: `head` (completions or backoff), the TTL, the deadline (unless `deadline` is off),
+    the failure policy naming the `checked` containers, and the pod template."""
+    spec: dict[str, Any] = {**head, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished}
+    if deadline and k.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = k.active_deadline_seconds
+    spec["podFailurePolicy"] = failure_policy(*checked)
+    spec["template"] = template(k, component, pod)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_metadata(k, name, component), "spec": spec}
+
+
+def failure_policy(*containers: str) -> dict:
+    """Node disruptions (preemption, drain) do not count; a user error (exit 2: config or data) in any of
+    `containers` fails the Job at once instead of being retried."""
+    rules: list[dict] = [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    rules += [{"action": "FailJob", "onExitCodes": {"containerName": c, "operator": "In", "values": [2]}}
+              for c in containers]
+    return {"rules": rules}

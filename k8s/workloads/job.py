@@ -1,0 +1,59 @@
+"""k8s.kind=job: the training as a batch/v1 Job. One node runs python (or torchrun --standalone for several
+GPUs); several nodes are an Indexed Job plus a headless Service, each pod running torchrun with a c10d
+rendezvous hosted by pod 0."""
+
+from __future__ import annotations
+
+from engine.config.schema import Config, K8sConfig
+from k8s.meta import metadata
+from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, volumes
+from k8s.settings import CONFIG, JOIN_SECONDS
+from k8s.workloads.batch import batch_job, indexed_head
+
+
+def train_command(k: K8sConfig) -> list[str]:
+    """Plain python for one process; torchrun for several GPUs or nodes (c10d rendezvous at pod 0 for
+    several nodes, so a replaced pod rejoins and the group restarts from the last checkpoint)."""
+    train = ["-m", "engine.run", "train", "--config", CONFIG]
+    if k.nodes == 1 and k.gpus <= 1:
+        return ["python", *train]
+    per_node = str(max(1, k.gpus))
+    restarts = f"--max-restarts={k.max_restarts}"
+    if k.nodes == 1:
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={per_node}", restarts, *train]
+    # Through sh: pod 0 is told it hosts the rendezvous store (torch would otherwise decide by resolving
+    # the endpoint, which a replacement pod 0 may do before its DNS record exists), and the join timeout
+    # covers a replacement node's start and image pull.
+    endpoint = f"{k.name}-0.{k.name}.{k.namespace}.svc:{k.master_port}"
+    host = '$(test "$JOB_COMPLETION_INDEX" = 0 && echo 1 || echo 0)'
+    return ["sh", "-c", " ".join([
+        "exec torchrun", f"--nnodes={k.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}", f"--rdzv-id={k.name}", f"--rdzv-conf=is_host={host},join_timeout={JOIN_SECONDS}",
+        restarts, *train])]
+
+
+def training_job(cfg: Config) -> dict:
+    k = cfg.k8s
+    resources, shm = pod_resources(k)
+    indexed = k.nodes > 1
+    train = container_spec(k, "train", train_command(k), container_env(k, indexed), mounts(k), resources)
+    if indexed:
+        train["ports"] = [{"name": "rendezvous", "containerPort": k.master_port}]
+    pod = pod_spec(k, [train], volumes(cfg, shm), init=[check_container(k)])
+    if indexed:
+        pod["subdomain"] = k.name  # pods resolve as <job>-<index>.<service>
+    # several nodes: a replaced pod rejoins the rendezvous; any index failing for good ends the Job
+    head = indexed_head(k, k.nodes) if indexed else {"backoffLimit": k.backoff_limit}
+    return batch_job(k, k.name, "training", head, pod, ("check", "train"))
+
+
+def service(k: K8sConfig) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(k, k.name, "rendezvous"),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {"app.kubernetes.io/instance": k.name, "app.kubernetes.io/component": "training"},
+                     "ports": [{"name": "rendezvous", "port": k.master_port, "targetPort": k.master_port}]}}
+
+
+def objects(cfg: Config) -> list[dict]:
+    """A headless Service (several nodes: pods resolve as <job>-<index>.<service>) and the Job."""
+    return ([service(cfg.k8s)] if cfg.k8s.nodes > 1 else []) + [training_job(cfg)]

@@ -1,0 +1,53 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, TEXT
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_produces_every_figure(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, **TEXT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for figure in ("RAM cache vs tutorial Dataset, 0 workers", "warm disk cache (new process) vs tutorial, 2 workers",
+                   "memory-copy floor, 0 workers", "vs a hand-written loop doing the same",
+                   "engine epoch without W&B", "peak PSS", "data path:", "roofline:",
+                   "--help", "config error"):
+        assert figure in text, figure
+    for name in ("tutorial_w0", "cold_w0", "disk_w0", "ram_w0", "tutorial_w2", "cold_w2", "disk_w2", "ram_w2",
+                 "memcpy_floor", "engine_epoch", "engine_epoch_no_wandb", "hand_epoch", "engine_ratio",
+                 "baseline_pss", "cached_pss", "cache_bytes", "data_path_w0_samples_per_s", "step_gflops",
+                 "matmul_gflops", "help_seconds", "config_error_seconds"):
+        assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
+    assert re.search(r"\| (met|MISSED) \|", text) and "Machine:" in text
+    assert re.search(r"\(spread [0-9.e+-]+-[0-9.e+-]+\)", text)
+    for line in text.splitlines():  # a row without a target is reported, never met
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 6 and cells[4] in ("met", "MISSED", "reported"):
+            assert (cells[3] == "") == (cells[4] == "reported"), line
+
+
+def test_rows_without_a_target_are_never_met_and_targets_inside_the_noise_are_missed():
+    from bench.report import ratio_row, row
+
+    assert row("figure", "1.0x")[3] == "reported"
+    assert row("figure", "1.0x", "<= 2x", True)[3] == "met"
+    assert ratio_row("engine", 1.00, (0.97, 1.02), 1.03, lower_is_better=True)[3] == "met"
+    assert ratio_row("engine", 1.01, (0.97, 1.05), 1.03, lower_is_better=True)[3] == "MISSED"  # median meets it
+    assert ratio_row("cache", 25.0, (18.0, 30.0), 20, lower_is_better=False)[3] == "MISSED"
+
+
+def test_a_crashing_command_fails_its_start_up_row():
+    from bench.report import row
+    from bench.startup import timed_command
+
+    seconds, ok = timed_command([sys.executable, "-c", "raise SystemExit(1)"], 0, "usage:", runs=1)
+    assert seconds < 2 and not ok  # fast, but it crashed
+    assert row("start-up", f"{seconds:.2f} s", "< 2 s", seconds < 2 and ok)[3] == "MISSED"
+    seconds, ok = timed_command([sys.executable, "-m", "engine.run", "--help"], 0, "usage:", runs=1)
+    assert ok

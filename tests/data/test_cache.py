@@ -1,0 +1,118 @@
+"""The disk cache: its key, entries written once and atomically, stale entries, concurrent fills."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config.loading import load_config
+from engine.config.schema import PreprocessConfig
+from engine.data.cache import DiskCacheDataset, build_dataset, cache_folder, cache_key, source_hash, volume_problems
+from engine.data.prepare import cache, load_splits
+from engine.data.preprocess import preprocessing_transform
+from helpers import ENV, ROOT, TEXT, command, tiny_overrides
+from volumes import cache_entries, hu_volume, items_for, write_nifti
+
+SMALL = PreprocessConfig(spatial_size=[16, 16, 16])
+
+
+def test_cache_key_depends_on_settings_our_code_and_monai_alone(monkeypatch):
+    """The same settings, code and MONAI give the same folder (these keys: MONAI 1.6.1, as locked);
+    a new MONAI or a change to our preprocessing code gives a new one, never a stale entry."""
+    import monai
+
+    from engine.data import cache
+
+    ct_rate = PreprocessConfig(spacing=[0.75, 0.75, 1.5], orientation="LPS", spatial_size=[256, 256, 128])
+    keys = cache_key(PreprocessConfig()), cache_key(ct_rate)
+    assert keys == ("2edf620dd71075e8", "b3e3c1b39bc68f6a")
+    monkeypatch.setattr(monai, "__version__", "9.9.9")
+    assert cache_key(PreprocessConfig()) not in keys
+    monkeypatch.undo()
+    monkeypatch.setattr(cache, "PREPROCESSING_VERSION", cache.PREPROCESSING_VERSION + 1)
+    assert cache_key(PreprocessConfig()) not in keys
+
+
+def test_cache_key_changes_with_every_preprocessing_setting():
+    base = PreprocessConfig()
+    variants = [PreprocessConfig(spacing=[1.0, 1.0, 2.0]), PreprocessConfig(hu_window=[-500.0, 500.0]),
+                PreprocessConfig(spatial_size=[32, 32, 32]), PreprocessConfig(orientation="LPS"),
+                PreprocessConfig(resize="crop_pad"), PreprocessConfig(dtype="float32"),
+                PreprocessConfig(scale_range=[0.0, 1.0]), PreprocessConfig(anti_aliasing=False)]
+    keys = {cache_key(base)} | {cache_key(v) for v in variants}
+    assert len(keys) == len(variants) + 1
+    assert cache_key(PreprocessConfig()) == cache_key(base)
+    assert cache_folder("/c", base) != cache_folder("/c", variants[0])
+
+
+def test_disk_cache_is_written_once_and_reused(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", hu_volume())
+    build_dataset(items_for(path), SMALL, tmp_path / "cache", 1.0, 1)
+    entries = cache_entries(tmp_path / "cache")
+    assert len(entries) == 1 and entries[0].parent.name == cache_key(SMALL)
+    mtime = entries[0].stat().st_mtime_ns
+    again = build_dataset(items_for(path), SMALL, tmp_path / "cache", 1.0, 1)[0]["image"]
+    assert cache_entries(tmp_path / "cache") == entries and entries[0].stat().st_mtime_ns == mtime
+    assert again.shape == (1, 16, 16, 16)
+    other = PreprocessConfig(spatial_size=[8, 8, 8])
+    build_dataset(items_for(path), other, tmp_path / "cache", 0.0, 1)[0]
+    assert {p.parent.name for p in cache_entries(tmp_path / "cache")} == {cache_key(SMALL), cache_key(other)}
+
+
+def test_changed_source_file_gets_a_new_entry(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", hu_volume())
+    first = build_dataset(items_for(path), SMALL, tmp_path / "cache", 0.0, 1)[0]["image"]
+    vol = hu_volume()
+    vol[vol > 0] = 1000
+    write_nifti(path, vol)
+    os.utime(path, ns=(1, 1))
+    second = build_dataset(items_for(path), SMALL, tmp_path / "cache", 0.0, 1)[0]["image"]
+    assert len(cache_entries(tmp_path / "cache")) == 2 and not torch.equal(first, second)
+
+
+def test_crash_inside_cache_write_leaves_no_entry(tmp_path, monkeypatch):
+    path = write_nifti(tmp_path / "v.nii.gz", np.where(np.indices((16, 16, 16)).sum(0) > 20, 40, -1000))
+    p = PreprocessConfig(spatial_size=[8, 8, 8])
+    dataset = DiskCacheDataset([], preprocessing_transform(p), cache_dir=cache_folder(tmp_path / "c", p),
+                               hash_func=source_hash)
+
+    def broken_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        dataset.entry({"image": str(path), "name": "v"})
+    monkeypatch.undo()
+    assert list((tmp_path / "c").rglob("*.*")) == []
+    assert dataset.entry({"image": str(path), "name": "v"})["image"].shape == (1, 8, 8, 8)
+
+
+@pytest.mark.slow
+def test_two_processes_filling_one_cache_leave_every_entry_valid(tmp_path, tiny_demo):
+    overrides = [*tiny_overrides(tmp_path, tiny_demo), "cache.workers=2"]
+    procs = [subprocess.Popen(command("cache", *overrides), cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, **TEXT) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    folder = cache_folder(tmp_path / "cache", PreprocessConfig(spatial_size=[32, 32, 32]))
+    entries = list(folder.glob("*.pt"))
+    assert len(entries) == 24 and not list(folder.glob(".tmp-*"))
+    for entry in entries:
+        assert torch.load(entry, weights_only=True)["image"].shape == (1, 32, 32, 32)
+
+
+def test_warm_cache_check_reads_no_entry(tmp_path, tiny_demo, monkeypatch):
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_demo), command="cache")
+    cache(cfg)
+    train_items, val_items, _ = load_splits(cfg.data)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a warm cache entry was read")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    assert volume_problems(train_items + val_items, PreprocessConfig(spatial_size=[32, 32, 32]), cfg.cache.dir, 2) == []

@@ -1,0 +1,101 @@
+"""Each rank's data: shares, the RAM budget, samplers and loaders."""
+
+
+import pytest
+import torch
+
+
+def test_ranks_hold_disjoint_shares_and_take_equal_steps_over_every_sample(monkeypatch):
+    import ignite.distributed as idist
+
+    from engine.config.loading import load_config
+    from engine.data.loaders import ShareSampler, make_datasets, make_loader
+
+    items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(7)]
+    cfg = load_config(None, ["data.demo.enabled=true", "cache.memory_rate=0", "cache.disk=false"])
+    shares, steps = [], []
+    for rank in range(3):
+        monkeypatch.setattr(idist, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(idist, "get_world_size", lambda: 3)
+        train_ds, val_ds = make_datasets(cfg, items, items, progress=False)
+        shares.append([it["name"] for it in train_ds.items])
+        sampler = make_loader(train_ds, cfg.loader, torch.device("cpu"), shuffle_seed=0, per_rank=3).sampler
+        sampler.set_epoch(1)
+        steps.append(list(sampler))
+        assert [it["name"] for it in val_ds.items] == shares[-1]  # validation: the same share, unpadded
+    assert sorted(sum(shares, [])) == sorted(it["name"] for it in items)  # disjoint, and together everything
+    assert [len(s) for s in steps] == [3, 3, 3]  # the share of 2 repeats one sample
+    one_rank = ShareSampler(list(range(7)), 7, seed=5)
+    one_rank.set_epoch(2)
+    reference = torch.utils.data.DistributedSampler(list(range(7)), num_replicas=1, rank=0, shuffle=True, seed=5)
+    reference.set_epoch(2)
+    assert list(one_rank) == list(reference)  # one process: torch's order, so older runs resume the same
+
+
+def test_ram_cache_rate_is_lowered_to_fit_the_node(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    import psutil
+
+    from engine.config.schema import PreprocessConfig
+    from engine.data.loaders import ram_budget
+
+    p = PreprocessConfig(spatial_size=[100, 100, 100])  # 2 MB a volume in float16
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=100e6))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert ram_budget(1.0, 10, p) == 1.0  # 2 ranks x 10 x 2 MB = 40 MB fits in 80 MB
+    rate = ram_budget(1.0, 40, p)  # 160 MB does not
+    assert rate == pytest.approx(0.5) and "caching 50% of them in RAM" in caplog.text
+
+
+def test_fewer_volumes_than_ranks_training_refused_validation_stands_in(monkeypatch):
+    import math
+
+    import ignite.distributed as idist
+
+    from engine.config.loading import load_config
+    from engine.data.loaders import make_datasets
+    from engine.utils.errors import CT3DError
+
+    items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(3)]
+    cfg = load_config(None, ["data.demo.enabled=true", "cache.memory_rate=0", "cache.disk=false"])
+    monkeypatch.setattr(idist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(idist, "get_rank", lambda: 3)
+    with pytest.raises(CT3DError, match="3 training volume.*4 ranks"):
+        make_datasets(cfg, items, items, progress=False)
+    _, val = make_datasets(cfg, items * 2, items, progress=False)  # rank 3 has no validation volume
+    assert len(val.items) == 1 and math.isnan(val.items[0]["label"][0])  # a stand-in the metrics drop
+
+
+def test_loader_threads_when_the_ram_cache_holds_the_share_and_workers_when_it_does_not():
+    from monai.data import CacheDataset, ThreadDataLoader
+
+    from engine.config.schema import LoaderConfig
+    from engine.data.cache import Labelled
+    from engine.data.loaders import make_loader
+
+    items = [{"image": f"v{i}", "label": [float(i % 2)], "name": f"v{i}"} for i in range(6)]
+    images = [{"image": torch.full((1, 2, 2, 2), float(i))} for i in range(6)]
+    cpu, auto = torch.device("cpu"), LoaderConfig(batch_size=2)
+
+    def dataset(rate: float):
+        return Labelled(CacheDataset(images, transform=None, cache_rate=rate, progress=False), items)
+
+    loader = make_loader(dataset(1.0), auto, cpu, shuffle_seed=0)
+    assert isinstance(loader, ThreadDataLoader) and loader.num_workers == 0
+    seen = sorted(float(v) for batch in loader for v in batch["image"][:, 0, 0, 0, 0])
+    assert seen == [0, 1, 2, 3, 4, 5]  # every sample once, through the prefetch thread
+    partly = make_loader(dataset(0.5), auto, cpu, shuffle_seed=0)
+    assert not isinstance(partly, ThreadDataLoader) and 1 <= partly.num_workers <= 4
+    fixed = make_loader(dataset(1.0), LoaderConfig(batch_size=2, num_workers=2), cpu, shuffle_seed=0)
+    assert not isinstance(fixed, ThreadDataLoader) and fixed.num_workers == 2
+
+    class Broken(Labelled):
+        def __getitem__(self, index):
+            if index == 3:
+                raise RuntimeError("volume v3 is unreadable")
+            return super().__getitem__(index)
+
+    broken = make_loader(Broken(dataset(1.0).images, items), auto, cpu)
+    with pytest.raises(RuntimeError, match="v3 is unreadable"):  # not an epoch that quietly ends early
+        list(broken)

@@ -1,0 +1,107 @@
+"""Cross-validation and ensembles of its fold checkpoints."""
+
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.config.loading import load_config
+from engine.config.schema import DataConfig
+from engine.utils.errors import CT3DError
+from helpers import ENV, ROOT, TEXT, cli, command, tiny_overrides
+
+PATTERN = DataConfig().patient_pattern
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
+    end = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory, tiny_demo):
+    """`cv` with 3 folds, killed (SIGKILL) in the middle of fold 1, then run again."""
+    tmp = tmp_path_factory.mktemp("cv")
+    overrides = tiny_overrides(tmp, tiny_demo, "data.folds=3", "train.epochs=4", "output.name=cv",
+                               "metrics.bootstrap=200")
+    proc = subprocess.Popen(command("cv", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **TEXT)
+    folds = tmp / "runs" / "cv"
+    wait_for(folds / "fold1" / "checkpoints" / "last.pt", proc)
+    proc.kill()
+    proc.wait()
+    assert not (folds / "fold1" / "summary.json").exists() and not (folds / "fold2").exists()
+    fold0 = (folds / "fold0" / "checkpoints" / "final.pt").stat().st_mtime_ns
+    again = cli("cv", *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return folds, overrides, again, fold0
+
+
+def test_cv_resumes_after_a_kill_mid_fold_and_finishes_the_rest(cv_run, tiny_demo):
+    folds, _, again, fold0 = cv_run
+    assert "fold 1/3: finished earlier" in again.stderr  # fold 0 kept, not trained again
+    assert (folds / "fold0" / "checkpoints" / "final.pt").stat().st_mtime_ns == fold0
+    assert f"resumed from {folds / 'fold1' / 'checkpoints' / 'last.pt'}" in again.stderr
+    summary = json.loads((folds / "cv_summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
+    pooled = summary["pooled"]
+    names = {r[0] for r in csv.reader(open(tiny_demo))} - {"VolumeName"}
+    assert pooled["volumes"] == len(names) == 24  # out of fold: every volume once
+    low, high = pooled["bootstrap"]["intervals"]["auc_macro"]
+    assert low <= pooled["metrics"]["auc_macro"] <= high
+    for k in range(3):
+        split = list(csv.DictReader(open(folds / f"fold{k}" / "split.csv")))
+        assert sum(r["split"] == "validation" for r in split) == summary["folds"][k]["val_volumes"]
+    assert "pooled" in (folds / "cv_report.html").read_text() and "pooled out-of-fold" in again.stdout
+
+
+def test_ensemble_of_two_fold_checkpoints_gives_the_mean_of_their_probabilities(cv_run, tiny_demo, tmp_path):
+    from engine.data.demo import LABELS
+    from engine.serving.inference import predict
+
+    folds, _, _, _ = cv_run
+    a, b = (folds / f"fold{k}" / "checkpoints" / "best.pt" for k in (0, 1))
+
+    def rows(*checkpoints: str, name: str) -> dict:
+        path = predict(load_config(None, [*checkpoints, f"input={tiny_demo}", f"output.dir={tmp_path}",
+                                          f"output.name={name}"], command="predict"))
+        return {r["VolumeName"]: r for r in csv.DictReader(open(path))}
+
+    alone_a, alone_b = rows(f"checkpoint={a}", name="a"), rows(f"checkpoint={b}", name="b")
+    both = rows(f"checkpoint={a}", f"checkpoint={b}", name="ab")
+    by_glob = rows(f"checkpoints={folds}/fold[01]/checkpoints/best.pt", name="glob")
+    for volume, row in both.items():
+        for label in LABELS:
+            mean = (float(alone_a[volume][label]) + float(alone_b[volume][label])) / 2
+            assert float(row[label]) == pytest.approx(mean, abs=2e-6)
+            assert by_glob[volume][label] == row[label]
+
+
+def test_ensemble_members_must_share_labels_and_preprocessing(cv_run, tiny_demo, tmp_path):
+    from engine.serving.inference import predict
+    from engine.training.checkpoint import load_checkpoint, save_checkpoint
+
+    folds, _, _, _ = cv_run
+    a = folds / "fold0" / "checkpoints" / "best.pt"
+    other = load_checkpoint(a)
+    other["preprocessing"] = {**other["preprocessing"], "spatial_size": [48, 48, 48]}
+    save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(CT3DError, match=r"ensemble: .*other.pt has other preprocessing than .*fold0"):
+        predict(load_config(None, [f"checkpoint={a}", f"checkpoint={tmp_path / 'other.pt'}", f"input={tiny_demo}",
+                                   f"output.dir={tmp_path}"], command="predict"))
+
+
+def test_cv_refuses_fold_folders_made_with_other_settings(cv_run):
+    from engine.experiments.cv import cv
+
+    _, overrides, _, _ = cv_run
+    with pytest.raises(CT3DError, match=r"cv: .*fold0 was trained with other settings \(model.widen_factor\)"):
+        cv(load_config(None, [*overrides, "model.widen_factor=0.5"]))
+    with pytest.raises(CT3DError, match="checkpoints: an ensemble of 2 checkpoints is for predict"):
+        load_config(None, [*overrides, "checkpoint=a.pt", "checkpoint=b.pt"], command="evaluate")

@@ -1,0 +1,74 @@
+"""Sweeps: every trial recorded, a killed worker survived, pruning."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from engine.config.loading import load_config
+from engine.config.schema import DataConfig
+from helpers import ENV, ROOT, TEXT, command, tiny_overrides
+
+PATTERN = DataConfig().patient_pattern
+
+
+def sweep_overrides(tmp: Path, datalist: Path, *extra: str) -> list[str]:
+    return [*tiny_overrides(tmp, datalist, "train.epochs=4", "output.name=study", "metrics.bootstrap=0"),
+            "sweep.space={train.lr: {type: log, low: 0.0001, high: 0.01}, model.dropout: {choices: [0.0, 0.2]}}",
+            "sweep.pruner=none", "sweep.heartbeat_seconds=0.5", *extra]
+
+
+def test_sweep_of_two_workers_records_every_trial_and_survives_a_killed_worker(tmp_path, tiny_demo):
+    """4 trials, 2 worker processes; one worker is killed (SIGKILL) in the middle of a trial: the other marks
+    that trial failed when its heartbeat stops, runs it again from its checkpoint, and the study ends with 4
+    finished trials (plus the failed one, with its reason)."""
+    import psutil
+
+    proc = subprocess.Popen(command("sweep", *sweep_overrides(tmp_path, tiny_demo, "sweep.trials=4",
+                                                              "sweep.workers=2")),
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **TEXT)
+    study = tmp_path / "runs" / "study"
+    end = time.time() + 300
+    while not list(study.glob("trial*/checkpoints/last.pt")):
+        assert proc.poll() is None and time.time() < end
+        time.sleep(0.02)
+    trial = next(study.glob("trial*/checkpoints/last.pt")).parent.parent
+    victim = int((trial / "heartbeat").read_text())
+    assert victim in [c.pid for c in psutil.Process(proc.pid).children()]
+    psutil.Process(victim).send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((study / "sweep_summary.json").read_text())
+    assert summary["counts"] == {"complete": 4, "fail": 1}, summary["counts"]
+    failed = next(t for t in summary["trials"] if t["state"] == "fail")
+    assert failed["run"] == f"study/{trial.name}" and failed["note"].startswith("worker lost: no heartbeat")
+    retry = next(t for t in summary["trials"] if t["note"] == f"retry of trial {failed['number']}")
+    assert retry["state"] == "complete" and retry["run"] == failed["run"] and retry["params"] == failed["params"]
+    assert f"resumed from {trial / 'checkpoints'}" in out
+    assert summary["best"]["value"] == max(t["value"] for t in summary["trials"] if t["state"] == "complete")
+    assert "Parameter importances" in (study / "sweep_report.html").read_text()
+
+
+def test_pruned_trial_stops_training_and_records_why(tmp_path, tiny_demo):
+    from engine.experiments.sweep import pruning
+    from engine.training.workflow import train
+
+    class Trial:  # Optuna's trial as the pruning hook sees it; this one's pruner always says stop
+        number, reported, attrs = 7, [], {}
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return True
+
+        def set_user_attr(self, key, value):
+            self.attrs[key] = value
+
+    trial, reason = Trial(), {}
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=3")),
+                   attach=pruning(trial, "val_loss", reason))
+    assert [step for step, _ in trial.reported] == [1]  # stopped after the first validation
+    assert trial.attrs["pruned"].startswith("pruned at epoch 1: val_loss")
+    assert json.loads((folder / "summary.json").read_text())["final"]["epoch"] == 1

@@ -1,0 +1,677 @@
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from engine.config.loading import load_config
+from engine.utils.errors import CT3DError
+from helpers import ENV, ROOT, TEXT
+from k8s.render import render, render_objects
+from k8s.values import helm_values
+
+KUBE_VERSIONS = ("1.30.0", "1.33.0")
+MULTI = ["k8s.nodes=4", "k8s.gpus=8", "k8s.name=ctrate-r18", "k8s.namespace=ml",
+         "k8s.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
+         "k8s.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoExecute, tolerationSeconds: 300}]",
+         "k8s.data_claim=ctrate", "k8s.queue=team-a", "k8s.priority_class=high", "k8s.service_account=trainer",
+         "k8s.image_pull_secrets=[registry]", "k8s.labels={team: imaging}", "k8s.annotations={owner: ml}",
+         "k8s.env={NCCL_IB_DISABLE: '1'}", "k8s.cache_pods=4",
+         "k8s.affinity={nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: "
+         "[{matchExpressions: [{key: zone, operator: In, values: [a]}]}]}}}"]
+
+
+def helm_binary() -> str | None:
+    for candidate in (os.environ.get("CT3D_HELM"), str(ROOT / ".tools" / "helm"), shutil.which("helm")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+HELM = helm_binary()
+needs_helm = pytest.mark.skipif(HELM is None and not os.environ.get("CI"), reason="helm not installed: make tools")
+
+
+def objects(*overrides: str, config=ROOT / "configs" / "default.yaml") -> list[dict]:
+    return render_objects(load_config(config, list(overrides)))
+
+
+def validate(text: str, version: str = KUBE_VERSIONS[0]) -> subprocess.CompletedProcess:
+    """kubernetes-validate --strict on the stream's built-in kinds (a PyTorchJob is a CRD: see the SDK test)."""
+    docs = [d for d in yaml.safe_load_all(text) if d and d["kind"] != "PyTorchJob"]
+    tool = Path(sys.executable).with_name("kubernetes-validate")
+    return subprocess.run([str(tool), "--strict", "-k", version, "-"], input=yaml.safe_dump_all(docs),
+                          capture_output=True, **TEXT)
+
+
+SWEEP = ["k8s.sweep_workers=3", "sweep.space={train.lr: {type: log, low: 0.0001, high: 0.01}}"]
+PYTORCHJOB = [*MULTI, "k8s.kind=pytorchjob"]
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("overrides", [[], MULTI, ["k8s.gpus=4"], ["k8s.gpus=0", "k8s.cache.existing=true"], SWEEP,
+                                       PYTORCHJOB])
+def test_rendered_manifests_pass_strict_schema(overrides, version):
+    proc = validate(render(load_config(ROOT / "configs" / "default.yaml", overrides)), version)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ERROR" not in proc.stdout + proc.stderr
+
+
+def pods_of(objs: list[dict]) -> list[dict]:
+    pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Job"]
+    return pods + [r["template"]["spec"] for o in objs if o["kind"] == "PyTorchJob"
+                   for r in o["spec"]["pytorchReplicaSpecs"].values()]
+
+
+def assert_restricted(pod: dict) -> None:
+    """The restricted Pod Security Standard, as far as our pods could break it."""
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key), key
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged")
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+        assert sc["runAsNonRoot"] is True and sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not any(port.get("hostPort") for port in container.get("ports", [])), container["name"]
+    assert not any("hostPath" in v for v in pod["volumes"])
+
+
+def test_sweep_renders_an_indexed_job_of_workers_in_place_of_training():
+    objs = objects(*SWEEP)
+    assert [o["kind"] for o in objs] == ["PersistentVolumeClaim", "PersistentVolumeClaim", "ConfigMap", "Job", "Job"]
+    job = objs[-1]
+    assert job["metadata"]["name"] == "ct3d-train-sweep"
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 3, 3)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-3:] == ["--config", "/etc/ct3d/config.yaml", "sweep.workers=1"]
+    named = [r["onExitCodes"]["containerName"] for r in job["spec"]["podFailurePolicy"]["rules"][1:]]
+    assert named == ["check", container["name"]]
+    with pytest.raises(CT3DError, match="sweep.space: empty"):
+        objects("k8s.sweep_workers=2")
+    with pytest.raises(CT3DError, match="k8s.sweep_workers: each sweep worker"):
+        objects(*SWEEP, "k8s.gpus=2")
+
+
+@pytest.mark.parametrize("overrides", [[], MULTI, SWEEP, PYTORCHJOB])
+def test_every_container_meets_restricted_pod_security(overrides):
+    for pod in pods_of(objects(*overrides)):
+        assert_restricted(pod)
+
+
+@pytest.mark.parametrize("mutation", [
+    lambda pod: pod.update(hostNetwork=True),
+    lambda pod: pod["containers"][0]["securityContext"].update(privileged=True),
+    lambda pod: pod["containers"][0].setdefault("ports", []).append({"containerPort": 80, "hostPort": 80}),
+    lambda pod: pod["initContainers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+])
+def test_pod_security_check_rejects_host_network_privileged_and_host_ports(mutation):
+    pod = pods_of(objects(*MULTI))[-1]
+    assert_restricted(pod)
+    mutation(pod)
+    with pytest.raises(AssertionError):
+        assert_restricted(pod)
+
+
+def test_single_node_job_checks_first_and_fails_at_once_on_a_user_error():
+    objs = objects()
+    assert [o["kind"] for o in objs] == ["PersistentVolumeClaim", "PersistentVolumeClaim", "ConfigMap", "Job", "Job"]
+    job = objs[-1]
+    assert "completionMode" not in job["spec"] and job["spec"]["backoffLimit"] == 3
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "engine.run"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    names = {c["name"] for c in pod["containers"] + pod["initContainers"]}
+    assert {r["onExitCodes"]["containerName"] for r in rules[1:]} == names == {"check", "train"}
+    assert pod["initContainers"][0]["command"][3:5] == ["check", "--quick"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/ct3d": "config", "/cache": "cache", "/output": "output", "/dev/shm": "shm"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert pod["terminationGracePeriodSeconds"] >= 120  # the interruption checkpoint's time
+    assert job["metadata"]["labels"]["app.kubernetes.io/name"] == "ct3d"
+    assert set(job["metadata"]["labels"]) >= {f"app.kubernetes.io/{k}" for k in
+                                              ("name", "instance", "version", "component", "managed-by")}
+
+
+def test_four_nodes_meet_at_pod_0_with_c10d_and_a_replaced_pod_rejoins():
+    objs = objects(*MULTI)
+    kinds = [o["kind"] for o in objs]
+    assert kinds == ["PersistentVolumeClaim", "PersistentVolumeClaim", "ConfigMap", "Job", "Service", "Job"]
+    service, job = objs[4], objs[5]
+    assert service["spec"]["clusterIP"] == "None" and service["metadata"]["name"] == "ctrate-r18"
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+    assert spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "ctrate-r18"
+    shell, flag, line = pod["containers"][0]["command"]
+    command = line.split()
+    assert (shell, flag) == ("sh", "-c") and command[:4] == ["exec", "torchrun", "--nnodes=4", "--nproc-per-node=8"]
+    assert {"--rdzv-backend=c10d", "--rdzv-endpoint=ctrate-r18-0.ctrate-r18.ml.svc:29500", "--rdzv-id=ctrate-r18",
+            "--max-restarts=3"} <= set(command)
+    assert not any(a.startswith(("--node-rank", "--master-addr")) for a in command)  # static rendezvous: gone
+    for index, hosts in (("0", "1"), ("3", "0")):  # pod 0 hosts the rendezvous store, by its index not by DNS
+        shown = subprocess.run(["sh", "-c", line.replace("exec torchrun", "echo")], env={"JOB_COMPLETION_INDEX": index},
+                               capture_output=True, **TEXT).stdout
+        assert f"--rdzv-conf=is_host={hosts},join_timeout=1800" in shown.split()
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert "job-completion-index" in env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["NCCL_IB_DISABLE"]["value"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["tolerationSeconds"] == 300  # a number, as the API wants
+    assert pod["priorityClassName"] == "high" and pod["serviceAccountName"] == "trainer"
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["annotations"] == {"owner": "ml"} == job["spec"]["template"]["metadata"]["annotations"]
+    assert all(o["metadata"]["labels"]["team"] == "imaging" for o in objs)
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "ctrate" for v in pod["volumes"])
+
+
+def test_resources_scale_with_the_gpus_and_shm_counts_against_memory():
+    def resources(*overrides):
+        pod = pods_of(objects(*overrides))[-1]
+        shm = next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"]
+        return pod["containers"][0]["resources"]["limits"], shm
+
+    limits, shm = resources("k8s.gpus=4")
+    assert (limits["cpu"], limits["memory"], limits["nvidia.com/gpu"], shm) == ("32", "224Gi", 4, "32Gi")
+    limits, shm = resources("k8s.gpus=1")
+    assert (limits["cpu"], limits["memory"], shm) == ("8", "56Gi", "8Gi")
+    limits, shm = resources("k8s.gpus=2", "k8s.cpu=12", "k8s.shm_size=512Mi")
+    assert (limits["cpu"], limits["memory"], shm) == ("12", "98816Mi", "512Mi")  # 96 Gi + 512 Mi
+
+
+def test_pods_with_gpus_train_on_cuda_so_a_missing_driver_fails_loudly(tmp_path):
+    def pod_device(*overrides):
+        config_map = next(o for o in objects(*overrides) if o["kind"] == "ConfigMap")
+        return yaml.safe_load(config_map["data"]["config.yaml"])["train"]["device"]
+
+    assert pod_device("k8s.gpus=1") == "cuda" and pod_device("k8s.gpus=0") == "auto"
+    assert pod_device("k8s.gpus=1", "train.device=cpu") == "cpu"
+
+
+def test_cache_fill_job_shares_the_cache_between_its_pods():
+    from engine.data.prepare import parse_shard
+
+    objs = objects(*MULTI)
+    job = next(o for o in objs if o["metadata"]["name"] == "ctrate-r18-cache")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"][3:4] == ["cache"] and "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert spec["podFailurePolicy"]["rules"][1]["onExitCodes"]["containerName"] == container["name"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["JOB_COMPLETIONS"] == "4"
+    os_env = {"JOB_COMPLETION_INDEX": "2", "JOB_COMPLETIONS": env["JOB_COMPLETIONS"]}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in os_env.items():
+            mp.setenv(k, v)
+        assert parse_shard(None) == (2, 4)
+    with pytest.raises(CT3DError, match="k8s.cache.access_mode: ReadWriteOnce"):
+        objects("k8s.cache_pods=2", "k8s.cache.access_mode=ReadWriteOnce")
+
+
+def test_storage_one_node_read_write_once_several_need_read_write_many_and_claims_are_kept():
+    claims = {o["metadata"]["name"]: o for o in objects() if o["kind"] == "PersistentVolumeClaim"}
+    assert all(c["spec"]["accessModes"] == ["ReadWriteOnce"] for c in claims.values())
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in claims.values())
+    many = [o for o in objects("k8s.nodes=2") if o["kind"] == "PersistentVolumeClaim"]
+    assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in many)
+    with pytest.raises(CT3DError, match="k8s.output.access_mode: ReadWriteOnce .* 2 nodes .*ReadWriteMany"):
+        objects("k8s.nodes=2", "k8s.output.access_mode=ReadWriteOnce")
+    sweep = [o for o in objects(*SWEEP) if o["kind"] == "PersistentVolumeClaim"]  # 3 worker pods mount both
+    assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in sweep)
+
+
+def test_cache_claim_is_named_by_data_and_preprocessing_and_shared_across_runs():
+    def cache_claim(*overrides):
+        job = objects(*overrides)[-1]
+        return next(v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
+                    if v["name"] == "cache")
+
+    first = cache_claim("k8s.name=run-a")
+    assert first.startswith("ct3d-cache-") and first == cache_claim("k8s.name=run-b", "train.lr=0.1")
+    assert first != cache_claim("k8s.name=run-a", "preprocess.spatial_size=[96,96,96]")
+    assert first != cache_claim("k8s.name=run-a", "data.demo.num_volumes=50")
+    # a claim's access mode and class cannot change: a several-node run gets a claim of its own
+    assert first != cache_claim("k8s.name=run-a", "k8s.nodes=2") != cache_claim("k8s.nodes=2", "k8s.storage_class=efs")
+
+
+def test_environment_references_resolve_as_in_the_pod_not_on_this_machine(monkeypatch):
+    from k8s.settings import load_pod_config
+
+    monkeypatch.setenv("CTRATE_DIR", "/home/me/ct-rate")
+    config = ROOT / "configs" / "ct-rate.yaml"
+    text = render(load_pod_config(config, ["k8s.data_claim=ctrate"]))
+    assert "/home/me" not in text
+    config_map = next(o for o in yaml.safe_load_all(text) if o["kind"] == "ConfigMap")
+    pod_cfg = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert pod_cfg["data"]["image_root"] == "/data/ct-rate/dataset"
+    with pytest.raises(CT3DError, match="k8s.data_claim"):
+        render(load_pod_config(config, []))
+    with pytest.raises(CT3DError, match="data.train: '/elsewhere/train.csv' is not under /data"):
+        render(load_pod_config(config, ["k8s.data_claim=ctrate", "data.train=/elsewhere/train.csv"]))
+
+
+def test_extra_env_holds_no_secrets_and_keeps_ct3d_settings():
+    with pytest.raises(CT3DError, match="k8s.env.HF_TOKEN: looks like a secret"):
+        objects("k8s.env={HF_TOKEN: abc}")
+    with pytest.raises(CT3DError, match="k8s.env.WANDB_DIR"):
+        objects("k8s.env={WANDB_DIR: /tmp}")
+
+
+def load_pytorchjob(job: dict):
+    """The object as the kubeflow-training SDK's model, checked to round-trip whole (nothing unknown dropped)."""
+    from kubeflow.training import models
+    from kubeflow.training.api_client import ApiClient
+
+    class Response:  # ApiClient.deserialize reads a response's .data
+        data = json.dumps(job)
+
+    client = ApiClient()
+    client.client_side_validation = True
+    loaded = client.deserialize(Response(), models.KubeflowOrgV1PyTorchJob)
+    quantities_as_text = json.loads(re.sub(r'"nvidia.com/gpu": (\d+)', r'"nvidia.com/gpu": "\1"', json.dumps(job)))
+    assert client.sanitize_for_serialization(loaded) == quantities_as_text  # nothing dropped as unknown
+    return loaded
+
+
+def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
+    job = next(o for o in objects(*PYTORCHJOB) if o["kind"] == "PyTorchJob")
+    loaded = load_pytorchjob(job)
+    assert loaded.spec.elastic_policy.rdzv_backend == "c10d" and loaded.spec.elastic_policy.max_replicas == 4
+    worker = loaded.spec.pytorch_replica_specs["Worker"]
+    assert worker.replicas == 4 and worker.restart_policy == "ExitCode"
+    assert worker.template.spec.containers[0].name == "pytorch"
+    assert not worker.template.spec.init_containers  # the operator reads the exit code of `pytorch` only
+    assert worker.template.spec.containers[0].command[2].startswith("python -m engine.run check --quick")
+    assert loaded.spec.run_policy.scheduling_policy.queue == "team-a"
+
+
+def test_script_applies_claims_then_waits_for_the_cache_then_trains():
+    proc = subprocess.run([sys.executable, "-m", "k8s", "script", "k8s.name=run-1"], cwd=ROOT, capture_output=True,
+                          **TEXT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    applies = [i for i, line in enumerate(lines) if line.startswith("kubectl apply")]
+    wait = next(i for i, line in enumerate(lines) if line.startswith("until state="))
+    assert "*Failed*" in lines[wait] and "exit 1" in lines[wait]  # a failed cache fill stops the script
+    assert len(applies) == 3 and applies[1] < wait < applies[2] and "job/run-1-cache" in lines[wait]
+    body = "\n".join(lines[applies[2]:])
+    assert "kind: Job" in body and "name: run-1-cache" not in body
+
+
+def test_wandb_key_comes_from_a_secret_never_inline(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "inline-secret-value-123")
+    text = render(load_config(ROOT / "configs" / "default.yaml", ["k8s.wandb_secret=team-wandb"]))
+    assert "inline-secret-value-123" not in text
+    env = pods_of(list(yaml.safe_load_all(text)))[0]["containers"][0]["env"]
+    key = next(e for e in env if e["name"] == "WANDB_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "team-wandb", "key": "api-key", "optional": True}
+
+
+def test_pods_resume_from_the_output_claim(tmp_path):
+    config_map = next(o for o in objects("k8s.name=run-7") if o["kind"] == "ConfigMap")
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    pod_cfg = load_config(path)
+    assert pod_cfg.train.resume == "auto" and pod_cfg.output.name == "run-7"
+    assert pod_cfg.output.dir == "/output" and pod_cfg.cache.dir == "/cache"
+
+
+@pytest.mark.parametrize("override,key", [("k8s.nodes=0", "k8s.nodes"), ("k8s.gpus=1.5", "k8s.gpus"),
+                                          ("k8s.name=Bad_Name", "k8s.name"), ("k8s.namespace=ml.team", "k8s.namespace"),
+                                          ("k8s.memory=lots", "k8s.memory"), ("k8s.nodse=2", "k8s.nodse")])
+def test_bad_values_name_the_key_and_print_nothing(override, key):
+    proc = subprocess.run([sys.executable, "-m", "k8s", "render", override], cwd=ROOT, capture_output=True, **TEXT)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert key in proc.stderr
+
+
+# ------------------------------------------------------------------ Helm
+def helm(*args: str, values: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([HELM, *args], input=values, capture_output=True, **TEXT, cwd=ROOT)
+
+
+def chart_objects(cfg) -> list[dict]:
+    """`helm template` of charts/ct3d with the values `python -m k8s values` writes for `cfg`."""
+    proc = helm("template", cfg.k8s.name, "charts/ct3d", "--namespace", cfg.k8s.namespace, "-f", "-",
+                values=helm_values(cfg))
+    assert proc.returncode == 0, proc.stderr
+    return [o for o in yaml.safe_load_all(proc.stdout) if o]
+
+
+@needs_helm
+def test_chart_lints_strict_and_renders_valid_manifests():
+    proc = helm("lint", "--strict", "charts/ct3d")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for sets in ([], ["--set", "nodes=4", "--set", "gpus=8"], ["--set", "kind=pytorchjob", "--set", "nodes=2"]):
+        proc = helm("template", "ct3d-train", "charts/ct3d", *sets)
+        assert proc.returncode == 0, proc.stderr
+        for version in KUBE_VERSIONS:
+            result = validate(proc.stdout, version)
+            assert result.returncode == 0, result.stdout + result.stderr
+        for pod in pods_of([o for o in yaml.safe_load_all(proc.stdout) if o]):
+            assert_restricted(pod)
+
+
+@needs_helm
+def test_chart_schema_rejects_typos_and_wrong_types():
+    for bad in ("nodse=4", "nodes=0", "gpus=two", "cache.size=big", "kind=mpijob", "cache.accessMode=RWX"):
+        proc = helm("template", "x", "charts/ct3d", "--set", bad)
+        assert proc.returncode != 0, bad
+    proc = helm("template", "x", "charts/ct3d", "--set", "nodes=2", "--set", "output.accessMode=ReadWriteOnce")
+    assert proc.returncode != 0 and "ReadWriteMany" in proc.stderr
+    for name in ("HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "CT3D_CACHE"):  # as the renderer refuses
+        assert helm("template", "x", "charts/ct3d", "--set-string", f"env.{name}=v").returncode != 0, name
+
+
+HELM_ONLY_LABELS = ("app.kubernetes.io/managed-by", "helm.sh/chart")  # who rendered it: the one allowed difference
+
+
+def comparable(objs: list[dict]) -> list[dict]:
+    """Whole objects, sorted, without the labels that name the tool that rendered them."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items()
+                    if not (k in HELM_ONLY_LABELS and isinstance(v, str))}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return sorted((strip(o) for o in objs), key=lambda o: (o["kind"], o["metadata"]["name"]))
+
+
+def same_objects(ours: list[dict], theirs: list[dict]) -> bool:
+    return comparable(ours) == comparable(theirs)
+
+
+# Not the words a key=value override reads as booleans; y and n stay (Helm's YAML reads those so: the values
+# writer must quote them).
+DNS = st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True).filter(lambda v: v not in ("on", "off", "yes", "no",
+                                                                                    "true", "false", "null"))
+
+
+@st.composite
+def settings(draw) -> list[str]:
+    """A k8s section (plus the data and preprocessing that name the cache claim) as overrides."""
+    sweep = draw(st.booleans()) and draw(st.integers(0, 3)) == 0
+    nodes = 1 if sweep else draw(st.integers(1, 4))
+    gpus = draw(st.integers(0, 1)) if sweep else draw(st.integers(0, 8))
+    out = [f"k8s.nodes={nodes}", f"k8s.gpus={gpus}", f"k8s.name={draw(DNS)}-run", f"k8s.namespace={draw(DNS)}",
+           f"k8s.kind={draw(st.sampled_from(['job', 'pytorchjob']))}",
+           f"k8s.image_pull_policy={draw(st.sampled_from(['IfNotPresent', 'Always']))}",
+           f"data.demo.num_volumes={draw(st.integers(20, 400))}", f"k8s.max_restarts={draw(st.integers(0, 5))}",
+           f"k8s.backoff_limit={draw(st.integers(0, 6))}",
+           f"k8s.active_deadline_seconds={draw(st.integers(0, 2)) * 3600}",
+           f"k8s.termination_grace_seconds={draw(st.integers(30, 900))}", f"cache.disk={draw(st.booleans())}",
+           f"cache.workers={draw(st.integers(1, 8))}", f"k8s.run_as_user={draw(st.integers(1, 65000))}",
+           f"k8s.master_port={draw(st.integers(1024, 65535))}"]
+    if sweep:
+        out += [f"k8s.sweep_workers={draw(st.integers(1, 4))}", *SWEEP[1:]]
+    if nodes > 1 or draw(st.booleans()):
+        out.append(f"k8s.cache_pods={draw(st.integers(1, 4))}")
+    optional = {
+        "k8s.queue": DNS, "k8s.priority_class": DNS, "k8s.service_account": DNS, "k8s.data_claim": DNS,
+        "k8s.storage_class": DNS, "k8s.cpu": st.sampled_from(["4", "500m", "12"]),
+        "k8s.memory": st.sampled_from(["16Gi", "100G"]), "k8s.shm_size": st.sampled_from(["1Gi", "512Mi"]),
+        "k8s.image_pull_secrets": st.lists(DNS, min_size=1, max_size=2).map(lambda v: f"[{', '.join(v)}]"),
+        "k8s.labels": st.dictionaries(DNS, DNS, min_size=1, max_size=2).map(_flow),
+        "k8s.annotations": st.dictionaries(DNS, DNS, min_size=1, max_size=2).map(_flow),
+        "k8s.env": st.dictionaries(st.from_regex(r"NCCL_[A-Z]{1,8}", fullmatch=True),
+                                   st.sampled_from(["0", "1", "eth0"]), min_size=1, max_size=3).map(_flow),
+        "k8s.node_selector": st.dictionaries(DNS, DNS, min_size=1, max_size=2).map(_flow),
+        "k8s.tolerations": st.sampled_from([
+            "[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+            "[{key: spot, operator: Equal, value: 'true', effect: NoExecute, tolerationSeconds: 60}]"]),
+        "k8s.affinity": st.just(MULTI[-1].split("=", 1)[1]),
+        "k8s.cache.existing": st.booleans(), "k8s.output.existing": st.booleans(), "k8s.output.name": DNS,
+        "k8s.cache.size": st.sampled_from(["1Ti", "200Gi"]),
+    }
+    for key, strategy in optional.items():
+        if draw(st.booleans()):
+            out.append(f"{key}={draw(strategy)}")
+    return out
+
+
+def _flow(mapping: dict) -> str:
+    return "{" + ", ".join(f"{k}: '{v}'" for k, v in mapping.items()) + "}"
+
+
+@needs_helm
+@given(overrides=settings())
+@hypothesis_settings(max_examples=30, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_chart_and_renderer_render_the_same_objects(overrides):
+    """Whole objects equal, and the chart's pass the strict schemas (1.30, 1.33) or, for a PyTorchJob,
+    load into the kubeflow-training SDK's models."""
+    import kubernetes_validate
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", overrides)
+    ours, theirs = render_objects(cfg), chart_objects(cfg)
+    assert comparable(ours) == comparable(theirs)
+    for obj in theirs:
+        if obj["kind"] == "PyTorchJob":
+            load_pytorchjob(obj)
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+PARITY_CASES = [[], MULTI, PYTORCHJOB, SWEEP, ["k8s.gpus=2", "k8s.output.existing=true", "k8s.output.name=runs"]]
+
+
+@needs_helm
+@pytest.mark.parametrize("overrides", PARITY_CASES)
+def test_chart_output_passes_strict_schemas_over_the_parity_cases(overrides):
+    text = yaml.safe_dump_all(chart_objects(load_config(ROOT / "configs" / "default.yaml", overrides)))
+    for version in KUBE_VERSIONS:
+        result = validate(text, version)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _job(objs, kind="Job"):
+    return next(o for o in objs if o["kind"] == kind and o["metadata"]["labels"]["app.kubernetes.io/component"]
+                in ("training", "sweep"))
+
+
+DIVERGENCES = {
+    "service selector label": lambda objs: next(o for o in objs if o["kind"] == "Service")["spec"]["selector"].update(
+        {"app.kubernetes.io/component": "train"}),
+    "storage class ignored": lambda objs: [o["spec"].pop("storageClassName") for o in objs
+                                           if o["kind"] == "PersistentVolumeClaim"],
+    "container renamed away from the FailJob rule": lambda objs: _job(objs)["spec"]["template"]["spec"]["containers"][0]
+    .update(name="trainer"),
+    "hostNetwork added": lambda objs: _job(objs)["spec"]["template"]["spec"].update(hostNetwork=True),
+    "tolerationSeconds as a string": lambda objs: _job(objs)["spec"]["template"]["spec"]["tolerations"][0].update(
+        tolerationSeconds="300"),
+    "env order changed": lambda objs: _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"].reverse(),
+    "shm no longer counted in memory": lambda objs: _job(objs)["spec"]["template"]["spec"]["containers"][0][
+        "resources"]["limits"].update(memory="1536Gi"),
+    "a keep annotation dropped": lambda objs: next(o for o in objs if o["kind"] == "PersistentVolumeClaim")[
+        "metadata"].pop("annotations"),
+    "an extra object": lambda objs: objs.append({"apiVersion": "v1", "kind": "ConfigMap",
+                                                 "metadata": {"name": "extra", "labels": {}}}),
+}
+
+
+@needs_helm
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_parity_comparison_fails_on_any_divergence(divergence):
+    """Each deliberate change to the chart's output (the issue's six and more) makes the comparison fail."""
+    cfg = load_config(ROOT / "configs" / "default.yaml", [*MULTI, "k8s.storage_class=efs-sc"])
+    ours, theirs = render_objects(cfg), chart_objects(cfg)
+    assert same_objects(ours, theirs)
+    DIVERGENCES[divergence](theirs)
+    assert not same_objects(ours, theirs)
+
+
+def test_a_run_config_renders_again_with_its_secret_name(tmp_path):
+    """The saved config keeps k8s.wandb_secret (a Secret's name, not a secret) so it renders the same run."""
+    from engine.config.loading import to_yaml
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["k8s.wandb_secret=team-wandb", "k8s.name=again"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert render(load_config(tmp_path / "config.yaml")) == render(cfg)
+
+
+def test_dockerfile_is_pinned_non_root_and_runs_the_engine():
+    text = (ROOT / "k8s" / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    bases = [ln.split()[1] for ln in lines if ln.upper().startswith("FROM ")]
+    assert bases and all(":" in b and not b.endswith(":latest") for b in bases)
+    copies = [ln.split() for ln in lines if ln.upper().startswith("COPY ")]
+    for words in copies:
+        assert "--chown=1000:1000" in words, words  # files owned by the pods' user, no chown -R layer
+        for source in [w for w in words[1:-1] if not w.startswith("--")]:
+            assert (ROOT / source).exists(), source
+            assert not docker_ignored(source), source
+    for path in (".venv", "tests", ".git", "runs", ".ct3d", "bench", ".tools", "engine/__pycache__/x.pyc"):
+        assert docker_ignored(path), path
+    user = [ln for ln in lines if ln.upper().startswith("USER ")][-1].split()[1]
+    assert user not in ("root", "0") and not user.startswith("0:")
+    assert 'ENTRYPOINT ["python", "-m", "engine.run"]' in lines
+    assert any("pip install -r /app/requirements.lock" in ln for ln in lines)
+    assert "/usr/local/nvidia/lib64" in text  # GKE's managed driver libraries
+    runtime = {ln.split("==")[0] for ln in (ROOT / "requirements.lock").read_text().splitlines() if "==" in ln}
+    assert not runtime & {"pytest", "hypothesis", "ruff", "kubernetes-validate", "kubeflow-training"}
+    proc = subprocess.run([sys.executable, "-m", "engine.run", "--help"], cwd=ROOT, capture_output=True, **TEXT)
+    assert proc.returncode == 0 and "Sections and keys" in proc.stdout
+
+
+def docker_ignored(path: str) -> bool:
+    """Whether .dockerignore leaves `path` out of the build context (the last matching pattern decides;
+    a pattern also matches everything under a matched folder)."""
+    import fnmatch
+
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        hit = any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern.replace("**/", "")) for p in prefixes)
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+# ------------------------------------------------------------------ the rendered command, run here
+def local_pod(job: dict, config_map: dict, tmp_path: Path, index: int, port: int) -> tuple[list[str], dict]:
+    """The training container's command and env from the manifest, as pod `index` runs them, on this machine:
+    the claims are folders under tmp_path, the Service's name for pod 0 is 127.0.0.1, torchrun is this
+    Python's torch.distributed.run."""
+    mounts = {"/cache": str(tmp_path / "cache"), "/output": str(tmp_path / "output")}
+    config = tmp_path / "config.yaml"
+    if not config.exists():
+        text = config_map["data"]["config.yaml"]
+        for pod_path, here in mounts.items():
+            text = text.replace(f": {pod_path}", f": {here}")
+        config.write_text(text)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    shell, flag, line = container["command"]
+    endpoint = next(w for w in line.split() if w.startswith("--rdzv-endpoint="))
+    line = (line.replace("exec torchrun", f"exec {sys.executable} -m torch.distributed.run")
+            .replace(endpoint, f"--rdzv-endpoint=127.0.0.1:{port}").replace("/etc/ct3d/config.yaml", str(config)))
+    command = [shell, flag, line]
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = mounts.get(item["value"], item["value"])
+        elif "job-completion-index" in item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", ""):
+            env[item["name"]] = str(index)
+    return command, env
+
+
+@pytest.mark.slow
+def test_rendered_two_pod_training_survives_a_pod_replaced_mid_run(tmp_path):
+    """Two 'pods' run the rendered Indexed Job's command (c10d rendezvous at pod 0) on gloo; pod 1 is killed
+    mid-epoch (agent and worker: a lost node) and started again, as the Job controller replaces it: the
+    survivor's torchrun restarts its worker, both meet again, and training resumes from the checkpoint."""
+    import socket
+    import threading
+
+    import psutil
+
+    overrides = ["k8s.nodes=2", "k8s.gpus=0", "k8s.name=two", "data.demo.num_volumes=24", "data.demo.shape=[32,32,32]",
+                 "preprocess.spatial_size=[32,32,32]", "train.epochs=3", "model.widen_factor=0.25", "train.log_every=1",
+                 "loader.batch_size=2", "train.checkpoint_minutes=0.0001", "tracking.wandb.mode=disabled",
+                 "cache.workers=1", "train.threads=1", "train.deterministic=true"]
+    objs = objects(*overrides)
+    job = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "two")
+    config_map = next(o for o in objs if o["kind"] == "ConfigMap")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pods = [local_pod(job, config_map, tmp_path, i, port) for i in range(2)]
+    check = job["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    first = subprocess.run([sys.executable, *check[1:-1], str(tmp_path / "config.yaml")], cwd=ROOT, env=pods[0][1],
+                           capture_output=True, **TEXT, timeout=300)  # the init container: makes the demo data
+    assert first.returncode == 0, first.stderr[-2000:]
+    logs: list[list[str]] = [[], [], []]
+
+    def start(i: int, log: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(pods[i][0], cwd=ROOT, env=pods[i][1], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, **TEXT)
+        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+        return proc
+
+    pod0 = start(0, logs[0])
+    deadline = time.time() + 120
+    while True:  # pod 0 hosts the rendezvous store (on a cluster only its name resolves to the endpoint)
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert pod0.poll() is None and time.time() < deadline, "".join(logs[0])[-3000:]
+        time.sleep(0.1)
+    pod1 = start(1, logs[1])
+    deadline = time.time() + 300
+    while "epoch 2/3 iteration 3/" not in "".join(logs[0] + logs[1]):
+        assert pod0.poll() is None and pod1.poll() is None and time.time() < deadline, "".join(logs[0])[-3000:]
+        time.sleep(0.01)
+    for p in [psutil.Process(pod1.pid), *psutil.Process(pod1.pid).children(recursive=True)]:
+        p.kill()  # the node is gone: no SIGTERM, no checkpoint on the way out
+    pod1.wait()
+    replacement = start(1, logs[2])
+    both = lambda: f"pod 0:\n{''.join(logs[0])[-3000:]}\nreplacement:\n{''.join(logs[2])[-3000:]}"  # noqa: E731
+    assert pod0.wait(timeout=600) == 0, both()
+    assert replacement.wait(timeout=600) == 0, both()
+    assert "resumed from" in "".join(logs[0] + logs[2])
+    run = tmp_path / "output" / "two"
+    assert (run / "checkpoints" / "final.pt").is_file()
+    epochs = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs[-1] == "3"
+
+
+def test_a_config_error_in_a_pod_exits_2_from_the_container_the_fail_job_rule_names(tmp_path):
+    objs = objects("k8s.gpus=0")
+    job, config_map = objs[-1], next(o for o in objs if o["kind"] == "ConfigMap")
+    pod = job["spec"]["template"]["spec"]
+    named = {r["onExitCodes"]["containerName"] for r in job["spec"]["podFailurePolicy"]["rules"][1:]
+             if r["action"] == "FailJob" and r["onExitCodes"]["values"] == [2]}
+    config = tmp_path / "config.yaml"
+    config.write_text(config_map["data"]["config.yaml"].replace("  epochs: ", "  epohcs: "))  # a typo in the pod
+    for container in (pod["initContainers"][0], pod["containers"][0]):
+        assert container["name"] in named
+        command = [sys.executable if a == "python" else str(config) if a == "/etc/ct3d/config.yaml" else a
+                   for a in container["command"]]
+        proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, **TEXT, timeout=120)
+        assert proc.returncode == 2 and "train.epohcs" in proc.stderr, (container["name"], proc.stderr[-2000:])

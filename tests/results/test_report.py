@@ -1,0 +1,37 @@
+"""The end-of-run report."""
+
+import json
+
+import torch
+
+from engine.config.loading import load_config
+from engine.training.workflow import train
+from helpers import tiny_overrides
+
+
+def test_report_has_every_panel_filled(tmp_path, tiny_demo):
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2", "metrics.calibrate=true")))
+    page = (folder / "report.html").read_text()
+    assert page.count('alt="panel ') == 7  # the seventh: reliability diagrams
+    assert "<h2>Inputs as the model saw them</h2>" in page
+    looked = page.count("<h2>Where the model looked: ")  # a label with a true or false positive gets a panel
+    assert looked >= 1 and page.count('src="data:image/png;base64,') == 7 + looked + 1
+    assert "Best and final validation" in page and "auc_macro" in page and "spatial_size" in page
+    assert (folder / "report.png").stat().st_size > 20_000
+
+    summary = json.loads((folder / "summary.json").read_text())
+    low, high = summary["bootstrap"]["intervals"]["auc_macro"]
+    assert low <= summary["best"]["auc_macro"] <= high
+    assert f"{low:.4f} to {high:.4f}" in page and "Best epoch with 95% intervals" in page
+    defined = [n for n in summary["labels"] if summary["best"][f"auc/{n}"] is not None]  # NaN is null in JSON
+    assert summary["auc_macro_labels"] == len(defined) == summary["best"]["auc_labels"]
+    assert f"Macro AUC averages {len(defined)} of 4 labels" in page
+    assert set(summary["auc_left_out"]) == set(summary["labels"]) - set(defined)
+    assert all(t > 0 for t in summary["temperature"].values()) and "ECE" in page
+
+
+def test_roc_curve_known_points():
+    from engine.results.report import roc_curve
+
+    fpr, tpr = roc_curve(torch.tensor([0.9, 0.8, 0.8, 0.1]), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert fpr == [0.0, 0.0, 0.5, 1.0] and tpr == [0.0, 0.5, 1.0, 1.0]

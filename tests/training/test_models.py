@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from engine.config.schema import ModelConfig
+from engine.training.models import create_model
+from engine.utils.errors import CT3DError
+
+
+@pytest.mark.parametrize("name,variant", [("resnet3d", "10"), ("resnet3d", "50"), ("densenet3d", "121"),
+                                          ("vit3d", "tiny")])
+def test_factory_maps_volume_to_logits(name, variant):
+    model = create_model(ModelConfig(name=name, variant=variant, widen_factor=0.25), 5, [32, 32, 32]).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 32, 32, 32))
+    assert out.shape == (2, 5)
+
+
+def test_vit_head_has_no_tanh():
+    model = create_model(ModelConfig(name="vit3d", variant="tiny"), 3, [32, 32, 32])
+    assert not any(isinstance(m, torch.nn.Tanh) for m in model.modules())
+
+
+def test_resnet_first_conv_stride_is_exposed():
+    for stride in (1, 2):
+        model = create_model(ModelConfig(name="resnet3d", variant="18", first_conv_stride=stride), 1, [64, 64, 64])
+        assert model.conv1.stride == (stride,) * 3
+
+
+def test_vit_patch_must_divide_volume():
+    with pytest.raises(CT3DError, match="model.patch_size"):
+        create_model(ModelConfig(name="vit3d", variant="tiny", patch_size=16), 1, [40, 32, 32])
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(CT3DError, match="model.name"):
+        create_model(ModelConfig(name="unet"), 1, [32, 32, 32])
