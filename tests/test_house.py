@@ -47,3 +47,27 @@ def test_k8s_and_bench_use_only_engines_public_names(tmp_path):
     broken = tmp_path / "uses_private.py"
     broken.write_text("from engine.data.cache import _disk_cache\n")
     assert private_engine_imports(broken) == ["engine.data.cache._disk_cache"]  # the check itself can fail
+
+
+def test_pip_install_gets_every_package_the_demo_config_and_the_ct3d_command(tmp_path):
+    """`pip install .` must give a working `ct3d`: every subpackage, the packaged demo config, the script."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    for name in ("engine", "pyproject.toml", "README.md"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path / "dist"), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("ct3d-*.whl")))
+    names = set(wheel.namelist())
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "engine").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
+    assert "engine/config/default.yaml" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "ct3d = engine.run:main" in wheel.read(entry_points).decode()
+    metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    for needed in ("psutil", "pyjpegls", "onnx", "onnxruntime", "optuna"):  # imported by engine, in the lock
+        assert f"Requires-Dist: {needed}\n" in metadata, needed
