@@ -22,13 +22,20 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             data_path_shape=(128, 256, 256), data_path_volumes=32, matmul_size=2048, roofline_size=64,
             roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2, layout_size=64,
             layout_steps=5,
-            loader_model=("model.variant=18", "model.widen_factor=1.0"))
+            loader_model=("model.variant=18", "model.widen_factor=1.0"),
+            phase_train=36, phase_val=12, phase_size=64, phase_epochs=2, phase_cold=1, phase_warm=3,
+            phase_memory_warm=2,
+            phase_model=("model.variant=18", "model.widen_factor=1.0", "model.first_conv_stride=2"),
+            gradcam_volumes=2, gradcam_maps=4)
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),),
              data_path_shape=(16, 32, 32), data_path_volumes=8, matmul_size=256, roofline_size=16, roofline_steps=1,
              loader_volumes=8, loader_size=16, loader_epochs=2, loader_repeats=1, layout_size=16, layout_steps=1,
              loader_model=("model.variant=10", "model.widen_factor=0.25"),
+             phase_train=6, phase_val=4, phase_size=16, phase_epochs=1, phase_cold=1, phase_warm=1, phase_memory_warm=1,
+             phase_model=("model.variant=10", "model.widen_factor=0.25"),
+             gradcam_volumes=1, gradcam_maps=2, gradcam_size=[32, 32, 16],
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
 
@@ -36,7 +43,8 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks every figure is produced")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    parser.add_argument("--out", help="where the results go (default: bench/RESULTS.md; with --only, none)")
+    parser.add_argument("--only", help="comma-separated families (prints their rows; RESULTS.md only with --out)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -51,18 +59,28 @@ def main(argv: list[str] | None = None) -> int:
     from bench.data_path import bench_data_path, bench_roofline
     from bench.memory import bench_loaders, bench_memory, bench_ranks
     from bench.overhead import bench_engine, bench_layout
+    from bench.phases import bench_grad_cam, bench_phases
     from bench.pipeline import bench_pipeline
     from bench.startup import bench_startup
 
+    families = {"pipeline": bench_pipeline, "engine": bench_engine, "memory": bench_memory, "ranks": bench_ranks,
+                "augment": lambda c, w: augment_figures(c), "data_path": bench_data_path,
+                "roofline": lambda c, w: bench_roofline(c), "layout": lambda c, w: bench_layout(c),
+                "loaders": bench_loaders, "phases": bench_phases, "gradcam": lambda c, w: bench_grad_cam(c),
+                "startup": lambda c, w: bench_startup(c)}
+    chosen = args.only.split(",") if args.only else list(families)
+    if unknown := set(chosen) - set(families):
+        parser.error(f"--only: unknown {sorted(unknown)}; families: {', '.join(families)}")
     with tempfile.TemporaryDirectory(prefix="ct3d-bench-") as tmp:
-        work = Path(tmp)
-        figures = {**bench_pipeline(cfg, work), **bench_engine(cfg, work), **bench_memory(cfg, work),
-                   **bench_ranks(cfg, work), **augment_figures(cfg), **bench_data_path(cfg, work),
-                   **bench_roofline(cfg), **bench_layout(cfg), **bench_loaders(cfg, work), **bench_startup(cfg)}
+        figures = {}
+        for name in chosen:
+            figures.update(families[name](cfg, Path(tmp)))
     from bench.report import markdown
 
     text = markdown(figures, cfg, args.smoke, time.time() - start)
-    Path(args.out).write_text(text)
+    out = args.out or (None if args.only else ROOT / "bench" / "RESULTS.md")
+    if out:
+        Path(out).write_text(text)
     print(text)
     return 0
 

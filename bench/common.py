@@ -10,19 +10,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def peak_pss(proc: subprocess.Popen) -> int:
-    """The peak PSS of `proc` and its children, sampled until it ends."""
+def pss_samples(proc: subprocess.Popen, every: float = 0.02) -> list[tuple[float, int]]:
+    """(wall clock, PSS of `proc` and its children) every `every` seconds until it ends. Each sample walks
+    the tree's page tables: at 20 ms against a 1.6 GB training it slowed the epochs by half."""
     import psutil
 
-    peak, parent = 0, psutil.Process(proc.pid)
+    samples, parent = [], psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
             tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+            samples.append((time.time(), sum(p.memory_full_info().pss for p in tree)))
         except psutil.Error:
             pass
-        time.sleep(0.02)
-    return peak
+        time.sleep(every)
+    return samples
+
+
+def peak_pss(proc: subprocess.Popen) -> int:
+    """The peak PSS of `proc` and its children, sampled until it ends."""
+    return max((pss for _, pss in pss_samples(proc)), default=0)
 
 
 def demo_training(work: Path, tag: str, volumes: int, size: int) -> list[str]:

@@ -34,6 +34,11 @@ def _band(numerators: list[float], denominators: list[float]) -> tuple[float, fl
 
 def results(f: dict) -> list[tuple[str, str, str, str]]:
     """(figure, measured, target, status) rows."""
+    return ((_pipeline(f) if "tutorial_w0" in f else []) + _engine_and_memory(f) + _others(f)  # --only: a subset
+            + _phases(f))
+
+
+def _pipeline(f: dict) -> list:
     rows = []
     for w in (0, 2):
         tutorial, disk, ram = (f.get(f"{m}_w{w}_all", [f[f"{m}_w{w}"]]) for m in ("tutorial", "disk", "ram"))
@@ -46,18 +51,39 @@ def results(f: dict) -> list[tuple[str, str, str, str]]:
     rows.append(ratio_row("RAM cache epoch vs memory-copy floor, 0 workers", f["ram_w0"] / floor,
                           (min(ram0) / floor, max(ram0) / floor), 3, True))
     rows.append(row("RAM cache epoch vs memory-copy floor, 2 workers", f"{f['ram_w2'] / floor:.2f}x"))
+    return rows
+
+
+def _engine_and_memory(f: dict) -> list:
+    rows = []
+    if "engine_ratio" not in f:
+        return _memory(f)
     spread = f.get("engine_ratio_all", [f["engine_ratio"]])
     rows.append(ratio_row("engine epoch (validation, metrics, checkpoint, W&B offline) vs a hand-written loop "
                           "doing the same", f["engine_ratio"], (min(spread), max(spread)), 1.03, True))
     spread = f.get("engine_ratio_no_wandb_all", [f["engine_ratio_no_wandb"]])
     rows.append(row("engine epoch without W&B vs the same hand-written loop",
                     f"{f['engine_ratio_no_wandb']:.3f}x (spread {min(spread):.3f}-{max(spread):.3f})"))
+    return rows + _memory(f)
+
+
+def _memory(f: dict) -> list:
+    rows = []
+    if "cached_pss" not in f:
+        return rows
     mem = f["cached_pss"] / (f["baseline_pss"] + f["cache_bytes"])
     rows.append(row("peak PSS, RAM cache + 2 workers vs baseline + cache bytes", f"{mem:.3f}x", "<= 1.15x",
                     mem <= 1.15))
+    if "ranks_pss_cached" not in f:
+        return rows
     node = (f["ranks_pss_cached"] - f["ranks_pss_uncached"]) / f["ranks_cache_bytes"]
     rows.append(row("2-rank run: RAM cache's share of peak PSS vs one copy of the cached bytes", f"{node:.2f}x",
                     "<= 1.3x", node <= 1.3))
+    return rows
+
+
+def _others(f: dict) -> list:
+    rows = []
     for name in ("64", "ctrate"):
         if f"augment_{name}_batched_samples_per_s" in f:
             batched, loop = f[f"augment_{name}_batched_samples_per_s"], f[f"augment_{name}_loop_samples_per_s"]
@@ -88,10 +114,51 @@ def results(f: dict) -> list[tuple[str, str, str, str]]:
         sec_t, sec_w = f["loader_threads_epoch_all"], f["loader_workers_epoch_all"]
         rows.append(ratio_row(f"{what}: default loader (threads) vs 2 worker processes, epoch time",
                               median(sec_t) / median(sec_w), _band(sec_t, sec_w), 1.1, True))
-    rows.append(row("`python -m engine.run --help` (exit 0, prints usage)", f"{f['help_seconds']:.2f} s", "< 2 s",
-                    f["help_seconds"] < 2 and f.get("help_ok", False)))
-    rows.append(row("config error `model.name=nope` (exit 2, names the key)", f"{f['config_error_seconds']:.2f} s",
-                    "< 2 s", f["config_error_seconds"] < 2 and f.get("config_error_ok", False)))
+    if "help_seconds" in f:
+        rows.append(row("`python -m engine.run --help` (exit 0, prints usage)", f"{f['help_seconds']:.2f} s", "< 2 s",
+                        f["help_seconds"] < 2 and f.get("help_ok", False)))
+        rows.append(row("config error `model.name=nope` (exit 2, names the key)",
+                        f"{f['config_error_seconds']:.2f} s", "< 2 s",
+                        f["config_error_seconds"] < 2 and f.get("config_error_ok", False)))
+    return rows
+
+
+def _seconds(values: list[float]) -> str:
+    return f"{median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+
+def _phases(f: dict) -> list:
+    """The run's phases (bench/phases.py): closing vs one epoch, the closing's peak PSS vs training's, and
+    each phase's time and memory, cold and warm."""
+    rows = []
+    if "phase_warm_closing_all" in f:
+        what = f"run phases ({f['phase_job']})"
+        closing, epoch = f["phase_warm_closing_all"], f["phase_warm_epoch_all"]
+        ratios = [c / e for c, e in zip(closing, epoch)]
+        rows.append(ratio_row(f"{what}, warm cache: closing (last validation to exit) vs one epoch",
+                              median(ratios), (min(ratios), max(ratios)), 0.3, True))
+        peaks = [c / t for c, t in zip(f["phase_warm_closing_pss_all"], f["phase_warm_training_pss_all"])]
+        rows.append(ratio_row(f"{what}, warm cache: the closing's peak PSS vs training's",
+                              median(peaks), (min(peaks), max(peaks)), 1.0, True))
+        for kind in ("warm", "cold"):
+            if f"phase_{kind}_closing_all" not in f:
+                continue
+            times = ", ".join(f"{phase} {_seconds(f[f'phase_{kind}_{phase}_all'])}"
+                              for phase in ("start_up", "epochs", "closing", "whole"))
+            rows.append(row(f"{what}, {kind} cache: seconds per phase (median, min-max)", times))
+            memory = ", ".join(f"{phase} {median(f[f'phase_{kind}_{phase}_pss_all']) / 2**30:.2f}"
+                               for phase in ("start_up", "training", "closing"))
+            rows.append(row(f"{what}, {kind} cache: peak PSS per phase (GiB, median)", memory))
+            parts = ", ".join(f"{key[len(f'phase_{kind}_part_'):-4].replace('_', ' ')} {median(v):.2f}"
+                              for key, v in f.items() if key.startswith(f"phase_{kind}_part_"))
+            rows.append(row(f"{what}, {kind} cache: the closing's parts (s, median; saliency = Grad-CAM panels, "
+                            f"checkpoints = waiting for the last epoch's write)", parts))
+    if "gradcam_seconds_per_map" in f:
+        rows.append(row(f"closing Grad-CAM at {f['gradcam_size']}, ResNet-18, on this CPU: the target layer's "
+                        f"pass per volume, and the rest per map",
+                        f"{f['gradcam_seconds_per_volume']:.2f} s per volume + {f['gradcam_seconds_per_map']:.2f} s "
+                        f"per map: the default panels (18 labels x 1 true + 1 false positive: <= 36 maps of <= 36 "
+                        f"volumes) <= {36 * (f['gradcam_seconds_per_volume'] + f['gradcam_seconds_per_map']):.0f} s"))
     return rows
 
 
@@ -107,6 +174,8 @@ def machine() -> str:
 
 def notes(f: dict) -> str:
     """What this run measured about the figures that most often move: the engine overhead's parts."""
+    if "engine_epoch" not in f:
+        return ""
     wandb_share = (f["engine_epoch"] - f["engine_epoch_no_wandb"]) / f["hand_epoch"]
     return (f"Notes: every timed engine epoch validates (metrics, calibration, thresholds), writes last.pt (and "
             f"best.pt when it improved) and logs to W&B offline; the hand-written loop validates, computes the same "

@@ -11,8 +11,9 @@ from contextlib import contextmanager
 
 from omegaconf import OmegaConf
 
+from engine.config.cluster import K8sConfig, VolumeClaimConfig
 from engine.config.loading import SECRET_KEYS, load_config, plain, to_yaml
-from engine.config.schema import Config, K8sConfig, VolumeClaimConfig
+from engine.config.schema import Config
 from engine.utils.errors import CT3DError
 
 CONFIG_DIR, CACHE_DIR, OUTPUT_DIR, DATA_DIR = "/etc/ct3d", "/cache", "/output", "/data"

@@ -67,7 +67,7 @@ def test_pip_install_gets_every_package_the_demo_config_and_the_ct3d_command(tmp
     assert modules <= names, sorted(modules - names)
     assert "engine/config/default.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "ct3d = engine.run:main" in wheel.read(entry_points).decode()
+    assert "ct3d = engine.run:console" in wheel.read(entry_points).decode()
     metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
     for needed in ("psutil", "pyjpegls", "onnx", "onnxruntime", "optuna"):  # imported by engine, in the lock
         assert f"Requires-Dist: {needed}\n" in metadata, needed

@@ -26,7 +26,7 @@ from engine.data.preprocess import (
     source_of,
 )
 from engine.utils.errors import CT3DError
-from engine.utils.io import TMP_PREFIX, atomic_write
+from engine.utils.io import TMP_PREFIX, save_tensors
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 SOURCE = "source"  # cache entries record the path, size and mtime they were built from
@@ -80,8 +80,7 @@ class DiskCacheDataset(PersistentDataset):
                 pass
         entry = preprocess(self.transform, dict(item))
         entry[SOURCE] = source_signature(item[IMAGE])  # lets `cache --verify` find stale entries
-        with atomic_write(hashfile) as tmp:
-            torch.save(entry, tmp)
+        save_tensors(entry, hashfile)
         return entry
 
 
@@ -97,6 +96,14 @@ class Labelled(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {IMAGE: self.images[index][IMAGE], LABEL: torch.tensor(self.items[index][LABEL])}
+
+
+def release_ram(dataset) -> None:
+    """Empties a `build_dataset` result's RAM cache (MONAI's set_data on no items): a run's closing work needs
+    the memory, not the volumes, and reads the few it shows from the disk cache."""
+    images = getattr(dataset, "images", dataset)
+    if isinstance(images, CacheDataset):
+        images.set_data([])
 
 
 def in_ram(dataset) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.utils.errors import CT3DError
 from engine.utils.io import atomic_write
 
 LABELS = ("Lung nodule", "Pleural effusion", "Emphysema", "Cardiomegaly")
@@ -92,27 +93,35 @@ def replay(num_volumes: int = 200, shape=(64, 64, 64), seed: int = 0):
         yield f"train_{i}_a_1.nii.gz", findings, image, nodules
 
 
-def generate(out_dir: str | Path, num_volumes: int = 200, shape=(64, 64, 64), seed: int = 0) -> Path:
-    """Writes `num_volumes` phantoms and `datalist.csv` once; returns the CSV path.
-    Same arguments, same files: an existing complete set is reused."""
+def generate(out_dir: str | Path, num_volumes: int = 200, shape=(64, 64, 64), seed: int = 0,
+             labels: tuple[str, ...] = LABELS) -> Path:
+    """Writes `num_volumes` phantoms and `datalist.csv` (columns in `labels` order) once; returns the CSV path.
+    Same arguments, same files: an existing complete set is reused. `labels` must hold the four findings;
+    other names get random labels (prevalence PREVALENCE, drawn apart from the images: the phantoms are the
+    same whatever the labels) with nothing in the image to find."""
     import nibabel as nib
 
+    if missing := [name for name in LABELS if name not in labels]:
+        raise CT3DError(f"config error: data.demo.labels: the phantoms show {', '.join(LABELS)}; the list lacks "
+                        f"{', '.join(missing)}")
     out = Path(out_dir)
-    params = {"num_volumes": num_volumes, "shape": list(shape), "seed": seed, "labels": list(LABELS), "version": 1}
+    params = {"num_volumes": num_volumes, "shape": list(shape), "seed": seed, "labels": list(labels), "version": 1}
     csv_path, params_path = out / "datalist.csv", out / "demo.json"
     if csv_path.is_file() and params_path.is_file() and json.loads(params_path.read_text()) == params:
         return csv_path
     out.mkdir(parents=True, exist_ok=True)
     affine = np.diag([*SPACING_MM, 1.0])
-    rows = []
+    rows, extra = [], [name for name in labels if name not in LABELS]
+    no_evidence = np.random.default_rng([seed, 1])
     for name, findings, volume, _ in replay(num_volumes, shape, seed):
         image = nib.Nifti1Image(volume, affine)
         image.header.set_xyzt_units("mm")
         with atomic_write(out / name) as tmp:
             nib.save(image, str(tmp))
-        rows.append({"VolumeName": name, **dict(zip(LABELS, findings))})
+        rows.append({"VolumeName": name, **dict(zip(LABELS, findings)),
+                     **{label: int(no_evidence.random() < PREVALENCE) for label in extra}})
     with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["VolumeName", *LABELS])
+        writer = csv.DictWriter(f, fieldnames=["VolumeName", *labels])
         writer.writeheader()
         writer.writerows(rows)
     with atomic_write(params_path) as tmp:

@@ -37,9 +37,10 @@ def load_splits(data: DataConfig, problems: list[Problem] | None = None) -> tupl
     volume's rescale and spacing (a volume without a row is a bad row)."""
     train_path = data.train
     if data.demo.enabled:
-        from engine.data.demo import generate
+        from engine.data.demo import LABELS, generate
 
-        train_path = str(generate(data.demo.dir, data.demo.num_volumes, tuple(data.demo.shape), data.demo.seed))
+        train_path = str(generate(data.demo.dir, data.demo.num_volumes, tuple(data.demo.shape), data.demo.seed,
+                                  tuple(data.demo.labels) or LABELS))
     train = load_datalist(train_path, data, data.json_train_key, problems)
     val_path = data.val
     if not val_path and train_path.endswith(".json") and data.json_val_key in json.loads(Path(train_path).read_text()):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from engine.results.images import png
 from engine.results.metrics import confusion
 from engine.utils.io import atomic_write, write_text
 
@@ -56,7 +57,7 @@ def _roc(ax, probs, labels, names, **_):
             ax.plot(*roc_curve(probs[:, j], labels[:, j]), label=name)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(title="ROC curves (best epoch)", xlabel="false positive rate", ylabel="true positive rate")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower right")  # a fixed place: "best" tests every point of every curve
 
 
 def _auc_bars(ax, best, names, **_):
@@ -92,53 +93,73 @@ def _reliability(ax, probs, labels, names, bins, **_):
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(title=f"Reliability, {bins} bins (best epoch)", xlabel="mean predicted probability",
            ylabel="fraction positive", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left")
 
 
 PANELS = (_losses, _scores, _lr, _roc, _auc_bars, _confusion_bars, _reliability)
 
 
-def png_bytes(fig, dpi: int = 90) -> bytes:
-    """A matplotlib figure as PNG bytes, for report pages (this one, cv's and the sweep's)."""
+def png_bytes(fig, dpi: int = 90, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes, for report pages (this one, cv's and the sweep's). `tight`: laid out
+    to fit its text first (rather than saved with bbox_inches="tight", which draws the figure twice)."""
+    if tight:
+        fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})  # the fastest zlib level
     return buf.getvalue()
 
 
-def write_report(folder: Path, rows: list[dict], lr_history: list[tuple[int, float]], probs: torch.Tensor,
-                 labels: torch.Tensor, names: list[str], task: str, thresholds: list[float], beta: float,
-                 summary: dict, config_yaml: str, sections: list[tuple[str, bytes]] = ()) -> tuple[Path, Path]:
-    """Writes report.png and report.html into `folder`; returns their paths. `sections` (title, PNG) follow
-    the panels in report.html: the saliency and input views."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def draw_panels(rows: list[dict], lr_history: list[tuple[int, float]], probs: torch.Tensor, labels: torch.Tensor,
+                names: list[str], task: str, thresholds: list[float], beta: float, best: dict, bins: int = 10,
+                title: str = "", dpi: int = 90) -> tuple[list[bytes], bytes]:
+    """(each panel as a PNG, the page of all of them under `title` as a PNG): one figure drawn once, two
+    panels to a row, each panel's PNG cut from it (a figure per panel cost a third more in matplotlib's
+    fixed work per figure). Fixed margins, the bar panels' left one wide enough for the longest label:
+    measuring every text to lay them out cost a quarter of drawing them."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     data = dict(rows=rows, lr_history=lr_history, probs=probs.float(), labels=labels.float(), names=names,
-                task=task, thresholds=list(thresholds), beta=beta, best=summary["best"],
-                bins=summary.get("calibration", {}).get("bins", 10))
-    height = max(4.0, 0.35 * len(names) + 1.5)
-    images = []
-    for panel in PANELS:
-        fig, ax = plt.subplots(figsize=(7, height if panel in (_auc_bars, _confusion_bars) else 4.5))
-        panel(ax, **data)
-        images.append(png_bytes(fig))
-        plt.close(fig)
-    fig, axes = plt.subplots(4, 2, figsize=(15, 9 + 2 * height))
-    for panel, ax in zip(PANELS, axes.flat):
-        panel(ax, **data)
-    for ax in axes.flat[len(PANELS):]:
-        ax.axis("off")
-    fig.suptitle(f"ct3d run {Path(summary['run']).name}: best epoch {summary['best_epoch']}, "
-                 f"{summary['key_metric']} {summary['best'][summary['key_metric']]:.4f}")
-    fig.tight_layout()
+                task=task, thresholds=list(thresholds), beta=beta, best=best, bins=bins)
+    bars = max(4.0, 0.35 * len(names) + 1.5)
+    layout = [((_losses, _scores), 4.5), ((_lr, _roc), 4.5), ((_auc_bars, _confusion_bars), bars),
+              ((_reliability,), 4.5)]  # (panels of a row, its height in inches), in PANELS' order
+    name_inches = min(4.2, 0.3 + 0.075 * max((len(n) for n in names), default=0))
+    width, head = 7.0, 0.4  # inches: a panel's width, the title's strip
+    height = head + sum(h for _, h in layout)
+    fig = Figure(figsize=(2 * width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    fig.text(0.005, 1 - 0.08 / height, title, va="top", fontsize="large")
+    cells, top = [], head
+    for panels, h in layout:
+        for column, panel in enumerate(panels):
+            left = column * width + (name_inches if panel in (_auc_bars, _confusion_bars) else 1.05)
+            ax = fig.add_axes([left / (2 * width), 1 - (top + h - 0.55) / height,
+                               (column * width + 0.95 * width - left) / (2 * width), (h - 1.0) / height])
+            panel(ax, **data)
+            cells.append((column * width, top, width, h))
+        top += h
+    fig.canvas.draw()
+    page = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    crops = [page[round(y * dpi):round((y + h) * dpi), round(x * dpi):round((x + w) * dpi)] for x, y, w, h in cells]
+    return [png(crop) for crop in crops], png(page)
+
+
+def write_report(folder: Path, panels: list[bytes], page: bytes, summary: dict, config_yaml: str,
+                 sections: list[tuple[str, bytes]] = ()) -> tuple[Path, Path]:
+    """Writes report.png (`page`, every panel) and report.html (the `panels`, the summary with its intervals,
+    then `sections` (title, PNG): the saliency and input views) into `folder`; returns their paths."""
     png_path, html_path = folder / "report.png", folder / "report.html"
     with atomic_write(png_path) as tmp:
-        tmp.write_bytes(png_bytes(fig))
-    plt.close(fig)
-    write_text(html_path, _html(images, summary, config_yaml, sections))
+        tmp.write_bytes(page)
+    write_text(html_path, _html(panels, summary, config_yaml, sections))
     return png_path, html_path
+
+
+def report_title(summary: dict) -> str:
+    return (f"ct3d run {Path(summary['run']).name}: best epoch {summary['best_epoch']}, "
+            f"{summary['key_metric']} {summary['best'][summary['key_metric']]:.4f}")
 
 
 def img_tag(png: bytes, alt: str) -> str:

@@ -5,21 +5,20 @@ atomically and read with weights_only=True (never full pickle)."""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
-import random
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from engine.training.preemption import StopOnSignal, resumable_here
 from engine.utils.errors import CT3DError
-from engine.utils.io import TMP_PREFIX, atomic_write
+from engine.utils.io import TMP_PREFIX, save_tensors, temp_path_for
 
 log = logging.getLogger("ct3d")
 CHECKPOINT_NAMES = ("final.pt", "last.pt", "best.pt")
@@ -27,17 +26,17 @@ CHECKPOINT_FORMAT = 2  # bump when what a checkpoint holds changes; older files 
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+    save_tensors(state, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A checkpoint's dict; refuses anything that needs more than tensors and plain containers."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """A checkpoint's dict; refuses anything that needs more than tensors and plain containers. `mmap`: the
+    tensors stay in the file until touched (reading the weights does not read the optimizer's state)."""
     path = Path(path)
     if not path.is_file():
         raise CT3DError(f"checkpoint {path}: no such file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise CT3DError(f"checkpoint {path}: refused, it needs full pickle to load (only tensors and plain "
                         f"containers are accepted): {str(exc).splitlines()[0]}") from None
@@ -53,6 +52,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 SHAREABLE = ("model", "labels", "task", "model_config", "preprocessing", "threshold", "calibration", "format")
+
+
+def copy_checkpoint(source: Path, path: Path) -> None:
+    """`path` holds what `source` holds: a hard link where the filesystem has them (the bytes are written once),
+    else a copy; either appears at `path` at once (a temp name, then a rename)."""
+    import shutil
+
+    tmp = temp_path_for(path)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
+def _progress(state: dict) -> tuple:
+    """Where training stood when `state` was taken (epoch and iteration): equal progress, equal state."""
+    trainer = state.get("trainer", {})
+    return trainer.get("epoch"), trainer.get("iteration")
 
 
 def write_weights_only(checkpoint: str | Path, path: str | Path) -> Path:
@@ -98,72 +116,6 @@ def resume_checkpoint(resume: str, folder: Path) -> Path | None:
     return Path(resume)
 
 
-class RandomState:
-    """Python, NumPy, torch and CUDA generator states, as tensors and plain containers."""
-
-    def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {
-            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        random.setstate((state["python_version"], tuple(state["python"]), None))
-        n = state["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class TrainerState:
-    """The trainer's epoch, iteration and early stop. On load the configured epoch count stays (a raised
-    train.epochs extends a finished run), a run that had stopped early stops again at once, and a
-    checkpoint taken mid-epoch continues at the next batch: the training sampler skips the batches that
-    epoch had already seen (same order: it depends on seed and epoch alone)."""
-
-    def __init__(self, trainer: Engine):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict:
-        s = self.trainer.state
-        return {"epoch": s.epoch, "iteration": s.iteration, "epoch_length": s.epoch_length,
-                "stopped_early": bool(self.trainer.should_terminate)}
-
-    def load_state_dict(self, state: dict) -> None:
-        s = self.trainer.state
-        length, epoch, iteration = s.epoch_length, state["epoch"], state["iteration"]
-        saved_length = state.get("epoch_length") or length
-        done = iteration - (epoch - 1) * saved_length  # batches of `epoch` behind the checkpoint
-        max_epochs = max(s.max_epochs, epoch)
-        if done < saved_length and saved_length == length:  # taken mid-epoch: continue at the next batch
-            self.trainer.load_state_dict({"iteration": iteration, "epoch_length": length, "max_epochs": max_epochs})
-            s.dataloader.sampler.skip_next(done * s.dataloader.batch_size)
-        else:  # at an epoch's end; or mid-epoch with another batch size: that epoch again
-            completed = epoch if done >= saved_length else epoch - 1
-            self.trainer.load_state_dict({"epoch": completed, "epoch_length": length, "max_epochs": max_epochs})
-        if state["stopped_early"]:
-            self.trainer.terminate()
-
-
-class ScalerState:
-    """MONAI's trainer makes its fp16 GradScaler when `run()` starts: read it then, not before."""
-
-    def __init__(self, trainer: Engine):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict | None:
-        return self.trainer.scaler.state_dict() if self.trainer.scaler is not None else None
-
-    def load_state_dict(self, state: dict | None) -> None:
-        if self.trainer.scaler is not None and state is not None:
-            self.trainer.scaler.load_state_dict(state)
-
-
 def _snapshot(value: Any) -> Any:
     """A copy of a checkpoint state that later training steps cannot change (tensors cloned to CPU)."""
     if isinstance(value, torch.Tensor):
@@ -190,6 +142,7 @@ class Checkpoints:
         self.on_signal = StopOnSignal(self)
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._saved: tuple[Path | None, tuple] = (None, ())  # the last file saved and the progress it holds
         if write:  # clear temp files left by a killed writer (one process writes a run folder)
             for stale in self.folder.glob(f"{TMP_PREFIX}*"):
                 stale.unlink(missing_ok=True)
@@ -215,18 +168,21 @@ class Checkpoints:
         return {**parts, **self.meta, "format": CHECKPOINT_FORMAT}
 
     def save(self, *names: str, background: bool = True) -> list[Path]:
-        """Writes the current state to each `name`.pt (in this order); a no-op where write is False."""
+        """Writes the current state to each `name`.pt (in this order: the first written, the others links to
+        it, so best.pt and last.pt of one epoch cost one write); a no-op where write is False."""
         if not self.write:
             return []
         state = _snapshot(self.state())
         paths = [self.folder / f"{name}.pt" for name in names]
         self.wait()
         self._saved_at = time.monotonic()
+        self._saved = (paths[0], _progress(state))
 
         def write() -> None:
             try:
-                for path in paths:
-                    save_checkpoint(path, state)
+                save_checkpoint(paths[0], state)
+                for path in paths[1:]:
+                    copy_checkpoint(paths[0], path)
             except BaseException as exc:  # re-raised in the training thread by wait()
                 self._error = exc
 
@@ -237,6 +193,20 @@ class Checkpoints:
             write()
             self.wait()
         return paths
+
+    def save_final(self) -> Path | None:
+        """final.pt after the last epoch: a link to the file that epoch's own save wrote when training has not
+        moved since (the usual end: no second write of the same state), else a write."""
+        if not self.write:
+            return None
+        self.wait()
+        saved, progress = self._saved
+        final = self.folder / "final.pt"
+        now = _progress({name: part.state_dict() for name, part in self.to_save.items() if name == "trainer"})
+        if saved is not None and progress == now and saved.is_file():
+            copy_checkpoint(saved, final)
+            return final
+        return self.save("final", background=False)[0]
 
     def wait(self) -> None:
         if self._writer is not None:

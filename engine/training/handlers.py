@@ -111,6 +111,7 @@ class History:
         self.lr_history: list[tuple[int, float]] = []
         self.epoch_seconds: list[float] = []
         self.seconds_before = 0.0  # training time of earlier runs of this run folder
+        self.epoch_ended_at: float | None = None  # wall clock at the end of this start's last epoch (validated)
         self._started = self._epoch_start = time.perf_counter()
 
     def attach(self, trainer: Engine) -> None:
@@ -131,6 +132,7 @@ class History:
 
     def _epoch_completed(self, trainer: Engine) -> None:
         self.epoch_seconds.append(round(time.perf_counter() - self._epoch_start, 4))
+        self.epoch_ended_at = time.time()
 
     def _iteration(self, trainer: Engine) -> None:
         every = max(1, (trainer.state.epoch_length or 1) // self.lr_points)

@@ -14,6 +14,7 @@ import torch
 
 from engine.config.loading import plain, to_yaml
 from engine.config.schema import Config
+from engine.data.cache import release_ram
 from engine.data.datalist import label_frequencies
 from engine.data.loaders import make_datasets, make_loader
 from engine.data.prepare import Splits, check_same_run, prepare_data, split_rows, write_skipped, write_split
@@ -33,16 +34,14 @@ from engine.training.build import (
 )
 from engine.training.checkpoint import (
     Checkpoints,
-    RandomState,
     Resume,
-    ScalerState,
-    TrainerState,
     load_checkpoint,
     resume_checkpoint,
 )
 from engine.training.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
 from engine.training.models import FreezeBackbone
-from engine.training.outputs import best_statistics, write_outputs
+from engine.training.outputs import write_outputs
+from engine.training.state import RandomState, ScalerState, TrainerState
 from engine.utils.errors import CT3DError, Interrupted
 from engine.utils.io import write_text
 
@@ -119,17 +118,30 @@ def train(cfg: Config, attach=None) -> Path:
 
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
              cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")
-    run_to_end(trainer, checkpoints, table, resume, folder)
+    clock = [start, time.time()]  # the phases summary.json times: start-up, training, closing
+    finish_checkpoints = run_to_end(trainer, checkpoints, table, resume, folder)
+    clock.append(history.epoch_ended_at or time.time())  # closing: from the last validation on
+    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once the last
+    # checkpoint holds it) the optimizer's state, so its peak stays below training's.
+    optimizer.zero_grad(set_to_none=True)
+    for dataset in (train_ds, val_ds):
+        release_ram(dataset)
+
+    def finish() -> None:
+        finish_checkpoints()
+        optimizer.state.clear()
+
     summary = {
         "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
         "train_volumes": len(data.train), "val_volumes": len(data.val), "skipped": len(data.skipped),
         "key_metric": str(cfg.metrics.key), "best_epoch": table.best["epoch"], "best": table.best,
         "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
-        "wall_seconds": round(time.time() - start, 1), "epoch_seconds": history.epoch_seconds,
-        **(best_statistics(cfg, table, data, task) if main else {}),
+        "epoch_seconds": history.epoch_seconds,
     }
     if main:
-        write_outputs(folder, summary, table, history, cfg, tracker, net, data.val)
+        write_outputs(folder, summary, table, history, cfg, tracker, net, data, clock, finish)
+    else:
+        finish()
     if idist.get_world_size() > 1:
         idist.barrier()  # every rank leaves together: tearing down the group under a busy peer aborts
     return folder
@@ -213,18 +225,22 @@ def early_stopping(cfg: Config, trainer, evaluator):
     return stopper
 
 
-def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path) -> None:
-    """Runs the trainer, waits for the last checkpoint write and writes final.pt (unless this start found
-    the run finished and final.pt there). A diverged loss (TerminateOnNan) is a clear error on every
-    rank, and no final.pt with NaN weights is written: last.pt holds the last good epoch."""
+def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path):
+    """Runs the trainer. A diverged loss (TerminateOnNan) is a clear error on every rank, and no final.pt
+    with NaN weights is written: last.pt holds the last good epoch. Returns what completes the checkpoints
+    (waits for the last epoch's write, then final.pt unless this start found the run finished and final.pt
+    there): the closing calls it after the work that needs no checkpoint, so that write overlaps it."""
     import ignite.distributed as idist
 
     try:
         trainer.run()
-    finally:
+    except BaseException:
         checkpoints.wait()
+        raise
+    finally:
         checkpoints.on_signal.restore()
     if checkpoints.on_signal.stopped:
+        checkpoints.wait()
         raise Interrupted(f"stopped by SIGTERM at iteration {trainer.state.iteration}; "
                           f"{folder / 'checkpoints' / 'last.pt'} holds it: run again to continue")
     output = trainer.state.output
@@ -232,11 +248,14 @@ def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: R
     if idist.get_world_size() > 1:  # the ranks agree: a NaN on any rank stopped them all
         diverged = bool(idist.all_reduce(int(diverged)))
     if diverged:
+        checkpoints.wait()
         raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
                         f"the loss became {float(output['loss'].detach()):g}. The last good state is "
                         f"{folder / 'checkpoints' / 'last.pt'} (end of the previous epoch); try a lower train.lr, "
                         f"train.amp=off, or check the data")
-    if trainer.state.epoch != resume.epoch or not (folder / "checkpoints" / "final.pt").is_file():
-        checkpoints.save("final", background=False)
     if not table.rows:
+        checkpoints.wait()
         raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
+    if trainer.state.epoch != resume.epoch or not (folder / "checkpoints" / "final.pt").is_file():
+        return checkpoints.save_final
+    return checkpoints.wait

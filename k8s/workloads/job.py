@@ -4,7 +4,8 @@ rendezvous hosted by pod 0."""
 
 from __future__ import annotations
 
-from engine.config.schema import Config, K8sConfig
+from engine.config.cluster import K8sConfig
+from engine.config.schema import Config
 from k8s.meta import metadata
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, volumes
 from k8s.settings import CONFIG, JOIN_SECONDS

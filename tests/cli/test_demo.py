@@ -43,6 +43,26 @@ def test_generated_set_prevalence_and_reuse(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_demo_with_ct_rates_labels_keeps_the_images_and_findings_and_adds_the_rest(tmp_path):
+    from engine.config.loading import load_config
+    from engine.utils.errors import CT3DError
+
+    ct_rate = list(load_config(ROOT / "configs" / "ct-rate.yaml").data.label_columns)
+    plain = list(csv.DictReader(open(generate(tmp_path / "plain", num_volumes=60, shape=(8, 8, 8), seed=2))))
+    rows = list(csv.DictReader(open(generate(tmp_path / "ct", num_volumes=60, shape=(8, 8, 8), seed=2,
+                                             labels=tuple(ct_rate)))))
+    assert len(ct_rate) == 18 and list(rows[0]) == ["VolumeName", *ct_rate]
+    for a, b in zip(plain, rows):  # the same phantoms, the four findings under the same names
+        assert all(a[k] == b[k] for k in ("VolumeName", *LABELS))
+        assert np.array_equal(nib.load(str(tmp_path / "plain" / a["VolumeName"])).get_fdata(),
+                              nib.load(str(tmp_path / "ct" / b["VolumeName"])).get_fdata())
+    extra = [label for label in ct_rate if label not in LABELS]
+    positives = sum(int(r[label]) for r in rows for label in extra) / (60 * len(extra))
+    assert 0.25 <= positives <= 0.45  # PREVALENCE 0.35 over 840 draws: 5 standard deviations
+    with pytest.raises(CT3DError, match="lacks Lung nodule"):
+        generate(tmp_path / "bad", num_volumes=4, shape=(8, 8, 8), labels=("Pleural effusion", "Emphysema"))
+
+
 def test_replay_draws_what_generate_wrote(tmp_path):
     generate(tmp_path, num_volumes=6, shape=(16, 16, 16), seed=3)
     for name, findings, image, nodules in replay(6, (16, 16, 16), seed=3):

@@ -28,6 +28,27 @@ def test_report_has_every_panel_filled(tmp_path, tiny_demo):
     assert f"Macro AUC averages {len(defined)} of 4 labels" in page
     assert set(summary["auc_left_out"]) == set(summary["labels"]) - set(defined)
     assert all(t > 0 for t in summary["temperature"].values()) and "ECE" in page
+    phases = summary["phases"]  # each phase timed, the closing's parts too, and they add up
+    assert {"statistics", "report panels", "checkpoints", "saliency", "report"} <= set(phases["closing_parts"])
+    start, training, closing, end = phases["clock"]
+    assert start < training < closing < end and abs(phases["closing"] - (end - closing)) < 0.01
+    assert sum(phases["closing_parts"].values()) <= phases["closing"] + 0.01
+
+
+def test_saliency_panels_follow_the_report_settings():
+    from engine.config.schema import ModelConfig
+    from engine.results.saliency import report_panels
+    from engine.training.models import create_model
+
+    config = ModelConfig(name="resnet3d", variant="10", widen_factor=0.25)
+    net = create_model(config, 2, [16, 16, 16])
+    dataset = [{"image": torch.randn(1, 16, 16, 16)} for _ in range(4)]
+    probs, labels = torch.tensor([[0.9, 0.8], [0.7, 0.6], [0.6, 0.9], [0.2, 0.1]]), torch.tensor(
+        [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    titles = [t for t, _ in report_panels(net, config, dataset, ["a", "b"], probs, labels, [0.5, 0.5])]
+    assert titles == ["Where the model looked: a", "Where the model looked: b", "Inputs as the model saw them"]
+    off = report_panels(net, config, dataset, ["a", "b"], probs, labels, [0.5, 0.5], positives=0, negatives=0)
+    assert [t for t, _ in off] == ["Inputs as the model saw them"]
 
 
 def test_roc_curve_known_points():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.config.schema import ModelConfig
-from engine.results.saliency import cases, grad_cam, peak, supports, unit_range
+from engine.results.saliency import TARGET_LAYERS, cases, grad_cam, grad_cams, peak, supports, unit_range
 from engine.training.models import create_model
 
 
@@ -20,8 +20,9 @@ def test_maps_cover_the_input_grid_in_zero_to_one(name, variant):
 def test_cases_are_the_top_true_positives_and_the_worst_false_positives():
     probs = torch.tensor([[0.9], [0.2], [0.8], [0.95], [0.7], [0.6]])
     labels = torch.tensor([[1.0], [1.0], [1.0], [0.0], [0.0], [1.0]])
-    assert cases(probs, labels, 0, threshold=0.5) == [(0, "true positive"), (2, "true positive"),
+    assert cases(probs, labels, 0, threshold=0.5, positives=2) == [(0, "true positive"), (2, "true positive"),
                                                       (3, "false positive")]
+    assert cases(probs, labels, 0, threshold=0.5) == [(0, "true positive"), (3, "false positive")]  # the default
     assert cases(probs, labels, 0, threshold=0.99) == []
 
 
@@ -32,12 +33,26 @@ def test_peak_of_a_flat_map_is_the_centre():
     assert peak(heat) == (1, 2, 3)
 
 
-def test_one_grad_cam_per_network_so_hooks_do_not_pile_up():
-    config = ModelConfig(name="resnet3d", variant="10", widen_factor=0.25)
-    net = create_model(config, 2, [16, 16, 16])
-    for label in (0, 1, 0):
-        grad_cam(net, config, torch.randn(1, 1, 16, 16, 16), label)
-    assert len(net.layer1._forward_hooks) == 1
+@pytest.mark.parametrize("name,variant", [("resnet3d", "10"), ("densenet3d", "121")])
+def test_batched_maps_equal_monais_grad_cam_pair_by_pair_and_leave_the_network_as_it_was(name, variant):
+    """The reference is MONAI's GradCAM, one label and one volume per call (with our [0, 1] scaling)."""
+    from monai.visualize import GradCAM
+
+    config = ModelConfig(name=name, variant=variant, widen_factor=0.25)
+    torch.manual_seed(0)
+    net = create_model(config, 3, [32, 32, 32])
+    net.train()
+    images = torch.randn(4, 1, 32, 32, 32)
+    pairs = [(2, 0), (0, 1), (2, 2), (3, 1), (0, 0)]
+    maps = grad_cams(net, config, images, pairs, chunk=2)
+    assert net.training and all(p.requires_grad for p in net.parameters()) and all(p.grad is None for p in
+                                                                                   net.parameters())
+    assert not net.layer1._forward_hooks if name == "resnet3d" else True
+    reference = GradCAM(nn_module=net, target_layers=TARGET_LAYERS[name], postprocessing=unit_range)
+    for (row, label), got in zip(pairs, maps):
+        want = reference(x=images[row:row + 1], class_idx=label)[0]
+        assert torch.allclose(got, want, atol=1e-5), (row, label, float((got - want).abs().max()))
+    assert grad_cams(net, config, images, []).shape == (0, 1, 32, 32, 32)
 
 
 def test_maps_read_hottest_where_the_evidence_is_strongest():
@@ -48,3 +63,20 @@ def test_maps_read_hottest_where_the_evidence_is_strongest():
     scaled = unit_range(maps)
     assert float(scaled[0, 0, 1, 2, 3]) == 1.0 and float(scaled[0, 0, 0, 0, 0]) == 0.0
     assert torch.equal(scaled[1], torch.zeros(1, 4, 4, 4))  # a flat map stays flat, no division by zero
+
+
+def test_fast_maps_in_bfloat16_find_the_same_peaks_and_are_exact_without_native_bfloat16():
+    from engine.results.saliency import native_bf16
+
+    config = ModelConfig(name="resnet3d", variant="10", widen_factor=0.5)
+    torch.manual_seed(1)
+    net = create_model(config, 3, [32, 32, 32])
+    images = torch.randn(3, 1, 32, 32, 32)
+    pairs = [(0, 0), (1, 2), (2, 1)]
+    exact, fast = grad_cams(net, config, images, pairs), grad_cams(net, config, images, pairs, fast=True)
+    if not native_bf16(torch.device("cpu")):
+        assert torch.equal(exact, fast)
+        return
+    assert (exact - fast).abs().max() < 0.1  # maps in [0, 1]
+    for e, f in zip(exact, fast):
+        assert max(abs(a - b) for a, b in zip(peak(e), peak(f))) <= 2, (peak(e), peak(f))  # a 4-voxel grid

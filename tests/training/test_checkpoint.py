@@ -7,14 +7,12 @@ from ignite.engine import Engine, Events
 from engine.training.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoints,
-    RandomState,
     Resume,
-    ScalerState,
-    TrainerState,
     find_latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from engine.training.state import RandomState, ScalerState, TrainerState
 
 
 def test_find_latest_checkpoint_skips_unreadable_and_temp_files(tmp_path):
@@ -148,3 +146,37 @@ def test_scaler_state_round_trips_once_the_trainer_made_its_scaler():
     trainer.scaler = torch.amp.GradScaler("cpu")  # what run() makes afresh
     ScalerState(trainer).load_state_dict(saved)
     assert trainer.scaler.get_scale() == 1024.0
+
+
+def test_one_epochs_best_and_last_are_written_once_and_final_links_to_them_until_training_moves(tmp_path,
+                                                                                               monkeypatch):
+    import os
+
+    from engine.training import checkpoint
+
+    trainer = Engine(lambda engine, batch: None)
+    trainer.run([0, 1], max_epochs=1)  # epoch 1, iteration 2
+    weights = Weights(1)
+    checkpoints = Checkpoints(tmp_path, {"model": weights, "trainer": TrainerState(trainer)}, {"labels": ["x"]})
+    writes = []
+    original = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda path, state: (writes.append(path.name),
+                                                                            original(path, state)))
+    checkpoints.save("best", "last")
+    checkpoints.wait()
+    assert writes == ["best.pt"]
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(best["model"]["w"], last["model"]["w"]) and best["trainer"] == last["trainer"]
+    assert os.stat(tmp_path / "best.pt").st_ino == os.stat(tmp_path / "last.pt").st_ino  # a link, not a copy
+    checkpoints.save_final()
+    assert writes == ["best.pt"] and load_checkpoint(tmp_path / "final.pt")["trainer"]["iteration"] == 2
+    checkpoints.save("last")  # a new last.pt replaces the name: best.pt and final.pt keep what they held
+    checkpoints.wait()
+    assert os.stat(tmp_path / "best.pt").st_ino != os.stat(tmp_path / "last.pt").st_ino
+    weights.w += 1
+    trainer.run([0, 1, 2], max_epochs=2)  # training moved on: final.pt is written, not linked
+    checkpoints.save_final()
+    assert writes[-1] == "final.pt"
+    final = load_checkpoint(tmp_path / "final.pt")
+    assert final["trainer"]["epoch"] == 2 and torch.equal(final["model"]["w"], torch.full((1000,), 2.0))
+    assert torch.equal(load_checkpoint(tmp_path / "best.pt")["model"]["w"], torch.ones(1000))

@@ -1,0 +1,108 @@
+"""The phases of one run, measured from outside the process: start-up (process start to the first step), the
+epochs, the closing (the last validation's end to the process's exit) and the peak PSS of each, with a cold
+cache and a warm one. The job is the one the closing phase was first measured on beside a peer trainer:
+ResNet-18 with a stride-2 stem at 64^3, batch 4, 36 training and 12 validation phantoms carrying CT-RATE's 18
+labels, 2 epochs, the default augmentation. Also: the closing's Grad-CAM at the CT-RATE config's size on
+this CPU, per volume and per map."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import ROOT, pss_samples
+
+
+def job_data(work: Path, train: int, val: int, size: int) -> list[str]:
+    """`train` + `val` phantoms of size^3 with CT-RATE's 18 label columns, split into train.csv and val.csv
+    (first and last rows); overrides that train on them."""
+    from engine.config.loading import load_config
+    from engine.data.demo import generate
+
+    labels = tuple(load_config(ROOT / "configs" / "ct-rate.yaml").data.label_columns)
+    folder = work / "phases-data"
+    rows = list(csv.DictReader(open(generate(folder, train + val, (size,) * 3, seed=0, labels=labels))))
+    for name, part in (("train.csv", rows[:train]), ("val.csv", rows[train:])):
+        with open(folder / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(part)
+    return [f"data.train={folder / 'train.csv'}", f"data.val={folder / 'val.csv'}", "data.demo.enabled=false",
+            f"preprocess.spatial_size=[{size},{size},{size}]", f"cache.dir={work / 'phases-cache'}",
+            f"output.dir={work / 'phases-runs'}", "train.resume=off"]
+
+
+def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> dict:
+    """One training in a new process: each phase's seconds and the closing's parts, or (`memory`) each
+    phase's peak PSS, sampled every 100 ms: sampling slows the process (it walks its page tables), so the
+    seconds come from runs without it."""
+    command = [sys.executable, "-m", "engine.run", "train", *overrides, f"output.name={name}"]
+    started = time.time()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples = pss_samples(proc, every=0.1) if memory else []
+    proc.wait()
+    ended = time.time()
+    if proc.wait() != 0:
+        raise RuntimeError(f"benchmark: the phases training {name} failed: {proc.stderr.read()[-2000:]}")
+    summary = json.loads((work / "phases-runs" / name / "summary.json").read_text())
+    _, training, validated, _ = summary["phases"]["clock"]
+    if memory:
+        bounds = {"start_up": (started, training), "training": (training, validated), "closing": (validated, ended)}
+        return {f"{phase}_pss": max((p for t, p in samples if low <= t < high), default=0)
+                for phase, (low, high) in bounds.items()}
+    return {"start_up": training - started, "epoch": statistics.median(summary["epoch_seconds"]),
+            "epochs": validated - training, "closing": ended - validated, "whole": ended - started,
+            **{f"part_{part.replace(' ', '_')}": seconds
+               for part, seconds in summary["phases"]["closing_parts"].items()}}
+
+
+def bench_phases(cfg: dict, work: Path) -> dict:
+    overrides = [*job_data(work, cfg["phase_train"], cfg["phase_val"], cfg["phase_size"]),
+                 f"train.epochs={cfg['phase_epochs']}", "loader.batch_size=4", *cfg["phase_model"]]
+    model = " ".join(o.split("=", 1)[1] for o in cfg["phase_model"])
+    figures: dict = {"phase_job": f"{cfg['phase_train']}+{cfg['phase_val']} phantoms of {cfg['phase_size']}^3 with "
+                                  f"18 labels, {cfg['phase_epochs']} epochs, batch 4, ResNet ({model})"}
+    runs = [("cold", False, cfg["phase_cold"]), ("warm", False, cfg["phase_warm"]), ("cold", True, 1),
+            ("warm", True, cfg["phase_memory_warm"])]
+    for kind, memory, repeats in runs:
+        for i in range(repeats):
+            if kind == "cold":
+                shutil.rmtree(work / "phases-cache", ignore_errors=True)
+            result = run_phases(overrides, f"{kind}{'-memory' if memory else ''}{i}", work, memory)
+            for key, value in result.items():
+                figures.setdefault(f"phase_{kind}_{key}_all", []).append(value)
+    return figures
+
+
+def bench_grad_cam(cfg: dict) -> dict:
+    """The closing's Grad-CAM (as the report computes it) at the CT-RATE config's size, model and layout, on
+    this CPU: seconds for `volumes` volumes with one map each, and for the same volumes with `maps` maps."""
+    import torch
+
+    from engine.config.loading import load_config
+    from engine.results.saliency import grad_cams
+    from engine.training.build import to_device
+    from engine.training.models import create_model
+
+    ct_rate = load_config(ROOT / "configs" / "ct-rate.yaml")
+    size = cfg.get("gradcam_size") or list(ct_rate.preprocess.spatial_size)
+    net = to_device(create_model(ct_rate.model, 18, size), torch.device("cpu"))
+    volumes, maps = cfg["gradcam_volumes"], cfg["gradcam_maps"]
+    images = torch.randn(volumes, 1, *size)
+    grad_cams(net, ct_rate.model, images[:1], [(0, 0)], fast=True)  # warm-up
+    times = {}
+    for what, pairs in (("one", [(i, 0) for i in range(volumes)]),
+                        ("many", [(i % volumes, j) for i, j in zip(range(maps), range(maps))])):
+        start = time.perf_counter()
+        grad_cams(net, ct_rate.model, images, pairs, fast=True)
+        times[what] = time.perf_counter() - start
+    per_map = (times["many"] - times["one"]) / (maps - volumes)
+    what = "the CT-RATE config's size" if size == list(ct_rate.preprocess.spatial_size) else "smoke size"
+    return {"gradcam_size": f"{'x'.join(map(str, size))} ({what})", "gradcam_volumes": volumes, "gradcam_maps": maps,
+            "gradcam_seconds_per_volume": times["one"] / volumes - per_map, "gradcam_seconds_per_map": per_map}

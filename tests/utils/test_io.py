@@ -1,0 +1,25 @@
+"""Atomic tensor files written without the zip CRC-32, and why that loses nothing."""
+
+import torch
+
+from engine.utils.io import save_tensors
+
+
+def test_torch_load_never_checks_the_crc_so_files_without_it_lose_nothing(tmp_path):
+    """If a later torch verifies the CRC on load, this fails: then the CRC is worth writing again."""
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = True
+    path = tmp_path / "with-crc.pt"
+    torch.save({"w": torch.ones(4096)}, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(bytes.fromhex("0000803f") * 64)  # inside the tensor's bytes (1.0 in float32)
+    data[at + 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert float(torch.load(path, weights_only=True)["w"].sum()) != 4096.0  # read as stored, unchecked
+
+    save_tensors({"w": torch.arange(10.0), "labels": ["x"]}, tmp_path / "fast.pt")
+    assert not config.save.compute_crc32
+    back = torch.load(tmp_path / "fast.pt", weights_only=True, mmap=True)
+    assert torch.equal(back["w"], torch.arange(10.0)) and back["labels"] == ["x"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
