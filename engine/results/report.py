@@ -51,13 +51,21 @@ def _lr(ax, lr_history, **_):
     ax.set(title="Learning rate", xlabel="iteration", ylabel="lr")
 
 
+def _label_legend(ax, names: list[str], where: str) -> None:
+    """A legend of the labels' curves when each has a colour of its own (matplotlib's cycle has ten): beyond
+    that the colours repeat and the legend misleads; the per-label table and bars name them instead. A fixed
+    place: "best" tests every point of every curve."""
+    if len(names) <= 10:
+        ax.legend(fontsize="small", loc=where)
+
+
 def _roc(ax, probs, labels, names, **_):
     for j, name in enumerate(names):
         if labels[:, j].min() != labels[:, j].max():
             ax.plot(*roc_curve(probs[:, j], labels[:, j]), label=name)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(title="ROC curves (best epoch)", xlabel="false positive rate", ylabel="true positive rate")
-    ax.legend(fontsize="small", loc="lower right")  # a fixed place: "best" tests every point of every curve
+    _label_legend(ax, names, "lower right")
 
 
 def _auc_bars(ax, best, names, **_):
@@ -93,7 +101,7 @@ def _reliability(ax, probs, labels, names, bins, **_):
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(title=f"Reliability, {bins} bins (best epoch)", xlabel="mean predicted probability",
            ylabel="fraction positive", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize="small", loc="upper left")
+    _label_legend(ax, names, "upper left")
 
 
 PANELS = (_losses, _scores, _lr, _roc, _auc_bars, _confusion_bars, _reliability)
