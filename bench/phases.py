@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> dic
     phase's peak PSS, sampled every 100 ms: sampling slows the process (it walks its page tables), so the
     seconds come from runs without it."""
     command = [sys.executable, "-m", "engine.run", "train", *overrides, f"output.name={name}"]
+    os.sync()  # the earlier benchmarks' dirty pages are written now, not during this run's checkpoint writes
     started = time.time()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples = pss_samples(proc, every=0.1) if memory else []

@@ -194,17 +194,22 @@ class Checkpoints:
             self.wait()
         return paths
 
+    def holds_current(self) -> bool:
+        """Whether the last save (written or still being written) holds training as it stands now."""
+        saved, progress = self._saved
+        now = _progress({name: part.state_dict() for name, part in self.to_save.items() if name == "trainer"})
+        return saved is not None and progress == now
+
     def save_final(self) -> Path | None:
         """final.pt after the last epoch: a link to the file that epoch's own save wrote when training has not
         moved since (the usual end: no second write of the same state), else a write."""
         if not self.write:
             return None
+        current = self.holds_current()
         self.wait()
-        saved, progress = self._saved
         final = self.folder / "final.pt"
-        now = _progress({name: part.state_dict() for name, part in self.to_save.items() if name == "trainer"})
-        if saved is not None and progress == now and saved.is_file():
-            copy_checkpoint(saved, final)
+        if current and self._saved[0].is_file():
+            copy_checkpoint(self._saved[0], final)
             return final
         return self.save("final", background=False)[0]
 

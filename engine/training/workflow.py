@@ -121,11 +121,13 @@ def train(cfg: Config, attach=None) -> Path:
     clock = [start, time.time()]  # the phases summary.json times: start-up, training, closing
     finish_checkpoints = run_to_end(trainer, checkpoints, table, resume, folder)
     clock.append(history.epoch_ended_at or time.time())  # closing: from the last validation on
-    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once the last
-    # checkpoint holds it) the optimizer's state, so its peak stays below training's.
+    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once a checkpoint
+    # holds it: the last epoch's copy is being written) the optimizer's state, so its peak stays below training's.
     optimizer.zero_grad(set_to_none=True)
     for dataset in (train_ds, val_ds):
         release_ram(dataset)
+    if checkpoints.holds_current() or not main:
+        optimizer.state.clear()
 
     def finish() -> None:
         finish_checkpoints()
