@@ -129,8 +129,8 @@ def _snapshot(value: Any) -> Any:
 
 class Checkpoints:
     """last.pt after every epoch, best.pt when the key metric improved (`table.improved_at`), final.pt by
-    `save("final")`. Each holds `state_dict()` of every part of `to_save` plus the fixed `meta` (labels,
-    preprocessing, model settings) that inference needs.
+    `save_final()` (a link to last.pt when training has not moved since). Each holds `state_dict()` of every
+    part of `to_save` plus the fixed `meta` (labels, preprocessing, model settings) that inference needs.
     Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not fsync. The state is
     snapshotted at once and written (atomically) by a background thread, so training does not wait on
     the disk; the next save, and `wait()`, wait for the previous write."""
@@ -197,8 +197,8 @@ class Checkpoints:
     def holds_current(self) -> bool:
         """Whether the last save (written or still being written) holds training as it stands now."""
         saved, progress = self._saved
-        now = _progress({name: part.state_dict() for name, part in self.to_save.items() if name == "trainer"})
-        return saved is not None and progress == now
+        trainer = self.to_save.get("trainer")
+        return saved is not None and progress == _progress({"trainer": trainer.state_dict() if trainer else {}})
 
     def save_final(self) -> Path | None:
         """final.pt after the last epoch: a link to the file that epoch's own save wrote when training has not
