@@ -97,3 +97,24 @@ def items_for(*paths: Path) -> list[dict]:
 def cache_entries(root: Path) -> list[Path]:
     """Every file under a cache root."""
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def chest_volume(shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), lung_reach_mm: float = 170.0,
+                 padding: int = -2048) -> tuple[np.ndarray, np.ndarray]:
+    """A chest CT as scanners write it, in HU (int16): air, a body of soft tissue 2 x (lung_reach + 10) mm wide,
+    two lungs (-850 HU) whose outer edges lie `lung_reach_mm` from the centre in x and which run the scan's
+    length less 20 mm at each end, and `padding` outside the reconstructed circle. Also the lung mask."""
+    x, y, z = (((np.arange(n, dtype=np.float32) - (n - 1) / 2) * s) for n, s in zip(shape, spacing))
+    x, y = x[:, None, None], y[None, :, None]
+    half_length = shape[2] * spacing[2] / 2 - 20
+    vol = np.full(shape, -1000, dtype=np.int16)
+    body = (x / (lung_reach_mm + 10)) ** 2 + (y / 130) ** 2 <= 1.0
+    vol[np.broadcast_to(body, shape)] = 40
+    lung_x = (lung_reach_mm - 20) / 2  # each lung spans 20 mm to lung_reach_mm from the midline
+    lungs = np.zeros(shape, dtype=bool)
+    for side in (-1, 1):
+        lungs |= ((x - side * (20 + lung_x)) / lung_x) ** 2 + (y / 100) ** 2 + (z[None, None, :] / half_length) ** 2 <= 1
+    vol[lungs] = -850
+    circle = x ** 2 + y ** 2 > (min(shape[0] * spacing[0], shape[1] * spacing[1]) / 2) ** 2
+    vol[np.broadcast_to(circle, shape)] = padding
+    return vol, lungs

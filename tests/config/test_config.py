@@ -72,7 +72,7 @@ def test_ct_rate_config_reads_paths_from_environment(monkeypatch):
     cfg = load_config(ROOT / "configs" / "ct-rate.yaml")
     assert cfg.data.train.startswith("/mnt/ctrate/")
     assert len(cfg.data.label_columns) == 18
-    assert list(cfg.preprocess.spacing) == [0.75, 0.75, 1.5] and cfg.preprocess.orientation == "LPS"
+    assert list(cfg.preprocess.spacing) == [1.4, 1.4, 2.8] and cfg.preprocess.orientation == "LPS"
     assert list(cfg.preprocess.spatial_size) == [256, 256, 128]
 
 

@@ -26,9 +26,15 @@ def test_cache_key_depends_on_settings_our_code_and_monai_alone(monkeypatch):
 
     from engine.data import cache
 
-    ct_rate = PreprocessConfig(spacing=[0.75, 0.75, 1.5], orientation="LPS", spatial_size=[256, 256, 128])
+    import hashlib
+    import json
+
+    ct_rate = PreprocessConfig(spacing=[1.4, 1.4, 2.8], orientation="LPS", spatial_size=[256, 256, 128])
     keys = cache_key(PreprocessConfig()), cache_key(ct_rate)
-    assert keys == ("2edf620dd71075e8", "b3e3c1b39bc68f6a")
+    written = {"orientation": "LPS", "spacing": [1.4, 1.4, 2.8], "hu_window": [-1000.0, 1000.0],
+               "scale_range": [-1.0, 1.0], "spatial_size": [256, 256, 128], "resize": "resize", "anti_aliasing": True,
+               "air_check": True, "dtype": "float16", "format": 2, "code": 3, "monai": "1.6.1"}
+    assert keys[1] == hashlib.sha256(json.dumps(written, sort_keys=True).encode()).hexdigest()[:16]
     monkeypatch.setattr(monai, "__version__", "9.9.9")
     assert cache_key(PreprocessConfig()) not in keys
     monkeypatch.undo()

@@ -62,7 +62,7 @@ def test_check_flags_raw_values_without_metadata_and_passes_them_with_it(tmp_pat
             "preprocess.spatial_size=[16,16,16]", "cache.workers=1"]
     assert check(load_config(None, base)) == 4
     out = capsys.readouterr().out
-    assert "train_1_a_1.nii.gz: no voxel below 0" in out and "raw scanner values" in out
+    assert "train_1_a_1.nii.gz: its air" in out and "raw scanner values" in out
     assert "first release" in out and "second release" in out and "data.metadata" in out
     assert check(load_config(None, [*base, f"data.metadata={metadata}"])) == 0
 

@@ -14,7 +14,10 @@ from volumes import recompress_with_itk, write_dicom_series, write_nifti
 
 
 def hu_volume(shape=(16, 14, 6)) -> np.ndarray:
-    return (np.indices(shape).sum(0) * 37 % 900 - 500).astype(np.int16)
+    """Values that tell the axes apart, with a slab of air (a CT in HU passes the air check)."""
+    volume = (np.indices(shape).sum(0) * 37 % 900 - 500).astype(np.int16)
+    volume[0] = -1000
+    return volume
 
 
 def export(folder, volume=None):
