@@ -110,11 +110,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path is not None:
             if not Path(path).is_file():
                 raise CT3DError(f"config error: --config {path}: no such file")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _one_as_list(OmegaConf.load(path)))
         for item in overrides:
             if "=" not in item:
                 raise CT3DError(f"config error: {item!r}: overrides are key=value (e.g. train.epochs=3)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            merged = OmegaConf.merge(merged, _one_as_list(OmegaConf.from_dotlist([item])))
         OmegaConf.resolve(merged)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -122,6 +122,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     _check_limits(cfg)
     _check_together(cfg, command)
     return cfg
+
+
+ONE_OR_MANY = ("data.metadata",)  # list settings that also take one value (as they did before they were lists)
+
+
+def _one_as_list(node: Any) -> Any:
+    """`data.metadata: a.csv` -> `[a.csv]` (an empty string -> []) in a loaded YAML or an override."""
+    for key in ONE_OR_MANY:
+        value = OmegaConf.select(node, key, default=None)
+        if isinstance(value, str):
+            OmegaConf.update(node, key, [value] if value else [], merge=False)
+    return node
 
 
 def with_overrides(cfg: Config, values: dict[str, Any], where: str = "override") -> Config:

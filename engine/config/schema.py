@@ -66,9 +66,10 @@ class DataConfig:
     on_error: OnError = OnError["raise"]  # raise: stop on any bad row or volume; skip: leave them out, listed
     json_train_key: str = "training"
     json_val_key: str = "validation"
-    # CSV per volume (CT-RATE's metadata: VolumeName, RescaleSlope, RescaleIntercept, XYSpacing, ZSpacing):
-    # applied before the HU window. Only for data stored as raw scanner values (CT-RATE's first release).
-    metadata: str = ""
+    # CSVs per volume (CT-RATE's metadata: VolumeName, RescaleSlope, RescaleIntercept, XYSpacing, ZSpacing), e.g.
+    # the training and the validation file (one path also works): a volume's row is looked up in all of them.
+    # Applied before the HU window. Only for data stored as raw scanner values (CT-RATE's first release).
+    metadata: List[str] = setting([])
     demo: DemoConfig = setting(DemoConfig())
 
 

@@ -1,6 +1,6 @@
-"""data.metadata: per-volume rescale and spacing from a CSV (CT-RATE's metadata files), for volumes
-stored as raw scanner values. Each item gets its [slope, intercept] and [x, y, z] spacing; the
-preprocessing applies them before the HU window (engine/data.py, ApplyMetadatad)."""
+"""data.metadata: per-volume rescale and spacing from CSVs (CT-RATE's metadata files: one for training, one
+for validation), for volumes stored as raw scanner values. Each item gets its [slope, intercept] and
+[x, y, z] spacing; the preprocessing applies them before the HU window (preprocess.py, ApplyMetadatad)."""
 
 from __future__ import annotations
 
@@ -48,11 +48,24 @@ def read_metadata(path: str | Path) -> dict[str, tuple[list[float], list[float]]
     return table
 
 
-def attach_metadata(path: str | Path, lists: tuple[list[dict], ...], problems: list[Problem] | None = None
+def read_tables(paths: list[str] | str | Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Every file's rows as one table; a volume in two files with different values raises, naming both."""
+    table: dict[str, tuple[list[float], list[float]]] = {}
+    origin: dict[str, str] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for name, entry in read_metadata(path).items():
+            if name in table and table[name] != entry:
+                raise CT3DError(f"data.metadata: {name} has different rows in {origin[name]} and {path}")
+            table[name], origin[name] = entry, str(path)
+    return table
+
+
+def attach_metadata(paths: list[str] | str | Path, lists: tuple[list[dict], ...], problems: list[Problem] | None = None
                     ) -> tuple[list[dict], ...]:
-    """Each list's items with their metadata. A volume without a row is a problem (raised at once when
-    `problems` is None, else appended and the item left out)."""
-    table = read_metadata(path)
+    """Each list's items with their metadata, looked up in every file of `paths`. A volume without a row is a
+    problem naming the files (raised at once when `problems` is None, else appended and the item left out)."""
+    table = read_tables(paths)
+    where = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
     found: list[Problem] = []
     out = []
     for items in lists:
@@ -60,7 +73,7 @@ def attach_metadata(path: str | Path, lists: tuple[list[dict], ...], problems: l
         for item in items:
             entry = table.get(item[NAME]) or table.get(Path(item[NAME]).name)
             if entry is None:
-                found.append(Problem(item.get(WHERE, item[NAME]), f"{item[NAME]} has no row in data.metadata {path}",
+                found.append(Problem(item.get(WHERE, item[NAME]), f"{item[NAME]} has no row in data.metadata ({where})",
                                      item[NAME]))
                 continue
             kept.append({**item, RESCALE: entry[0], PIXDIM: entry[1]})

@@ -78,3 +78,42 @@ def test_volume_without_a_metadata_row_is_named(tmp_path, twins):
     metadata.write_text("VolumeName,RescaleSlope,RescaleIntercept,XYSpacing,ZSpacing\nx.nii.gz,1,-1024,oops,1\n")
     with pytest.raises(CT3DError, match=r"metadata.csv row 2 \(x.nii.gz\): 'oops' is not a number"):
         attach_metadata(metadata, (items,))
+
+
+def test_training_and_validation_metadata_both_apply(tmp_path, twins, capsys):
+    """CT-RATE's layout: train_* volumes in one datalist and metadata file, valid_* in the other pair. With only
+    the training file, each validation volume is named along with the file it was looked up in."""
+    _, raw_path, metadata = twins
+    header, row = metadata.read_text().splitlines()
+    lists, files = {}, {}
+    for split in ("train", "valid"):
+        names = [f"{split}_{i}_a_1.nii.gz" for i in range(1, 4)]
+        for name in names:
+            (raw_path.parent / name).write_bytes(raw_path.read_bytes())
+        lists[split] = raw_path.parent / f"{split}.csv"
+        lists[split].write_text("VolumeName,Lung nodule\n" + "".join(f"{n},{i % 2}\n" for i, n in enumerate(names)))
+        files[split] = tmp_path / f"{split}_metadata.csv"
+        files[split].write_text("\n".join([header] + [row.replace("train_1_a_1.nii.gz", n) for n in names]) + "\n")
+    base = [f"data.train={lists['train']}", f"data.val={lists['valid']}", "data.demo.enabled=false",
+            f"cache.dir={tmp_path / 'cache'}", "preprocess.spatial_size=[16,16,16]", "cache.workers=1"]
+    assert check(load_config(None, [*base, f"data.metadata={files['train']}"])) == 4  # 3 volumes, an empty split
+    out = capsys.readouterr().out
+    assert f"valid_2_a_1.nii.gz has no row in data.metadata ({files['train']})" in out
+    both = load_config(None, [*base, f"data.metadata=[{files['train']},{files['valid']}]"])
+    assert both.data.metadata == [str(files["train"]), str(files["valid"])]
+    assert check(both) == 0
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"data:\n  train: {lists['train']}\n  metadata: {files['valid']}\n")  # one path, as before
+    assert load_config(yaml).data.metadata == [str(files["valid"])]
+
+
+def test_a_volume_with_different_rows_in_two_files_is_refused(tmp_path, twins):
+    from engine.data.metadata import read_tables
+    from engine.utils.errors import CT3DError
+
+    _, _, metadata = twins
+    other = tmp_path / "other.csv"
+    other.write_text(metadata.read_text().replace(",2,-1024,", ",1,-1024,"))
+    assert read_tables([str(metadata), str(metadata)]) == read_tables(str(metadata))
+    with pytest.raises(CT3DError, match=f"train_1_a_1.nii.gz has different rows in {metadata} and {other}"):
+        read_tables([str(metadata), str(other)])
