@@ -75,7 +75,8 @@ def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -
 def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], progress: bool):
     """This rank's shares of the training and validation sets (every world-th item from its rank), each
     cached on disk and, within the RAM budget, in RAM: a node holds about one copy of the data set,
-    whatever its number of ranks."""
+    whatever its number of ranks. The budget is read by every rank at one moment (after a barrier, before
+    any fills) and the lowest rate taken, so ranks that start filling early do not shrink a later one's."""
     import ignite.distributed as idist
 
     from engine.data.cache import build_dataset
@@ -89,7 +90,11 @@ def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], p
     if not val_share:  # fewer validation volumes than ranks: validate a stand-in the metrics leave out
         val_share = [{**val_items[0], LABEL: [float("nan")] * len(val_items[0][LABEL])}]
     shares = shard(train_items, rank, world), val_share
+    if world > 1:  # every rank measures the node's memory at one moment, before any of them fills its cache
+        idist.barrier()
     rate = ram_budget(cfg.cache.memory_rate, sum(map(len, shares)), cfg.preprocess)
+    if world > 1:  # and all take the lowest rate: one budget for the run, whatever each rank read
+        rate = float(idist.all_reduce(float(rate), op="MIN"))
     disk = cfg.cache.dir if cfg.cache.disk else None
     return tuple(build_dataset(items, cfg.preprocess, disk, rate, cfg.cache.workers, progress) for items in shares)
 

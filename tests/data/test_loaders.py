@@ -99,3 +99,27 @@ def test_loader_threads_when_the_ram_cache_holds_the_share_and_workers_when_it_d
     broken = make_loader(Broken(dataset(1.0).images, items), auto, cpu)
     with pytest.raises(RuntimeError, match="v3 is unreadable"):  # not an epoch that quietly ends early
         list(broken)
+
+
+def test_ranks_read_the_ram_budget_at_one_moment_and_share_the_lowest_rate(monkeypatch):
+    """Under torchrun every rank measures after a barrier (before any of them fills its RAM cache) and all take
+    the lowest rate (an all-reduce MIN): one budget for the node, not one per rank's moment."""
+    from types import SimpleNamespace
+
+    import ignite.distributed as idist
+    import psutil
+
+    from engine.config.loading import load_config
+    from engine.data import cache, loaders
+
+    events, rates = [], []
+    monkeypatch.setattr(idist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    monkeypatch.setattr(idist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: events.append("measure") or SimpleNamespace(available=1e15))
+    monkeypatch.setattr(idist, "all_reduce", lambda value, op: events.append(("reduce", op, value)) or 0.25)
+    monkeypatch.setattr(cache, "build_dataset", lambda items, p, disk, rate, *a: rates.append(rate))
+    items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(4)]
+    loaders.make_datasets(load_config(None, ["data.demo.enabled=true", "cache.memory_rate=1"]), items, items, False)
+    assert events == ["barrier", "measure", ("reduce", "MIN", 1.0)]
+    assert rates == [0.25, 0.25]
