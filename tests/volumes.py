@@ -112,8 +112,9 @@ def chest_volume(shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), lung_reach_mm: 
     vol[np.broadcast_to(body, shape)] = 40
     lung_x = (lung_reach_mm - 20) / 2  # each lung spans 20 mm to lung_reach_mm from the midline
     lungs = np.zeros(shape, dtype=bool)
+    z = z[None, None, :]
     for side in (-1, 1):
-        lungs |= ((x - side * (20 + lung_x)) / lung_x) ** 2 + (y / 100) ** 2 + (z[None, None, :] / half_length) ** 2 <= 1
+        lungs |= ((x - side * (20 + lung_x)) / lung_x) ** 2 + (y / 100) ** 2 + (z / half_length) ** 2 <= 1
     vol[lungs] = -850
     circle = x ** 2 + y ** 2 > (min(shape[0] * spacing[0], shape[1] * spacing[1]) / 2) ** 2
     vol[np.broadcast_to(circle, shape)] = padding

@@ -1,12 +1,15 @@
 """The two cache stages: disk (a PersistentDataset in a folder keyed by the preprocessing settings, one
-entry per source file) then RAM (CacheDataset), labels joined after both; and the disk cache's fill and
-verify (every volume read once, so filling the cache also checks the data)."""
+entry per source file, named by its path under data.image_root, size and mtime, so a cache filled where the
+data is mounted elsewhere is still hit) then RAM (CacheDataset), labels joined after both; and the disk
+cache's fill and verify (every volume read once, so filling the cache also checks the data; verify shards
+split the entries between them and leave a live writer's temporary files alone)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -16,7 +19,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
-from engine.data.datalist import IMAGE, LABEL, NAME, WHERE, Problem
+from engine.data.datalist import IMAGE, LABEL, NAME, RELATIVE, WHERE, Problem
 from engine.data.preprocess import (
     PIXDIM,
     PREPROCESSING_VERSION,
@@ -29,7 +32,8 @@ from engine.utils.errors import CT3DError
 from engine.utils.io import TMP_PREFIX, save_tensors
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
-SOURCE = "source"  # cache entries record the path, size and mtime they were built from
+SOURCE = "source"  # cache entries record the path (under data.image_root when set), size and mtime they were built from
+ABANDONED_SECONDS = 3600  # a temporary file untouched this long was left by a writer that died; younger: in use
 
 
 def cache_key(p: PreprocessConfig) -> str:
@@ -42,22 +46,32 @@ def cache_key(p: PreprocessConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def source_signature(path: str) -> list:
-    """The volume's path, size and modification time: a changed file is a new cache entry. A series named
-    inside a folder (`<folder>/<series>`) goes by its folder's."""
+def source_signature(item: dict) -> list:
+    """The volume's path (under data.image_root when the item has one, so another mount point of the same files
+    names the same entry), size and modification time: a changed file is a new cache entry. A series named
+    inside a folder (`<folder>/<series>`) goes by its folder's size and time."""
+    path = item[IMAGE]
     for candidate in (path, os.path.dirname(path)):
         try:
             stat = os.stat(candidate)
-            return [path, stat.st_size, stat.st_mtime_ns]
+            return [item.get(RELATIVE, path), stat.st_size, stat.st_mtime_ns]
         except OSError:
             continue
-    return [path]
+    return [item.get(RELATIVE, path)]
 
 
 def source_hash(item: dict) -> bytes:
     """The cache entry's name: the source's signature and the metadata applied to it."""
-    key = source_signature(item[IMAGE]) + [item[k] for k in (RESCALE, PIXDIM) if k in item]
+    key = source_signature(item) + [item[k] for k in (RESCALE, PIXDIM) if k in item]
     return hashlib.md5(json.dumps(key).encode()).hexdigest().encode()
+
+
+def shard_of_entry(name: str, count: int) -> int:
+    """Which of `count` verify shards owns a cache file: by its entry's name (a temporary file's by the entry it
+    becomes), so each entry, stale and orphaned ones included, is judged by exactly one shard."""
+    if name.startswith(TMP_PREFIX):
+        name = name.split("-", 3)[-1]
+    return int(hashlib.md5(name.encode()).hexdigest()[:8], 16) % count
 
 
 class DiskCacheDataset(PersistentDataset):
@@ -79,7 +93,7 @@ class DiskCacheDataset(PersistentDataset):
             except Exception:  # unreadable entry (a foreign or damaged file): rebuild it below
                 pass
         entry = preprocess(self.transform, dict(item))
-        entry[SOURCE] = source_signature(item[IMAGE])  # lets `cache --verify` find stale entries
+        entry[SOURCE] = source_signature(item)  # lets `cache --verify` find stale entries
         save_tensors(entry, hashfile)
         return entry
 
@@ -174,31 +188,49 @@ def volume_problems(items: list[dict], p: PreprocessConfig, disk_dir: str | Path
 
 
 def verify_cache(items: list[dict], p: PreprocessConfig, disk_dir: str | Path, workers: int,
-                 progress: bool = False) -> dict:
-    """Removes corrupt entries, stale ones (source changed or gone) and temp files of interrupted writes
-    from the cache folder, then builds every missing entry. Returns counts of what it did."""
+                 progress: bool = False, image_root: str = "", shard: tuple[int, int] = (0, 1)) -> dict:
+    """Removes corrupt entries, stale ones (source changed or gone; a path under data.image_root resolved there)
+    and temporary files of writes abandoned over ABANDONED_SECONDS ago from the cache folder, then builds every
+    missing entry of `items`. With `shard` (I, N), it judges and builds only the entries shard_of_entry gives to
+    I (a shard rebuilds what it removed), so N shards verify one cache together without touching each other's
+    files or a live writer's temporary ones.
+    Returns counts of what it did."""
     folder = cache_folder(disk_dir, p)
     folder.mkdir(parents=True, exist_ok=True)
     counts = {"checked": 0, "corrupt": 0, "stale": 0, "temp_files": 0, "built": 0, "problems": 0}
+    index, count = shard
     for path in sorted(folder.iterdir()):
+        if shard_of_entry(path.name, count) != index:
+            continue
         if path.name.startswith(TMP_PREFIX):
-            path.unlink(missing_ok=True)
-            counts["temp_files"] += 1
+            try:
+                abandoned = time.time() - path.stat().st_mtime > ABANDONED_SECONDS
+            except FileNotFoundError:  # its writer renamed it meanwhile
+                continue
+            if abandoned:
+                path.unlink(missing_ok=True)
+                counts["temp_files"] += 1
             continue
         counts["checked"] += 1
         try:
             entry = torch.load(path, weights_only=True)
-            signature = entry[SOURCE]
+            signature = list(entry[SOURCE])
             entry[IMAGE].shape  # noqa: B018 - a readable entry holds an image tensor
         except Exception:
             path.unlink(missing_ok=True)
             counts["corrupt"] += 1
             continue
-        if source_signature(signature[0]) != list(signature):
+        source = {IMAGE: str(Path(image_root) / signature[0]) if image_root else signature[0]}
+        if not Path(signature[0]).is_absolute():
+            if not image_root:  # named under a data.image_root this config does not give: cannot judge it
+                continue
+            source[RELATIVE] = signature[0]
+        if source_signature(source) != signature:
             path.unlink(missing_ok=True)
             counts["stale"] += 1
     cache = _disk_cache(p, disk_dir)
-    missing = [it for it in items if not cache.entry_path(source_of(it)).is_file()]
+    paths = [cache.entry_path(source_of(it)) for it in items]
+    missing = [it for it, path in zip(items, paths) if shard_of_entry(path.name, count) == index and not path.is_file()]
     problems = volume_problems(missing, p, disk_dir, workers, progress)
     counts["built"] = len(missing) - len(problems)
     counts["problems"] = len(problems)

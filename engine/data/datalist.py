@@ -15,6 +15,7 @@ from engine.utils.errors import CT3DError
 
 IMAGE, LABEL, NAME = "image", "label", "name"  # the keys every item carries
 WHERE, PATIENT = "where", "patient"  # datalist file and row; patient id from data.patient_column
+RELATIVE = "relative"  # the image's path under data.image_root (when set): what names its disk cache entry
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # DICOM is found by content
 
 
@@ -166,7 +167,10 @@ def load_datalist(path: str | Path, data: DataConfig, json_key: str = "training"
             problems.append(Problem(at, f"({name}) {exc}", name))
             continue
         if not bad:
-            items.append({IMAGE: str(image), LABEL: label, NAME: name, WHERE: at, PATIENT: patient})
+            item = {IMAGE: str(image), LABEL: label, NAME: name, WHERE: at, PATIENT: patient}
+            if data.image_root and image.is_relative_to(root):
+                item[RELATIVE] = image.relative_to(root).as_posix()
+            items.append(item)
     if not collect and len(problems) > found:
         raise CT3DError(f"{len(problems)} problem(s) in datalist {path}:\n  " + format_problems(problems))
     return Datalist(items=items, labels=names)

@@ -162,8 +162,9 @@ def cache(cfg: Config, verify: bool = False, shard_of: tuple[int, int] = (0, 1))
     train_items, val_items, _ = load_splits(cfg.data, problems)
     items = shard(train_items + val_items, *shard_of)
     start = time.time()
-    if verify:
-        counts = verify_cache(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress=True)
+    if verify:  # verify shards split the entries by name (each rebuilds what it removed), not the item list
+        counts = verify_cache(train_items + val_items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers,
+                              progress=True, image_root=cfg.data.image_root, shard=shard_of)
     else:
         bad = volume_problems(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress=True)
         counts = {"volumes": len(items), "problems": len(bad), "problem_list": [str(b) for b in bad]}

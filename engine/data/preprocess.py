@@ -21,7 +21,7 @@ from monai.transforms import (
 )
 
 from engine.config.schema import PreprocessConfig
-from engine.data.datalist import IMAGE, NAME
+from engine.data.datalist import IMAGE, NAME, RELATIVE
 from engine.utils.errors import CT3DError
 
 PREPROCESSING_VERSION = 3  # bump when preprocessing_transform changes what it computes
@@ -33,8 +33,9 @@ FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))
 
 
 def source_of(item: dict) -> dict:
-    """What preprocessing reads of an item (never its label, so a label edit keeps the cache entry)."""
-    return {k: item[k] for k in (IMAGE, NAME, RESCALE, PIXDIM) if k in item}
+    """What preprocessing reads of an item (never its label, so a label edit keeps the cache entry), and the
+    path under data.image_root that names its cache entry."""
+    return {k: item[k] for k in (IMAGE, NAME, RESCALE, PIXDIM, RELATIVE) if k in item}
 
 
 class LoadVolumed(MapTransform):

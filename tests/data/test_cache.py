@@ -22,12 +22,12 @@ SMALL = PreprocessConfig(spatial_size=[16, 16, 16])
 def test_cache_key_depends_on_settings_our_code_and_monai_alone(monkeypatch):
     """The same settings, code and MONAI give the same folder (these keys: MONAI 1.6.1, as locked);
     a new MONAI or a change to our preprocessing code gives a new one, never a stale entry."""
+    import hashlib
+    import json
+
     import monai
 
     from engine.data import cache
-
-    import hashlib
-    import json
 
     ct_rate = PreprocessConfig(spacing=[1.4, 1.4, 2.8], orientation="LPS", spatial_size=[256, 256, 128])
     keys = cache_key(PreprocessConfig()), cache_key(ct_rate)
@@ -122,3 +122,69 @@ def test_warm_cache_check_reads_no_entry(tmp_path, tiny_demo, monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_load)
     assert volume_problems(train_items + val_items, PreprocessConfig(spatial_size=[32, 32, 32]), cfg.cache.dir, 2) == []
+
+
+def copied_demo(tiny_demo, folder):
+    """The demo's volumes and datalist under `folder`, modification times kept (as `rsync -a` or `cp -p`)."""
+    import shutil
+
+    shutil.copytree(tiny_demo.parent, folder, copy_function=shutil.copy2)
+    return folder / tiny_demo.name
+
+
+def test_entries_are_hit_where_the_data_is_mounted_elsewhere(tmp_path, tiny_demo):
+    """A cache filled with the data at one path (the cache-fill Job's mount) is hit, not rebuilt, and not judged
+    stale by verify, when training mounts the same files elsewhere: entries go by the path under image_root."""
+
+
+    filled = copied_demo(tiny_demo, tmp_path / "fill-mount")
+    base = [*tiny_overrides(tmp_path, filled), f"data.image_root={filled.parent}"]
+    assert cache(load_config(None, base, command="cache"))["problems"] == 0
+    moved = tmp_path / "train-mount"
+    filled.parent.rename(moved)  # the same files (same size and mtime) at another path
+    again = [*tiny_overrides(tmp_path, moved / tiny_demo.name), f"data.image_root={moved}"]
+    counts = cache(load_config(None, again, command="cache"), verify=True)
+    assert (counts["checked"], counts["stale"], counts["built"], counts["problems"]) == (24, 0, 0, 0)
+    folder = cache_folder(tmp_path / "cache", PreprocessConfig(spatial_size=[32, 32, 32]))
+    assert len(list(folder.glob("*.pt"))) == 24
+
+
+def test_two_verify_shards_at_once_split_the_entries_and_spare_a_live_writers_temp_file(tmp_path, tiny_demo):
+    """`cache --verify --shard 0/2` and `1/2` side by side: every entry judged once, the damaged one rebuilt once,
+    an abandoned temporary file removed once, and a live writer's temporary file left for its rename."""
+    import threading
+
+    from engine.data.cache import shard_of_entry, verify_cache
+
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_demo), command="cache")
+    cache(cfg)
+    folder = cache_folder(cfg.cache.dir, cfg.preprocess)
+    entries = sorted(folder.glob("*.pt"))
+    entries[0].write_bytes(b"damaged")
+    live = folder / f".tmp-1-live-{entries[1].name}"
+    live.write_bytes(entries[1].read_bytes())
+    dead = folder / f".tmp-2-dead-{entries[2].name}"
+    dead.write_bytes(b"interrupted")
+    os.utime(dead, (0, 0))
+    assert {shard_of_entry(p.name, 2) for p in entries} == {0, 1}  # both shards own entries
+    train_items, val_items, _ = load_splits(cfg.data)
+    results, errors = {}, []
+
+    def verify(index):
+        try:
+            results[index] = verify_cache(train_items + val_items, cfg.preprocess, cfg.cache.dir, 1, shard=(index, 2))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=verify, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    total = {key: results[0][key] + results[1][key] for key in ("checked", "corrupt", "temp_files", "built")}
+    assert total == {"checked": 24, "corrupt": 1, "temp_files": 1, "built": 1}
+    owner = results[shard_of_entry(entries[0].name, 2)]
+    assert owner["corrupt"] == 1 and owner["built"] == 1  # removed and rebuilt by the same shard
+    os.replace(live, entries[1])  # the live writer finishes: its file was not taken away
+    assert not dead.exists() and len(list(folder.glob("*.pt"))) == 24

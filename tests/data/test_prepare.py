@@ -104,6 +104,7 @@ def test_cache_fill_and_verify_repairs_corrupt_and_stale_entries(tmp_path, tiny_
     first, second = [tiny_demo.parent / row.split(",")[0] for row in tiny_demo.read_text().splitlines()[1:3]]
     (folder / f"{source_hash({'image': str(first)}).decode()}.pt").write_bytes(b"garbage")
     (folder / ".tmp-99-dead-x.pt").write_bytes(b"interrupted")
+    os.utime(folder / ".tmp-99-dead-x.pt", (0, 0))  # long abandoned (a young one may be a live writer's)
     os.utime(second, ns=(10**18, 10**18))  # the source changed: its entry is stale
     counts = cache(cfg, verify=True)
     assert counts["corrupt"] == 1 and counts["stale"] == 1 and counts["temp_files"] == 1
