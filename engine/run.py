@@ -73,7 +73,7 @@ def console() -> None:
 
 def dispatch(args: argparse.Namespace, cfg) -> int:
     from engine.data import prepare
-    from engine.serving import export, inference
+    from engine.serving import evaluation, export, inference
     from engine.training import workflow
     from engine.training.build import setup_logging
 
@@ -98,7 +98,7 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
     if args.command == "cache":
         counts = prepare.cache(cfg, verify=args.verify, shard_of=prepare.parse_shard(args.shard))
         return 1 if counts["problems"] else 0
-    {"evaluate": inference.evaluate, "predict": inference.predict, "export": export.export}[args.command](cfg)
+    {"evaluate": evaluation.evaluate, "predict": inference.predict, "export": export.export}[args.command](cfg)
     return 0
 
 

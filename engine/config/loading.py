@@ -92,9 +92,10 @@ def _check_together(cfg: Config, command: str) -> None:
         raise _error("data.fold", f"must be below data.folds={cfg.data.folds}, got {cfg.data.fold}")
     if cfg.checkpoints and not cfg.checkpoint:
         cfg.checkpoint = cfg.checkpoints[0]
-    if len(cfg.checkpoints) > 1 and command != "predict":
+    if len(cfg.checkpoints) > 1 and command != "predict" and not (command == "evaluate" and
+                                                                   len(cfg.checkpoints) == 2):
         raise _error("checkpoints", f"an ensemble of {len(cfg.checkpoints)} checkpoints is for predict; "
-                                    f"{command} takes one checkpoint")
+                                    f"{command} takes one checkpoint (evaluate: two, compared on the same volumes)")
     if command in ("evaluate", "predict", "export") and not cfg.checkpoint:
         raise _error("checkpoint", f"{command} needs checkpoint=PATH (e.g. runs/<run>/checkpoints/best.pt)")
     if command == "predict" and not cfg.input:

@@ -51,6 +51,10 @@ class DataConfig:
     train: str = ""  # datalist: CSV (CT-RATE style) or MONAI JSON datalist
     val: str = ""  # separate validation datalist; empty: a seeded split of `train`
     val_fraction: float = setting(0.2, **PROBABILITY)
+    # held-out test set, never looked at in training, scored once at the end (the figures to publish): a datalist
+    # (CSV, or a JSON datalist's "test" list), or a fraction of data.train's patients (test_fraction)
+    test: str = ""
+    test_fraction: float = setting(0.0, ge=0.0, le=0.9)
     split_seed: int = 0  # a patient's side depends on (patient id, split_seed) alone: new rows move no one
     stratify: bool = False  # move a few patients so each label has positives on both sides where it can
     folds: int = setting(0, ge=0)  # K > 1: patient-wise cross-validation folds (val_fraction unused); 0: one split
@@ -187,7 +191,7 @@ class MetricsConfig:
     threshold: float = setting(0.5, **PROBABILITY)  # the decision threshold of threshold_rule=fixed
     threshold_rule: ThresholdRule = ThresholdRule.fixed  # per-label thresholds, saved in the checkpoint
     beta: float = setting(1.0, gt=0)
-    calibrate: bool = False  # fit a temperature per label on each validation (saved in the checkpoint)
+    calibrate: bool = False  # fit Platt scaling per label (a temperature for multiclass) on each validation (saved)
     bootstrap: int = setting(1000, ge=0)  # patient-level resamples for 95% intervals; 0: none
     bootstrap_seed: int = 0
     calibration_bins: int = setting(10, ge=2)  # equal-width bins of the reliability diagram and ECE
@@ -204,6 +208,8 @@ class ReportConfig:
 @dataclass
 class InferConfig:
     tta: Tta = Tta.none  # evaluate / predict: flips averages the identity and each axis' flip (probabilities)
+    # evaluate: volumes of a patient the checkpoint's run trained on (another scan or reconstruction) are refused
+    allow_trained_patients: bool = False
 
 
 @dataclass
@@ -217,6 +223,7 @@ class SweepConfig:
     workers: int = setting(1, ge=1)  # local worker processes (on Kubernetes: k8s.sweep_workers pods)
     metric: str = ""  # summary.json best-row key to optimise; empty: metrics.key (direction from metrics.mode)
     pruner: Pruner = Pruner.median  # median: stop a trial whose validation is below the median of earlier ones
+    pruner_warmup_epochs: int = setting(2, ge=0)  # median: no trial is pruned at or before this epoch
     seed: int = 0
     heartbeat_seconds: float = setting(30.0, gt=0)  # a running trial's worker touches a file this often;
     # a trial silent for 4 heartbeats is marked failed (its worker was lost) and retried from its checkpoint

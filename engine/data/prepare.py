@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config.schema import Config, DataConfig
@@ -29,19 +29,31 @@ class Splits:
     val: list[dict]
     labels: list[str]  # output names, in model output order
     skipped: list[Problem]  # bad rows and volumes left out (data.on_error=skip), or every problem (check)
+    test: list[dict] = field(default_factory=list)  # the held-out test set (data.test / data.test_fraction)
+
+
+def train_datalist(data: DataConfig) -> str:
+    """data.train, or the demo's datalist (generated once)."""
+    if not data.demo.enabled:
+        return data.train
+    from engine.data.demo import LABELS, generate
+
+    return str(generate(data.demo.dir, data.demo.num_volumes, tuple(data.demo.shape), data.demo.seed,
+                        tuple(data.demo.labels) or LABELS))
 
 
 def load_splits(data: DataConfig, problems: list[Problem] | None = None) -> tuple[list[dict], list[dict], list[str]]:
     """Train and validation items and the label names, from the demo, two datalists or a patient-wise
-    split. Bad rows raise, or go to `problems` when given. With data.metadata each item carries its
-    volume's rescale and spacing (a volume without a row is a bad row)."""
-    train_path = data.train
-    if data.demo.enabled:
-        from engine.data.demo import LABELS, generate
-
-        train_path = str(generate(data.demo.dir, data.demo.num_volumes, tuple(data.demo.shape), data.demo.seed,
-                                  tuple(data.demo.labels) or LABELS))
+    split, less the held-out test patients of data.test_fraction. Bad rows raise, or go to `problems` when
+    given. With data.metadata each item carries its volume's rescale and spacing (a volume without a row is a
+    bad row)."""
+    train_path = train_datalist(data)
     train = load_datalist(train_path, data, data.json_train_key, problems)
+    if data.test_fraction > 0 and not data.test:
+        from engine.data.held_out import carve_test
+
+        train.items[:] = carve_test(train.items, data.test_fraction, data.split_seed,
+                                    lambda item: patient_of(item, data.patient_pattern))[0]
     val_path = data.val
     if not val_path and train_path.endswith(".json") and data.json_val_key in json.loads(Path(train_path).read_text()):
         val_path = train_path
@@ -78,10 +90,14 @@ def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share
     strict=False nothing raises: every problem, split ones included, is returned.
     Several processes share the volume checks: each reads its `share` (I, N) and `pool` returns every
     process's bad volumes from its own, so all leave out the same ones."""
+    from engine.data.held_out import leakage_problems, load_test
+
     problems: list[Problem] = []
     train_items, val_items, labels = load_splits(cfg.data, problems)
-    fatal = split_problems(train_items, val_items, cfg.data.patient_pattern)
-    mine = shard(train_items + val_items, *share)
+    test_items = load_test(cfg.data, train_datalist(cfg.data), problems)
+    fatal = split_problems(train_items, val_items, cfg.data.patient_pattern) + leakage_problems(
+        train_items, val_items, test_items, cfg.data.patient_pattern)
+    mine = shard(train_items + val_items + test_items, *share)
     unreadable = pool(volume_problems(mine, cfg.preprocess, _disk_dir(cfg), cfg.cache.workers, progress))
     problems += unreadable
     if not strict:
@@ -90,7 +106,7 @@ def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share
         stop_on(fatal, problems, cfg.data.on_error)
     bad = {p.name for p in unreadable}  # bad datalist rows were never made items
     return Splits([it for it in train_items if it[NAME] not in bad], [it for it in val_items if it[NAME] not in bad],
-                  labels, problems)
+                  labels, problems, [it for it in test_items if it[NAME] not in bad])
 
 
 def stop_on(fatal: list[Problem], problems: list[Problem], on_error: str) -> None:
@@ -250,9 +266,12 @@ def _label_text(item: dict) -> str:
     return "".join(str(int(v)) for v in item[LABEL])
 
 
-def evaluation_split_note(checkpoint: Path, items: list[dict]) -> str:
+def evaluation_split_note(checkpoint: Path, items: list[dict], patient_pattern: str = "",
+                          allow_trained_patients: bool = False) -> str:
     """Says which data an evaluation is on, from the checkpoint's run split.csv (if it is beside it), and
-    stops when volumes to evaluate were in the run's training split or carry other labels than there."""
+    stops when volumes to evaluate were in the run's training split, carry other labels than there, or (unless
+    `allow_trained_patients`) belong to a patient the run trained on: another reconstruction or scan of a
+    training patient is not held-out data."""
     path = Path(checkpoint).resolve().parent.parent / SPLIT_FILE
     if not path.is_file():
         return "no split.csv beside the checkpoint: cannot tell whether these volumes were trained on"
@@ -262,6 +281,12 @@ def evaluation_split_note(checkpoint: Path, items: list[dict]) -> str:
         raise CT3DError(f"evaluate: {len(trained)} of the {len(items)} volumes were in the training split of "
                         f"{checkpoint} ({path}): {_examples(trained)}. Their metrics would be inflated; evaluate on "
                         f"the run's validation side (its data settings) or on another datalist")
+    training_patients = {row["patient"] for row in saved.values() if row["split"] == "train"}
+    shared = sorted({patient_of(it, patient_pattern) for it in items} & training_patients)
+    if shared and not allow_trained_patients:
+        raise CT3DError(f"evaluate: {len(shared)} patient(s) of these volumes were trained on by {checkpoint} "
+                        f"({path}): {_examples(shared)}. Other scans of a training patient are not held-out data; "
+                        f"infer.allow_trained_patients=true evaluates them anyway")
     relabelled = [it[NAME] for it in items if it[NAME] in saved and saved[it[NAME]]["labels"] != _label_text(it)]
     if relabelled:
         raise CT3DError(f"evaluate: {len(relabelled)} volume(s) carry other labels than in the run's {path}: "

@@ -50,7 +50,8 @@ def same_settings(run: Path, cfg: Config) -> None:
         return out
 
     compared = ("data.", "preprocess.", "model.", "train.", "augment.", "loader.batch_size", "metrics.key",
-                "metrics.mode", "metrics.threshold", "metrics.beta", "metrics.calibrate")
+                "metrics.mode", "metrics.threshold", "metrics.beta", "metrics.calibrate",
+                "metrics.threshold_rule")
     ignored = ("data.fold", "data.demo.dir", "train.resume", "train.threads", "train.log_every", "train.device",
                "train.checkpoint_minutes", "train.dist_timeout_minutes")
     then = flat(yaml.safe_load((run / "config.yaml").read_text()))
@@ -91,11 +92,13 @@ def cv(cfg: Config) -> Path:
 
 
 def fold_outputs(run: Path) -> dict:
-    """A finished fold's best validation: probabilities, labels, decisions at its thresholds, and each row's
-    volume and patient (from split.csv, in the order the outputs were gathered)."""
+    """A finished fold's best validation: probabilities of its raw outputs (for pooled AUC: each fold's own
+    calibration, fitted on the very labels it is pooled with, would shift folds against each other), labels,
+    decisions at its thresholds (on its calibrated probabilities), and each row's volume and patient (from
+    split.csv, in the order the outputs were gathered)."""
     from engine.data.loaders import gathered_order
     from engine.data.prepare import SPLIT_FILE, read_split
-    from engine.results.metrics import decisions
+    from engine.results.metrics import decisions, probabilities
     from engine.training.checkpoint import load_checkpoint
 
     state = load_checkpoint(run / "checkpoints" / "best.pt")
@@ -103,7 +106,8 @@ def fold_outputs(run: Path) -> dict:
     val = [row for row in read_split(run / SPLIT_FILE).values() if row["split"] == "validation"]
     rows = [val[i] for i in gathered_order(len(val), best["ranks"])]
     thresholds = best.get("thresholds") or [state["threshold"]] * len(state["labels"])
-    return {"probs": best["probs"], "labels": best["labels"], "labels_names": state["labels"],
+    raw = probabilities(best["logits"], state["task"]) if "logits" in best else best["probs"]
+    return {"probs": raw, "labels": best["labels"], "labels_names": state["labels"],
             "decisions": decisions(best["probs"], state["task"], thresholds), "task": state["task"],
             "volumes": [r["volume"] for r in rows], "patients": [r["patient"] for r in rows]}
 
@@ -194,8 +198,10 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head>
 <body><h1>ct3d cross-validation {html.escape(folder.name)}: {len(summary['folds'])} folds</h1>
 <p>Each fold validates a disjoint set of patients; pooled rows put every fold's best-epoch validation outputs
 together (out-of-fold: each of the {pooled['patients']} patients scored once, by the model that did not train on
-it). Intervals: 95% patient-level bootstrap. Pooled F-beta is decided at each fold's thresholds, and those
-(with metrics.threshold_rule other than fixed) were tuned on that fold's validation: optimistic, as AUC is not.
+it). Intervals: 95% patient-level BCa bootstrap. Pooled AUC is computed from the raw (uncalibrated) outputs.
+These are selection-set figures: each fold's best epoch was chosen on the validation it is scored on, so every
+figure here is optimistic; pooled F-beta is also decided at each fold's thresholds, tuned (with
+metrics.threshold_rule other than fixed) on that fold's validation.
 Macro AUC across folds: mean {fmt(summary['auc_macro_mean'])},
 standard deviation {fmt(summary['auc_macro_sd'])}. Each fold's report is in its folder.</p>
 <table><tr><th></th><th>validation volumes</th><th>best epoch</th><th>macro AUC</th><th>95% interval</th>

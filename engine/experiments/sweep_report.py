@@ -22,12 +22,17 @@ def trial_rows(study) -> list[dict]:
             for t in study.get_trials(deepcopy=False)]
 
 
+IMPORTANCE_METHOD = "PED-ANOVA"  # the evaluator named to Optuna, so the report's label is the method used
+
+
 def importances(study) -> dict[str, float] | str:
-    """Parameter importances, or why there are none (fewer than two finished trials, one parameter...)."""
+    """Parameter importances by PED-ANOVA (Optuna's PedAnovaImportanceEvaluator, named explicitly), or why there
+    are none (fewer than two finished trials, one parameter...)."""
     import optuna
 
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
     except (RuntimeError, ValueError) as exc:
         return f"not computed: {exc}"
 
@@ -40,7 +45,9 @@ def write_sweep_summary(study, cfg: Config, folder: Path) -> dict:
     best = (max if direction == "maximize" else min)(done, key=lambda r: r["value"]) if done else None
     summary = {"study": folder.name, "metric": metric, "direction": direction, "trials_asked": cfg.sweep.trials,
                "counts": dict(Counter(r["state"] for r in rows)), "best": best, "importances": importances(study),
-               "trials": rows}
+               "importance_method": IMPORTANCE_METHOD, "trials": rows,
+               "selection": "the best value is selected twice: each trial's best epoch on its validation set, then "
+                            "the best trial on the same set; it overstates what the winner scores on new data"}
     write_json(folder / "sweep_summary.json", summary)
     write_text(folder / "sweep_report.html", _html(summary, _plot(rows, metric)))
     return summary
@@ -74,7 +81,9 @@ def _html(summary: dict, plot: bytes) -> str:
     best = summary["best"]
     head = (f"<p>Best: trial {best['number']}, {summary['metric']} {fmt(best['value'])}, "
             f"{html.escape(', '.join(f'{k}={v}' for k, v in best['params'].items()))} "
-            f"(run folder {html.escape(best['run'])}).</p>" if best else "<p>No trial finished yet.</p>")
+            f"(run folder {html.escape(best['run'])}). This value is selected twice (each trial's best epoch on its "
+            f"validation set, then the best trial on the same set): it overstates what the winner scores on new "
+            f"data; evaluate it on a held-out test set.</p>" if best else "<p>No trial finished yet.</p>")
     imp = summary["importances"]
     importance = ("".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in imp.items())
                   if isinstance(imp, dict) else f"<tr><td colspan=2>{html.escape(imp)}</td></tr>")
@@ -91,7 +100,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head>
 <p>{summary['direction'].capitalize()} {html.escape(summary['metric'])} (best validation of each trial);
 trials: {html.escape(', '.join(f'{v} {k}' for k, v in summary['counts'].items()))}.</p>{head}
 {img_tag(plot, "metric per trial")}
-<h2>Parameter importances (fANOVA)</h2><table><tr><th>parameter</th><th>importance</th></tr>{importance}</table>
+<h2>Parameter importances ({html.escape(summary.get('importance_method', 'fANOVA'))})</h2>
+<table><tr><th>parameter</th><th>importance</th></tr>{importance}</table>
 <h2>Trials</h2><table><tr><th>trial</th><th>state</th><th>value</th>{''.join(f'<th>{html.escape(k)}</th>'
                                                                              for k in params)}
 <th>run folder</th><th>note</th></tr>{trials}</table></body></html>

@@ -1,6 +1,9 @@
-"""Calibration and decisions: expected calibration error and reliability bins, temperature scaling fit
-on validation logits, and per-label decision thresholds tuned on validation. Our own: MONAI and Ignite
-have none of these for classification."""
+"""Calibration and decisions: expected calibration error and reliability bins, Platt scaling per label (a scale
+and an intercept on the logit, which a temperature alone lacks: pos_weight shifts every logit by about
+log(pos_weight)) and temperature scaling for multiclass, fitted on validation logits; and per-label decision
+thresholds tuned on validation. A calibration is {"scale": [...], "bias": [...] or None}: probability =
+sigmoid(logit * scale + bias), softmax(logits * scale) for multiclass. Our own: MONAI and Ignite have none
+of these for classification."""
 
 from __future__ import annotations
 
@@ -52,10 +55,66 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, task: str, point
     return [float(t) if ok else 1.0 for t, ok in zip(best, fit)]
 
 
-def apply_temperature(logits: torch.Tensor, temperature: list[float] | None) -> torch.Tensor:
-    if not temperature:
+def _platt_nll(z: torch.Tensor, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(a * z + b, t, reduction="none").sum(0)
+
+
+def fit_platt(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 100) -> tuple[list[float], list[float]]:
+    """Per label, the scale a and intercept b minimising the negative log-likelihood of sigmoid(a z + b) against
+    Platt's targets ((N+ + 1) / (N+ + 2) for positives, 1 / (N- + 2) for negatives, which keep a and b finite
+    when the classes are separated): Newton's method on the convex two-parameter likelihood, each step halved
+    until the likelihood does not rise. A label with one class keeps a = 1, b = 0."""
+    z, y = logits.double().detach(), labels.double()
+    pos, neg = y.sum(0), (1 - y).sum(0)
+    t = torch.where(y > 0.5, (pos + 1) / (pos + 2), 1 / (neg + 2))
+    a, b = torch.ones(z.shape[1], dtype=torch.float64), torch.zeros(z.shape[1], dtype=torch.float64)
+    for _ in range(iterations):
+        p = torch.sigmoid(a * z + b)
+        w = p * (1 - p)
+        g_a, g_b = ((p - t) * z).sum(0), (p - t).sum(0)
+        h_aa, h_ab, h_bb = (w * z * z).sum(0) + 1e-12, (w * z).sum(0), w.sum(0) + 1e-12
+        det = (h_aa * h_bb - h_ab * h_ab).clamp(min=1e-300)
+        d_a, d_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
+        before, step = _platt_nll(z, t, a, b), torch.ones_like(a)
+        for _ in range(40):  # halve each label's step until its likelihood does not rise
+            worse = _platt_nll(z, t, a - step * d_a, b - step * d_b) > before
+            if not bool(worse.any()):
+                break
+            step = torch.where(worse, step / 2, step)
+        a, b = a - step * d_a, b - step * d_b
+        if float(torch.maximum((step * d_a).abs(), (step * d_b).abs()).max()) < 1e-10:
+            break
+    fit = (pos > 0) & (neg > 0)
+    return ([float(v) if ok else 1.0 for v, ok in zip(a, fit)], [float(v) if ok else 0.0 for v, ok in zip(b, fit)])
+
+
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, task: str) -> dict:
+    """Platt per label for sigmoid outputs; one temperature (as a shared scale) for softmax outputs."""
+    if task == "multiclass":
+        return {"scale": [1.0 / fit_temperature(logits, labels, task)[0]], "bias": None}
+    scale, bias = fit_platt(logits, labels)
+    return {"scale": scale, "bias": bias}
+
+
+def calibration_from(fitted: dict | None) -> dict | None:
+    """The calibration a checkpoint (or a validation's state) holds: {"scale", "bias"}, or a temperature from
+    before Platt scaling (scale 1 / T, no intercept); None when uncalibrated."""
+    fitted = fitted or {}
+    if fitted.get("scale"):
+        return {"scale": list(fitted["scale"]), "bias": list(fitted["bias"]) if fitted.get("bias") else None}
+    if fitted.get("temperature"):
+        return {"scale": [1.0 / t for t in fitted["temperature"]], "bias": None}
+    return None
+
+
+def apply_calibration(logits: torch.Tensor, calibration: dict | None) -> torch.Tensor:
+    """logits * scale + bias (a shared scale for multiclass); the logits as they are without a calibration."""
+    if not calibration:
         return logits
-    return logits / torch.tensor(temperature, dtype=logits.dtype, device=logits.device)
+    out = logits * torch.tensor(calibration["scale"], dtype=logits.dtype, device=logits.device)
+    if calibration.get("bias"):
+        out = out + torch.tensor(calibration["bias"], dtype=logits.dtype, device=logits.device)
+    return out
 
 
 def _candidate_scores(p: torch.Tensor, y: torch.Tensor, rule: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,9 @@
 """Validation metrics from MONAI's metric functions: ROC AUC and F-beta per label, macro and micro,
-and precision, recall, specificity and accuracy at a threshold (one for all labels, or one per label)."""
+and precision, recall, specificity and accuracy at a threshold (one for all labels, or one per label).
+Every macro figure averages one label set: the labels with both classes in the data (`macro_labels`); a
+label with no positive (or no negative) is left out of macro AUC and macro F-beta alike, and counted."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from monai.metrics import compute_roc_auc
@@ -30,9 +30,16 @@ def decisions(probs: torch.Tensor, task: str, threshold: float | list[float]) ->
     return (probs >= torch.as_tensor(threshold, dtype=probs.dtype)).float()
 
 
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
+def macro_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(C,) bool: the labels every macro figure averages, those with both classes in the data."""
+    if not labels.shape[0]:
+        return torch.zeros(labels.shape[1], dtype=torch.bool)
+    return labels.amax(0) != labels.amin(0)
+
+
+def _mean_over(values: list[float], keep: torch.Tensor) -> float:
+    chosen = [v for v, k in zip(values, keep.tolist()) if k]
+    return sum(chosen) / len(chosen) if chosen else float("nan")
 
 
 def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -50,11 +57,12 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: f
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str], task: str,
                            threshold: float | list[float] = 0.5, beta: float = 1.0,
                            decided: torch.Tensor | None = None) -> dict[str, float]:
-    """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC averages the
-    labels with both classes present; `auc_labels` says how many that was. `decided`: 0/1 decisions to use
-    instead of thresholding `probs`."""
+    """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC and macro F-beta
+    average the labels with both classes present (`macro_labels`); `auc_labels` says how many that was.
+    `decided`: 0/1 decisions to use instead of thresholding `probs`."""
     probs, labels = probs.float().cpu(), labels.float().cpu()
     per_label_auc = [_auc(probs[:, j], labels[:, j]) for j in range(labels.shape[1])]
+    keep = macro_labels(labels)
     if decided is None:
         cm = confusion(probs, labels, task, threshold)
     else:  # decisions made elsewhere (cross-validation: each fold at its own thresholds)
@@ -62,10 +70,10 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: lis
     cm_all = cm.sum(dim=0)
     fbeta = compute_f_beta_score(cm, beta).flatten().tolist()
     out = {
-        "auc_macro": _nanmean(per_label_auc),
-        "auc_labels": float(sum(not math.isnan(v) for v in per_label_auc)),
+        "auc_macro": _mean_over(per_label_auc, keep),
+        "auc_labels": float(keep.sum()),
         "auc_micro": _auc(probs.flatten(), labels.flatten()),
-        "fbeta_macro": _nanmean(fbeta),
+        "fbeta_macro": _mean_over(fbeta, keep),
         "fbeta_micro": float(compute_f_beta_score(cm_all, beta)),
         "precision": float(compute_confusion_matrix_metric("precision", cm_all)),
         "recall": float(compute_confusion_matrix_metric("sensitivity", cm_all)),

@@ -191,7 +191,7 @@ def format_value(v) -> str:
 
 def statistics_html(summary: dict) -> str:
     """The best epoch's figures with their bootstrap intervals, how macro AUC was averaged, and each
-    label's threshold, temperature and calibration error."""
+    label's threshold, calibration (scale and intercept) and calibration error."""
     if "thresholds" not in summary:
         return ""
     fmt = format_value
@@ -199,30 +199,62 @@ def statistics_html(summary: dict) -> str:
     boot = summary.get("bootstrap")
     intervals = boot["intervals"] if boot else {}
     keys = ["auc_macro", "fbeta_macro"] + [f"{m}/{n}" for n in names for m in ("auc", "fbeta")]
+    few = (boot or {}).get("few_positive_patients") or {}
+
+    def flag(key: str) -> str:
+        name = key.split("/", 1)[-1]
+        return f" (only {few[name]} positive patients)" if "/" in key and name in few else ""
+
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>"
-                   + ("n/a" if k not in intervals else f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}")
+                   + ("n/a" if k not in intervals else f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}{flag(k)}")
                    + "</td></tr>" for k in keys)
-    head = (f"<p>95% intervals: percentile bootstrap over {boot['patients']} validation patients "
-            f"({boot['resamples']} resamples, each patient's volumes kept together). A wide interval means the "
-            f"validation set is too small to tell models apart.</p>" if boot else
+    degenerate = (boot or {}).get("degenerate", {}).get("auc_macro", 0)
+    head = (f"<p>95% intervals for the population's value: bias-corrected and accelerated (BCa) bootstrap over "
+            f"{boot['patients']} validation patients ({boot['resamples']} resamples, each patient's volumes kept "
+            f"together). Every resample averages the same labels for the macro figures; {degenerate} resamples in "
+            f"which one of them had a single class were left out. These are figures of the selection set: the "
+            f"epoch, thresholds and calibration were chosen on it, so they are optimistic. A wide interval means "
+            f"the validation set is too small to tell models apart.</p>" if boot else
             "<p>No intervals (metrics.bootstrap=0).</p>")
     left_out = summary.get("auc_left_out") or []
     head += (f"<p>Macro AUC averages {summary['auc_macro_labels']} of {len(names)} labels"
              + (f"; left out (one class only in validation): {html.escape(', '.join(left_out))}" if left_out else "")
              + ".</p>")
-    temperature = summary.get("temperature") or {}
-    ece = summary["calibration"]["ece"]
+    calibration = summary["calibration"]
+    ece, scale, intercept = calibration["ece"], calibration.get("scale") or {}, calibration.get("intercept") or {}
     per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{fmt(summary['thresholds'][n])}</td>"
-                        f"<td>{fmt(temperature.get(n))}</td><td>{fmt(ece[n])}</td></tr>" for n in names)
+                        f"<td>{fmt(scale.get(n))}</td><td>{fmt(intercept.get(n))}</td><td>{fmt(ece[n])}</td></tr>"
+                        for n in names)
     rule = summary.get("threshold_rule", "fixed")
     note = ("" if rule == "fixed" else f" Thresholds tuned on this validation set ({rule}): F-beta here is "
             "optimistic; evaluate on held-out data for an unbiased figure.")
-    return (f"<h2>Best epoch with 95% intervals</h2>{head}<table><tr><th>metric</th><th>value</th><th>95% interval"
+    return (f"<h2>Best epoch with 95% intervals (selection set)</h2>{head}<table><tr><th>metric</th><th>value</th>"
+            f"<th>95% interval"
             f"</th></tr>{rows}</table><h2>Decisions and calibration</h2><p>Threshold rule: {html.escape(rule)}."
-            f"{note} Temperature: logits are divided by it before the sigmoid (metrics.calibrate; n/a: not "
-            f"calibrated). ECE: expected calibration error over {summary['calibration']['bins']} probability bins "
-            f"(0 is perfectly calibrated; see the reliability panel).</p><table><tr><th>label</th><th>threshold"
-            f"</th><th>temperature</th><th>ECE</th></tr>{per_label}</table>")
+            f"{note} Calibration (metrics.calibrate; n/a: not calibrated): probability = sigmoid(logit x scale + "
+            f"intercept), fitted on this validation set (Platt scaling; the intercept undoes the shift pos_weight "
+            f"gives every logit; multiclass: one shared scale, a temperature). ECE: expected calibration error over "
+            f"{calibration['bins']} probability bins (0 is perfectly calibrated; see the reliability panel)."
+            f"</p><table><tr><th>label</th><th>threshold</th><th>scale</th><th>intercept</th><th>ECE</th></tr>"
+            f"{per_label}</table>")
+
+
+def test_html(summary: dict) -> str:
+    """The held-out test set's figures (the ones to publish) with their BCa intervals; nothing without one."""
+    test = summary.get("test")
+    if not test:
+        return ""
+    fmt, intervals = format_value, (test.get("bootstrap") or {}).get("intervals", {})
+    keys = ["auc_macro", "fbeta_macro", "precision", "recall", "specificity", "accuracy"] + [
+        f"auc/{n}" for n in summary["labels"]]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(test['metrics'].get(k))}</td><td>"
+                   + (f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}" if k in intervals else "n/a")
+                   + "</td></tr>" for k in keys)
+    return (f"<h2>Held-out test set: the figures to publish</h2><p>{test['volumes']} volumes of {test['patients']} "
+            f"patients that training never looked at, scored once with the best epoch's network, thresholds and "
+            f"calibration (chosen on validation). Intervals: 95% BCa bootstrap over the test patients, for the "
+            f"population's value.</p><table><tr><th>metric</th><th>value</th><th>95% interval</th></tr>{rows}"
+            f"</table>")
 
 
 def _html(images: list[bytes], summary: dict, config_yaml: str, sections: list[tuple[str, bytes]]) -> str:
@@ -243,10 +275,14 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{
 <body><h1>ct3d run {html.escape(Path(summary['run']).name)}</h1>
 <p>{summary['train_volumes']} training and {summary['val_volumes']} validation volumes, task {summary['task']},
 device {html.escape(summary['device'])}, wall time {summary['wall_seconds']:.0f} s.
-Best epoch {summary['best_epoch']} by {summary['key_metric']}{stopped}.</p>
+Best epoch {summary['best_epoch']} by {summary['key_metric']}{stopped}. Validation is the selection set: the
+epoch, thresholds and calibration were chosen on it, so its figures are optimistic{
+    '; the held-out test set below is not' if summary.get('test') else ' (no held-out test set: data.test)'}.</p>
+{test_html(summary)}
 {figures}
 {statistics_html(summary)}
 {extra}
-<h2>Best and final validation</h2><table><tr><th>metric</th><th>best</th><th>final</th></tr>{rows}</table>
+<h2>Best and final validation (selection set)</h2>
+<table><tr><th>metric</th><th>best</th><th>final</th></tr>{rows}</table>
 <h2>Config</h2><pre>{html.escape(config_yaml)}</pre></body></html>
 """

@@ -44,15 +44,15 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def grad_cams(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, pairs: list[tuple[int, int]],
-              chunk: int = 32, fast: bool = False, volumes_per_pass: int = 4) -> torch.Tensor:
-    """(P, 1, *spatial) Grad-CAM maps in [0, 1] (1 where the evidence is strongest), one per (row of `images`,
-    label) pair, upsampled to the input's grid, on the network's device. The same maps as MONAI's GradCAM
-    (tested), which takes one label per call and runs the whole network forward and back for it: here the
-    target layer's activations of each volume are computed once, then only the layers above it run per pair,
-    forward and back (no weight gradients), `chunk` pairs at a time (`volumes_per_pass` volumes at a time
-    below the layer, where the full-size feature maps are: the training batch size fits). `fast`: under
-    bfloat16 autocast where the device has it natively (half the time on an AVX512-BF16 CPU; a map to look
-    at needs no more precision)."""
+              chunk: int = 32, fast: bool = False, volumes_per_pass: int = 4, each: bool = True) -> torch.Tensor:
+    """(P, 1, *spatial) Grad-CAM maps, one per (row of `images`, label) pair, upsampled to the input's grid, on the
+    network's device: with `each`, every map scaled to [0, 1] alone (1 where its evidence is strongest, even when it is
+    weak); without, as computed (ReLU of the weighted activations), so maps can be compared. The same maps as MONAI's
+    GradCAM (tested), which takes one label per call and runs the whole network forward and back for it: here the target
+    layer's activations of each volume are computed once, then only the layers above it run per pair, forward and back
+    (no weight gradients), `chunk` pairs at a time (`volumes_per_pass` volumes at a time below the layer, where the
+    full-size feature maps are: the training batch size fits). `fast`: under bfloat16 autocast where the device has it
+    natively (half the time on an AVX512-BF16 CPU; a map to look at needs no more precision)."""
     layer = dict(net.named_modules())[TARGET_LAYERS[str(model.name)]]
     device = next(net.parameters()).device
     rows = sorted({row for row, _ in pairs})
@@ -90,8 +90,8 @@ def grad_cams(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, pa
             weights = grads.float().flatten(2).mean(2).view(*grads.shape[:2], *[1] * (grads.dim() - 2))
             cam = torch.relu((weights * acts.detach().float()).sum(1, keepdim=True))
             mode = "trilinear" if cam.dim() == 5 else "bilinear"
-            maps.append(unit_range(torch.nn.functional.interpolate(cam, size=images.shape[2:], mode=mode,
-                                                                   align_corners=False)))
+            cam = torch.nn.functional.interpolate(cam, size=images.shape[2:], mode=mode, align_corners=False)
+            maps.append(unit_range(cam) if each else cam)
             del swap["acts"]
     finally:
         handle.remove()
@@ -129,22 +129,25 @@ def report_panels(net: torch.nn.Module, model: ModelConfig, dataset, names: list
                   inputs: int = 4, volumes_per_pass: int = 4) -> list[tuple[str, bytes]]:
     """(title, PNG) panels for the report: per label, Grad-CAM through the peak for its `positives` top true
     positives and `negatives` worst false positives at its threshold (rows of `probs` are `dataset` items;
-    every map in one batched pass on the network's device, each volume read once); then the first `inputs`
-    volumes as the model saw them."""
+    every map in one batched pass on the network's device, each volume read once), all on one scale (the
+    strongest map's peak is 1; each caption gives its map's peak); then the first `inputs` volumes as the model
+    saw them."""
     panels = []
     chosen = {j: cases(probs, labels, j, thresholds[j], positives, negatives) for j in range(len(names))}
     pairs = [(i, j) for j, picked in chosen.items() for i, _ in picked] if supports(model) else []
     volumes = {i: dataset[i]["image"].float() for i in sorted({i for i, _ in pairs})}
     if pairs:
         at = {i: k for k, i in enumerate(volumes)}
-        maps = iter(grad_cams(net, model, torch.stack(list(volumes.values())), [(at[i], j) for i, j in pairs],
-                              fast=True, volumes_per_pass=volumes_per_pass).cpu())
+        raw = grad_cams(net, model, torch.stack(list(volumes.values())), [(at[i], j) for i, j in pairs],
+                        fast=True, volumes_per_pass=volumes_per_pass, each=False).cpu()
+        maps = iter(raw / raw.max().clamp(min=1e-12))  # one scale for every panel: weak evidence looks weak
         for j, picked in chosen.items():
             rows = []
             for i, kind in picked:
                 heat = next(maps)
                 image, centre = volumes[i][0].numpy(), peak(heat)
-                rows.append([captioned(blend(picture, overlay), f"{kind} p={float(probs[i, j]):.2f}: {view}")
+                rows.append([captioned(blend(picture, overlay), f"{kind} p={float(probs[i, j]):.2f}, "
+                                                                f"peak {float(heat.max()):.2f}: {view}")
                              for (view, picture), (_, overlay) in zip(views(image, centre), views(heat[0].numpy(),
                                                                                                    centre))])
             if rows:
@@ -161,13 +164,15 @@ def report_panels(net: torch.nn.Module, model: ModelConfig, dataset, names: list
 
 
 def input_space_maps(net: torch.nn.Module, model: ModelConfig, transform, item: dict, outputs: int):
-    """One Grad-CAM map per output for `item`, carried back through the preprocessing (MONAI's inverse of
-    orientation, spacing and resize) to the input's own grid: (maps as (X, Y, Z, outputs), RAS affine).
+    """One Grad-CAM map per output for `item`, scaled together (the volume's strongest map peaks at 1), carried
+    back through the preprocessing (MONAI's inverse of orientation, spacing and resize) to the input's own grid:
+    (maps as (X, Y, Z, outputs), RAS affine).
     `transform` is the preprocessing made with keep_meta=True."""
     from monai.data import MetaTensor
 
     image = transform(dict(item))["image"]
-    heats = torch.cat([grad_cam(net, model, image.as_tensor()[None], j)[0] for j in range(outputs)])
+    heats = grad_cams(net, model, image.as_tensor()[None], [(0, j) for j in range(outputs)], each=False)[:, 0].cpu()
+    heats = heats / heats.max().clamp(min=1e-12)  # one scale across the labels: a label without evidence stays low
     maps = MetaTensor(heats, meta=dict(image.meta), applied_operations=list(image.applied_operations))
     back = transform.inverse({"image": maps})["image"]
     return np.moveaxis(back.as_tensor().numpy().astype(np.float32), 0, -1), np.asarray(back.affine, dtype=np.float64)

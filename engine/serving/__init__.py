@@ -1,3 +1,3 @@
-"""Using a trained model: `evaluate` and `predict` (thresholds, temperatures, TTA, ensembles, saliency maps)
+"""Using a trained model: `evaluate` and `predict` (thresholds, calibration, TTA, ensembles, saliency maps)
 and `export` (ONNX, TorchScript) from a checkpoint alone.
 May import: engine.training and everything below it; not engine.experiments."""

@@ -21,13 +21,14 @@ METADATA_KEY = "ct3d"
 
 def model_metadata(state: dict) -> dict:
     """What a program needs beside the weights: outputs in order, how to read them (per-label decision
-    thresholds; temperatures to divide the logits by, or null), how to preprocess."""
-    thresholds, temperature = decision_settings(state)
+    thresholds; the calibration's scale and bias per label, or null), how to preprocess."""
+    thresholds, calibration = decision_settings(state)
     return {"labels": state["labels"], "task": state["task"], "threshold": state["threshold"],
-            "thresholds": thresholds, "temperature": temperature,
+            "thresholds": thresholds, "calibration": calibration,
             "preprocessing": state["preprocessing"], "model": state["model_config"],
             "input": "float32 (batch, 1, *preprocessing.spatial_size) after the preprocessing; output: logits "
-                     "(probability: sigmoid(logits / temperature), softmax for multiclass)"}
+                     "(probability: sigmoid(logits * calibration.scale + calibration.bias) per label, "
+                     "softmax(logits * scale) for multiclass; the logits as they are when calibration is null)"}
 
 
 def export_model(model: torch.nn.Module, state: dict, path: Path, fmt: str) -> Path:

@@ -1,5 +1,5 @@
-"""Using a trained model: load it from a checkpoint, `evaluate` it on a validation datalist, `predict`
-probabilities for new volumes."""
+"""Using a trained model: load it from a checkpoint (its decisions and calibration, ensembles, TTA),
+`predict` probabilities for new volumes. `evaluate` is evaluation.py."""
 
 from __future__ import annotations
 
@@ -14,26 +14,23 @@ import torch
 
 from engine.config.loading import restore
 from engine.config.schema import Config, ModelConfig, PreprocessConfig
-from engine.data.cache import build_dataset
 from engine.data.datalist import (
     IMAGE,
     NAME,
     VOLUME_SUFFIXES,
     Problem,
     could_be_series,
-    label_frequencies,
     resolve_image,
 )
-from engine.data.loaders import loader_workers, make_loader
-from engine.data.prepare import evaluation_split_note, load_splits, write_skipped
+from engine.data.loaders import loader_workers
+from engine.data.prepare import write_skipped
 from engine.data.preprocess import preprocess, preprocessing_transform
 from engine.data.sources import find_volumes
-from engine.data.split import patient_of
-from engine.training.build import make_evaluator, make_inferer, make_loss, resolve_amp, resolve_device, to_device
+from engine.training.build import make_inferer, resolve_amp, resolve_device, to_device
 from engine.training.checkpoint import load_checkpoint
 from engine.training.models import create_model
 from engine.utils.errors import CT3DError
-from engine.utils.io import write_json, write_text
+from engine.utils.io import write_text
 from engine.utils.progress import tracked
 
 log = logging.getLogger("ct3d")
@@ -58,27 +55,31 @@ def checkpoint_preprocessing(state: dict) -> PreprocessConfig:
     return restore(PreprocessConfig, {**LEGACY_PREPROCESSING, **state["preprocessing"]})
 
 
-def decision_settings(state: dict) -> tuple[list[float], list[float] | None]:
-    """The checkpoint's per-label thresholds and temperatures (None: uncalibrated), fitted on the validation
-    before it was written; a checkpoint from before any validation has its fixed threshold only."""
+def decision_settings(state: dict) -> tuple[list[float], dict | None]:
+    """The checkpoint's per-label thresholds and calibration ({"scale", "bias"}; None: uncalibrated; a
+    temperature from before Platt scaling as its scale), fitted on the validation before it was written; a
+    checkpoint from before any validation has its fixed threshold only."""
+    from engine.results.calibration import calibration_from
+
     fitted = state.get("calibration") or {}
-    return list(fitted.get("thresholds") or [state["threshold"]] * len(state["labels"])), fitted.get("temperature")
+    return (list(fitted.get("thresholds") or [state["threshold"]] * len(state["labels"])),
+            calibration_from(fitted))
 
 
 class Ensemble(torch.nn.Module):
-    """Several trained models as one: the mean of their probabilities (each at its own temperature),
+    """Several trained models as one: the mean of their probabilities (each with its own calibration),
     returned as logits whose probabilities are that mean."""
 
-    def __init__(self, models: list[torch.nn.Module], temperatures: list[list[float] | None], task: str):
+    def __init__(self, models: list[torch.nn.Module], calibrations: list[dict | None], task: str):
         super().__init__()
-        self.members, self.temperatures, self.task = torch.nn.ModuleList(models), temperatures, task
+        self.members, self.calibrations, self.task = torch.nn.ModuleList(models), calibrations, task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from engine.results.calibration import apply_temperature
+        from engine.results.calibration import apply_calibration
         from engine.results.metrics import as_logits, probabilities
 
-        mean = torch.stack([probabilities(apply_temperature(m(x), t), self.task)
-                            for m, t in zip(self.members, self.temperatures)]).mean(0)
+        mean = torch.stack([probabilities(apply_calibration(m(x), c), self.task)
+                            for m, c in zip(self.members, self.calibrations)]).mean(0)
         return as_logits(mean, self.task)
 
 
@@ -97,13 +98,14 @@ def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Modu
     return Ensemble(list(models), [t for _, t in settings], first["task"]).eval(), first, thresholds
 
 
-def with_tta(inferer, task: str, tta: str):
+def with_tta(inferer, task: str, tta: str, calibration: dict | None = None):
     """infer.tta=flips: the mean probability over the volume and its flips along each spatial axis (4
-    passes), returned as logits whose probabilities are that mean, so metrics and predictions downstream
-    stay as they are (a checkpoint's temperature then applies to those logits). MONAI's TestTimeAugmentation
-    targets segmentation (it inverts spatial outputs)."""
+    passes), each view calibrated first (`calibration`, fitted on single views, as an ensemble calibrates each
+    member), returned as logits whose probabilities are that mean: the caller applies no calibration after
+    it. MONAI's TestTimeAugmentation targets segmentation (it inverts spatial outputs)."""
     from monai.inferers import Inferer
 
+    from engine.results.calibration import apply_calibration
     from engine.results.metrics import as_logits, probabilities
 
     if tta == "none":
@@ -112,53 +114,15 @@ def with_tta(inferer, task: str, tta: str):
     class FlipAverage(Inferer):
         def __call__(self, inputs, network, *args, **kwargs):
             views = [inputs] + [torch.flip(inputs, dims=(axis,)) for axis in (2, 3, 4)]
-            mean = torch.stack([probabilities(inferer(v, network, *args, **kwargs), task) for v in views]).mean(0)
+            mean = torch.stack([probabilities(apply_calibration(inferer(v, network, *args, **kwargs), calibration),
+                                              task) for v in views]).mean(0)
             return as_logits(mean, task)
 
     return FlipAverage()
 
 
-def _output_folder(cfg: Config, command: str) -> Path:
+def output_folder(cfg: Config, command: str) -> Path:
     return Path(cfg.output.dir) / (cfg.output.name or f"{command}-{datetime.now():%Y%m%d-%H%M%S}")
-
-
-def evaluate(cfg: Config) -> dict:
-    """Every validation metric of a checkpoint on the config's validation datalist (or split), at the
-    checkpoint's thresholds and temperatures, with patient-level bootstrap intervals."""
-    from engine.results.statistics import run_statistics
-
-    device = resolve_device(cfg.train.device)
-    model, state = load_trained_model(cfg.checkpoint, device)
-    train_items, val_items, labels = load_splits(cfg.data)
-    if labels != state["labels"]:
-        raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
-    on = evaluation_split_note(Path(cfg.checkpoint), val_items)
-    thresholds, temperature = decision_settings(state)
-    dataset = build_dataset(val_items, checkpoint_preprocessing(state), cfg.cache.dir if cfg.cache.disk else None,
-                            cfg.cache.memory_rate, cfg.cache.workers)
-    amp = resolve_amp(cfg.train.amp, device)
-    evaluator, validation = make_evaluator(
-        model, make_loader(dataset, cfg.loader, device), device, amp, cfg.metrics, labels, state["task"],
-        make_loss(cfg.train, state["task"], label_frequencies(train_items)), thresholds=thresholds,
-        temperature=temperature, inferer=with_tta(make_inferer(device, amp), state["task"], str(cfg.infer.tta)))
-    evaluator.run()
-    metrics = dict(evaluator.state.metrics)
-    folder = _output_folder(cfg, "evaluate")
-    result = {"checkpoint": str(cfg.checkpoint), "epoch": state["trainer"]["epoch"], "volumes": len(val_items),
-              "data": on, "labels": labels, "tta": str(cfg.infer.tta), "metrics": metrics,
-              **run_statistics(validation.last_probs, validation.last_labels,
-                               [patient_of(it, cfg.data.patient_pattern) for it in val_items], labels, state["task"],
-                               thresholds, temperature, cfg.metrics)}
-    write_json(folder / "evaluation.json", result)
-    width = max(len(k) for k in metrics)
-    print(f"\nct3d evaluate {cfg.checkpoint} on {len(val_items)} volumes ({on}) -> {folder}")
-    print("\n".join(f"{k:<{width}}  {v:.4f}" + _interval_text(result, k) for k, v in metrics.items()))
-    return metrics
-
-
-def _interval_text(result: dict, key: str) -> str:
-    low, high = result.get("bootstrap", {}).get("intervals", {}).get(key, (None, None))
-    return f"  [{low:.4f}, {high:.4f}]" if low is not None else ""
 
 
 def _datalist_volumes(path: Path, cfg: Config) -> tuple[list[dict], list[Problem]]:
@@ -244,7 +208,7 @@ def predict(cfg: Config) -> Path:
     decision column per label at the checkpoint's thresholds (`<label>_decision`); with several checkpoints,
     the mean of their probabilities, decided at their mean thresholds. Every input left out
     (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
-    from engine.results.calibration import apply_temperature
+    from engine.results.calibration import apply_calibration
     from engine.results.metrics import decisions, probabilities
 
     device = resolve_device(cfg.train.device)
@@ -252,27 +216,30 @@ def predict(cfg: Config) -> Path:
         if cfg.saliency:
             raise CT3DError("config error: saliency: Grad-CAM maps are per model; predict with one checkpoint")
         model, state, thresholds = load_ensemble(list(cfg.checkpoints), device)
-        temperature = None  # each member's is applied inside the ensemble
+        calibration = None  # each member's is applied inside the ensemble
         log.info("ensemble of %d models: %s", len(cfg.checkpoints), ", ".join(cfg.checkpoints))
     else:
         model, state = load_trained_model(cfg.checkpoint, device)
-        thresholds, temperature = decision_settings(state)
+        thresholds, calibration = decision_settings(state)
     items, skipped = list_inputs(cfg.input, cfg)
     batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
     loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
                                          num_workers=loader_workers(cfg.loader, None), collate_fn=_batches)
-    inferer = with_tta(make_inferer(device, resolve_amp(cfg.train.amp, device)), state["task"], str(cfg.infer.tta))
+    inferer = with_tta(make_inferer(device, resolve_amp(cfg.train.amp, device)), state["task"], str(cfg.infer.tta),
+                       calibration)
+    if str(cfg.infer.tta) != "none":
+        calibration = None  # applied to each view inside the inferer
     rows = []
     with torch.no_grad():
         for errors, batch in tracked(loader, len(loader), "predict", batch_size, len(items)):
             skipped += [Problem(items[e["index"]][IMAGE], e["error"], items[e["index"]][NAME]) for e in errors]
             if batch is not None:
-                logits = apply_temperature(inferer(batch[IMAGE].to(device).float(), model), temperature)
+                logits = apply_calibration(inferer(batch[IMAGE].to(device).float(), model), calibration)
                 probs = probabilities(logits, state["task"]).cpu()
                 decided = decisions(probs, state["task"], thresholds).int().tolist()
                 rows += [[items[i][NAME], *(f"{p:.6f}" for p in row), *d]
                          for i, row, d in zip(batch["index"], probs.tolist(), decided)]
-    folder = _output_folder(cfg, "predict")
+    folder = output_folder(cfg, "predict")
     buf = io.StringIO()
     header = ["VolumeName", *state["labels"], *(f"{name}_decision" for name in state["labels"])]
     csv.writer(buf).writerows([header, *rows])

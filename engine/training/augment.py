@@ -27,6 +27,18 @@ def _rotations(angles: torch.Tensor) -> torch.Tensor:
     return rz @ ry @ rx
 
 
+def affine_theta(matrices: torch.Tensor, shape, voxel_mm=None) -> torch.Tensor:
+    """(B, 3, 4) `affine_grid` thetas for (B, 3, 3) output -> input matrices meant in physical space (x, y, z),
+    on a (X, Y, Z) grid of `voxel_mm` voxels (None: cubic voxels): E^-1 M E, E the grid's half-extents, so a
+    rotation stays rigid on a grid that is not a cube (in normalised coordinates a 128 x 128 x 64 grid would
+    turn it into a stretch and a skew)."""
+    voxel = torch.ones(3) if voxel_mm is None else torch.as_tensor(voxel_mm, dtype=torch.float32)
+    extent = (torch.tensor([float(n) for n in shape]) * voxel).to(matrices.device, matrices.dtype)
+    normalised = matrices * extent[None, None, :] / extent[None, :, None]  # E^-1 M E, E = diag(extent / 2)
+    zyx = normalised.flip(1).flip(2)  # grid_sample's coordinates run (z, y, x) for a (X, Y, Z) volume
+    return torch.cat([zyx, torch.zeros(len(zyx), 3, 1, device=matrices.device, dtype=matrices.dtype)], 2)
+
+
 def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, radius: int = 3) -> torch.Tensor:
     """Each sample blurred with its own sigma (voxels), by three grouped 1D convolutions."""
     b, c = images.shape[:2]
@@ -44,8 +56,10 @@ def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, radius: int = 3) 
     return out.view_as(images)
 
 
-def augment_batch(images: torch.Tensor, spec: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """`images` (B, C, X, Y, Z) float on any device, augmented sample by sample in batched operations."""
+def augment_batch(images: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
+                  voxel_mm=None) -> torch.Tensor:
+    """`images` (B, C, X, Y, Z) float on any device, augmented sample by sample in batched operations;
+    rotations and scaling are rigid in physical space on voxels of `voxel_mm` (None: cubic voxels)."""
     b, dev = images.shape[0], images.device
 
     def chosen(prob: float) -> torch.Tensor:
@@ -63,8 +77,7 @@ def augment_batch(images: torch.Tensor, spec: AugmentConfig, generator: torch.Ge
     scales = uniform(spec.scale_range[0], spec.scale_range[1], 3)
     if affine.any():
         matrices = _rotations(angles[affine]) / scales[affine][:, None, :]  # output -> input: shrink to zoom in
-        zyx = matrices.flip(1).flip(2)  # grid_sample's coordinates run (z, y, x) for a (X, Y, Z) volume
-        theta = torch.cat([zyx, torch.zeros(len(zyx), 3, 1, device=dev)], 2)
+        theta = affine_theta(matrices, images.shape[2:], voxel_mm)
         grid = F.affine_grid(theta, list(images[affine].shape), align_corners=False)
         images = images.clone()
         images[affine] = F.grid_sample(images[affine], grid, mode="bilinear", padding_mode="border",
@@ -86,13 +99,13 @@ def augment_batch(images: torch.Tensor, spec: AugmentConfig, generator: torch.Ge
 
 class DeviceAugmentation:
     """Moves each training batch's images to `device` (as float32) and augments them there; labels are
-    left alone."""
+    left alone. `voxel_mm`: the batch's voxel size (preprocess.spacing with crop/pad; None: cubic voxels)."""
 
-    def __init__(self, spec: AugmentConfig, device: torch.device | str, seed: int):
+    def __init__(self, spec: AugmentConfig, device: torch.device | str, seed: int, voxel_mm=None):
         if not isinstance(spec, AugmentConfig):
             raise TypeError(f"spec: expected an AugmentConfig (the config's augment section), "
                             f"got {type(spec).__name__}")
-        self.spec, self.device, self.seed = spec, torch.device(device), int(seed)
+        self.spec, self.device, self.seed, self.voxel_mm = spec, torch.device(device), int(seed), voxel_mm
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self)
@@ -108,4 +121,4 @@ class DeviceAugmentation:
         s.batch[IMAGE] = self.apply(s.batch[IMAGE], self.generator(s.epoch, batch))
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return augment_batch(images.to(self.device, non_blocking=True).float(), self.spec, generator)
+        return augment_batch(images.to(self.device, non_blocking=True).float(), self.spec, generator, self.voxel_mm)

@@ -171,10 +171,10 @@ def make_trainer(model, optimizer, loss_fn, loader, device: torch.device, amp_dt
 
 def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype | None, metrics: MetricsConfig,
                    labels: list[str], task: str, loss_fn, thresholds: list[float] | None = None,
-                   temperature: list[float] | None = None, inferer=None):
+                   calibration: dict | None = None, inferer=None):
     """A MONAI SupervisedEvaluator under the training's autocast, with every metric attached (the loss on
     the CPU, where the gathered outputs are: give it its own loss module, not the trainer's). Given
-    `thresholds` (evaluate: the checkpoint's, and its `temperature`), it uses them; without, each validation
+    `thresholds` (evaluate: the checkpoint's, and its `calibration`), it uses them; without, each validation
     fits its own."""
     from monai.engines import SupervisedEvaluator
 
@@ -185,7 +185,7 @@ def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype
                                     decollate=False, **_amp_arguments(amp_dtype))
     validation = ValidationMetrics(labels, task, loss_fn, metrics.threshold, metrics.beta, str(metrics.threshold_rule),
                                    metrics.calibrate, metrics.calibration_bins, fit=thresholds is None,
-                                   thresholds=thresholds, temperature=temperature)
+                                   thresholds=thresholds, calibration=calibration)
     validation.attach(evaluator)
     return evaluator, validation
 

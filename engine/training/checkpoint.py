@@ -75,7 +75,7 @@ def _progress(state: dict) -> tuple:
 
 def write_weights_only(checkpoint: str | Path, path: str | Path) -> Path:
     """A copy of `checkpoint` that holds what inference needs (weights, labels, preprocessing, thresholds,
-    temperatures) and nothing of the data: no per-volume validation outputs, metrics, optimizer or RNG.
+    calibration) and nothing of the data: no per-volume validation outputs, metrics, optimizer or RNG.
     It loads wherever a checkpoint does (evaluate, predict, export, model.pretrained)."""
     state = load_checkpoint(checkpoint)
     shared = {k: state[k] for k in SHAREABLE if k in state}

@@ -27,21 +27,22 @@ class ValidationMetrics:
     puts loss and every metric into `engine.state.metrics`. One pass feeds every metric, where
     MONAI's handlers would each keep their own copy of the outputs.
 
-    With `fit` (training), each validation also fits what turns outputs into decisions: a temperature per
-    label (`calibrate`) and per-label thresholds (`rule`: fixed, youden, fbeta); the metrics use them, and
-    `state_dict` carries them into the checkpoint written after it. Without `fit` (evaluate), the given
-    `thresholds` and `temperature` are used as they are. The loss is always the raw logits'."""
+    With `fit` (training), each validation also fits what turns outputs into decisions: a calibration
+    (`calibrate`: Platt per label, a temperature for multiclass) and per-label thresholds (`rule`: fixed,
+    youden, fbeta) on the calibrated probabilities; the metrics use them, and `state_dict` carries them into
+    the checkpoint written after it. Without `fit` (evaluate), the given `thresholds` and `calibration` are
+    used as they are. The loss is always the raw logits'."""
 
     def __init__(self, names: list[str], task: str, loss_fn: Callable, threshold: float, beta: float,
                  rule: str = "fixed", calibrate: bool = False, bins: int = 10, fit: bool = True,
-                 thresholds: list[float] | None = None, temperature: list[float] | None = None):
+                 thresholds: list[float] | None = None, calibration: dict | None = None):
         if not names:
             raise ValueError("names: expected at least one label name")
         self.names, self.task, self.loss_fn = names, task, loss_fn
         self.threshold, self.beta, self.rule, self.calibrate, self.bins, self.fit = (threshold, beta, rule, calibrate,
                                                                                      bins, fit)
         self.thresholds: list[float] = list(thresholds) if thresholds else [threshold] * len(names)
-        self.temperature = temperature
+        self.calibration = calibration
         self.ece: list[float] = []
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -74,16 +75,16 @@ class ValidationMetrics:
 
     def compute(self, engine: Engine) -> None:
         from engine.results.calibration import (
-            apply_temperature,
+            apply_calibration,
             expected_calibration_error,
-            fit_temperature,
+            fit_calibration,
             tune_thresholds,
         )
 
         logits, labels = self.outputs()
-        if self.fit:  # a temperature restored from a checkpoint goes when calibration is off now
-            self.temperature = fit_temperature(logits, labels, self.task) if self.calibrate else None
-        probs = probabilities(apply_temperature(logits, self.temperature), self.task)
+        if self.fit:  # a calibration restored from a checkpoint goes when calibration is off now
+            self.calibration = fit_calibration(logits, labels, self.task) if self.calibrate else None
+        probs = probabilities(apply_calibration(logits, self.calibration), self.task)
         if self.fit:
             self.thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
         metrics = classification_metrics(probs, labels, self.names, self.task, self.thresholds, self.beta)
@@ -94,11 +95,15 @@ class ValidationMetrics:
         self.last_probs, self.last_labels, self.last_logits = probs, labels, logits
 
     def state_dict(self) -> dict:
-        """What decisions need: the checkpoint's thresholds and temperature (None: not calibrated)."""
-        return {"thresholds": list(self.thresholds), "temperature": self.temperature}
+        """What decisions need: the checkpoint's thresholds and calibration (scale and bias; None: not
+        calibrated)."""
+        calibration = self.calibration or {}
+        return {"thresholds": list(self.thresholds), "scale": calibration.get("scale"), "bias": calibration.get("bias")}
 
     def load_state_dict(self, state: dict) -> None:
-        self.thresholds, self.temperature = list(state["thresholds"]), state["temperature"]
+        from engine.results.calibration import calibration_from
+
+        self.thresholds, self.calibration = list(state["thresholds"]), calibration_from(state)
 
 
 class History:

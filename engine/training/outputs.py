@@ -34,9 +34,11 @@ def best_statistics(cfg: Config, table: MetricsTable, data: Splits, task: str) -
     thresholds = best.get("thresholds", [cfg.metrics.threshold] * len(data.labels))
     order = gathered_order(len(data.val), best["ranks"])
     patients = [patient_of(data.val[i], cfg.data.patient_pattern) for i in order]
+    from engine.results.calibration import calibration_from
+
     return {"threshold_rule": str(cfg.metrics.threshold_rule),
             **run_statistics(best["probs"], best["labels"], patients, data.labels, task,
-                             thresholds, best.get("temperature"), cfg.metrics)}
+                             thresholds, calibration_from(best), cfg.metrics)}
 
 
 def summary_table(summary: dict, labels: list[str]) -> str:
@@ -85,10 +87,10 @@ def timed_call(parts: dict, name: str, fn, *args):
 
 def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: History, cfg: Config, tracker,
                   net: torch.nn.Module, data: Splits, clock: list[float], finish_checkpoints) -> None:
-    """Rank 0's closing work: the best validation's statistics and the report's panels while the last epoch's
-    checkpoint is written (`finish_checkpoints` then waits for it and writes final.pt), the Grad-CAM panels
-    of the best epoch's model, the report, the W&B run's end, summary.json (with the time of each phase:
-    `clock` holds the run's start, training's start and the last validation's end) and the printed table."""
+    """Rank 0's closing work: the best validation's statistics and the report's panels while the last epoch's checkpoint
+    is written (`finish_checkpoints` then waits for it and writes final.pt), the Grad-CAM panels of the best epoch's
+    model, its scores on the held-out test set (if any), the report, the W&B run's end, summary.json (with the time of
+    each phase: `clock` holds the run's start, training's start and the last validation's end) and the printed table."""
     from engine.results.report import draw_panels, report_title, write_report
 
     parts: dict[str, float] = {"after the last epoch": round(time.time() - clock[2], 3)}  # its checkpoint, ...
@@ -110,6 +112,11 @@ def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: His
         current = summary["best_epoch"] == summary["final"]["epoch"]
         sections = timed_call(parts, "saliency", inspection_panels, cfg, folder, net, data.val, table,
                               summary["labels"], current)
+        if data.test:  # the net holds the best epoch's weights now (inspection_panels loaded them if needed)
+            from engine.training.held_out import test_block
+
+            summary["test"] = timed_call(parts, "test set", test_block, cfg, net, data.test, summary["labels"],
+                                         summary["task"], outputs)
         report_png, _ = timed_call(parts, "report", write_report, folder, panels, page, summary, to_yaml(cfg),
                                     sections)
     if tracker is not None:

@@ -95,7 +95,8 @@ def train(cfg: Config, attach=None) -> Path:
     if cfg.train.freeze_epochs:
         FreezeBackbone(net, cfg.model, cfg.train.freeze_epochs).attach(trainer)
     if cfg.augment.enabled:
-        DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank).attach(trainer)
+        voxel = cfg.preprocess.spacing if cfg.preprocess.resize == "crop_pad" else None  # resize: voxels vary
+        DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank, voxel).attach(trainer)
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
     attach_loss_metrics(trainer, stop_on_nan=amp_dtype != torch.float16)
     if main:
@@ -135,7 +136,10 @@ def train(cfg: Config, attach=None) -> Path:
 
     summary = {
         "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
-        "train_volumes": len(data.train), "val_volumes": len(data.val), "skipped": len(data.skipped),
+        "train_volumes": len(data.train), "val_volumes": len(data.val), "test_volumes": len(data.test),
+        "skipped": len(data.skipped),
+        "selection_set": "validation: the best epoch, thresholds and calibration were chosen on it, so its figures "
+                         "(best, bootstrap) are optimistic; publish the test block's",
         "key_metric": str(cfg.metrics.key), "best_epoch": table.best["epoch"], "best": table.best,
         "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
         "epoch_seconds": history.epoch_seconds,

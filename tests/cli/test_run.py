@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engine.config.loading import load_config
-from engine.serving.inference import evaluate
+from engine.serving.evaluation import evaluate
 from helpers import ENV, ROOT, TEXT, cli, command, tiny_overrides
 
 

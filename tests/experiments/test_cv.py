@@ -103,5 +103,7 @@ def test_cv_refuses_fold_folders_made_with_other_settings(cv_run):
     _, overrides, _, _ = cv_run
     with pytest.raises(CT3DError, match=r"cv: .*fold0 was trained with other settings \(model.widen_factor\)"):
         cv(load_config(None, [*overrides, "model.widen_factor=0.5"]))
+    with pytest.raises(CT3DError, match="checkpoints: an ensemble of 3 checkpoints is for predict"):
+        load_config(None, [*overrides, "checkpoint=a.pt", "checkpoint=b.pt", "checkpoint=c.pt"], command="evaluate")
     with pytest.raises(CT3DError, match="checkpoints: an ensemble of 2 checkpoints is for predict"):
-        load_config(None, [*overrides, "checkpoint=a.pt", "checkpoint=b.pt"], command="evaluate")
+        load_config(None, [*overrides, "checkpoint=a.pt", "checkpoint=b.pt"], command="export")

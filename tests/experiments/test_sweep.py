@@ -54,8 +54,12 @@ def test_pruned_trial_stops_training_and_records_why(tmp_path, tiny_demo):
     from engine.experiments.sweep import pruning
     from engine.training.workflow import train
 
+    class Study:  # no completed trial to compare with
+        def get_trials(self, deepcopy=False, states=()):
+            return []
+
     class Trial:  # Optuna's trial as the pruning hook sees it; this one's pruner always says stop
-        number, reported, attrs = 7, [], {}
+        number, reported, attrs, study = 7, [], {}, Study()
 
         def report(self, value, step):
             self.reported.append((step, value))
@@ -72,3 +76,32 @@ def test_pruned_trial_stops_training_and_records_why(tmp_path, tiny_demo):
     assert [step for step, _ in trial.reported] == [1]  # stopped after the first validation
     assert trial.attrs["pruned"].startswith("pruned at epoch 1: val_loss")
     assert json.loads((folder / "summary.json").read_text())["final"]["epoch"] == 1
+
+
+def test_study_sizes_tpe_start_up_to_the_budget_and_prunes_after_the_warm_up(tmp_path):
+    """A real Optuna study as `sweep` opens it: TPE's random start-up is a third of a 10-trial budget (not all of
+    it), and the median pruner lets a clearly worse trial run through the warm-up epochs, then stops it, and says
+    what it was compared with."""
+    import optuna
+
+    from engine.experiments.sweep import median_at, open_study, startup_trials
+
+    assert [startup_trials(n) for n in (3, 10, 30, 100)] == [2, 3, 10, 10]
+    cfg = load_config(None, [f"output.dir={tmp_path}", "output.name=s", "data.demo.enabled=true", "sweep.trials=10",
+                             "sweep.space={train.lr: {type: log, low: 0.0001, high: 0.01}}", "sweep.pruner=median",
+                             "sweep.pruner_warmup_epochs=2"], command="sweep")
+    study, _ = open_study(cfg)
+    assert study.sampler._n_startup_trials == 3
+    for good in (0.90, 0.92):
+        trial = study.ask()
+        for epoch in range(1, 5):
+            trial.report(good, epoch)
+        study.tell(trial, good)
+    worse = study.ask()
+    pruned_at = []
+    for epoch in range(1, 5):
+        worse.report(0.5, epoch)
+        if worse.should_prune():
+            pruned_at.append(epoch)
+    assert pruned_at[:1] == [3] and median_at(study, 3, worse.number) == 0.91
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)

@@ -27,7 +27,9 @@ def test_report_has_every_panel_filled(tmp_path, tiny_demo):
     assert summary["auc_macro_labels"] == len(defined) == summary["best"]["auc_labels"]
     assert f"Macro AUC averages {len(defined)} of 4 labels" in page
     assert set(summary["auc_left_out"]) == set(summary["labels"]) - set(defined)
-    assert all(t > 0 for t in summary["temperature"].values()) and "ECE" in page
+    fitted = summary["calibration"]
+    assert set(fitted["scale"]) == set(fitted["intercept"]) == set(summary["labels"]) and "ECE" in page
+    assert "intercept" in page and "Platt scaling" in page
     phases = summary["phases"]  # each phase timed, the closing's parts too, and they add up
     assert {"statistics", "report panels", "checkpoints", "saliency", "report"} <= set(phases["closing_parts"])
     start, training, closing, end = phases["clock"]

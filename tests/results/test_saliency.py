@@ -80,3 +80,28 @@ def test_fast_maps_in_bfloat16_find_the_same_peaks_and_are_exact_without_native_
     assert (exact - fast).abs().max() < 0.1  # maps in [0, 1]
     for e, f in zip(exact, fast):
         assert max(abs(a - b) for a, b in zip(peak(e), peak(f))) <= 2, (peak(e), peak(f))  # a 4-voxel grid
+
+
+def test_maps_share_one_scale_per_volume_and_keep_the_metadata_spacing(tmp_path):
+    """A label whose evidence is a hundredth of another's reads about 0.01 (every map of a volume is scaled by
+    the volume's strongest), not 1 as a map scaled alone would; and the maps go back to the grid data.metadata
+    gave the volume (its spacing), not the file header's."""
+    import numpy as np
+
+    from engine.config.schema import PreprocessConfig
+    from engine.data.preprocess import preprocessing_transform
+    from engine.results.saliency import input_space_maps
+    from volumes import hu_volume, write_nifti
+
+    config = ModelConfig(name="resnet3d", variant="10", widen_factor=0.25)
+    net = create_model(config, 2, [16, 16, 16])
+    with torch.no_grad():
+        net.fc.weight[1] = 0.01 * net.fc.weight[0]
+        net.fc.bias.zero_()
+    path = write_nifti(tmp_path / "raw.nii.gz", hu_volume((20, 24, 28)) + 1024, spacing=(1.0, 1.0, 1.0))
+    item = {"image": str(path), "name": "raw.nii.gz", "rescale": [1.0, -1024.0], "pixdim": [0.75, 0.75, 1.5]}
+    transform = preprocessing_transform(PreprocessConfig(spatial_size=[16, 16, 16]), keep_meta=True)
+    maps, affine = input_space_maps(net, config, transform, item, 2)
+    assert maps.shape == (20, 24, 28, 2) and 0.9 <= maps[..., 0].max() <= 1 + 1e-6  # peaks at 1 before resampling
+    assert maps[..., 1].max() / maps[..., 0].max() == pytest.approx(0.01, rel=0.05)
+    assert np.allclose(np.abs(np.diag(affine))[:3], [0.75, 0.75, 1.5], atol=1e-4)

@@ -53,7 +53,7 @@ def test_onnx_file_matches_pytorch_in_onnxruntime(trained, tmp_path):
     meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["ct3d"])
     assert meta["labels"] == list(LABELS) and meta["task"] == "multilabel"
     assert meta["preprocessing"]["spatial_size"] == [32, 32, 32] and meta["threshold"] == 0.5
-    assert meta["thresholds"] == [0.5] * len(LABELS) and meta["temperature"] is None
+    assert meta["thresholds"] == [0.5] * len(LABELS) and meta["calibration"] is None
 
 
 def test_torchscript_file_matches_pytorch(trained, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 
 from engine.config.loading import load_config
 from engine.data.demo import LABELS, phantom
-from engine.serving.inference import evaluate, predict
+from engine.serving.evaluation import evaluate
+from engine.serving.inference import predict
 from engine.training.checkpoint import load_checkpoint
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
@@ -18,7 +19,7 @@ from volumes import write_dicom_series, write_itk, write_nifti
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_demo):
     tmp = tmp_path_factory.mktemp("trained")
-    # thresholds tuned for F1 and temperatures fitted on validation: evaluate and predict must use the checkpoint's
+    # thresholds tuned for F1 and Platt scaling fitted on validation: evaluate and predict must use the checkpoint's
     overrides = tiny_overrides(tmp, tiny_demo, "train.epochs=2", "metrics.threshold_rule=fbeta",
                                "metrics.calibrate=true")
     return train(load_config(None, overrides)), overrides, tmp
@@ -36,7 +37,9 @@ def test_evaluate_reproduces_best_validation_metrics(trained):
     saved = json.loads((tmp / "runs" / "eval" / "evaluation.json").read_text())
     assert saved["epoch"] == summary["best_epoch"] and saved["data"] == "the run's own validation split"
     assert saved["thresholds"] == pytest.approx(summary["thresholds"]) and len(set(saved["thresholds"].values())) > 1
-    assert saved["temperature"] == pytest.approx(summary["temperature"])
+    for part in ("scale", "intercept"):
+        assert saved["calibration"][part] == pytest.approx(summary["calibration"][part])
+    assert any(b != 0 for b in summary["calibration"]["intercept"].values())  # an intercept was fitted
     assert saved["bootstrap"]["intervals"]["auc_macro"] == pytest.approx(summary["bootstrap"]["intervals"]["auc_macro"])
 
 
@@ -65,14 +68,14 @@ def test_predict_writes_decisions_at_the_checkpoints_thresholds_and_tta_averages
     assert list(rows["none"]) == ["VolumeName", *LABELS, *(f"{name}_decision" for name in LABELS)]
 
     model, state = load_trained_model(str(ckpt), torch.device("cpu"))
-    thresholds, temperature = decision_settings(state)
+    thresholds, calibration = decision_settings(state)
+    scale, bias = torch.tensor(calibration["scale"]), torch.tensor(calibration["bias"])
     x = preprocessing_transform(checkpoint_preprocessing(state))({"image": str(volume), "name": "v"})["image"]
     x = x.float()[None]
-    with torch.no_grad():  # by hand: the mean of sigmoid over the volume and its three single-axis flips
+    with torch.no_grad():  # by hand: the mean of calibrated sigmoids over the volume and its three flips
         views = [x, x.flip(2), x.flip(3), x.flip(4)]
-        by_hand = torch.stack([torch.sigmoid(model(v)) for v in views]).mean(0)[0]
-        by_hand = torch.sigmoid(torch.logit(by_hand) / torch.tensor(temperature))
-        plain = torch.sigmoid(model(x)[0] / torch.tensor(temperature))
+        by_hand = torch.stack([torch.sigmoid(model(v) * scale + bias) for v in views]).mean(0)[0]
+        plain = torch.sigmoid(model(x)[0] * scale + bias)
     for j, label in enumerate(LABELS):
         assert float(rows["flips"][label]) == pytest.approx(float(by_hand[j]), abs=2e-5)
         assert float(rows["none"][label]) == pytest.approx(float(plain[j]), abs=2e-5)
@@ -204,3 +207,47 @@ def test_predict_saliency_writes_one_map_per_volume_on_the_input_grid(trained, t
     values = heat.get_fdata()
     assert values.min() >= -1e-4 and values.max() <= 1 + 1e-4 and values.max() > 0.5
     assert nib.load(str(path.parent / "saliency" / "series.nii.gz")).shape == (32, 32, 24, len(LABELS))
+
+
+def test_evaluate_refuses_another_scan_of_a_training_patient_unless_allowed(trained, tmp_path, tiny_demo):
+    """`train_3_b_1` is not a volume the run saw, but its patient `train_3` was trained on: not held out."""
+    import shutil
+
+    from engine.data.prepare import read_split
+
+    folder, overrides, _ = trained
+    rows = read_split(folder / "split.csv")
+    trained_volume = next(v for v, row in rows.items() if row["split"] == "train")
+    validation = [v for v, row in rows.items() if row["split"] == "validation"]
+    patient = rows[trained_volume]["patient"]
+    other_scan = trained_volume.replace("_a_", "_b_")
+    shutil.copy(tiny_demo.parent / trained_volume, tmp_path / other_scan)
+    for name in validation:
+        shutil.copy(tiny_demo.parent / name, tmp_path / name)
+    header, *lines = tiny_demo.read_text().splitlines()
+    label_of = {line.split(",")[0]: line.split(",", 1)[1] for line in lines}
+    datalist = tmp_path / "held_out.csv"
+    datalist.write_text("\n".join([header, f"{other_scan},{label_of[trained_volume]}",
+                                   *(f"{v},{label_of[v]}" for v in validation)]) + "\n")
+    base = [*overrides, f"checkpoint={folder / 'checkpoints' / 'best.pt'}", f"data.val={datalist}",
+            f"output.dir={tmp_path}"]
+    with pytest.raises(CT3DError, match=rf"1 patient\(s\) of these volumes were trained on .*{patient}"):
+        evaluate(load_config(None, base, command="evaluate"))
+    allowed = evaluate(load_config(None, [*base, "infer.allow_trained_patients=true"], command="evaluate"))
+    assert "auc_macro" in allowed
+
+
+def test_evaluate_compares_two_checkpoints_on_the_same_volumes(trained, tmp_path):
+    folder, overrides, _ = trained
+    best, final = (str(folder / "checkpoints" / f"{n}.pt") for n in ("best", "final"))
+    cfg = load_config(None, [*overrides, f"checkpoint={best}", f"checkpoint={final}", f"output.dir={tmp_path}",
+                             "output.name=pair"], command="evaluate")
+    evaluate(cfg)
+    saved = json.loads((tmp_path / "pair" / "evaluation.json").read_text())
+    first, second, comparison = saved["first"], saved["second"], saved["comparison"]
+    assert first["checkpoint"] == best and second["checkpoint"] == final and first["volumes"] == second["volumes"]
+    macro = comparison["auc_macro"]
+    assert macro["first"] == pytest.approx(first["metrics"]["auc_macro"], abs=1e-6)
+    assert macro["second"] == pytest.approx(second["metrics"]["auc_macro"], abs=1e-6)
+    low, high = macro["interval"]
+    assert low <= macro["difference"] <= high and comparison["method"] == "BCa"

@@ -79,3 +79,27 @@ def test_each_transform_does_what_it_says():
     turned = augment_batch(volume, AugmentConfig(**{**off, "affine_prob": 1.0, "rotate_degrees": [0.0, 0.0, 90.0],
                                                      "scale_range": [1.0, 1.0]}), generator)
     assert turned.shape == volume.shape and not torch.allclose(turned, volume)
+
+
+@pytest.mark.parametrize("shape, voxel", [((128, 128, 64), None), ((48, 48, 24), (1.0, 1.0, 2.0))])
+def test_rotation_is_rigid_on_a_grid_that_is_not_a_cube(shape, voxel):
+    """A blob off the centre, rotated 30 degrees about x (mixing y and z, whose extents differ) and about z:
+    its centroid lands where the rigid rotation puts it, within half a voxel."""
+    import math
+
+    import torch.nn.functional as F
+
+    from engine.training.augment import _rotations, affine_theta
+
+    mm = torch.ones(3) if voxel is None else torch.tensor(voxel)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij"))
+    physical = (grid - torch.tensor([(n - 1) / 2 for n in shape])[:, None, None, None]) * mm[:, None, None, None]
+    source = torch.tensor([12.0, -10.0, 8.0])  # mm from the centre
+    blob = torch.exp(-((physical - source[:, None, None, None]) ** 2).sum(0) / (2 * 3.0**2))[None, None]
+    rotation = _rotations(torch.tensor([[math.radians(30), 0.0, math.radians(20)]]))
+    theta = affine_theta(rotation, shape, voxel)
+    out = F.grid_sample(blob, F.affine_grid(theta, list(blob.shape), align_corners=False), mode="bilinear",
+                        align_corners=False)[0, 0]
+    centroid = (physical * out).flatten(1).sum(1) / out.sum()
+    expected = rotation[0].T @ source  # output(p) = input(R p): the blob moves to R^T p
+    assert torch.all((centroid - expected).abs() <= 0.5 * mm), (centroid, expected)
