@@ -148,7 +148,7 @@ def thread_loader_class():
 
 def loader_workers(loader: LoaderConfig, dataset) -> int:
     """`loader.num_workers`, or when unset: 0 for a dataset wholly in the RAM cache (worker processes would
-    only copy it: 2 workers took +0.9 GB peak PSS and 1.45x the epoch time on a 48-volume ResNet-18 run,
+    only copy it: 2 workers took +0.9 GB peak PSS and 1.43x the epoch time on a 48-volume ResNet-18 run,
     bench/RESULTS.md), else one per spare CPU of this rank, at most 4, to read and decode the disk cache
     while the model trains."""
     import os

@@ -48,11 +48,16 @@ def read_metadata(path: str | Path) -> dict[str, tuple[list[float], list[float]]
     return table
 
 
+def _files(paths: list[str] | str | Path) -> list[str | Path]:
+    """data.metadata's files: one path or a list of them."""
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
 def read_tables(paths: list[str] | str | Path) -> dict[str, tuple[list[float], list[float]]]:
     """Every file's rows as one table; a volume in two files with different values raises, naming both."""
     table: dict[str, tuple[list[float], list[float]]] = {}
     origin: dict[str, str] = {}
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+    for path in _files(paths):
         for name, entry in read_metadata(path).items():
             if name in table and table[name] != entry:
                 raise CT3DError(f"data.metadata: {name} has different rows in {origin[name]} and {path}")
@@ -65,7 +70,7 @@ def attach_metadata(paths: list[str] | str | Path, lists: tuple[list[dict], ...]
     """Each list's items with their metadata, looked up in every file of `paths`. A volume without a row is a
     problem naming the files (raised at once when `problems` is None, else appended and the item left out)."""
     table = read_tables(paths)
-    where = ", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))
+    where = ", ".join(map(str, _files(paths)))
     found: list[Problem] = []
     out = []
     for items in lists:
