@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, train_volumes=64, train_size=64,
             engine_epochs=5, engine_repeats=3, startup_runs=5, rank_volumes=64, rank_size=128,
-            rank_runs=(0.0, 1.0, 0.0),  # the first run fills the disk cache: not measured
+            rank_fill=True, rank_pairs=2, memory_repeats=2,  # a first 2-rank run fills the disk cache: not measured
             augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)),
             data_path_shape=(128, 256, 256), data_path_volumes=32, matmul_size=2048, roofline_size=64,
             roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2, layout_size=64,
@@ -30,7 +30,7 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             gradcam_volumes=2, gradcam_maps=4, fov_shape=(512, 512, 300), fov_spacing=(0.7, 0.7, 1.0), fov_repeats=3)
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
-             rank_runs=(1.0, 0.0), augment_shapes=(("64", (16, 16, 16), 1),),
+             rank_fill=False, rank_pairs=1, memory_repeats=1, augment_shapes=(("64", (16, 16, 16), 1),),
              data_path_shape=(16, 32, 32), data_path_volumes=8, matmul_size=256, roofline_size=16, roofline_steps=1,
              loader_volumes=8, loader_size=16, loader_epochs=2, loader_repeats=1, layout_size=16, layout_steps=1,
              loader_model=("model.variant=10", "model.widen_factor=0.25"),

@@ -19,10 +19,15 @@ def bench_memory(cfg: dict, work: Path) -> dict:
             "cache": str(work / "cache-memory")}
     here = cfg.get("in_process", False)
     run_child({**base, "rate": 0.0}, in_process=here)  # fill the disk cache first, so both runs below do the same work
-    without = run_child({**base, "rate": 0.0}, sample_memory=True, in_process=here)
-    with_cache = run_child({**base, "rate": 1.0}, sample_memory=True, in_process=here)
-    return {"baseline_pss": without["peak_pss"], "cached_pss": with_cache["peak_pss"],
-            "cache_bytes": with_cache["cache_bytes"]}
+    figures: dict = {}
+    for _ in range(cfg.get("memory_repeats", 1)):  # alternating, so a drift hits both alike
+        without = run_child({**base, "rate": 0.0}, sample_memory=True, in_process=here)
+        with_cache = run_child({**base, "rate": 1.0}, sample_memory=True, in_process=here)
+        figures.setdefault("baseline_pss_all", []).append(without["peak_pss"])
+        figures.setdefault("cached_pss_all", []).append(with_cache["peak_pss"])
+        figures["cache_bytes"] = with_cache["cache_bytes"]
+    return {"baseline_pss": statistics.median(figures["baseline_pss_all"]),
+            "cached_pss": statistics.median(figures["cached_pss_all"]), **figures}
 
 
 def bench_ranks(cfg: dict, work: Path) -> dict:
@@ -32,13 +37,18 @@ def bench_ranks(cfg: dict, work: Path) -> dict:
     overrides = [*demo_training(work, "ranks", n, size), "train.epochs=1", "tracking.wandb.mode=disabled",
                  "model.widen_factor=0.25", "loader.batch_size=4",
                  "train.threads=1", "data.val_fraction=0.25"]
-    peaks = {}
-    for rate in cfg["rank_runs"]:
-        peaks[rate] = training_pss([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc-per-node=2", "-m", "engine.run", "train", *overrides,
-                                    f"cache.memory_rate={rate}", f"output.name=rate{rate}"], "2-rank",
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return {"ranks_pss_cached": peaks[1.0], "ranks_pss_uncached": peaks[0.0], "ranks_cache_bytes": n * size**3 * 2}
+    peaks: dict[float, list[int]] = {0.0: [], 1.0: []}
+    runs = ([0.0] if cfg["rank_fill"] else []) + [1.0, 0.0] * cfg["rank_pairs"]  # a first run fills the disk cache
+    for i, rate in enumerate(runs):
+        peak = training_pss([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node=2", "-m", "engine.run", "train", *overrides,
+                             f"cache.memory_rate={rate}", f"output.name=rate{rate}-{i}"], "2-rank",
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if i or not cfg["rank_fill"]:
+            peaks[rate].append(peak)
+    return {"ranks_pss_cached_all": peaks[1.0], "ranks_pss_uncached_all": peaks[0.0],
+            "ranks_pss_cached": statistics.median(peaks[1.0]), "ranks_pss_uncached": statistics.median(peaks[0.0]),
+            "ranks_cache_bytes": n * size**3 * 2}
 
 
 def bench_loaders(cfg: dict, work: Path) -> dict:

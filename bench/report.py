@@ -59,8 +59,10 @@ def _engine_and_memory(f: dict) -> list:
     if "engine_ratio" not in f:
         return _memory(f)
     spread = f.get("engine_ratio_all", [f["engine_ratio"]])
-    rows.append(ratio_row("engine epoch (validation, metrics, checkpoint, W&B offline) vs a hand-written loop "
-                          "doing the same", f["engine_ratio"], (min(spread), max(spread)), 1.03, True))
+    rows.append(ratio_row("engine epoch (training, validation, metrics, W&B offline) vs a hand-written loop doing "
+                          "the same like for like (the engine's layout and loaders, same data; both write a "
+                          "checkpoint each epoch outside the timed span)", f["engine_ratio"],
+                          (min(spread), max(spread)), 1.03, True))
     spread = f.get("engine_ratio_no_wandb_all", [f["engine_ratio_no_wandb"]])
     rows.append(row("engine epoch without W&B vs the same hand-written loop",
                     f"{f['engine_ratio_no_wandb']:.3f}x (spread {min(spread):.3f}-{max(spread):.3f})"))
@@ -71,14 +73,22 @@ def _memory(f: dict) -> list:
     rows = []
     if "cached_pss" not in f:
         return rows
-    mem = f["cached_pss"] / (f["baseline_pss"] + f["cache_bytes"])
-    rows.append(row("peak PSS, RAM cache + 2 workers vs baseline + cache bytes", f"{mem:.3f}x", "<= 1.15x",
-                    mem <= 1.15))
+    base, cached = f.get("baseline_pss_all", [f["baseline_pss"]]), f.get("cached_pss_all", [f["cached_pss"]])
+    totals = [c / (b + f["cache_bytes"]) for b, c in zip(base, cached)]
+    rows.append(ratio_row("peak PSS, RAM cache + 2 workers vs baseline + cache bytes", median(totals),
+                          (min(totals), max(totals)), 1.15, True))
+    shares = [(c - b) / f["cache_bytes"] for b, c in zip(base, cached)]  # an empty cache would read ~0
+    rows.append(ratio_row("RAM cache's share of peak PSS (with - without) vs one copy of the cache bytes",
+                          median(shares), (min(shares), max(shares)), 0.7, False))
     if "ranks_pss_cached" not in f:
         return rows
-    node = (f["ranks_pss_cached"] - f["ranks_pss_uncached"]) / f["ranks_cache_bytes"]
-    rows.append(row("2-rank run: RAM cache's share of peak PSS vs one copy of the cached bytes", f"{node:.2f}x",
-                    "<= 1.3x", node <= 1.3))
+    pairs = zip(f.get("ranks_pss_cached_all", [f["ranks_pss_cached"]]),
+                f.get("ranks_pss_uncached_all", [f["ranks_pss_uncached"]]))
+    node = [(c - u) / f["ranks_cache_bytes"] for c, u in pairs]
+    low, high = min(node), max(node)
+    rows.append(row("2-rank run: RAM cache's share of peak PSS vs one copy of the cached bytes (a node holds one "
+                    "copy, not one per rank; an empty cache would read ~0)",
+                    f"{median(node):.2f}x (spread {low:.2f}-{high:.2f})", "0.7x-1.3x", 0.7 <= low and high <= 1.3))
     return rows
 
 
@@ -197,9 +207,10 @@ def notes(f: dict) -> str:
     if "engine_epoch" not in f:
         return ""
     wandb_share = (f["engine_epoch"] - f["engine_epoch_no_wandb"]) / f["hand_epoch"]
-    return (f"Notes: every timed engine epoch validates (metrics, calibration, thresholds), writes last.pt (and "
-            f"best.pt when it improved) and logs to W&B offline; the hand-written loop validates, computes the same "
-            f"metrics and writes the same kind of checkpoint atomically every epoch. W&B alone cost "
+    return (f"Notes: every timed engine epoch trains, validates (metrics, calibration, thresholds) and logs to W&B "
+            f"offline; its checkpoint (last.pt, best.pt when it improved) is written after the epoch's timer stops. "
+            f"The hand-written loop trains the same network in the same layout from the same loaders, validates and "
+            f"computes the same metrics, and writes the same kind of checkpoint after its timer stops. W&B alone cost "
             f"{100 * wandb_share:+.1f}% of an epoch in this run. Ratios are medians of alternating runs; the spread "
             f"is their min-max (for the pipeline rows: slowest over fastest epoch and back), and a row is met only "
             f"when the whole spread is on the target's side. Rows without a target are reported, never met. The "
@@ -215,9 +226,11 @@ def markdown(f: dict, cfg: dict, smoke: bool, seconds: float) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     raw = "\n".join(f"| {k} | {fmt(v)} |" for k, v in f.items())
-    sizes = (f"{cfg['volumes']} volumes of {'x'.join(map(str, cfg['source']))} int16 NIfTI in HU, preprocessed "
-             f"to {'x'.join(map(str, cfg['target']))} float16; engine: {cfg['train_volumes']} volumes of "
-             f"{cfg['train_size']}^3, batch 8; 2 ranks: {cfg['rank_volumes']} volumes of {cfg['rank_size']}^3 float16")
+    source = "x".join(map(str, cfg["source"]))
+    sizes = (f"pipeline: {cfg['volumes']} volumes of {source} int16 NIfTI in HU, preprocessed to "
+             f"{'x'.join(map(str, cfg['target']))} float16; memory: the same volumes kept at {source} float16; "
+             f"engine: {cfg['train_volumes']} volumes of {cfg['train_size']}^3, batch 8; 2 ranks: "
+             f"{cfg['rank_volumes']} volumes of {cfg['rank_size']}^3 float16")
     return f"""# Benchmark results{' (smoke sizes)' if smoke else ''}
 
 `make bench` (`python -m bench`) rewrites this file. Figures are ratios measured in one run.

@@ -29,7 +29,7 @@ def cv_run(tmp_path_factory, tiny_demo):
     """`cv` with 3 folds, killed (SIGKILL) in the middle of fold 1, then run again."""
     tmp = tmp_path_factory.mktemp("cv")
     overrides = tiny_overrides(tmp, tiny_demo, "data.folds=3", "train.epochs=4", "output.name=cv",
-                               "metrics.bootstrap=200")
+                               "metrics.bootstrap=200", "metrics.calibrate=true")  # each fold its own Platt fit
     proc = subprocess.Popen(command("cv", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, **TEXT)
     folds = tmp / "runs" / "cv"
@@ -55,6 +55,17 @@ def test_cv_resumes_after_a_kill_mid_fold_and_finishes_the_rest(cv_run, tiny_dem
     assert pooled["volumes"] == len(names) == 24  # out of fold: every volume once
     low, high = pooled["bootstrap"]["intervals"]["auc_macro"]
     assert low <= pooled["metrics"]["auc_macro"] <= high
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from engine.training.checkpoint import load_checkpoint
+
+    best = [load_checkpoint(folds / f"fold{k}" / "checkpoints" / "best.pt")["metrics_table"]["best_outputs"]
+            for k in range(3)]
+    raw, labels = torch.sigmoid(torch.cat([b["logits"] for b in best])), torch.cat([b["labels"] for b in best])
+    per_label = [roc_auc_score(labels[:, j], raw[:, j]) for j in range(labels.shape[1])
+                 if labels[:, j].min() != labels[:, j].max()]
+    assert pooled["metrics"]["auc_macro"] == pytest.approx(sum(per_label) / len(per_label))  # raw outputs pooled
     for k in range(3):
         split = list(csv.DictReader(open(folds / f"fold{k}" / "split.csv")))
         assert sum(r["split"] == "validation" for r in split) == summary["folds"][k]["val_volumes"]

@@ -47,7 +47,9 @@ def test_sweep_of_two_workers_records_every_trial_and_survives_a_killed_worker(t
     assert retry["state"] == "complete" and retry["run"] == failed["run"] and retry["params"] == failed["params"]
     assert f"resumed from {trial / 'checkpoints'}" in out
     assert summary["best"]["value"] == max(t["value"] for t in summary["trials"] if t["state"] == "complete")
-    assert "Parameter importances" in (study / "sweep_report.html").read_text()
+    page = (study / "sweep_report.html").read_text()
+    assert "Parameter importances (PED-ANOVA)" in page and summary["importance_method"] == "PED-ANOVA"
+    assert "selected twice" in page and "selected twice" in summary["selection"]
 
 
 def test_pruned_trial_stops_training_and_records_why(tmp_path, tiny_demo):
