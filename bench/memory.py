@@ -25,6 +25,7 @@ def bench_memory(cfg: dict, work: Path) -> dict:
         with_cache = run_child({**base, "rate": 1.0}, sample_memory=True, in_process=here)
         figures.setdefault("baseline_pss_all", []).append(without["peak_pss"])
         figures.setdefault("cached_pss_all", []).append(with_cache["peak_pss"])
+        figures.setdefault("cache_built_pss_all", []).append(with_cache["built_pss"])
         figures["cache_bytes"] = with_cache["cache_bytes"]
     return {"baseline_pss": statistics.median(figures["baseline_pss_all"]),
             "cached_pss": statistics.median(figures["cached_pss_all"]), **figures}

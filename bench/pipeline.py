@@ -61,10 +61,15 @@ def child_pipeline(args: dict) -> dict:
     if mode == "memory":  # for the memory figure: hold the loader busy, report the cache size
         import torch
 
+        import psutil
+
+        before = psutil.Process().memory_full_info().pss
         dataset = build_dataset(items, p, args["cache"], args["rate"], 2)
+        built = psutil.Process().memory_full_info().pss - before  # what building the RAM cache left resident
         cached = sum(dataset[i]["image"].numel() * dataset[i]["image"].element_size() for i in range(len(dataset)))
         epoch_times(dataset, workers, epochs)
-        return {"cache_bytes": cached if args["rate"] > 0 else 0, "torch_threads": torch.get_num_threads()}
+        return {"cache_bytes": cached if args["rate"] > 0 else 0, "built_pss": built,
+                "torch_threads": torch.get_num_threads()}
     raise ValueError(mode)
 
 

@@ -73,6 +73,7 @@ def console() -> None:
 
 def dispatch(args: argparse.Namespace, cfg) -> int:
     from engine.data import prepare
+    from engine.data.sharing import parse_shard
     from engine.serving import evaluation, export, inference
     from engine.training import workflow
     from engine.training.build import setup_logging
@@ -96,7 +97,7 @@ def dispatch(args: argparse.Namespace, cfg) -> int:
             return 0
         return 1 if prepare.check(cfg) else 0
     if args.command == "cache":
-        counts = prepare.cache(cfg, verify=args.verify, shard_of=prepare.parse_shard(args.shard))
+        counts = prepare.cache(cfg, verify=args.verify, shard_of=parse_shard(args.shard))
         return 1 if counts["problems"] else 0
     {"evaluate": evaluation.evaluate, "predict": inference.predict, "export": export.export}[args.command](cfg)
     return 0

@@ -224,6 +224,7 @@ class SweepConfig:
     metric: str = ""  # summary.json best-row key to optimise; empty: metrics.key (direction from metrics.mode)
     pruner: Pruner = Pruner.median  # median: stop a trial whose validation is below the median of earlier ones
     pruner_warmup_epochs: int = setting(2, ge=0)  # median: no trial is pruned at or before this epoch
+    pruner_startup_trials: int = setting(2, ge=1)  # median: trials completed before any trial is pruned
     seed: int = 0
     heartbeat_seconds: float = setting(30.0, gt=0)  # a running trial's worker touches a file this often;
     # a trial silent for 4 heartbeats is marked failed (its worker was lost) and retried from its checkpoint

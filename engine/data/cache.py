@@ -6,9 +6,6 @@ split the entries between them and leave a live writer's temporary files alone).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,13 +14,10 @@ from typing import Callable
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
-from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
 from engine.data.datalist import IMAGE, LABEL, NAME, RELATIVE, WHERE, Problem
+from engine.data.keys import cache_key, shard_of_entry, source_hash, source_signature
 from engine.data.preprocess import (
-    PIXDIM,
-    PREPROCESSING_VERSION,
-    RESCALE,
     preprocess,
     preprocessing_transform,
     source_of,
@@ -31,47 +25,8 @@ from engine.data.preprocess import (
 from engine.utils.errors import CT3DError
 from engine.utils.io import TMP_PREFIX, save_tensors
 
-CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 SOURCE = "source"  # cache entries record the path (under data.image_root when set), size and mtime they were built from
 ABANDONED_SECONDS = 3600  # a temporary file untouched this long was left by a writer that died; younger: in use
-
-
-def cache_key(p: PreprocessConfig) -> str:
-    """Hash of every setting that changes a cache entry, our preprocessing code's version and MONAI's:
-    the disk cache's folder name."""
-    import monai
-
-    text = json.dumps({**plain(p), "format": CACHE_FORMAT, "code": PREPROCESSING_VERSION,
-                       "monai": monai.__version__}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def source_signature(item: dict) -> list:
-    """The volume's path (under data.image_root when the item has one, so another mount point of the same files
-    names the same entry), size and modification time: a changed file is a new cache entry. A series named
-    inside a folder (`<folder>/<series>`) goes by its folder's size and time."""
-    path = item[IMAGE]
-    for candidate in (path, os.path.dirname(path)):
-        try:
-            stat = os.stat(candidate)
-            return [item.get(RELATIVE, path), stat.st_size, stat.st_mtime_ns]
-        except OSError:
-            continue
-    return [item.get(RELATIVE, path)]
-
-
-def source_hash(item: dict) -> bytes:
-    """The cache entry's name: the source's signature and the metadata applied to it."""
-    key = source_signature(item) + [item[k] for k in (RESCALE, PIXDIM) if k in item]
-    return hashlib.md5(json.dumps(key).encode()).hexdigest().encode()
-
-
-def shard_of_entry(name: str, count: int) -> int:
-    """Which of `count` verify shards owns a cache file: by its entry's name (a temporary file's by the entry it
-    becomes), so each entry, stale and orphaned ones included, is judged by exactly one shard."""
-    if name.startswith(TMP_PREFIX):
-        name = name.split("-", 3)[-1]
-    return int(hashlib.md5(name.encode()).hexdigest()[:8], 16) % count
 
 
 class DiskCacheDataset(PersistentDataset):

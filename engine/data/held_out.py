@@ -27,19 +27,12 @@ def carve_test(items: list[dict], fraction: float, seed: int, patient: Callable[
     return [it for it in items if patient(it) not in test], [it for it in items if patient(it) in test]
 
 
-def load_test(data: DataConfig, train_path: str, problems: list[Problem] | None = None) -> list[dict]:
-    """The test items: data.test's datalist (its labels as the training datalist's), or data.test_fraction of
-    the training datalist's patients (`train_path`, the demo's when generated); with data.metadata, each
-    with its rescale and spacing."""
-    if data.test:
-        items = load_datalist(data.test, data, JSON_TEST_KEY, problems).items
-    elif data.test_fraction > 0:
-        items = load_datalist(train_path, data, data.json_train_key, problems).items
-        items = carve_test(items, data.test_fraction, data.split_seed,
-                           lambda item: patient_of(item, data.patient_pattern))[1]
-    else:
-        return []
-    if data.metadata:
+def load_test(data: DataConfig, carved: list[dict], problems: list[Problem] | None = None) -> list[dict]:
+    """The test items: data.test's datalist (its labels as the training datalist's), or the items
+    data.test_fraction `carved` out of the training datalist; with data.metadata, each with its rescale and
+    spacing."""
+    items = load_datalist(data.test, data, JSON_TEST_KEY, problems).items if data.test else carved
+    if items and data.metadata:
         from engine.data.metadata import attach_metadata
 
         (items,) = attach_metadata(data.metadata, (items,), problems)

@@ -9,34 +9,10 @@ import torch
 
 from engine.config.schema import Config, LoaderConfig, PreprocessConfig
 from engine.data.datalist import LABEL
+from engine.data.sharing import ShareSampler, shard
 from engine.utils.errors import CT3DError
 
 log = logging.getLogger("ct3d")
-
-
-class ShareSampler(torch.utils.data.DistributedSampler):
-    """A rank's share of the training set (all it holds in RAM), shuffled each epoch from (seed, epoch) as
-    torch's DistributedSampler does (with one rank, the very same order) and padded with repeats to
-    `per_rank`, so every rank takes as many steps. `skip_next` skips the first samples of the next epoch
-    once: a run resumed mid-epoch sees exactly the batches it had not seen yet."""
-
-    def __init__(self, share, per_rank: int, seed: int):
-        super().__init__(share, num_replicas=1, rank=0, shuffle=True, seed=seed)
-        self.per_rank, self._skip = per_rank, 0
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def skip_next(self, samples: int) -> None:
-        self._skip = samples
-
-    def __iter__(self):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        order = (order * (self.per_rank // max(1, len(order)) + 1))[: self.per_rank]
-        indices, self._skip = order[self._skip:], 0
-        return iter(indices)
 
 
 def _cgroup_limit() -> float:
@@ -80,7 +56,6 @@ def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], p
     import ignite.distributed as idist
 
     from engine.data.cache import build_dataset
-    from engine.data.prepare import shard
 
     rank, world = idist.get_rank(), idist.get_world_size()
     if len(train_items) < world:  # every rank decides alike: none is left waiting for the others
@@ -162,9 +137,3 @@ def loader_workers(loader: LoaderConfig, dataset) -> int:
     available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cpus = len(available) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(4, cpus - 1))
-
-
-def gathered_order(n: int, world: int) -> list[int]:
-    """Dataset rows in the order validation outputs are gathered: each rank's share (every world-th row,
-    from its rank, as make_datasets gives it) in rank order."""
-    return [i for rank in range(world) for i in range(rank, n, world)]

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from engine.config.schema import Config, DataConfig
 from engine.data.cache import verify_cache, volume_problems
 from engine.data.datalist import LABEL, NAME, Problem, format_problems, load_datalist
+from engine.data.sharing import shard
 from engine.data.split import check_patient_pattern, patient_of, split, split_problems
 from engine.utils.errors import CT3DError
 from engine.utils.io import write_text
@@ -47,13 +47,20 @@ def load_splits(data: DataConfig, problems: list[Problem] | None = None) -> tupl
     split, less the held-out test patients of data.test_fraction. Bad rows raise, or go to `problems` when
     given. With data.metadata each item carries its volume's rescale and spacing (a volume without a row is a
     bad row)."""
+    return _load_lists(data, problems)[:3]
+
+
+def _load_lists(data: DataConfig, problems: list[Problem] | None
+                ) -> tuple[list[dict], list[dict], list[str], list[dict]]:
+    """load_splits' three and the items data.test_fraction carved out of the training datalist (read once)."""
     train_path = train_datalist(data)
     train = load_datalist(train_path, data, data.json_train_key, problems)
+    carved: list[dict] = []
     if data.test_fraction > 0 and not data.test:
         from engine.data.held_out import carve_test
 
-        train.items[:] = carve_test(train.items, data.test_fraction, data.split_seed,
-                                    lambda item: patient_of(item, data.patient_pattern))[0]
+        train.items[:], carved = carve_test(train.items, data.test_fraction, data.split_seed,
+                                            lambda item: patient_of(item, data.patient_pattern))
     val_path = data.val
     if not val_path and train_path.endswith(".json") and data.json_val_key in json.loads(Path(train_path).read_text()):
         val_path = train_path
@@ -75,7 +82,7 @@ def load_splits(data: DataConfig, problems: list[Problem] | None = None) -> tupl
         from engine.data.metadata import attach_metadata
 
         train_items, val_items = attach_metadata(data.metadata, (train_items, val_items), problems)
-    return train_items, val_items, train.labels
+    return train_items, val_items, train.labels, carved
 
 
 def _disk_dir(cfg: Config) -> str | None:
@@ -93,8 +100,8 @@ def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share
     from engine.data.held_out import leakage_problems, load_test
 
     problems: list[Problem] = []
-    train_items, val_items, labels = load_splits(cfg.data, problems)
-    test_items = load_test(cfg.data, train_datalist(cfg.data), problems)
+    train_items, val_items, labels, carved = _load_lists(cfg.data, problems)
+    test_items = load_test(cfg.data, carved, problems)
     fatal = split_problems(train_items, val_items, cfg.data.patient_pattern) + leakage_problems(
         train_items, val_items, test_items, cfg.data.patient_pattern)
     mine = shard(train_items + val_items + test_items, *share)
@@ -147,26 +154,6 @@ def check(cfg: Config) -> int:
         return len(splits.skipped)
     print(f"ct3d check: {len(splits.train)} train and {len(splits.val)} validation volumes, no problems")
     return 0
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """`I/N` (0 <= I < N); without it JOB_COMPLETION_INDEX / JOB_COMPLETIONS (a Kubernetes Indexed Job's pod
-    index, and the completions the manifest passes), else the whole list (0/1)."""
-    if text is None:
-        index, count = os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("JOB_COMPLETIONS")
-        text = f"{index}/{count}" if index is not None and count is not None else "0/1"
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise CT3DError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
-    if not 0 <= index < count:
-        raise CT3DError(f"--shard {text!r}: needs 0 <= I < N")
-    return index, count
-
-
-def shard(items: list, index: int, count: int) -> list:
-    """Every count-th item from `index`: disjoint shares that together are the whole list."""
-    return items[index::count]
 
 
 def cache(cfg: Config, verify: bool = False, shard_of: tuple[int, int] = (0, 1)) -> dict:

@@ -132,6 +132,9 @@ class CheckVolumed(MapTransform):
         return d
 
 
+SINGLE_TAP_SIGMA = 0.05  # voxels: below a twentieth of a voxel a Gaussian kernel is a single tap
+
+
 def smoothing_sigmas(current: list[float], target: list[float]) -> list[float]:
     """Per axis, in voxels of `current` spacing: the Gaussian that, on top of the source's own resolution, gives
     the new spacing's (FWHM = new spacing: sqrt(new^2 - old^2) / 2.355 mm); 0 where an axis is not shrunk."""
@@ -145,7 +148,7 @@ def gaussian_smooth(volume: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     import torch.nn.functional as F
 
     for axis, sigma in enumerate(sigmas):
-        if sigma <= 0.05:
+        if sigma <= SINGLE_TAP_SIGMA:
             continue
         radius = max(1, math.ceil(3 * sigma))
         taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
@@ -181,7 +184,7 @@ class AntiAliasd(MapTransform):
             else:  # in voxels: the new voxel spans in/out of the old
                 current, target = [1.0] * 3, [n / m for n, m in zip(image.shape[1:], self.spatial_size)]
             sigmas = smoothing_sigmas(current, target)
-            if max(sigmas) > 0.05:  # below a twentieth of a voxel the kernel is a single tap
+            if max(sigmas) > SINGLE_TAP_SIGMA:
                 from monai.data import MetaTensor
 
                 smoothed = gaussian_smooth(torch.as_tensor(image)[0].float(), sigmas)[None]

@@ -72,7 +72,8 @@ def open_study(cfg: Config, worker: int = 0):
     path = str(folder / JOURNAL)
     storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     # Steps are epochs, from 1; Optuna prunes from step n_warmup_steps on: none at or before the warm-up's last epoch.
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.sweep.pruner_warmup_epochs + 1) \
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.sweep.pruner_startup_trials,
+                                         n_warmup_steps=cfg.sweep.pruner_warmup_epochs + 1) \
         if cfg.sweep.pruner == "median" else optuna.pruners.NopPruner()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=cfg.sweep.seed + 7919 * worker,

@@ -83,12 +83,20 @@ def bca_interval(replicates: torch.Tensor, estimate: float, jackknife: torch.Ten
     return out
 
 
+def _aucs(p: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, C) AUC of each label under weights (B, N)."""
+    return torch.stack([_weighted_auc(p[:, c], y[:, c], w) for c in range(p.shape[1])], dim=1)
+
+
+def _both_classes(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, C): whether a label has positive and negative weight in each resample."""
+    return ((w @ y) > 0) & ((w @ (1 - y)) > 0)
+
+
 def _per_label(p, y, d, w, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, C) AUC, F-beta and whether both classes are present, under weights (B, N)."""
-    aucs = torch.stack([_weighted_auc(p[:, c], y[:, c], w) for c in range(p.shape[1])], dim=1)
     fbetas = torch.stack([_weighted_fbeta(d[:, c], y[:, c], w, beta) for c in range(p.shape[1])], dim=1)
-    both = ((w @ y) > 0) & ((w @ (1 - y)) > 0)
-    return aucs, fbetas, both
+    return _aucs(p, y, w), fbetas, _both_classes(y, w)
 
 
 def _macro(values: torch.Tensor, both: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -145,9 +153,8 @@ def paired_comparison(probs_a: torch.Tensor, probs_b: torch.Tensor, labels: torc
                "full": torch.ones(1, len(patients), dtype=torch.float64), "jack": jackknife_weights(patients)}
     values = {}
     for kind, w in weights.items():
-        both = ((w @ y) > 0) & ((w @ (1 - y)) > 0)
-        per_model = [torch.stack([_weighted_auc(p.double()[:, c], y[:, c], w) for c in range(y.shape[1])], dim=1)
-                     for p in (probs_a, probs_b)]
+        both = _both_classes(y, w)
+        per_model = [_aucs(p.double(), y, w) for p in (probs_a, probs_b)]
         values[kind] = {"auc_macro": [_macro(a, both, keep) for a in per_model],
                         **{f"auc/{n}": [a[:, c] for a in per_model] for c, n in enumerate(names)}}
     out = {"resamples": resamples, "level": level, "method": "BCa", "unit": "patient",

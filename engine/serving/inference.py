@@ -75,12 +75,9 @@ class Ensemble(torch.nn.Module):
         self.members, self.calibrations, self.task = torch.nn.ModuleList(models), calibrations, task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from engine.results.calibration import apply_calibration
-        from engine.results.metrics import as_logits, probabilities
+        from engine.results.averaging import mean_probability
 
-        mean = torch.stack([probabilities(apply_calibration(m(x), c), self.task)
-                            for m, c in zip(self.members, self.calibrations)]).mean(0)
-        return as_logits(mean, self.task)
+        return mean_probability([m(x) for m in self.members], self.calibrations, self.task)
 
 
 def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, list[float]]:
@@ -93,9 +90,10 @@ def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Modu
             if state[key] != first[key]:
                 raise CT3DError(f"ensemble: {path} has other {key} than {paths[0]}: {state[key]} vs {first[key]}; "
                                 f"the members must be trained on the same labels with the same preprocessing")
-    settings = [decision_settings(state) for state in states]
-    thresholds = [sum(t[j] for t, _ in settings) / len(settings) for j in range(len(first["labels"]))]
-    return Ensemble(list(models), [t for _, t in settings], first["task"]).eval(), first, thresholds
+    from engine.results.averaging import mean_thresholds
+
+    thresholds, calibrations = zip(*(decision_settings(state) for state in states))
+    return Ensemble(list(models), list(calibrations), first["task"]).eval(), first, mean_thresholds(thresholds)
 
 
 def with_tta(inferer, task: str, tta: str, calibration: dict | None = None):
@@ -105,18 +103,16 @@ def with_tta(inferer, task: str, tta: str, calibration: dict | None = None):
     it. MONAI's TestTimeAugmentation targets segmentation (it inverts spatial outputs)."""
     from monai.inferers import Inferer
 
-    from engine.results.calibration import apply_calibration
-    from engine.results.metrics import as_logits, probabilities
+    from engine.results.averaging import flipped_views, mean_probability
 
     if tta == "none":
         return inferer
 
     class FlipAverage(Inferer):
         def __call__(self, inputs, network, *args, **kwargs):
-            views = [inputs] + [torch.flip(inputs, dims=(axis,)) for axis in (2, 3, 4)]
-            mean = torch.stack([probabilities(apply_calibration(inferer(v, network, *args, **kwargs), calibration),
-                                              task) for v in views]).mean(0)
-            return as_logits(mean, task)
+            views = flipped_views(inputs)
+            return mean_probability([inferer(v, network, *args, **kwargs) for v in views],
+                                    [calibration] * len(views), task)
 
     return FlipAverage()
 

@@ -24,7 +24,7 @@ log = logging.getLogger("ct3d")
 def best_statistics(cfg: Config, table: MetricsTable, data: Splits, task: str) -> dict:
     """The best validation's thresholds, calibration, labels in macro AUC and bootstrap intervals (patients
     in the order the outputs were gathered)."""
-    from engine.data.loaders import gathered_order
+    from engine.data.sharing import gathered_order
     from engine.data.split import patient_of
     from engine.results.statistics import run_statistics
 
@@ -59,7 +59,7 @@ def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_items
     The chosen volumes come from the disk cache (rank 0 holds only its share in RAM), read once each."""
     import ignite.distributed as idist
 
-    from engine.data.loaders import gathered_order
+    from engine.data.sharing import gathered_order
     from engine.results.saliency import report_panels
 
     if not table.best_outputs:

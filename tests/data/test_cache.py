@@ -27,7 +27,7 @@ def test_cache_key_depends_on_settings_our_code_and_monai_alone(monkeypatch):
 
     import monai
 
-    from engine.data import cache
+    from engine.data import keys as cache
 
     ct_rate = PreprocessConfig(spacing=[1.4, 1.4, 2.8], orientation="LPS", spatial_size=[256, 256, 128])
     keys = cache_key(PreprocessConfig()), cache_key(ct_rate)

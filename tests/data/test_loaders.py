@@ -9,7 +9,8 @@ def test_ranks_hold_disjoint_shares_and_take_equal_steps_over_every_sample(monke
     import ignite.distributed as idist
 
     from engine.config.loading import load_config
-    from engine.data.loaders import ShareSampler, make_datasets, make_loader
+    from engine.data.loaders import make_datasets, make_loader
+    from engine.data.sharing import ShareSampler
 
     items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(7)]
     cfg = load_config(None, ["data.demo.enabled=true", "cache.memory_rate=0", "cache.disk=false"])

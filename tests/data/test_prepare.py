@@ -121,7 +121,7 @@ def test_cache_command_counts_bad_datalist_rows(tmp_path, tiny_demo):
 
 
 def test_shards_are_disjoint_and_cover_the_list_and_come_from_the_indexed_job(monkeypatch):
-    from engine.data.prepare import parse_shard, shard
+    from engine.data.sharing import parse_shard, shard
 
     items = list(range(11))
     shares = [shard(items, i, 3) for i in range(3)]

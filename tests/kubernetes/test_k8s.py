@@ -207,7 +207,7 @@ def test_pods_with_gpus_train_on_cuda_so_a_missing_driver_fails_loudly(tmp_path)
 
 
 def test_cache_fill_job_shares_the_cache_between_its_pods():
-    from engine.data.prepare import parse_shard
+    from engine.data.sharing import parse_shard
 
     objs = objects(*MULTI)
     job = next(o for o in objs if o["metadata"]["name"] == "ctrate-r18-cache")

@@ -70,3 +70,28 @@ def test_perfectly_separated_label_keeps_temperature_one():
     labels = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # label 0 separable, label 1 not
     temperature = fit_temperature(logits, labels, "multilabel")
     assert temperature[0] == 1.0 and temperature[1] != 1.0
+
+
+@pytest.mark.parametrize("rule", ["fbeta", "youden"])
+def test_tuned_threshold_is_the_best_candidate_by_brute_force(rule):
+    """Every distinct probability tried as a threshold, scored by sklearn (F-beta at beta 2; Youden's J as
+    recall + specificity - 1): the tuned threshold is a candidate and scores the best any candidate does."""
+    from sklearn.metrics import fbeta_score, recall_score
+
+    logits, labels = over_confident(300, seed=4)
+    probs = torch.sigmoid(logits / 3 - 0.7)
+    probs[:, 1] = 1 - probs[:, 1]  # one label ranked backwards: its best threshold sits low
+    labels[:, 2] = (torch.rand(300, generator=torch.Generator().manual_seed(5)) < 0.1).float()  # rare label
+
+    def score(p, y, t):
+        d = (p >= t).astype(int)
+        if rule == "fbeta":
+            return fbeta_score(y, d, beta=2.0, zero_division=0)
+        return recall_score(y, d, zero_division=0) + recall_score(1 - y, 1 - d, zero_division=0) - 1
+
+    tuned = tune_thresholds(probs, labels, rule, beta=2.0)
+    for c in range(3):
+        p, y = probs[:, c].numpy(), labels[:, c].numpy().astype(int)
+        best = max(score(p, y, t) for t in set(p.tolist()))
+        assert float(tuned[c]) in set(p.tolist())
+        assert score(p, y, tuned[c]) == pytest.approx(best, abs=1e-12), (c, tuned[c])

@@ -189,9 +189,10 @@ def whole(tmp_path_factory, tiny_demo) -> Path:
 
 
 def start_and_kill(overrides: list[str], folder: Path, phase: str, seed: int) -> str:
-    """Starts training in a subprocess and SIGKILLs it in `phase` of a seeded random epoch."""
+    """Starts training in a subprocess and SIGKILLs it in `phase` of epoch 2 (a seeded random iteration or
+    moment), when epoch 1's checkpoint is on disk: the restart must resume from it, not start afresh."""
     rng = random.Random(seed)
-    epoch = rng.randint(1, 2)
+    epoch = 2
     proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **TEXT)
     lines: list[str] = []
@@ -232,10 +233,11 @@ def test_sigkill_then_resume_finishes_with_identical_weights(tmp_path, tiny_demo
             if not ckpt.name.startswith(".tmp-"):
                 load_checkpoint(ckpt)  # every real checkpoint stays readable
         survivor = find_latest_checkpoint(folder / "checkpoints")
+        assert survivor is not None and load_checkpoint(survivor)["trainer"]["epoch"] >= 1, (phase, survivor)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="ct3d"):  # the resume: here (the kill needed a process)
             train(load_config(None, overrides))
-        assert survivor is None or f"resumed from {survivor}" in caplog.text
+        assert f"resumed from {survivor}" in caplog.text, phase
         for ckpt in CHECKPOINT_NAMES:
             load_checkpoint(folder / "checkpoints" / ckpt)
         assert not list((folder / "checkpoints").glob(".tmp-*"))  # the restarted run cleared the dead writer's
