@@ -37,7 +37,7 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
              phase_train=6, phase_val=4, phase_size=16, phase_epochs=1, phase_cold=1, phase_warm=1, phase_memory_warm=1,
              phase_model=("model.variant=10", "model.widen_factor=0.25"),
              gradcam_volumes=1, gradcam_maps=2, gradcam_size=[32, 32, 16], fov_shape=(128, 128, 75),
-             fov_spacing=(2.8, 2.8, 4.0), fov_repeats=1,
+             fov_spacing=(2.8, 2.8, 4.0), fov_repeats=1, fov_shrink=4, phase_memory_apart=False,
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
 

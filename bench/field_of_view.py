@@ -45,9 +45,12 @@ def bench_field_of_view(cfg: dict, work: Path) -> dict:
     shape, spacing = cfg["fov_shape"], cfg["fov_spacing"]
     path = _chest(work, shape, spacing)
     shipped = load_config(ROOT / "configs" / "ct-rate.yaml").preprocess
+    shrink = cfg.get("fov_shrink", 1)  # the smoke: the same field of view on a grid `shrink` times coarser
+    shipped.spatial_size = [n // shrink for n in shipped.spatial_size]
+    shipped.spacing = [s * shrink for s in shipped.spacing]
     size = list(shipped.spatial_size)
     fov = [round(n * s) for n, s in zip(size, shipped.spacing)]
-    fine = [0.75, 0.75, 1.5]
+    fine = [0.75 * shrink, 0.75 * shrink, 1.5 * shrink]
     big = [round(f / s) for f, s in zip(fov, fine)]  # the same field of view at the finer spacing
     base = {k: getattr(shipped, k) for k in ("orientation", "hu_window", "scale_range", "dtype", "air_check")}
     two_step_first = PreprocessConfig(**base, spacing=fine, spatial_size=big, resize="crop_pad")

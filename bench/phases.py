@@ -40,9 +40,9 @@ def job_data(work: Path, train: int, val: int, size: int) -> list[str]:
 
 
 def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> dict:
-    """One training in a new process: each phase's seconds and the closing's parts, or (`memory`) each
-    phase's peak PSS, sampled every 100 ms: sampling slows the process (it walks its page tables), so the
-    seconds come from runs without it."""
+    """One training in a new process: ({phase}_pss: each phase's peak PSS, sampled every 100 ms, with `memory`;
+    else empty}, {each phase's seconds and the closing's parts}). Sampling slows the process (it walks its page
+    tables), so the full benchmark takes the seconds from runs without it."""
     command = [sys.executable, "-m", "engine.run", "train", *overrides, f"output.name={name}"]
     os.sync()  # the earlier benchmarks' dirty pages are written now, not during this run's checkpoint writes
     started = time.time()
@@ -54,11 +54,12 @@ def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> dic
         raise RuntimeError(f"benchmark: the phases training {name} failed: {proc.stderr.read()[-2000:]}")
     summary = json.loads((work / "phases-runs" / name / "summary.json").read_text())
     _, training, validated, _ = summary["phases"]["clock"]
+    peaks = {}
     if memory:
         bounds = {"start_up": (started, training), "training": (training, validated), "closing": (validated, ended)}
-        return {f"{phase}_pss": max((p for t, p in samples if low <= t < high), default=0)
-                for phase, (low, high) in bounds.items()}
-    return {"start_up": training - started, "epoch": statistics.median(summary["epoch_seconds"]),
+        peaks = {f"{phase}_pss": max((p for t, p in samples if low <= t < high), default=0)
+                 for phase, (low, high) in bounds.items()}
+    return peaks, {"start_up": training - started, "epoch": statistics.median(summary["epoch_seconds"]),
             "epochs": validated - training, "closing": ended - validated, "whole": ended - started,
             **{f"part_{part.replace(' ', '_')}": seconds
                for part, seconds in summary["phases"]["closing_parts"].items()}}
@@ -72,11 +73,14 @@ def bench_phases(cfg: dict, work: Path) -> dict:
                                   f"18 labels, {cfg['phase_epochs']} epochs, batch 4, ResNet ({model})"}
     runs = [("cold", False, cfg["phase_cold"]), ("warm", False, cfg["phase_warm"]), ("cold", True, 1),
             ("warm", True, cfg["phase_memory_warm"])]
+    if not cfg.get("phase_memory_apart", True):  # the smoke: seconds and memory from the same (sampled) runs
+        runs = [("cold", "both", 1), ("warm", "both", 1)]
     for kind, memory, repeats in runs:
         for i in range(repeats):
             if kind == "cold":
                 shutil.rmtree(work / "phases-cache", ignore_errors=True)
-            result = run_phases(overrides, f"{kind}{'-memory' if memory else ''}{i}", work, memory)
+            peaks, seconds = run_phases(overrides, f"{kind}{'-memory' if memory else ''}{i}", work, bool(memory))
+            result = {**peaks, **seconds} if memory == "both" else peaks or seconds
             for key, value in result.items():
                 figures.setdefault(f"phase_{kind}_{key}_all", []).append(value)
     return figures

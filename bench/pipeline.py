@@ -59,9 +59,8 @@ def child_pipeline(args: dict) -> dict:
         dataset = build_dataset(items, p, args["cache"], 1.0, 2)
         return {"times": epoch_times(dataset, workers, epochs)}
     if mode == "memory":  # for the memory figure: hold the loader busy, report the cache size
-        import torch
-
         import psutil
+        import torch
 
         before = psutil.Process().memory_full_info().pss
         dataset = build_dataset(items, p, args["cache"], args["rate"], 2)

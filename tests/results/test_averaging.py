@@ -11,7 +11,8 @@ from engine.results.averaging import flipped_views, mean_probability, mean_thres
 def test_sigmoid_outputs_are_calibrated_each_then_averaged_as_probabilities():
     rng = np.random.default_rng(0)
     z = [rng.normal(size=(5, 3)) * 3 for _ in range(3)]
-    calibrations = [{"scale": [0.5, 1.0, 2.0], "bias": [-1.0, 0.0, 0.3]}, None, {"scale": [0.8, 0.9, 1.1], "bias": None}]
+    calibrations = [{"scale": [0.5, 1.0, 2.0], "bias": [-1.0, 0.0, 0.3]}, None,
+                    {"scale": [0.8, 0.9, 1.1], "bias": None}]
     scales = [np.array(c["scale"]) if c else np.ones(3) for c in calibrations]
     biases = [np.array(c["bias"]) if c and c["bias"] else np.zeros(3) for c in calibrations]
     expected = np.mean([expit(x * a + b) for x, a, b in zip(z, scales, biases)], axis=0)
