@@ -39,10 +39,11 @@ bench-gpu: $(STAMP)
 
 # Mutation testing of the statistics, calibration, split, sharing, averaging and cache-key modules
 # ([tool.mutmut] in pyproject.toml); writes docs/mutation.md. Not in CI (docs/testing.md says how long it takes).
+# One torch thread: mutmut forks a child per mutant, and an OpenMP pool does not survive a fork (it hangs).
 mutation: $(STAMP)
 	$(PY) -m pip install -q -r requirements-mutation.lock
 	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children 2 || true
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 || true
 	$(PY) tests/mutation_report.py docs/mutation.md
 
 clean:

@@ -50,7 +50,8 @@ def source_hash(item: dict) -> bytes:
 
 def shard_of_entry(name: str, count: int) -> int:
     """Which of `count` verify shards owns a cache file: by its entry's name (a temporary file's by the entry it
-    becomes), so each entry, stale and orphaned ones included, is judged by exactly one shard."""
+    becomes), so each entry, stale and orphaned ones included, is judged by exactly one shard: the first 32
+    bits of the name's MD5, modulo `count` (the same in every version, so pods of mixed versions agree)."""
     if name.startswith(TMP_PREFIX):
         name = name.split("-", 3)[-1]
     return int(hashlib.md5(name.encode()).hexdigest()[:8], 16) % count

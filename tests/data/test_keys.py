@@ -1,0 +1,37 @@
+"""What names a disk-cache entry, against the rules written here: the verify shard of an entry and of the
+temporary file that becomes it (the first 32 bits of MD5 of the entry's name, the same in every version and pod),
+and a source's signature (path under data.image_root, size, time; a series by its folder's)."""
+
+import hashlib
+import os
+from pathlib import Path
+
+from engine.data.keys import shard_of_entry, source_signature
+from engine.utils.io import temp_path_for
+
+
+def test_an_entry_and_its_temporary_file_belong_to_the_shard_md5_gives_the_name():
+    names = [f"{hashlib.md5(str(i).encode()).hexdigest()}.pt" for i in range(40)] + ["a-b-c.pt", "x-y.pt"]
+    for name in names:
+        temporary = temp_path_for(Path("/cache") / name).name
+        assert temporary != name
+        for count in (2, 3, 7):
+            expected = int.from_bytes(hashlib.md5(name.encode()).digest()[:4], "big") % count
+            assert shard_of_entry(name, count) == shard_of_entry(temporary, count) == expected, (name, count)
+    assert {shard_of_entry(n, 3) for n in names} == {0, 1, 2}
+
+
+def test_signature_of_a_file_a_series_in_a_folder_and_a_missing_source(tmp_path):
+    volume = tmp_path / "v.nii.gz"
+    volume.write_bytes(b"12345")
+    stat = os.stat(volume)
+    assert source_signature({"image": str(volume)}) == [str(volume), 5, stat.st_mtime_ns]
+    assert source_signature({"image": str(volume), "relative": "v.nii.gz"}) == ["v.nii.gz", 5, stat.st_mtime_ns]
+    folder = tmp_path / "study"
+    folder.mkdir()
+    series = folder / "CHEST 1.0"  # a series named inside its folder: the folder's size and time
+    folder_stat = os.stat(folder)
+    assert source_signature({"image": str(series)}) == [str(series), folder_stat.st_size, folder_stat.st_mtime_ns]
+    gone = tmp_path / "gone" / "v.nii.gz"
+    assert source_signature({"image": str(gone)}) == [str(gone)]
+    assert source_signature({"image": str(gone), "relative": "gone/v.nii.gz"}) == ["gone/v.nii.gz"]
