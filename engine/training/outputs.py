@@ -42,13 +42,21 @@ def best_statistics(cfg: Config, table: MetricsTable, data: Splits, task: str) -
 
 
 def summary_table(summary: dict, labels: list[str]) -> str:
+    """The closing table: validation's best and final epochs (the selection set) and, with a held-out test set,
+    the best epoch's figures on it (the ones to publish)."""
     best, final = summary["best"], summary["final"]
-    rows = [("", "best", "final"), ("epoch", str(best["epoch"]), str(final["epoch"]))]
+    test = (summary.get("test") or {}).get("metrics")
+    rows = [("", "best", "final", *(["test"] if test else [])),
+            ("epoch", str(best["epoch"]), str(final["epoch"]), *([str(best["epoch"])] if test else []))]
     keys = ["val_loss", "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
             "specificity", "accuracy"] + [f"auc/{n}" for n in labels]
-    rows += [(k, f"{best[k]:.4f}", f"{final[k]:.4f}") for k in keys if k in best]
+    def cell(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    rows += [(k, cell(best[k]), cell(final[k]), *([cell(test[k]) if k in test else ""] if test else []))
+             for k in keys if k in best]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a:<{width}}  {b:>8}  {c:>8}" for a, b, c in rows)
+    return "\n".join(f"{r[0]:<{width}}" + "".join(f"  {cell:>8}" for cell in r[1:]) for r in rows)
 
 
 def inspection_panels(cfg: Config, folder: Path, net: torch.nn.Module, val_items: list[dict], table: MetricsTable,

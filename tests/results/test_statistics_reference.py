@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import fbeta_score, roc_auc_score
+from test_statistics import bca_by_formula
 
 from engine.config.schema import MetricsConfig
 from engine.results.statistics import (
@@ -23,7 +24,6 @@ from engine.results.statistics import (
     per_label_calibration,
     run_statistics,
 )
-from test_statistics import bca_by_formula
 
 
 def data(n: int = 48, seed: int = 0):

@@ -29,6 +29,12 @@ def test_a_run_with_a_test_fraction_writes_the_test_block_from_patients_it_never
     page = (folder / "report.html").read_text()
     assert "Held-out test set: the figures to publish" in page and "selection set" in page
     assert "selection_set" in summary
+    from engine.training.outputs import summary_table
+
+    table = summary_table(summary, summary["labels"]).splitlines()
+    assert table[0].split() == ["best", "final", "test"]  # the closing table shows the figures to publish
+    shown = next(r for r in table if r.startswith("fbeta_micro")).split()[3]
+    assert shown == f"{test['metrics']['fbeta_micro']:.4f}"
 
 
 def test_carved_test_patients_depend_on_the_patient_and_seed_alone():
@@ -44,3 +50,28 @@ def test_a_test_datalist_that_shares_patients_with_training_is_refused(tmp_path,
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_demo, f"data.test={tiny_demo}"))
     with pytest.raises(CT3DError, match="test split: patient train_\\d+ is also in training or validation"):
         train(cfg)
+
+
+def test_a_test_datalist_is_its_json_test_list_bad_rows_are_collected_and_metadata_applies(tmp_path):
+    from engine.config.schema import DataConfig
+    from engine.data.held_out import load_test
+
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": [1]}],
+                                    "test": [{"image": "b.nii.gz", "label": [0]},
+                                             {"image": "gone.nii.gz", "label": [1]}]}))
+    problems = []
+    items = load_test(DataConfig(train=str(datalist), test=str(datalist)), [], problems)
+    assert [it["name"] for it in items] == ["b.nii.gz"] and [p.name for p in problems] == ["gone.nii.gz"]
+    metadata = tmp_path / "metadata.csv"
+    metadata.write_text("VolumeName,RescaleSlope,RescaleIntercept,XYSpacing,ZSpacing\n"
+                        'c.nii.gz,2,-1024,"[0.7, 0.7]",1.5\n')
+    carved = [{"image": str(tmp_path / n), "name": n, "label": [0.0]} for n in ("c.nii.gz", "d.nii.gz")]
+    problems = []
+    items = load_test(DataConfig(metadata=[str(metadata)]), carved, problems)  # no data.test: the carved items
+    assert [(it["name"], it["rescale"], it["pixdim"]) for it in items] == [("c.nii.gz", [2.0, -1024.0],
+                                                                            [0.7, 0.7, 1.5])]
+    assert len(problems) == 1 and "d.nii.gz" in problems[0].message
+    assert load_test(DataConfig(), carved) == carved
