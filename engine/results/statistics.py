@@ -72,7 +72,7 @@ def bca_interval(replicates: torch.Tensor, estimate: float, jackknife: torch.Ten
     below = float((finite < estimate).sum() + 0.5 * (finite == estimate).sum()) / n
     z0 = normal.inv_cdf(min(max(below, 0.5 / n), 1 - 0.5 / n))
     jack = jackknife[~jackknife.isnan()]
-    spread = jack.mean() - jack if jack.numel() > 2 else torch.zeros(1, dtype=torch.float64)
+    spread = jack.mean() - jack  # two values are symmetric (no skew), fewer have no spread: acceleration 0
     scale = float((spread ** 2).sum())
     accel = float((spread ** 3).sum()) / (6 * scale ** 1.5) if scale > 0 else 0.0
     tail = (1 - level) / 2

@@ -50,6 +50,7 @@ def test_validation_is_the_patients_drawn_below_the_fraction_at_its_edges_too():
     assert val_patients(items, middle, 5) == {p for _, p in draws[:10]}
     assert val_patients(items, draws[0][0] / 2, 5) == {draws[0][1]}  # none below: the lowest draw crosses
     assert val_patients(items, 1.0, 5) == {p for _, p in draws[:-1]}  # all below: the highest stays
+    assert len(val_patients(volumes(2), 0.5, 0)) == 1  # two patients: one each side
     with pytest.raises(CT3DError, match="cannot split 1 volume"):
         split(volumes(1), 0.5, 0)
     with pytest.raises(CT3DError, match="into 3 folds"):
@@ -62,6 +63,11 @@ def test_split_defaults_to_no_stratification_and_fold_zero():
     assert val_patients(items, 0.2, 1) == plain
     ranked = [p for _, p in sorted((draw_of(f"p{i}", 1), f"p{i}") for i in range(40))]
     assert val_patients(items, 0.2, 1, folds=4) == set(ranked[:10])  # fold 0: the lowest quarter of draws
+    groups = {f"p{i}": [i] for i in range(40)}
+    stratified = fold_of(items, groups, {p: draw_of(p, 1) for p in groups}, 4, stratify=True)
+    for k in range(4):  # split(stratify=True, folds) is fold_of's stratified assignment
+        assert val_patients(items, 0.2, 1, folds=4, fold=k, stratify=True) == {p for p, f in stratified.items()
+                                                                              if f == k}
 
 
 def test_unstratified_folds_deal_patients_by_draw_rank():
@@ -120,6 +126,8 @@ def test_stratify_moves_the_nearest_positive_to_the_side_without_one():
     draw = {"a": 0.5, "b": 0.4, "c": 0.15, "d": 0.1, "f": 0.05, "g": 0.7}
     assert stratified(labels, draw, {"c", "d", "f"}) == {"b", "d", "f"}
     assert stratified({"a": [1], "b": [0]}, {"a": 0.9, "b": 0.1}, {"b"}) == {"b"}  # one positive: left alone
+    after_one = {"a": [1, 1], "b": [0, 1], "c": [0, 0]}  # label 0 (one positive) is skipped, label 1 still moves
+    assert stratified(after_one, {"a": 0.5, "b": 0.4, "c": 0.1}, {"c"}) == {"b", "c"}
     assert stratified({"a": [1], "b": [1]}, {"a": 0.9, "b": 0.1}, {"b"}) == {"b"}  # all positive: left alone
 
 

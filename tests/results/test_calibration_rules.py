@@ -90,6 +90,7 @@ def test_a_label_with_one_positive_or_one_negative_is_fitted():
     for c in range(2):
         a, b = platt_by_scipy(logits[:, c].double().numpy(), labels[:, c].double().numpy())
         assert (scale[c], bias[c]) == (pytest.approx(a, abs=1e-5), pytest.approx(b, abs=1e-5))
+    assert fit_platt(logits, torch.zeros_like(labels)) == ([1.0, 1.0], [0.0, 0.0])  # no positive: nothing to fit
 
 
 def test_decisions_at_the_threshold_multiclass_arg_max_and_the_macro_set():
@@ -97,7 +98,11 @@ def test_decisions_at_the_threshold_multiclass_arg_max_and_the_macro_set():
     assert decisions(probs, "multilabel", [0.5, 0.7]).tolist() == [[1.0, 0.0], [0.0, 1.0]]  # p >= t decides
     three = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
     assert decisions(three, "multiclass", 0.5).tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
-    assert macro_labels(torch.zeros(0, 3)).tolist() == [False] * 3
+    assert macro_labels(torch.zeros(0, 3)).tolist() == [False] * 3 and macro_labels(torch.zeros(0, 3)).dtype == \
+        torch.bool
+    from engine.results.metrics import as_logits
+
+    assert torch.isfinite(as_logits(torch.tensor([[0.0, 1.0]]), "multilabel")).all()  # a certain member stays finite
     assert macro_labels(torch.tensor([[0.0, 1.0], [1.0, 1.0]])).dtype == torch.bool
 
 
@@ -120,3 +125,6 @@ def test_given_decisions_are_scored_as_given_and_multiclass_accuracy_is_top1():
     scores = np.array([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
     multi = classification_metrics(torch.tensor(scores), torch.tensor(one_hot), ["x", "y", "z"], "multiclass")
     assert multi["accuracy"] == pytest.approx(3 / 5) and not math.isnan(multi["auc_macro"])
+    top1 = np.eye(3)[scores.argmax(1)]  # multiclass decides by arg-max, whatever the threshold
+    for c, name in enumerate("xyz"):
+        assert multi[f"fbeta/{name}"] == pytest.approx(f1_score(one_hot[:, c], top1[:, c]))

@@ -151,6 +151,8 @@ def test_weighted_figures_at_their_edges():
     fb = _weighted_fbeta(d, y, w, 1.0)
     assert fb[0] == 0.0 and math.isnan(fb[2])  # no positive and no positive decision: undefined, not 0
     assert _both_classes(y[:, None], w).flatten().tolist() == [True, True, False, False]
+    only_positive = torch.tensor([[0.0, 2.0, 0.0]], dtype=torch.float64)
+    assert _both_classes(y[:, None], only_positive).flatten().tolist() == [False]
     assert torch.equal(jackknife_weights(["a", "b", "a"]),
                        torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64))
 
@@ -188,3 +190,18 @@ def test_the_summary_blocks_key_by_key():
     multi = run_statistics(scores, one_hot, ["a", "b", "c", "d"], ["x", "y", "z"], "multiclass", [0.5] * 3, None,
                            MetricsConfig(bootstrap=20))
     assert multi["bootstrap"]["intervals"]["fbeta/y"] is not None  # arg-max decisions, not thresholds
+
+
+def test_no_label_with_both_classes_makes_every_macro_resample_degenerate():
+    labels = torch.zeros(12, 2, dtype=torch.float64)
+    probs = torch.rand(12, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = bootstrap_intervals(probs, labels, labels, [str(i) for i in range(12)], ["a", "b"], resamples=30)
+    assert out["degenerate"]["auc_macro"] == 30 and out["macro_labels"] == []
+    assert all(math.isnan(v) for v in out["intervals"]["auc_macro"])
+
+
+def test_paired_comparison_defaults_to_seed_zero():
+    probs, labels, patients = data(24, seed=3)
+    a, b, y = torch.tensor(probs), torch.tensor(probs[::-1].copy()), torch.tensor(labels)
+    assert paired_comparison(a, b, y, patients, ["a", "b"], resamples=200) == paired_comparison(
+        a, b, y, patients, ["a", "b"], resamples=200, seed=0)
