@@ -122,7 +122,7 @@ def test_given_decisions_are_scored_as_given_and_multiclass_accuracy_is_top1():
     assert out["specificity"] == pytest.approx(recall_score(1 - labels.ravel(), 1 - decided.ravel()))
     assert out["accuracy"] == pytest.approx((labels == decided).mean())
     one_hot = np.eye(3)[[0, 1, 2, 1, 0]]
-    scores = np.array([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    scores = np.array([[0.4, 0.35, 0.25], [0.2, 0.5, 0.3], [0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
     multi = classification_metrics(torch.tensor(scores), torch.tensor(one_hot), ["x", "y", "z"], "multiclass")
     assert multi["accuracy"] == pytest.approx(3 / 5) and not math.isnan(multi["auc_macro"])
     top1 = np.eye(3)[scores.argmax(1)]  # multiclass decides by arg-max, whatever the threshold

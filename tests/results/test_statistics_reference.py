@@ -189,7 +189,9 @@ def test_the_summary_blocks_key_by_key():
     scores = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1]], dtype=torch.float64)
     multi = run_statistics(scores, one_hot, ["a", "b", "c", "d"], ["x", "y", "z"], "multiclass", [0.5] * 3, None,
                            MetricsConfig(bootstrap=20))
-    assert multi["bootstrap"]["intervals"]["fbeta/y"] is not None  # arg-max decisions, not thresholds
+    top1 = torch.nn.functional.one_hot(scores.argmax(1), 3).double()  # arg-max decisions, not thresholds
+    assert multi["bootstrap"] == bootstrap_intervals(scores, one_hot, top1, ["a", "b", "c", "d"], ["x", "y", "z"],
+                                                     1.0, 20, 0)
 
 
 def test_no_label_with_both_classes_makes_every_macro_resample_degenerate():
