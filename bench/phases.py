@@ -39,7 +39,7 @@ def job_data(work: Path, train: int, val: int, size: int) -> list[str]:
             f"output.dir={work / 'phases-runs'}", "train.resume=off"]
 
 
-def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> dict:
+def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> tuple[dict, dict]:
     """One training in a new process: ({phase}_pss: each phase's peak PSS, sampled every 100 ms, with `memory`;
     else empty}, {each phase's seconds and the closing's parts}). Sampling slows the process (it walks its page
     tables), so the full benchmark takes the seconds from runs without it."""
@@ -80,7 +80,7 @@ def bench_phases(cfg: dict, work: Path) -> dict:
             if kind == "cold":
                 shutil.rmtree(work / "phases-cache", ignore_errors=True)
             peaks, seconds = run_phases(overrides, f"{kind}{'-memory' if memory else ''}{i}", work, bool(memory))
-            result = {**peaks, **seconds} if memory == "both" else peaks or seconds
+            result = {**peaks, **seconds} if memory == "both" else peaks if memory else seconds
             for key, value in result.items():
                 figures.setdefault(f"phase_{kind}_{key}_all", []).append(value)
     return figures

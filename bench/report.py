@@ -28,6 +28,11 @@ def ratio_row(figure: str, median: float, spread: tuple[float, float], target: f
                f"{target:g}{unit}", ok)
 
 
+def _spread(values: list[float], digits: str = ".3g") -> str:
+    """A figure's median over the repeats and its spread (min-max), as the two-sided rows print them."""
+    return f"{median(values):{digits}}x (spread {min(values):{digits}}-{max(values):{digits}})"
+
+
 def _band(numerators: list[float], denominators: list[float]) -> tuple[float, float]:
     return min(numerators) / max(denominators), max(numerators) / min(denominators)
 
@@ -77,26 +82,21 @@ def _memory(f: dict) -> list:
     base, cached = f.get("baseline_pss_all", [f["baseline_pss"]]), f.get("cached_pss_all", [f["cached_pss"]])
     totals = [c / (b + f["cache_bytes"]) for b, c in zip(base, cached)]
     empty = max(b / (b + f["cache_bytes"]) for b in base)  # a cache holding nothing peaks as the baseline does
-    low, high = min(totals), max(totals)
     rows.append(row("peak PSS, RAM cache + 2 workers vs baseline + cache bytes (a cache holding nothing would read "
-                    f"baseline / (baseline + cache bytes) = {empty:.2f}x)",
-                    f"{median(totals):.3g}x (spread {low:.3g}-{high:.3g})", f"> {empty:.2f}x, <= 1.15x",
-                    low > empty and high <= 1.15))
+                    f"baseline / (baseline + cache bytes) = {empty:.2f}x)", _spread(totals),
+                    f"> {empty:.2f}x, <= 1.15x", min(totals) > empty and max(totals) <= 1.15))
     if "cache_built_pss_all" in f:  # the PSS building the cache added, in the process that holds it
         held = [b / f["cache_bytes"] for b in f["cache_built_pss_all"]]
-        low, high = min(held), max(held)
         rows.append(row("RAM cache: PSS its building added vs the cached bytes (an empty cache would read ~0, a "
-                        "second copy ~2)", f"{median(held):.3g}x (spread {low:.3g}-{high:.3g})", "0.9x-1.3x",
-                        0.9 <= low and high <= 1.3))
+                        "second copy ~2)", _spread(held), "0.9x-1.3x", 0.9 <= min(held) and max(held) <= 1.3))
     if "ranks_pss_cached" not in f:
         return rows
     pairs = zip(f.get("ranks_pss_cached_all", [f["ranks_pss_cached"]]),
                 f.get("ranks_pss_uncached_all", [f["ranks_pss_uncached"]]))
     node = [(c - u) / f["ranks_cache_bytes"] for c, u in pairs]
-    low, high = min(node), max(node)
     rows.append(row("2-rank run: RAM cache's share of peak PSS vs one copy of the cached bytes (a node holds one "
-                    "copy, not one per rank; an empty cache would read ~0)",
-                    f"{median(node):.2f}x (spread {low:.2f}-{high:.2f})", "0.7x-1.3x", 0.7 <= low and high <= 1.3))
+                    "copy, not one per rank; an empty cache would read ~0)", _spread(node, ".2f"), "0.7x-1.3x",
+                    0.7 <= min(node) and max(node) <= 1.3))
     return rows
 
 

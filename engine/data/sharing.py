@@ -18,7 +18,7 @@ class ShareSampler(torch.utils.data.DistributedSampler):
     once: a run resumed mid-epoch sees exactly the batches it had not seen yet."""
 
     def __init__(self, share, per_rank: int, seed: int):
-        # the parent's own sampling is replaced below: it keeps the share, seed and epoch  # pragma: no mutate
+        # the parent's own sampling is replaced below: it keeps the share, seed and epoch
         super().__init__(share, num_replicas=1, rank=0, shuffle=True, seed=seed)  # pragma: no mutate
         self.per_rank, self._skip = per_rank, 0
 
