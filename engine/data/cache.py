@@ -59,6 +59,8 @@ class Labelled(torch.utils.data.Dataset):
 
     def __init__(self, images, items: list[dict]):
         self.images, self.items = images, items
+        self.rows: list[int] | None = None  # a rank's training share: which rows of all `total` it holds
+        self.total = len(items)
 
     def __len__(self) -> int:
         return len(self.items)

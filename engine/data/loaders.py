@@ -9,7 +9,7 @@ import torch
 
 from engine.config.schema import Config, LoaderConfig, PreprocessConfig
 from engine.data.datalist import LABEL
-from engine.data.sharing import ShareSampler, shard
+from engine.data.sharing import ShareSampler, deal, shard
 from engine.utils.errors import CT3DError
 
 log = logging.getLogger("ct3d")
@@ -49,10 +49,12 @@ def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -
 
 
 def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], progress: bool):
-    """This rank's shares of the training and validation sets (every world-th item from its rank), each
-    cached on disk and, within the RAM budget, in RAM: a node holds about one copy of the data set,
-    whatever its number of ranks. The budget is read by every rank at one moment (after a barrier, before
-    any fills) and the lowest rate taken, so ranks that start filling early do not shrink a later one's."""
+    """This rank's shares of the training set (sharing.deal: a seeded permutation dealt in turn; the dataset's
+    `rows` and `total` say which rows of all, for its sampler) and of the validation set (every world-th item
+    from its rank: sharing.gathered_order), each cached on disk and, within the RAM budget, in RAM: a node holds
+    about one copy of the data set, whatever its number of ranks. The budget is read by every rank at one moment
+    (after a barrier, before any fills) and the lowest rate taken, so ranks that start filling early do not
+    shrink a later one's."""
     import ignite.distributed as idist
 
     from engine.data.cache import build_dataset
@@ -64,23 +66,30 @@ def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], p
     val_share = shard(val_items, rank, world)
     if not val_share:  # fewer validation volumes than ranks: validate a stand-in the metrics leave out
         val_share = [{**val_items[0], LABEL: [float("nan")] * len(val_items[0][LABEL])}]
-    shares = shard(train_items, rank, world), val_share
+    rows = deal(len(train_items), world, cfg.train.seed)[rank]
+    shares = [train_items[i] for i in rows], val_share
     if world > 1:  # every rank measures the node's memory at one moment, before any of them fills its cache
         idist.barrier()
     rate = ram_budget(cfg.cache.memory_rate, sum(map(len, shares)), cfg.preprocess)
     if world > 1:  # and all take the lowest rate: one budget for the run, whatever each rank read
         rate = float(idist.all_reduce(float(rate), op="MIN"))
     disk = cfg.cache.dir if cfg.cache.disk else None
-    return tuple(build_dataset(items, cfg.preprocess, disk, rate, cfg.cache.workers, progress) for items in shares)
+    train_ds, val_ds = (build_dataset(items, cfg.preprocess, disk, rate, cfg.cache.workers, progress)
+                        for items in shares)
+    train_ds.rows, train_ds.total = rows, len(train_items)
+    return train_ds, val_ds
 
 
 def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_seed: int | None = None,
                 per_rank: int | None = None):
-    """Training (`shuffle_seed` given): a ShareSampler over this rank's share, `per_rank` samples an epoch.
+    """Training (`shuffle_seed` given): a ShareSampler over this rank's share (the dataset's `rows` of `total`;
+    without them, the whole of it), `per_rank` samples an epoch.
     Validation: the share in order, unpadded, so gathered metrics count each sample once."""
     shuffle = shuffle_seed is not None
     if shuffle:
-        sampler = ShareSampler(dataset, per_rank or len(dataset), shuffle_seed)
+        rows = getattr(dataset, "rows", None)
+        rows, total = (list(range(len(dataset))), len(dataset)) if rows is None else (rows, dataset.total)
+        sampler = ShareSampler(dataset, rows, total, per_rank or len(dataset), shuffle_seed)
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     batch_size = loader.batch_size if shuffle else loader.val_batch_size or loader.batch_size

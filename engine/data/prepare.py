@@ -90,18 +90,23 @@ def _disk_dir(cfg: Config) -> str | None:
 
 
 def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share: tuple[int, int] = (0, 1),
-                 pool: Callable[[list[Problem]], list[Problem]] = list) -> Splits:
+                 pool: Callable[[list[Problem]], list[Problem]] = list, once: Callable | None = None) -> Splits:
     """Every check before training, every problem at once: datalist rows, split (empty, patient in both),
     and every volume not yet in the disk cache read once (filling it). With data.on_error=skip, bad rows
     and volumes are returned as problems and left out; split problems always stop the run. With
     strict=False nothing raises: every problem, split ones included, is returned.
     Several processes share the volume checks: each reads its `share` (I, N) and `pool` returns every
-    process's bad volumes from its own, so all leave out the same ones."""
+    process's bad volumes from its own, so all leave out the same ones; `once(fn)` runs fn in one process and
+    gives every process its result (torchrun: rank 0 reads the datalists and looks up every row's file, the
+    others receive the items)."""
     from engine.data.held_out import leakage_problems, load_test
 
-    problems: list[Problem] = []
-    train_items, val_items, labels, carved = _load_lists(cfg.data, problems)
-    test_items = load_test(cfg.data, carved, problems)
+    def lists() -> tuple:
+        found: list[Problem] = []
+        train_items, val_items, labels, carved = _load_lists(cfg.data, found)
+        return train_items, val_items, labels, load_test(cfg.data, carved, found), found
+
+    train_items, val_items, labels, test_items, problems = once(lists) if once is not None else lists()
     fatal = split_problems(train_items, val_items, cfg.data.patient_pattern) + leakage_problems(
         train_items, val_items, test_items, cfg.data.patient_pattern)
     mine = shard(train_items + val_items + test_items, *share)

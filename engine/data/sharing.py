@@ -11,16 +11,34 @@ import torch
 from engine.utils.errors import CT3DError
 
 
-class ShareSampler(torch.utils.data.DistributedSampler):
-    """A rank's share of the training set (all it holds in RAM), shuffled each epoch from (seed, epoch) as
-    torch's DistributedSampler does (with one rank, the very same order) and padded with repeats to
-    `per_rank`, so every rank takes as many steps. `skip_next` skips the first samples of the next epoch
-    once: a run resumed mid-epoch sees exactly the batches it had not seen yet."""
+def deal(n: int, world: int, seed: int) -> list[list[int]]:
+    """Each rank's share of `n` training rows (indices, in datalist order): a seeded permutation dealt in
+    turn, so shares differ by at most one row and neighbouring rows (a scan's reconstructions) meet on a rank
+    no more often than any two rows. Fixed for a run (seed and world size): each rank caches its share in RAM.
+    With one rank: every row."""
+    generator = torch.Generator()
+    generator.manual_seed(DEAL_SEED + seed)
+    order = torch.randperm(n, generator=generator)
+    return [sorted(order[rank::world].tolist()) for rank in range(world)]
 
-    def __init__(self, share, per_rank: int, seed: int):
-        # the parent's own sampling is replaced below: it keeps the share, seed and epoch
-        super().__init__(share, num_replicas=1, rank=0, shuffle=True, seed=seed)  # pragma: no mutate
-        self.per_rank, self._skip = per_rank, 0
+
+DEAL_SEED = 7_919_000_017  # shares come from another stream than the epochs' orders (seed + epoch)
+
+
+class ShareSampler(torch.utils.data.DistributedSampler):
+    """A rank's share of the training set (`share`: its rows' indices among all `total`, all it holds in RAM),
+    in the order of the epoch's one permutation of the whole training set from (seed, epoch): every rank takes
+    its own rows in that order, so which rows share a global batch changes every epoch (with one rank: torch's
+    DistributedSampler's order). Padded with repeats to `per_rank`, so every rank takes as many steps.
+    `skip_next` skips the first samples of the next epoch once: a run resumed mid-epoch sees exactly the
+    batches it had not seen yet."""
+
+    def __init__(self, dataset, share: list[int], total: int, per_rank: int, seed: int):
+        if len(share) != len(dataset):
+            raise ValueError(f"share: {len(share)} rows for a dataset of {len(dataset)}")
+        # the parent's own sampling is replaced below: it keeps the dataset, seed and epoch
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)  # pragma: no mutate
+        self.share, self.total, self.per_rank, self._skip = list(share), total, per_rank, 0
 
     def __len__(self) -> int:
         return self.per_rank
@@ -31,7 +49,11 @@ class ShareSampler(torch.utils.data.DistributedSampler):
     def __iter__(self):
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        everything = torch.randperm(self.total, generator=generator)
+        local = torch.full((self.total,), -1, dtype=torch.long)
+        local[self.share] = torch.arange(len(self.share))
+        order = local[everything]
+        order = order[order >= 0].tolist()  # this rank's rows, in the epoch's order
         order = (order * (self.per_rank // max(1, len(order)) + 1))[: self.per_rank]
         indices, self._skip = order[self._skip:], 0
         return iter(indices)

@@ -56,8 +56,16 @@ def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, radius: int = 3) 
     return out.view_as(images)
 
 
+def _affine(images: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor, voxel_mm) -> torch.Tensor:
+    """Each sample rotated by its (3,) angles and scaled by its (3,) factors about the grid's centre."""
+    matrices = _rotations(angles) / scales[:, None, :]  # output -> input: shrink to zoom in
+    theta = affine_theta(matrices, images.shape[2:], voxel_mm)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def augment_batch(images: torch.Tensor, spec: AugmentConfig, generator: torch.Generator,
-                  voxel_mm=None) -> torch.Tensor:
+                  voxel_mm=None, select: bool | None = None) -> torch.Tensor:
     """`images` (B, C, X, Y, Z) float on any device, augmented sample by sample in batched operations;
     rotations and scaling are rigid in physical space on voxels of `voxel_mm` (None: cubic voxels)."""
     b, dev = images.shape[0], images.device
@@ -72,20 +80,21 @@ def augment_batch(images: torch.Tensor, spec: AugmentConfig, generator: torch.Ge
         flip = chosen(spec.flip_prob).view(b, 1, 1, 1, 1)
         images = torch.where(flip, images.flip(2 + axis), images)
     affine = chosen(spec.affine_prob)
-    limits = torch.tensor([math.radians(d) for d in spec.rotate_degrees], device=dev)
-    angles = uniform(-1.0, 1.0, 3) * limits
+    unit = uniform(-1.0, 1.0, 3)  # scaled by Python numbers: no host-to-device copy of the limits
+    angles = torch.stack([unit[:, axis] * math.radians(d) for axis, d in enumerate(spec.rotate_degrees)], 1)
     scales = uniform(spec.scale_range[0], spec.scale_range[1], 3)
-    if affine.any():
-        matrices = _rotations(angles[affine]) / scales[affine][:, None, :]  # output -> input: shrink to zoom in
-        theta = affine_theta(matrices, images.shape[2:], voxel_mm)
-        grid = F.affine_grid(theta, list(images[affine].shape), align_corners=False)
-        images = images.clone()
-        images[affine] = F.grid_sample(images[affine], grid, mode="bilinear", padding_mode="border",
-                                       align_corners=False)
     smooth, sigmas = chosen(spec.smooth_prob), uniform(0.5, 1.0)
-    if smooth.any():
-        images = images.clone()
-        images[smooth] = _gaussian_blur(images[smooth], sigmas[smooth])
+    if dev.type == "cpu" if select is None else select:  # only the chosen samples: no device to wait for
+        if affine.any():
+            images = images.clone()
+            images[affine] = _affine(images[affine], angles[affine], scales[affine], voxel_mm)
+        if smooth.any():
+            images = images.clone()
+            images[smooth] = _gaussian_blur(images[smooth], sigmas[smooth])
+    else:  # every sample, the chosen ones kept: deciding on the device, with no host sync (a bool or a mask)
+        keep = affine.view(b, 1, 1, 1, 1)
+        images = torch.where(keep, _affine(images, angles, scales, voxel_mm), images)
+        images = torch.where(smooth.view(b, 1, 1, 1, 1), _gaussian_blur(images, sigmas), images)
     contrast, gammas = chosen(spec.contrast_prob), uniform(0.8, 1.25)
     low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
     span = images.amax(dim=(1, 2, 3, 4), keepdim=True) - low + 1e-7

@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from engine.training.preemption import StopOnSignal, resumable_here
+from engine.training.preemption import SignalFlag, resumable_here
 from engine.utils.errors import CT3DError
 from engine.utils.io import TMP_PREFIX, save_tensors, temp_path_for
 
@@ -131,15 +131,23 @@ class Checkpoints:
     """last.pt after every epoch, best.pt when the key metric improved (`table.improved_at`), final.pt by
     `save_final()` (a link to last.pt when training has not moved since). Each holds `state_dict()` of every
     part of `to_save` plus the fixed `meta` (labels, preprocessing, model settings) that inference needs.
-    Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not fsync. The state is
-    snapshotted at once and written (atomically) by a background thread, so training does not wait on
-    the disk; the next save, and `wait()`, wait for the previous write."""
+    Every rank calls `save` at the same iterations (parts such as the RNG states gather from every rank);
+    rank 0 (`write`) writes. Our own: Ignite's Checkpoint cannot overwrite a fixed file name and does not
+    fsync. The state is snapshotted at once and written (atomically) by a background thread, so training
+    does not wait on the disk; the next save, and `wait()`, wait for the previous write.
+
+    Mid-epoch, without a collective of their own: rank 0's clock (`every_minutes`) and any rank's SIGTERM
+    ride on the step log's reduce (StepLog.request); once one is seen, every rank acts at the first
+    iteration where a resume is exact (preemption.resumable_here), the step log reducing each iteration
+    until then, so no save can hold a loss no reduce has checked."""
 
     def __init__(self, folder: Path, to_save: dict[str, Any], meta: dict, write: bool = True,
                  every_minutes: float = 0.0):
         self.folder, self.to_save, self.meta, self.write = Path(folder), to_save, meta, write
         self.every_seconds, self._saved_at = 60 * every_minutes, time.monotonic()
-        self.on_signal = StopOnSignal(self)
+        self.on_signal = SignalFlag()
+        self.stopped = False  # by SIGTERM, after last.pt was written
+        self._stop_pending = self._save_pending = False
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         self._saved: tuple[Path | None, tuple] = (None, ())  # the last file saved and the progress it holds
@@ -147,21 +155,53 @@ class Checkpoints:
             for stale in self.folder.glob(f"{TMP_PREFIX}*"):
                 stale.unlink(missing_ok=True)
 
-    def attach(self, trainer: Engine, table: Any) -> None:
-        """last.pt (and best.pt) after each epoch; with `every_minutes`, last.pt also mid-epoch when that
-        long has passed since the last save, so a lost node costs minutes, not an epoch."""
+    def attach(self, trainer: Engine, table: Any, steps: Any) -> None:  # steps: a handlers.StepLog
+        """last.pt (and best.pt) after each epoch; mid-epoch, last.pt when `every_minutes` have passed since the
+        last save (a lost node costs minutes, not an epoch) and on SIGTERM, then a stop."""
+        import ignite.distributed as idist
+
+        stop = steps.request(lambda: self.on_signal.requested)
+        clock = steps.request(lambda: self.write and 0 < self.every_seconds <= time.monotonic() - self._saved_at)
+
+        def mid_epoch(engine: Engine) -> None:
+            if not steps.reduced_now:
+                return
+            self._stop_pending |= steps.flags[stop]
+            self._save_pending |= steps.flags[clock]
+            steps.keep_reducing = self._stop_pending or self._save_pending
+            if not steps.keep_reducing or not resumable_here(engine):
+                return
+            if self._stop_pending:
+                self._stop(engine, mid_epoch=True)
+            else:
+                self.save("last")
+                self._save_pending = steps.keep_reducing = False
 
         def after_epoch(engine: Engine) -> None:
             self.save(*(["best"] if table.improved_at(engine.state.epoch) else []), "last")
+            self._save_pending = False
+            requested = self._stop_pending or self.on_signal.requested  # one all-reduce an epoch: a SIGTERM
+            if idist.get_world_size() > 1:  # that came during validation stops here, not an epoch later
+                requested = bool(idist.all_reduce(torch.tensor(float(requested))) > 0)
+            if requested:
+                self._stop(engine, mid_epoch=False)
 
-        def on_the_clock(engine: Engine) -> None:
-            if resumable_here(engine) and time.monotonic() - self._saved_at >= self.every_seconds:
-                self.save("last")
-
+        trainer.add_event_handler(Events.STARTED, self.on_signal.install)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, mid_epoch)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, after_epoch)
-        if self.every_seconds > 0:
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, on_the_clock)
-        self.on_signal.attach(trainer)
+
+    def _stop(self, trainer: Engine, mid_epoch: bool) -> None:
+        import ignite.distributed as idist
+
+        if mid_epoch:
+            self.save("last", background=False)
+        self.wait()
+        if idist.get_world_size() > 1:
+            idist.barrier()  # rank 0 has written before any rank leaves
+        self.stopped = True
+        log.warning("stopped by SIGTERM at iteration %d; %s holds it: run again to continue",
+                    trainer.state.iteration, self.folder / "last.pt")
+        trainer.terminate()
 
     def state(self) -> dict:
         parts = {name: part.state_dict() for name, part in self.to_save.items()}
@@ -169,14 +209,15 @@ class Checkpoints:
 
     def save(self, *names: str, background: bool = True) -> list[Path]:
         """Writes the current state to each `name`.pt (in this order: the first written, the others links to
-        it, so best.pt and last.pt of one epoch cost one write); a no-op where write is False."""
+        it, so best.pt and last.pt of one epoch cost one write). Every rank calls it; only `write` writes."""
+        state = self.state()  # on every rank: a part may gather from all of them
+        paths = [self.folder / f"{name}.pt" for name in names]
+        self._saved = (paths[0] if self.write else None, _progress(state))
         if not self.write:
             return []
-        state = _snapshot(self.state())
-        paths = [self.folder / f"{name}.pt" for name in names]
+        state = _snapshot(state)
         self.wait()
         self._saved_at = time.monotonic()
-        self._saved = (paths[0], _progress(state))
 
         def write() -> None:
             try:
@@ -195,23 +236,25 @@ class Checkpoints:
         return paths
 
     def holds_current(self) -> bool:
-        """Whether the last save (written or still being written) holds training as it stands now."""
-        saved, progress = self._saved
+        """Whether the last save (written or still being written) holds training as it stands now (the same
+        answer on every rank)."""
+        _, progress = self._saved
         trainer = self.to_save.get("trainer")
-        return saved is not None and progress == _progress({"trainer": trainer.state_dict() if trainer else {}})
+        return progress != () and progress == _progress({"trainer": trainer.state_dict() if trainer else {}})
 
     def save_final(self) -> Path | None:
         """final.pt after the last epoch: a link to the file that epoch's own save wrote when training has not
-        moved since (the usual end: no second write of the same state), else a write."""
-        if not self.write:
-            return None
+        moved since (the usual end: no second write of the same state), else a save (every rank calls it)."""
         current = self.holds_current()
         self.wait()
+        if not current:
+            saved = self.save("final", background=False)
+            return saved[0] if saved else None
+        if not self.write:
+            return None
         final = self.folder / "final.pt"
-        if current and self._saved[0].is_file():
-            copy_checkpoint(self._saved[0], final)
-            return final
-        return self.save("final", background=False)[0]
+        copy_checkpoint(self._saved[0], final)
+        return final
 
     def wait(self) -> None:
         if self._writer is not None:
@@ -228,8 +271,8 @@ class Resume:
     past `max_epochs` and parts the checkpoint lacks; here a part new to the run (e.g. early stopping
     turned on) starts fresh, and the file is read with our checks."""
 
-    def __init__(self, path: Path | None, to_load: dict[str, Any]):
-        self.path, self.to_load = path, to_load
+    def __init__(self, path: Path | None, to_load: dict[str, Any], state: dict | None = None):
+        self.path, self.to_load, self.state = path, to_load, state  # state: the file, already loaded
         self.epoch: int | None = None  # the epoch the checkpoint was taken at, once loaded
 
     def attach(self, trainer: Engine) -> None:
@@ -239,7 +282,7 @@ class Resume:
         if self.path is None:
             return
         # On the CPU: the RNG states must be CPU tensors; model and optimizer copy to their own devices.
-        state = load_checkpoint(self.path, "cpu")
+        state, self.state = self.state or load_checkpoint(self.path, "cpu"), None
         missing = [name for name in self.to_load if name not in state]
         Checkpoint.load_objects({k: v for k, v in self.to_load.items() if k in state}, state)
         self.epoch = trainer.state.epoch

@@ -74,6 +74,25 @@ class ValidationMetrics:
         return logits[real], labels[real]
 
     def compute(self, engine: Engine) -> None:
+        """The metrics, fitted on rank 0 alone and broadcast (under torchrun): every rank then holds the same
+        numbers, thresholds and calibration, so whatever decides on them (early stopping, best.pt, a sweep's
+        pruner) decides alike, however each rank's CPU would have rounded."""
+        logits, labels = self.outputs()
+        decided = self._decide(logits, labels) if idist.get_rank() == 0 else None
+        if idist.get_world_size() > 1:
+            import torch.distributed as dist
+
+            shared = [decided[:4] if decided is not None else None]
+            dist.broadcast_object_list(shared, src=0)
+            metrics, self.thresholds, self.calibration, self.ece = shared[0]
+            probs = decided[4] if decided is not None else torch.empty(0)
+        else:
+            metrics, self.thresholds, self.calibration, self.ece, probs = decided
+        engine.state.metrics.update(metrics)
+        self.last_probs, self.last_labels, self.last_logits = probs, labels, logits
+
+    def _decide(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """(metrics, thresholds, calibration, per-label ECE, probabilities) of the gathered outputs."""
         from engine.results.calibration import (
             apply_calibration,
             expected_calibration_error,
@@ -81,18 +100,17 @@ class ValidationMetrics:
             tune_thresholds,
         )
 
-        logits, labels = self.outputs()
+        calibration, thresholds = self.calibration, self.thresholds
         if self.fit:  # a calibration restored from a checkpoint goes when calibration is off now
-            self.calibration = fit_calibration(logits, labels, self.task) if self.calibrate else None
-        probs = probabilities(apply_calibration(logits, self.calibration), self.task)
+            calibration = fit_calibration(logits, labels, self.task) if self.calibrate else None
+        probs = probabilities(apply_calibration(logits, calibration), self.task)
         if self.fit:
-            self.thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
-        metrics = classification_metrics(probs, labels, self.names, self.task, self.thresholds, self.beta)
+            thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
+        metrics = classification_metrics(probs, labels, self.names, self.task, thresholds, self.beta)
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
-        self.ece = expected_calibration_error(probs, labels, self.bins)
-        metrics["ece_macro"] = sum(self.ece) / len(self.ece)
-        engine.state.metrics.update(metrics)
-        self.last_probs, self.last_labels, self.last_logits = probs, labels, logits
+        ece = expected_calibration_error(probs, labels, self.bins)
+        metrics["ece_macro"] = sum(ece) / len(ece)
+        return metrics, list(thresholds), calibration, ece, probs
 
     def state_dict(self) -> dict:
         """What decisions need: the checkpoint's thresholds and calibration (scale and bias; None: not
@@ -238,29 +256,95 @@ class SyncBuffers:
                 buffer.data.copy_(idist.broadcast(buffer.data, src=0))
 
 
-def attach_loss_metrics(trainer: Engine, stop_on_nan: bool = True) -> None:
-    """`train_loss` (the epoch's mean) and `running_loss` (Ignite's running average, for progress), both
-    averaged over ranks. With `stop_on_nan`, a NaN or infinite loss on any rank stops every rank in the
-    same iteration (Ignite's TerminateOnNan on the loss summed over ranks). fp16 runs leave it off:
-    their GradScaler skips the steps whose values overflow and training goes on."""
-    from ignite.handlers import TerminateOnNan
-    from ignite.metrics import Average, RunningAverage
+class StepLog:
+    """The training step's bookkeeping without a host sync or a collective per step. Each iteration adds its
+    loss and a not-finite flag to a tensor on the training device. Every `every` iterations (train.log_every),
+    at the epoch's last one, and at every iteration while `keep_reducing` is set (a stop or save is pending),
+    one all-reduce carries [loss sum, not-finite count, steps, then each `request`'s flag] from every rank and
+    is read on the host once. Then: `running_loss` (the window's mean over ranks, for progress and W&B) and,
+    at the epoch's last iteration, `train_loss` (the epoch's mean) in `engine.state.metrics`; `flags` (each
+    request summed over ranks > 0, the same on every rank); with `stop_on_nan`, a not-finite loss on any rank
+    stops every rank at the same iteration (`diverged`). Replaces Ignite's Average / RunningAverage /
+    TerminateOnNan, which each all-reduce and read the loss every step. state_dict: the epoch's sums so far
+    (taken at a reduce, so exact), so a resumed epoch logs the loss an uninterrupted one would."""
 
-    def loss(output: dict) -> torch.Tensor:
-        return output["loss"].detach()
+    def __init__(self, every: int, stop_on_nan: bool = True):
+        self.every, self.stop_on_nan = every, stop_on_nan
+        self.requests: list[Callable[[], bool]] = []
+        self.flags: list[bool] = []
+        self.reduced_now = self.keep_reducing = self.diverged = False
+        self.running_loss = math.nan
+        self.epoch_sum, self.epoch_steps = 0.0, 0
+        self._window: torch.Tensor | None = None  # [loss sum, not-finite count] on the device
+        self._steps = 0
 
-    Average(output_transform=loss).attach(trainer, "train_loss")
-    RunningAverage(output_transform=loss).attach(trainer, "running_loss")
-    if stop_on_nan:
-        summed = TerminateOnNan(output_transform=lambda output: idist.all_reduce(loss(output).clone()))
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, summed)
+    def request(self, flag: Callable[[], bool]) -> int:
+        """Adds a host-side flag to every reduce; returns its index in `flags`."""
+        self.requests.append(flag)
+        self.flags.append(False)
+        return len(self.requests) - 1
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._step)
+
+    def due(self, engine: Engine) -> bool:
+        s = engine.state
+        return self.keep_reducing or s.iteration % self.every == 0 or s.iteration % s.epoch_length == 0
+
+    def _step(self, engine: Engine) -> None:
+        loss = engine.state.output["loss"].detach().float().sum()
+        if self._window is None:
+            self._window = torch.zeros(2, device=loss.device)
+        self._window += torch.stack([loss, (~torch.isfinite(loss)).float()])
+        self._steps += 1
+        self.reduced_now = self.due(engine)
+        if self.reduced_now:
+            self._reduce(engine)
+
+    def _reduce(self, engine: Engine) -> None:
+        host = torch.tensor([float(self._steps)] + [float(bool(flag())) for flag in self.requests])
+        values = torch.cat([self._window, host.to(self._window.device)])
+        if idist.get_world_size() > 1:
+            values = idist.all_reduce(values)
+        loss_sum, bad, steps, *flags = values.tolist()  # the one host read per window
+        self._window.zero_()
+        self._steps = 0
+        self.flags = [flag > 0 for flag in flags]
+        self.running_loss = loss_sum / steps
+        self.epoch_sum, self.epoch_steps = self.epoch_sum + loss_sum, self.epoch_steps + int(steps)
+        engine.state.metrics["running_loss"] = self.running_loss
+        if engine.state.iteration % engine.state.epoch_length == 0:  # the epoch's mean, then a fresh epoch
+            engine.state.metrics["train_loss"] = self.epoch_sum / self.epoch_steps
+            self.epoch_sum, self.epoch_steps = 0.0, 0
+        if self.stop_on_nan and bad > 0:
+            self.diverged = True
+            log.warning("a loss was NaN or infinite in the last %d iteration(s): stopping", int(steps))
+            engine.terminate()
+
+    def state_dict(self) -> dict:
+        return {"epoch_sum": self.epoch_sum, "epoch_steps": self.epoch_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch_sum, self.epoch_steps = float(state["epoch_sum"]), int(state["epoch_steps"])
+
+
+def share_stop(trainer: Engine, evaluator: Engine) -> None:
+    """Under torchrun, after each validation (attach it last): rank 0's verdict on stopping, whatever set it
+    (early stopping, a sweep's pruner), becomes every rank's, by one broadcast a validation."""
+
+    def decide(_: Engine) -> None:
+        if idist.get_world_size() > 1:
+            verdict = idist.broadcast(torch.tensor(float(trainer.should_terminate)), src=0)
+            trainer.should_terminate = bool(verdict > 0)
+
+    evaluator.add_event_handler(Events.COMPLETED, decide)
 
 
 class Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (a pod's log)."""
 
-    def __init__(self, history: History, log_every: int, tty: bool | None = None):
-        self.history, self.log_every = history, log_every
+    def __init__(self, history: History, steps: StepLog, tty: bool | None = None):
+        self.history, self.steps = history, steps
         self.tty = sys.stderr.isatty() if tty is None else tty
 
     def attach(self, trainer: Engine) -> None:
@@ -269,7 +353,8 @@ class Progress:
 
             ProgressBar(persist=False).attach(trainer, metric_names=["running_loss"])
             return
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self._line)
+        logged = Events.ITERATION_COMPLETED(event_filter=lambda engine, _: self.steps.reduced_now)
+        trainer.add_event_handler(logged, self._line)
 
     def _line(self, trainer: Engine) -> None:
         s = trainer.state

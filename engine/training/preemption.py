@@ -1,16 +1,13 @@
 """Preemption: where a mid-epoch checkpoint resumes exactly, and SIGTERM (Kubernetes' notice before it
-preempts or evicts a pod) turned into a checkpoint and a clean stop on every rank."""
+preempts or evicts a pod) noted for the checkpoints' handlers, which turn it into a checkpoint and a clean stop
+on every rank."""
 
 from __future__ import annotations
 
-import logging
 import signal
 from typing import Any
 
-import torch
-from ignite.engine import Engine, Events
-
-log = logging.getLogger("ct3d")
+from ignite.engine import Engine
 
 
 def _batch_of_epoch(trainer: Engine) -> int:
@@ -33,22 +30,17 @@ def resumable_here(trainer: Engine) -> bool:
             and not trainer.should_terminate)
 
 
-class StopOnSignal:
-    """SIGTERM (Kubernetes' notice of preemption or eviction; torchrun passes it on) stops training at the
-    end of the current iteration, on every rank at the same one, after rank 0 wrote last.pt: the resumed
-    run continues at the next batch. Installed while the trainer runs; `stopped` says whether it fired."""
+class SignalFlag:
+    """SIGTERM (Kubernetes' notice of preemption or eviction; torchrun passes it on) noted, not acted on: the
+    checkpoints' handlers read `requested` at the next reduce of the step log (every train.log_every
+    iterations) and at the epoch's end, and stop every rank at one iteration (checkpoint.Checkpoints).
+    Installed while the trainer runs."""
 
-    def __init__(self, checkpoints: Any):  # an engine.checkpoint.Checkpoints
-        self.checkpoints, self.requested, self.stopped = checkpoints, False, False
+    def __init__(self):
+        self.requested = False
         self._previous: Any = None
 
-    def attach(self, trainer: Engine) -> None:
-        """After Checkpoints' own handlers: at an epoch's end last.pt has just been written."""
-        trainer.add_event_handler(Events.STARTED, self._install)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self, True)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self, False)
-
-    def _install(self, trainer: Engine) -> None:
+    def install(self, trainer: Engine | None = None) -> None:
         self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -58,23 +50,3 @@ class StopOnSignal:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
-
-    def __call__(self, trainer: Engine, mid_epoch: bool) -> None:
-        import ignite.distributed as idist
-
-        if mid_epoch and not resumable_here(trainer):
-            return  # the next step boundary, or the epoch's end, stops it
-        distributed = idist.get_world_size() > 1
-        requested = self.requested
-        if distributed:  # any rank told to stop stops them all, at this iteration
-            requested = bool(idist.all_reduce(torch.tensor(float(requested))) > 0)
-        if requested:
-            if mid_epoch:
-                self.checkpoints.save("last", background=False)
-            self.checkpoints.wait()
-            if distributed:
-                idist.barrier()  # rank 0 has written before any rank leaves
-            self.stopped = True
-            log.warning("stopped by SIGTERM at iteration %d; %s holds it: run again to continue",
-                        trainer.state.iteration, self.checkpoints.folder / "last.pt")
-            trainer.terminate()

@@ -10,11 +10,36 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
+from engine.utils.errors import CT3DError
+
 
 class RandomState:
-    """Python, NumPy, torch and CUDA generator states, as tensors and plain containers."""
+    """Python, NumPy, torch and CUDA generator states, as tensors and plain containers: rank 0's at the top
+    level and, under torchrun, every rank's in `per_rank` (gathered: state_dict is a collective there), so
+    each rank resumes its own dropout masks. A checkpoint of another world size (or of an older version)
+    gives every rank rank 0's."""
 
     def state_dict(self) -> dict:
+        import ignite.distributed as idist
+
+        own = self._own()
+        world = idist.get_world_size()
+        if world == 1:
+            return own
+        import torch.distributed as dist
+
+        every: list = [None] * world
+        dist.all_gather_object(every, own)
+        return {**every[0], "per_rank": every}
+
+    def load_state_dict(self, state: dict) -> None:
+        import ignite.distributed as idist
+
+        every = state.get("per_rank") or []
+        self._restore(every[idist.get_rank()] if len(every) == idist.get_world_size() else state)
+
+    @staticmethod
+    def _own() -> dict:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         return {
             "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
@@ -24,7 +49,8 @@ class RandomState:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    @staticmethod
+    def _restore(state: dict) -> None:
         random.setstate((state["python_version"], tuple(state["python"]), None))
         n = state["numpy"]
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
@@ -34,10 +60,12 @@ class RandomState:
 
 
 class TrainerState:
-    """The trainer's epoch, iteration and early stop. On load the configured epoch count stays (a raised
-    train.epochs extends a finished run), a run that had stopped early stops again at once, and a
+    """The trainer's epoch, iteration, early stop and world size. On load the configured epoch count stays (a
+    raised train.epochs extends a finished run), a run that had stopped early stops again at once, and a
     checkpoint taken mid-epoch continues at the next batch: the training sampler skips the batches that
-    epoch had already seen (same order: it depends on seed and epoch alone)."""
+    epoch had already seen (same order: it depends on seed and epoch alone). A mid-epoch checkpoint is
+    refused under another world size: the rest of that epoch was dealt to the ranks it had (sharing.deal),
+    and no other number of ranks can take exactly it; an epoch's end resumes under any."""
 
     def __init__(self, trainer: Engine):
         self.trainer = trainer
@@ -45,7 +73,7 @@ class TrainerState:
     def state_dict(self) -> dict:
         s = self.trainer.state
         return {"epoch": s.epoch, "iteration": s.iteration, "epoch_length": s.epoch_length,
-                "stopped_early": bool(self.trainer.should_terminate)}
+                "stopped_early": bool(self.trainer.should_terminate), "world_size": _world()}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.trainer.state
@@ -53,6 +81,13 @@ class TrainerState:
         saved_length = state.get("epoch_length") or length
         done = iteration - (epoch - 1) * saved_length  # batches of `epoch` behind the checkpoint
         max_epochs = max(s.max_epochs, epoch)
+        world = state.get("world_size", _world())  # older checkpoints did not say: taken as this run's
+        if done < saved_length and world != _world():
+            raise CT3DError(f"cannot resume: the checkpoint was taken in epoch {epoch} after {done} of its "
+                            f"{saved_length} iterations, with {world} rank(s); this run has {_world()}. The rest of "
+                            f"that epoch was dealt to {world} ranks: start with {world} (torchrun --nnodes and "
+                            f"--nproc-per-node), or resume from an epoch's end (train.resume=<run>/checkpoints/"
+                            f"best.pt)")
         if done < saved_length and saved_length == length:  # taken mid-epoch: continue at the next batch
             self.trainer.load_state_dict({"iteration": iteration, "epoch_length": length, "max_epochs": max_epochs})
             s.dataloader.sampler.skip_next(done * s.dataloader.batch_size)
@@ -61,6 +96,12 @@ class TrainerState:
             self.trainer.load_state_dict({"epoch": completed, "epoch_length": length, "max_epochs": max_epochs})
         if state["stopped_early"]:
             self.trainer.terminate()
+
+
+def _world() -> int:
+    import ignite.distributed as idist
+
+    return idist.get_world_size()
 
 
 class ScalerState:

@@ -1,8 +1,8 @@
-"""W&B tracking through Ignite's WandBLogger and its output handlers: training loss and LR per
-iteration, every validation metric, and at the end the report image and summary (and, with
-tracking.wandb.upload_checkpoint, a weights-only copy of best.pt as an artifact: never the per-volume
-validation outputs best.pt carries for the report). Ours only around it: the W&B run starts when the trainer
-starts, after a resume restored the run id, so a resumed run continues its W&B run.
+"""W&B tracking through Ignite's WandBLogger and its output handlers: training loss (the step log's mean over
+train.log_every iterations) and LR at that cadence, every validation metric, and at the end the report image
+and summary (and, with tracking.wandb.upload_checkpoint, a weights-only copy of best.pt as an artifact: never
+the per-volume validation outputs best.pt carries for the report). Ours only around it: the W&B run starts
+when the trainer starts, after a resume restored the run id, so a resumed run continues its W&B run.
 The API key is read by wandb from WANDB_API_KEY; it is never passed, logged or saved by us."""
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ class WandbTracker:
     def load_state_dict(self, state: dict) -> None:
         self.run_id = state["run_id"]
 
-    def attach(self, trainer: Engine, evaluator: Engine, optimizer: torch.optim.Optimizer) -> None:
-        trainer.add_event_handler(Events.STARTED, self._start, evaluator, optimizer)
+    def attach(self, trainer: Engine, evaluator: Engine, optimizer: torch.optim.Optimizer, steps) -> None:
+        """`steps`: the run's handlers.StepLog; training's loss and LR are logged when it has reduced (every
+        train.log_every iterations and at each epoch's end), never reading the device's loss in between."""
+        trainer.add_event_handler(Events.STARTED, self._start, evaluator, optimizer, steps)
 
-    def _start(self, trainer: Engine, evaluator: Engine, optimizer: torch.optim.Optimizer) -> None:
+    def _start(self, trainer: Engine, evaluator: Engine, optimizer: torch.optim.Optimizer, steps) -> None:
         import wandb
         from ignite.handlers.wandb_logger import WandBLogger
 
@@ -46,9 +48,10 @@ class WandbTracker:
         self.logger = WandBLogger(project=s.project, entity=s.entity or None, tags=list(s.tags) or None,
                                   dir=str(self.folder), config=self.config, id=self.run_id, name=self.name,
                                   resume="allow", mode=str(s.mode), settings=wandb.Settings(console="off", silent=True))
-        self.logger.attach_output_handler(trainer, Events.ITERATION_COMPLETED, tag="train",
-                                          output_transform=lambda out: {"loss": float(out["loss"].detach())})
-        self.logger.attach_opt_params_handler(trainer, Events.ITERATION_COMPLETED, optimizer, tag="train")
+        logged = Events.ITERATION_COMPLETED(event_filter=lambda engine, _: steps.reduced_now)
+        self.logger.attach_output_handler(trainer, logged, tag="train",
+                                          output_transform=lambda _: {"loss": steps.running_loss})
+        self.logger.attach_opt_params_handler(trainer, logged, optimizer, tag="train")
         # validation at the trainer's iteration: W&B steps only go forward
         self.logger.attach_output_handler(evaluator, Events.COMPLETED, tag="val", metric_names="all",
                                           global_step_transform=lambda *_: trainer.state.iteration)

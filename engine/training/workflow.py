@@ -38,9 +38,9 @@ from engine.training.checkpoint import (
     load_checkpoint,
     resume_checkpoint,
 )
-from engine.training.handlers import History, MetricsTable, Progress, SyncBuffers, attach_loss_metrics
+from engine.training.handlers import History, MetricsTable, Progress, StepLog, SyncBuffers, share_stop
 from engine.training.models import FreezeBackbone
-from engine.training.outputs import write_outputs
+from engine.training.outputs import timed_call, write_outputs
 from engine.training.state import RandomState, ScalerState, TrainerState
 from engine.utils.errors import CT3DError, Interrupted
 from engine.utils.io import write_text
@@ -64,8 +64,10 @@ def train(cfg: Config, attach=None) -> Path:
     data = prepare_data_in_shares(cfg, progress=main)
     folder = run_folder(cfg.output, cfg.model)
     resume_path = resume_from(cfg, folder)
-    if resume_path is not None:
-        check_same_run(load_checkpoint(resume_path), resume_path, folder, cfg, data)
+    resume_state = None
+    if resume_path is not None:  # read once, memory-mapped: the check reads the metadata, the resume the rest
+        resume_state = load_checkpoint(resume_path, mmap=True)
+        check_same_run(resume_state, resume_path, folder, cfg, data)
     if main:
         write_run_start(folder, cfg, data)
 
@@ -80,15 +82,15 @@ def train(cfg: Config, attach=None) -> Path:
     # The plain network: ranks validate different numbers of batches, and DDP's forward is a collective.
     evaluator, validation = make_evaluator(net, make_loader(val_ds, cfg.loader, device), device, amp_dtype,
                                            cfg.metrics, data.labels, task, make_loss(cfg.train, task, frequencies))
-    history = History(optimizer)
+    history, steps = History(optimizer), StepLog(cfg.train.log_every, stop_on_nan=amp_dtype != torch.float16)
     table = MetricsTable(folder / "metrics.csv", str(cfg.metrics.key), history, data.labels, validation,
                          str(cfg.metrics.mode), cfg.metrics.beta, write=main)
     to_save = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": ScalerState(trainer),
                "trainer": TrainerState(trainer), "metrics_table": table, "history": history, "rng": RandomState(),
-               "calibration": validation}
+               "calibration": validation, "steps": steps}
 
     # Handlers, in the order they run on each event.
-    resume = Resume(resume_path, to_save)
+    resume = Resume(resume_path, to_save, resume_state)
     resume.attach(trainer)
     total_steps = cfg.train.epochs * len(train_loader)  # a raised train.epochs extends a resumed schedule
     trainer.add_event_handler(Events.STARTED, lambda _: setattr(scheduler, "t_total", total_steps))
@@ -98,42 +100,44 @@ def train(cfg: Config, attach=None) -> Path:
         voxel = cfg.preprocess.spacing if cfg.preprocess.resize == "crop_pad" else None  # resize: voxels vary
         DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank, voxel).attach(trainer)
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
-    attach_loss_metrics(trainer, stop_on_nan=amp_dtype != torch.float16)
+    steps.attach(trainer)
     if main:
-        Progress(history, cfg.train.log_every).attach(trainer)
+        Progress(history, steps).attach(trainer)
     SyncBuffers(net).attach(trainer)
     attach_validation(trainer, evaluator, cfg.train.val_every)
     table.attach(trainer, evaluator)
     history.attach(trainer)  # after validation, before checkpoints: see History
     if cfg.train.early_stopping_patience:
         to_save["early_stopping"] = early_stopping(cfg, trainer, evaluator)
-    tracker = tracking(cfg, folder, trainer, evaluator, optimizer) if main else None
+    tracker = tracking(cfg, folder, trainer, evaluator, optimizer, steps) if main else None
     if tracker is not None:
         to_save["tracking"] = tracker
     meta = {"labels": data.labels, "task": task, "model_config": plain(cfg.model),
             "preprocessing": plain(cfg.preprocess), "threshold": cfg.metrics.threshold}
     checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
-    checkpoints.attach(trainer, table)
+    checkpoints.attach(trainer, table, steps)
     if attach is not None:
         attach(trainer, evaluator)
+    share_stop(trainer, evaluator)  # last: whatever stops the run (early stopping, a sweep's pruner), rank 0 decides
 
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
              cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")
     clock = [start, time.time()]  # the phases summary.json times: start-up, training, closing
-    finish_checkpoints = run_to_end(trainer, checkpoints, table, resume, folder)
+    finish_checkpoints = run_to_end(trainer, checkpoints, table, resume, folder, steps)
     clock.append(history.epoch_ended_at or time.time())  # closing: from the last validation on
-    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once a checkpoint
-    # holds it: the last epoch's copy is being written) the optimizer's state, so its peak stays below training's.
+    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once the last checkpoint
+    # is written) the optimizer's state, so its peak stays below training's.
     optimizer.zero_grad(set_to_none=True)
     for dataset in (train_ds, val_ds):
         release_ram(dataset)
-    if checkpoints.holds_current() or not main:
-        optimizer.state.clear()
-
-    def finish() -> None:
-        finish_checkpoints()
-        optimizer.state.clear()
-
+    parts = {"after the last epoch": round(time.time() - clock[2], 3)}  # the closing's parts, each timed
+    timed_call(parts, "checkpoints", finish_checkpoints)  # the last epoch's write, final.pt
+    optimizer.state.clear()
+    if idist.get_world_size() > 1:
+        idist.barrier()  # the last checkpoint is written: the other ranks leave, their GPUs (pods) free
+        if not main:
+            return folder
+        use_every_cpu()
     summary = {
         "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
         "train_volumes": len(data.train), "val_volumes": len(data.val), "test_volumes": len(data.test),
@@ -144,40 +148,60 @@ def train(cfg: Config, attach=None) -> Path:
         "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
         "epoch_seconds": history.epoch_seconds,
     }
-    if main:
-        write_outputs(folder, summary, table, history, cfg, tracker, net, data, clock, finish)
-    else:
-        finish()
-    if idist.get_world_size() > 1:
-        idist.barrier()  # every rank leaves together: tearing down the group under a busy peer aborts
+    write_outputs(folder, summary, table, history, cfg, tracker, net, data, clock, parts)
     return folder
 
 
+def use_every_cpu() -> None:
+    """Rank 0's closing work alone, after the others left: torchrun set one thread per worker (OMP_NUM_THREADS=1);
+    now the bootstrap and Grad-CAM may use every CPU this process may run on."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus > torch.get_num_threads():
+        torch.set_num_threads(cpus)
+        log.info("closing work on rank 0 alone: %d CPU threads", cpus)
+
+
 def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
-    """Under torchrun every rank checks, and fills the disk cache with, its own share of the volumes, so a
-    rank waits for the slowest share, never for one rank to read the whole data set; the ranks then pool
-    what they found. Rank 0 generates the demo data first."""
+    """Under torchrun rank 0 reads the datalists (and writes the demo's phantoms) and looks up every row's file,
+    once, and the other ranks receive the items; every rank then checks, and fills the disk cache with, its own
+    share of the volumes, so a rank waits for the slowest share, never for one rank to read the whole data
+    set; the ranks then pool what they found."""
     import json
     from dataclasses import asdict
 
     import ignite.distributed as idist
 
     from engine.data.datalist import Problem
-    from engine.data.prepare import load_splits
 
     rank, world = idist.get_rank(), idist.get_world_size()
     if world == 1:
         return prepare_data(cfg, progress)
-    if cfg.data.demo.enabled:
-        if rank == 0:
-            load_splits(cfg.data, [])  # writes the phantoms once
-        idist.barrier()
 
     def pool(mine: list) -> list:
         every = idist.all_gather(json.dumps([asdict(p) for p in mine]))
         return [Problem(**p) for text in every for p in json.loads(text)]
 
-    return prepare_data(cfg, progress, share=(rank, world), pool=pool)
+    return prepare_data(cfg, progress, share=(rank, world), pool=pool, once=on_rank_0)
+
+
+def on_rank_0(fn):
+    """fn() on rank 0, its result (or the error it raised) on every rank."""
+    import ignite.distributed as idist
+    import torch.distributed as dist
+
+    shared: list = [None]
+    if idist.get_rank() == 0:
+        try:
+            shared[0] = (fn(), None)
+        except CT3DError as exc:
+            shared[0] = (None, str(exc))
+    dist.broadcast_object_list(shared, src=0)
+    result, error = shared[0]
+    if error is not None:
+        raise CT3DError(error)
+    return result
 
 
 def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
@@ -190,7 +214,7 @@ def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
              ", ".join(data.labels))
 
 
-def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer):
+def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer, steps: StepLog):
     """The W&B tracker, attached (None when tracking is off); it logs the config as saved, secrets blanked."""
     import yaml
 
@@ -199,7 +223,7 @@ def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer):
     if cfg.tracking.wandb.mode == "disabled":
         return None
     tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
-    tracker.attach(trainer, evaluator, optimizer)
+    tracker.attach(trainer, evaluator, optimizer, steps)
     return tracker
 
 
@@ -231,13 +255,11 @@ def early_stopping(cfg: Config, trainer, evaluator):
     return stopper
 
 
-def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path):
-    """Runs the trainer. A diverged loss (TerminateOnNan) is a clear error on every rank, and no final.pt
-    with NaN weights is written: last.pt holds the last good epoch. Returns what completes the checkpoints
-    (waits for the last epoch's write, then final.pt unless this start found the run finished and final.pt
-    there): the closing calls it after the work that needs no checkpoint, so that write overlaps it."""
-    import ignite.distributed as idist
-
+def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path, steps: StepLog):
+    """Runs the trainer. A diverged loss (the step log saw a NaN or infinite loss on some rank: every rank
+    stopped at the same iteration) is a clear error on every rank, and no final.pt with NaN weights is written:
+    last.pt holds the last good state. Returns what completes the checkpoints (waits for the last epoch's
+    write, then final.pt unless this start found the run finished and final.pt there)."""
     try:
         trainer.run()
     except BaseException:
@@ -245,20 +267,16 @@ def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: R
         raise
     finally:
         checkpoints.on_signal.restore()
-    if checkpoints.on_signal.stopped:
+    if checkpoints.stopped:
         checkpoints.wait()
         raise Interrupted(f"stopped by SIGTERM at iteration {trainer.state.iteration}; "
                           f"{folder / 'checkpoints' / 'last.pt'} holds it: run again to continue")
-    output = trainer.state.output
-    diverged = bool(trainer.should_terminate and output is not None and not torch.isfinite(output["loss"]).all())
-    if idist.get_world_size() > 1:  # the ranks agree: a NaN on any rank stopped them all
-        diverged = bool(idist.all_reduce(int(diverged)))
-    if diverged:
+    if steps.diverged:
         checkpoints.wait()
         raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
-                        f"the loss became {float(output['loss'].detach()):g}. The last good state is "
-                        f"{folder / 'checkpoints' / 'last.pt'} (end of the previous epoch); try a lower train.lr, "
-                        f"train.amp=off, or check the data")
+                        f"the loss became NaN or infinite (mean of the last reduce: {steps.running_loss:g}). The last "
+                        f"good state is {folder / 'checkpoints' / 'last.pt'}; try a lower train.lr, train.amp=off, "
+                        f"or check the data")
     if not table.rows:
         checkpoints.wait()
         raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")

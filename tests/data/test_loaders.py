@@ -23,10 +23,11 @@ def test_ranks_hold_disjoint_shares_and_take_equal_steps_over_every_sample(monke
         sampler = make_loader(train_ds, cfg.loader, torch.device("cpu"), shuffle_seed=0, per_rank=3).sampler
         sampler.set_epoch(1)
         steps.append(list(sampler))
-        assert [it["name"] for it in val_ds.items] == shares[-1]  # validation: the same share, unpadded
+        assert [it["name"] for it in val_ds.items] == [f"v{i}" for i in range(rank, 7, 3)]  # validation: unpadded
+        assert [it["name"] for it in train_ds.items] == [f"v{i}" for i in train_ds.rows] and train_ds.total == 7
     assert sorted(sum(shares, [])) == sorted(it["name"] for it in items)  # disjoint, and together everything
     assert [len(s) for s in steps] == [3, 3, 3]  # the share of 2 repeats one sample
-    one_rank = ShareSampler(list(range(7)), 7, seed=5)
+    one_rank = ShareSampler(list(range(7)), list(range(7)), 7, 7, seed=5)
     one_rank.set_epoch(2)
     reference = torch.utils.data.DistributedSampler(list(range(7)), num_replicas=1, rank=0, shuffle=True, seed=5)
     reference.set_epoch(2)
@@ -119,7 +120,8 @@ def test_ranks_read_the_ram_budget_at_one_moment_and_share_the_lowest_rate(monke
     monkeypatch.setattr(idist, "barrier", lambda: events.append("barrier"))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: events.append("measure") or SimpleNamespace(available=1e15))
     monkeypatch.setattr(idist, "all_reduce", lambda value, op: events.append(("reduce", op, value)) or 0.25)
-    monkeypatch.setattr(cache, "build_dataset", lambda items, p, disk, rate, *a: rates.append(rate))
+    monkeypatch.setattr(cache, "build_dataset", lambda items, p, disk, rate, *a: rates.append(rate) or cache.Labelled(
+        None, items))
     items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(4)]
     loaders.make_datasets(load_config(None, ["data.demo.enabled=true", "cache.memory_rate=1"]), items, items, False)
     assert events == ["barrier", "measure", ("reduce", "MIN", 1.0)]

@@ -103,3 +103,17 @@ def test_rotation_is_rigid_on_a_grid_that_is_not_a_cube(shape, voxel):
     centroid = (physical * out).flatten(1).sum(1) / out.sum()
     expected = rotation[0].T @ source  # output(p) = input(R p): the blob moves to R^T p
     assert torch.all((centroid - expected).abs() <= 0.5 * mm), (centroid, expected)
+
+
+def test_deciding_on_the_device_gives_what_transforming_only_the_chosen_samples_gives():
+    """On a GPU every sample is transformed and the chosen ones kept (no mask read on the host); on the CPU only
+    the chosen samples are. Same draws, same result: affine and blur act on each sample alone."""
+    from engine.training.augment import augment_batch
+
+    spec = AugmentConfig(affine_prob=0.5, smooth_prob=0.5, rotate_degrees=[10.0, 20.0, 30.0])
+    images = torch.randn(8, 1, 12, 12, 10, generator=torch.Generator().manual_seed(1))
+    masked = augment_batch(images, spec, torch.Generator().manual_seed(3), (1.0, 1.0, 2.0), select=True)
+    every = augment_batch(images, spec, torch.Generator().manual_seed(3), (1.0, 1.0, 2.0), select=False)
+    assert torch.allclose(masked, every, atol=1e-6)
+    alone = augment_batch(images[:1], spec, torch.Generator().manual_seed(4), select=False)
+    assert not torch.allclose(alone, images[:1])  # it does transform

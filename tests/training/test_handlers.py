@@ -3,7 +3,7 @@ import logging
 import torch
 from ignite.engine import Engine, Events
 
-from engine.training.handlers import History, MetricsTable, Progress, ValidationMetrics, attach_loss_metrics
+from engine.training.handlers import History, MetricsTable, Progress, StepLog, ValidationMetrics
 
 
 def fake_trainer(losses):
@@ -15,19 +15,58 @@ def sgd(lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
 
 
-def test_epoch_mean_loss_and_running_loss_metrics():
-    trainer = fake_trainer([1.0, 3.0])
-    attach_loss_metrics(trainer)
-    trainer.run([0, 1], max_epochs=1)
-    assert trainer.state.metrics["train_loss"] == 2.0
-    assert 1.0 < trainer.state.metrics["running_loss"] < 3.0
+def test_step_log_reduces_every_n_iterations_and_at_the_epochs_end():
+    losses = [1.0, 3.0, 2.0, 6.0, 4.0]
+    trainer, steps, seen = fake_trainer(losses), StepLog(every=2), []
+    steps.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: seen.append((e.state.iteration, steps.reduced_now, steps.running_loss)))
+    trainer.run(list(range(5)), max_epochs=2)
+    assert [(it, loss) for it, reduced, loss in seen if reduced] == [
+        (2, 2.0), (4, 4.0), (5, 4.0), (6, 1.0), (8, 2.5), (10, 5.0)]  # every 2nd iteration, and each epoch's end
+    assert trainer.state.metrics["train_loss"] == sum(losses) / 5
+    assert trainer.state.metrics["running_loss"] == 5.0
 
 
-def test_nan_loss_stops_training():
+def test_step_log_carries_the_epochs_sums_over_a_resume():
+    steps = StepLog(every=3)
+    steps.epoch_sum, steps.epoch_steps = 7.5, 3
+    again = StepLog(every=3)
+    again.load_state_dict(steps.state_dict())
+    assert (again.epoch_sum, again.epoch_steps) == (7.5, 3)
+    trainer = fake_trainer([0.5])
+    again.attach(trainer)
+    trainer.state.epoch_length = 5
+    trainer.run([0, 1], max_epochs=1)  # an epoch of two: the resumed sums are added, then the mean taken
+    assert trainer.state.metrics["train_loss"] == (7.5 + 1.0) / 5
+
+
+def test_nan_loss_stops_training_at_the_next_reduce():
     trainer = fake_trainer([1.0, float("nan"), 1.0, 1.0])
-    attach_loss_metrics(trainer)
+    steps = StepLog(every=3)
+    steps.attach(trainer)
     trainer.run([0, 1, 2, 3], max_epochs=3)
-    assert trainer.state.iteration == 2 and trainer.should_terminate
+    assert trainer.state.iteration == 3 and trainer.should_terminate and steps.diverged
+    quiet = fake_trainer([1.0, float("inf")])
+    StepLog(every=1, stop_on_nan=False).attach(quiet)  # fp16: the scaler skips such steps
+    quiet.run([0, 1], max_epochs=2)
+    assert quiet.state.iteration == 4
+
+
+def test_step_log_requests_are_summed_at_each_reduce_and_keep_reducing_reduces_every_step():
+    trainer, steps, reduced = fake_trainer([1.0, 1.0]), StepLog(every=4), []
+    calls = []
+    index = steps.request(lambda: calls.append(1) or len(calls) == 2)
+    steps.attach(trainer)
+
+    def watch(engine):
+        if steps.reduced_now:
+            reduced.append((engine.state.iteration, steps.flags[index]))
+            steps.keep_reducing = steps.flags[index]
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, watch)
+    trainer.run(list(range(12)), max_epochs=1)
+    assert reduced == [(4, False), (8, True), (9, False), (12, False)]  # flags read at reduces only
 
 
 def test_history_keeps_lr_epoch_times_and_seconds_across_resume():
@@ -44,8 +83,9 @@ def test_history_keeps_lr_epoch_times_and_seconds_across_resume():
 
 def test_plain_progress_lines_when_not_a_terminal(caplog):
     trainer = fake_trainer([0.5])
-    attach_loss_metrics(trainer)
-    Progress(History(sgd(0.1)), log_every=2, tty=False).attach(trainer)
+    steps = StepLog(every=2)
+    steps.attach(trainer)
+    Progress(History(sgd(0.1)), steps, tty=False).attach(trainer)
     with caplog.at_level(logging.INFO, logger="ct3d"):
         trainer.run([0, 1, 2, 3], max_epochs=1)
     lines = [r.getMessage() for r in caplog.records]
