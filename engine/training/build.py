@@ -19,9 +19,10 @@ log = logging.getLogger("ct3d")
 
 
 def setup_logging(main: bool = True) -> None:
-    """INFO lines on rank 0; other ranks only warn."""
+    """INFO lines on rank 0; other ranks only warn, but for the `ct3d.ranks` lines (where a rank waits)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     log.setLevel(logging.INFO if main else logging.WARNING)
+    logging.getLogger("ct3d.ranks").setLevel(logging.INFO)  # the few lines every rank's (pod's) log needs
     for noisy in ("ignite", "monai"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -180,6 +180,12 @@ def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
         return prepare_data(cfg, progress)
 
     def pool(mine: list) -> list:
+        # Where a cold cache makes ranks wait on the slowest: said in every pod's log before the wait, for NCCL's
+        # watchdog ends a timed-out collective with its own words (docs/architecture.md, "Timeouts").
+        logging.getLogger("ct3d.ranks").info(
+            "rank %d: checked (and cached) its share of the volumes; waiting for the other ranks at most "
+            "train.dist_timeout_minutes=%g: a rank still filling the cache by then ends the run. Fill the cache "
+            "first (python -m engine.run cache --shard I/N) or raise the timeout", rank, cfg.train.dist_timeout_minutes)
         every = idist.all_gather(json.dumps([asdict(p) for p in mine]))
         return [Problem(**p) for text in every for p in json.loads(text)]
 

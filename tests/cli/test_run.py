@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,29 +81,44 @@ def test_demo_under_torchrun_two_processes_gloo_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_cache_stage_in_two_shards_then_torchrun_under_a_timeout_shorter_than_the_fill(tmp_path, tiny_demo):
-    """Two `cache --shard I/2` processes fill one cache (1 voxel in 1 mm: slow on purpose); `--verify` finds
-    every entry valid and none missing; then two ranks train with a process-group timeout shorter than the
-    whole fill took."""
+    """`cache --shard 0/2` fills half the cache (1 voxel in 1 mm: slow on purpose); two ranks then train with a
+    process-group timeout shorter than rank 1's half of the fill: rank 0 waits for it, times out and says which
+    setting and which stage, as its log said before the wait. `cache --shard 1/2` completes the
+    cache, `--verify` finds every entry valid and none missing, and two ranks train under a timeout shorter than
+    the whole fill would take."""
     overrides = tiny_overrides(tmp_path, tiny_demo, "preprocess.spacing=[1.0,1.0,1.0]", "cache.workers=1",
-                               "train.dist_timeout_minutes=0.2", "tracking.wandb.mode=disabled",
+                               "train.dist_timeout_minutes=0.1", "tracking.wandb.mode=disabled",
                                "data.val_fraction=0.04")  # one validation volume: rank 1 validates a stand-in
-    procs = [subprocess.Popen(command("cache", f"--shard={i}/2", *overrides), cwd=ROOT, env=ENV, **TEXT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    fill_seconds = 0.0
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-2000:]
-        counts = dict(part.rsplit(" ", 1) for part in out.strip().splitlines()[-1].split(": ", 1)[1].split(", "))
+
+    def fill(shard: int) -> float:
+        out = cli("cache", f"--shard={shard}/2", *overrides)
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts = dict(part.rsplit(" ", 1) for part in out.stdout.strip().splitlines()[-1].split(": ", 1)[1].split(", "))
         assert counts["volumes"] == "12" and counts["problems"] == "0"
-        fill_seconds += 12 / float(counts["volumes_per_second"])
-    print(f"fill: {fill_seconds:.1f} s in one process")
-    assert fill_seconds > 12  # the whole fill, in one process, would outlast the 12 s timeout
+        return float(counts["volumes_per_second"])
+
+    rate = fill(0)
+    print(f"fill: {24 / rate:.1f} s for the whole cache in one process")
+    assert 12 / rate > 2 * 1.2  # rank 1's half outlasts the 1.2 s timeout below
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           *command("train", *overrides, "train.dist_timeout_minutes=0.02")[1:]], cwd=ROOT, env=env,
+                          capture_output=True, **TEXT, timeout=600)
+    assert proc.returncode != 0
+    assert "rank 0: waited more than train.dist_timeout_minutes=0.02 for the other ranks" in proc.stderr
+    assert "fill the cache first (`python -m engine.run cache --shard I/N`)" in proc.stderr
+    # said before the wait (torchrun stopped rank 1 mid-fill), so in the waiting pod's log even when NCCL's
+    # watchdog, not our handler, ends the process
+    assert "rank 0: checked (and cached) its share of the volumes; waiting for the other ranks at most " \
+           "train.dist_timeout_minutes=0.02" in proc.stderr
+    fill(1)
+    assert 24 / rate > 6  # the whole fill, in one process, would outlast the 6 s timeout of the run below
     verified = cli("cache", "--verify", *overrides)
     assert verified.returncode == 0, verified.stderr[-2000:]
     assert "checked 24, corrupt 0, stale 0, temp_files 0, built 0, problems 0" in verified.stdout
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           *command("train", *overrides)[1:]], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, **TEXT, timeout=600)
+                           *command("train", *overrides)[1:]], cwd=ROOT, env=env, capture_output=True, **TEXT,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "runs" / "run" / "checkpoints" / "final.pt").is_file()
     summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
@@ -120,40 +136,107 @@ def torchrun(*args: str, restarts: int = 0) -> list[str]:
             f"--rdzv-endpoint=127.0.0.1:{port}", f"--max-restarts={restarts}", *command(*args)[1:]]
 
 
-@pytest.mark.slow
-def test_elastic_restart_after_a_killed_worker_ends_with_an_uninterrupted_runs_weights(tmp_path, tiny_demo):
-    import threading
+def two_rank_overrides(tmp_path, tiny_demo, name: str) -> list[str]:
+    return tiny_overrides(tmp_path, tiny_demo, "train.deterministic=true", "train.epochs=3", "train.log_every=1",
+                          "augment.affine_prob=0.5", "train.checkpoint_minutes=0.0001", "loader.batch_size=2",
+                          f"output.name={name}")
 
-    import psutil
+
+@pytest.fixture(scope="module")
+def two_rank_whole(tmp_path_factory, tiny_demo) -> dict:
+    """The uninterrupted two-rank run every interrupted one must end equal to: its final weights."""
     import torch
 
-    def overrides(name: str) -> list[str]:
-        return tiny_overrides(tmp_path, tiny_demo, "train.deterministic=true", "train.epochs=3", "train.log_every=1",
-                              "augment.affine_prob=0.5", "train.checkpoint_minutes=0.0001", "loader.batch_size=2",
-                              f"output.name={name}")
-
-    env = {**ENV, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run(torchrun("train", *overrides("whole")), cwd=ROOT, env=env, capture_output=True, **TEXT,
-                           timeout=600)
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    whole = subprocess.run(torchrun("train", *two_rank_overrides(tmp, tiny_demo, "whole")), cwd=ROOT,
+                           env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, **TEXT, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    # Two restarts allowed: gloo sometimes aborts one worker while the group is torn down after training
-    # (seen once in four runs); the extra restart then finds the run finished and leaves final.pt alone.
-    proc = subprocess.Popen(torchrun("train", *overrides("elastic"), restarts=2), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **TEXT)
+    return torch.load(tmp / "runs" / "whole" / "checkpoints" / "final.pt", weights_only=True)["model"]
+
+
+def start_watched(cmd: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    import threading
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **TEXT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
-    deadline = time.time() + 300
-    while "epoch 2/3 iteration 3/" not in "".join(lines):
+    return proc, lines
+
+
+def wait_for_line(proc: subprocess.Popen, lines: list[str], text: str, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while text not in "".join(lines):
         assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
         time.sleep(0.01)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "engine.run" in " ".join(p.cmdline())]
-    victim = next(p for p in workers if p.environ().get("RANK") == "1")
-    victim.kill()  # a lost node: no SIGTERM, no last words
+
+
+def workers_of(proc: subprocess.Popen) -> dict:
+    """{rank: psutil.Process} of torchrun's training workers."""
+    import psutil
+
+    found = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "engine.run" in " ".join(p.cmdline()):
+                found[int(p.environ()["RANK"])] = p
+        except (psutil.Error, KeyError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_killed_worker_ends_with_an_uninterrupted_runs_weights(tmp_path, tiny_demo,
+                                                                                      two_rank_whole):
+    import torch
+
+    # Two restarts allowed: gloo sometimes aborts one worker while the group is torn down after training
+    # (seen once in four runs); the extra restart then finds the run finished and leaves final.pt alone.
+    proc, lines = start_watched(torchrun("train", *two_rank_overrides(tmp_path, tiny_demo, "elastic"), restarts=2))
+    wait_for_line(proc, lines, "epoch 2/3 iteration 3/")
+    workers_of(proc)[1].kill()  # a lost node: no SIGTERM, no last words
     assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     assert "resumed from" in "".join(lines)
+    got = torch.load(tmp_path / "runs" / "elastic" / "checkpoints" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(two_rank_whole[k], got[k]) for k in two_rank_whole)
 
-    def weights(name: str) -> dict:
-        return torch.load(tmp_path / "runs" / name / "checkpoints" / "final.pt", weights_only=True)["model"]
 
-    expected, got = weights("whole"), weights("elastic")
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+@pytest.mark.slow
+def test_two_ranks_sigterm_checkpoint_every_ranks_state_and_resume_to_the_same_weights(tmp_path, tiny_demo,
+                                                                                      two_rank_whole):
+    """SIGTERM to torchrun (PID 1 in a pod: what the kubelet signals) mid-epoch: both ranks stop at one iteration
+    after rank 0 wrote last.pt holding both ranks' random states; the resumed run ends with the uninterrupted
+    run's weights. In the resumed run rank 1 leaves at the final barrier, before rank 0's closing work ends."""
+    import torch
+
+    from engine.training.checkpoint import load_checkpoint
+
+    overrides = two_rank_overrides(tmp_path, tiny_demo, "term")
+    proc, lines = start_watched(torchrun("train", *overrides))
+    wait_for_line(proc, lines, "epoch 2/3 iteration 3/")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    text = "".join(lines)
+    assert text.count("stopped by SIGTERM at iteration") >= 1, text[-3000:]
+    last = load_checkpoint(tmp_path / "runs" / "term" / "checkpoints" / "last.pt")
+    progress = last["trainer"]
+    assert progress["epoch"] == 2 and 0 < progress["iteration"] - progress["epoch_length"] < progress["epoch_length"]
+    assert progress["world_size"] == 2 and len(last["rng"]["per_rank"]) == 2
+    assert not torch.equal(last["rng"]["per_rank"][0]["torch"], last["rng"]["per_rank"][1]["torch"])
+    assert not (tmp_path / "runs" / "term" / "checkpoints" / "final.pt").exists()
+
+    proc, lines = start_watched(torchrun("train", *overrides))
+    ended: dict[int, float] = {}
+    while proc.poll() is None:
+        for rank in workers_of(proc):
+            ended.setdefault(rank, 0.0)
+        for rank in ended:
+            if not ended[rank] and rank not in workers_of(proc):
+                ended[rank] = time.time()
+        time.sleep(0.02)
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    assert f"at iteration {progress['iteration']}" in "".join(lines)
+    got = torch.load(tmp_path / "runs" / "term" / "checkpoints" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(two_rank_whole[k], got[k]) for k in two_rank_whole)
+    clock = json.loads((tmp_path / "runs" / "term" / "summary.json").read_text())["phases"]["clock"]
+    assert ended.get(1) and ended[1] < clock[3] - 0.5, (ended, clock)  # rank 1 left; rank 0 went on closing

@@ -298,6 +298,12 @@ def test_sigterm_mid_epoch_saves_at_once_and_resumes_at_the_next_batch(tmp_path,
         train(load_config(None, overrides))
     assert f"resumed from {checkpoints / 'last.pt'} at iteration {last['iteration']}" in caplog.text
     assert all(torch.equal(final_weights(whole)[k], v) for k, v in final_weights(checkpoints.parent).items())
+    assert train_losses(checkpoints.parent) == train_losses(whole)  # the interrupted epoch's too: the sums resumed
+
+
+def train_losses(folder: Path) -> list[float]:
+    """Each epoch's mean training loss, as the run recorded it (exact floats, not metrics.csv's digits)."""
+    return [row["train_loss"] for row in load_checkpoint(folder / "checkpoints" / "final.pt")["metrics_table"]["rows"]]
 
 
 @pytest.mark.slow
@@ -314,3 +320,4 @@ def test_clock_checkpoints_make_a_killed_run_lose_minutes_not_an_epoch(tmp_path,
     assert survivor["epoch"] == 2 and survivor["iteration"] > survivor["epoch_length"]  # inside epoch 2
     train(load_config(None, overrides))
     assert all(torch.equal(final_weights(whole)[k], v) for k, v in final_weights(tmp_path / "runs" / "clock").items())
+    assert train_losses(tmp_path / "runs" / "clock") == train_losses(whole)
