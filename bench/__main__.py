@@ -1,7 +1,7 @@
 """`python -m bench [--smoke] [--out FILE]`: data pipeline, engine overhead, memory, data path and start-up,
 measured as ratios within one run on this machine; prints a table and rewrites bench/RESULTS.md. Each family
-is a module (pipeline, overhead, memory, data_path, augment, phases, startup, field_of_view); report.py writes
-the table. `python -m bench gpu` is the GPU's own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
+is a module (pipeline, overhead, memory, data_path, augment, phases, startup, field_of_view, distributed);
+report.py writes the table. `python -m bench gpu` is the GPU's own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             phase_train=36, phase_val=12, phase_size=64, phase_epochs=2, phase_cold=1, phase_warm=3,
             phase_memory_warm=2,
             phase_model=("model.variant=18", "model.widen_factor=1.0", "model.first_conv_stride=2"),
-            gradcam_volumes=2, gradcam_maps=4, fov_shape=(512, 512, 300), fov_spacing=(0.7, 0.7, 1.0), fov_repeats=3)
+            gradcam_volumes=2, gradcam_maps=4, fov_shape=(512, 512, 300), fov_spacing=(0.7, 0.7, 1.0), fov_repeats=3,
+            steps_volumes=60, steps_before=True, restart_volumes=2000, restart_repeats=3, restart_before=True)
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              rank_fill=False, rank_pairs=1, memory_repeats=1, augment_shapes=(("64", (16, 16, 16), 1),),
@@ -38,6 +39,7 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
              phase_model=("model.variant=10", "model.widen_factor=0.25"),
              gradcam_volumes=1, gradcam_maps=2, gradcam_size=[32, 32, 16], fov_shape=(128, 128, 75),
              fov_spacing=(2.8, 2.8, 4.0), fov_repeats=1, fov_shrink=4, phase_memory_apart=False,
+             steps_volumes=20, steps_before=False, restart_volumes=20, restart_repeats=1, restart_before=False,
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     from bench.augment import augment_figures
     from bench.data_path import bench_data_path, bench_roofline
+    from bench.distributed import bench_restart, bench_steps
     from bench.field_of_view import bench_field_of_view
     from bench.memory import bench_loaders, bench_memory, bench_ranks
     from bench.overhead import bench_engine, bench_layout
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 "augment": lambda c, w: augment_figures(c), "data_path": bench_data_path,
                 "roofline": lambda c, w: bench_roofline(c), "layout": lambda c, w: bench_layout(c),
                 "loaders": bench_loaders, "phases": bench_phases, "gradcam": lambda c, w: bench_grad_cam(c),
-                "startup": lambda c, w: bench_startup(c), "field_of_view": bench_field_of_view}
+                "startup": lambda c, w: bench_startup(c), "field_of_view": bench_field_of_view,
+                "steps": bench_steps, "restart": bench_restart}
     chosen = args.only.split(",") if args.only else list(families)
     if unknown := set(chosen) - set(families):
         parser.error(f"--only: unknown {sorted(unknown)}; families: {', '.join(families)}")
