@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 143  # 128 + SIGTERM, as a process ended by the signal reports
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: say why, for engine.launch (exit 2)
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(exc)
         return 2
 
 

@@ -40,6 +40,7 @@ def pod_resources(k: K8sConfig) -> tuple[dict, str]:
     amounts: dict[str, Any] = {"cpu": k.cpu or str(k.cpu_per_gpu * per), "memory": memory}
     if k.gpus > 0:
         amounts["nvidia.com/gpu"] = k.gpus
+    amounts.update(sorted(k.extra_resources.items()))  # RDMA / EFA devices for NCCL
     return {"requests": dict(amounts), "limits": dict(amounts)}, shm
 
 def container_security() -> dict:
@@ -91,23 +92,29 @@ def volumes(cfg: Config, shm_size: str | None, output: bool = True) -> list[dict
 
 
 def pod_spec(k: K8sConfig, containers: list[dict], volumes: list[dict], init: list[dict] | None = None,
-         restart: str = "Never") -> dict:
+             restart: str = "Never", gpu_pod: bool = True) -> dict:
+    """The pod: a GPU pod (training, sweep) takes the GPU placement (priority, runtime class, node selector,
+    affinity, tolerations); the cache fill's CPU pods take theirs (k8s.cache_node_selector, cache_tolerations)."""
     pod: dict[str, Any] = {"restartPolicy": restart, "terminationGracePeriodSeconds": k.termination_grace_seconds}
     if k.service_account:
         pod["serviceAccountName"] = k.service_account
-    if k.priority_class:
+    if gpu_pod and k.priority_class:
         pod["priorityClassName"] = k.priority_class
+    if gpu_pod and k.runtime_class:
+        pod["runtimeClassName"] = k.runtime_class
     if k.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in k.image_pull_secrets]
     pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_user,
                               "fsGroup": k.run_as_user, "fsGroupChangePolicy": "OnRootMismatch",
                               "seccompProfile": {"type": "RuntimeDefault"}}
-    if k.node_selector:
-        pod["nodeSelector"] = dict(k.node_selector)
-    if k.affinity:
+    selector, tolerations = ((k.node_selector, k.tolerations) if gpu_pod
+                             else (k.cache_node_selector, k.cache_tolerations))
+    if selector:
+        pod["nodeSelector"] = dict(selector)
+    if gpu_pod and k.affinity:
         pod["affinity"] = plain_dict(k.affinity)
-    if k.tolerations:
-        pod["tolerations"] = [plain_dict(t) for t in k.tolerations]
+    if tolerations:
+        pod["tolerations"] = [plain_dict(t) for t in tolerations]
     if init:
         pod["initContainers"] = init
     pod["containers"] = containers
@@ -128,8 +135,9 @@ def template(k: K8sConfig, component: str, pod: dict) -> dict:
 
 
 def check_container(k: K8sConfig) -> dict:
-    """Validates the config and the datalists (every volume listed, readable labels, files present) before
-    any GPU work: exit 2 on a user error, which the Job's FailJob rule names."""
+    """Validates the config and the datalists (every volume listed, readable labels, files present) and that
+    /cache and /output take files, before any GPU work: exit 2 on a user error, which the Job's FailJob rule
+    names."""
     return container_spec(k, "check", ["python", "-m", "engine.run", "check", "--quick", "--config", CONFIG],
-                      container_env(k, False), mounts(k, output=False, shm=False),
+                      container_env(k, False), mounts(k, output=True, shm=False),
                       {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}})

@@ -12,9 +12,10 @@ import yaml
 from engine.config.schema import Config
 from k8s.settings import validate, volume_of
 from k8s.storage import claim, config_map
-from k8s.workloads import cache_fill, job, pytorchjob, sweep
+from k8s.workloads import cache_fill, job, jobset, pytorchjob, sweep, trainjob
 
-WORKLOADS = {"job": job.objects, "pytorchjob": pytorchjob.objects}  # by k8s.kind
+WORKLOADS = {"job": job.objects, "jobset": jobset.objects, "trainjob": trainjob.objects,  # by k8s.kind
+             "pytorchjob": pytorchjob.objects}
 
 
 def render_objects(cfg: Config, part: str = "all") -> list[dict]:

@@ -79,6 +79,20 @@ def validate(cfg: Config) -> None:
     k = cfg.k8s
     if len(k.name) > 46:  # pods are named <job>-cache-<index>-<random>: keep them within 63
         raise CT3DError(f"config error: k8s.name: {k.name!r} is longer than 46 characters")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", k.name):  # a Service's, JobSet's or PyTorchJob's name
+        raise CT3DError(f"config error: k8s.name: {k.name!r} must start with a letter (a DNS-1035 label: the "
+                        f"Service, JobSet, TrainJob and PyTorchJob it names refuse a leading digit)")
+    if str(k.kind) == "trainjob":
+        for key, value in (("priority_class", k.priority_class), ("runtime_class", k.runtime_class)):
+            if value:
+                raise CT3DError(f"config error: k8s.{key}: a TrainJob cannot set it on its pods (the "
+                                f"ClusterTrainingRuntime {k.trainjob_runtime!r} does); set it there, or use "
+                                f"k8s.kind=jobset")
+    for name, count in k.extra_resources.items():
+        if not re.fullmatch(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?", name) or \
+                count < 1:
+            raise CT3DError(f"config error: k8s.extra_resources.{name}: expected a resource name (e.g. "
+                            f"vpc.amazonaws.com/efa, rdma/ib) and a count of at least 1, got {count!r}")
     if k.sweep_workers and (k.nodes > 1 or k.gpus > 1):
         raise CT3DError("config error: k8s.sweep_workers: each sweep worker trains its trials in one process on "
                         "at most one GPU; set k8s.nodes=1 and k8s.gpus=1 (or 0), and more workers instead")

@@ -37,6 +37,9 @@ def helm_values(cfg: Config) -> str:
         "maxRestarts": k.max_restarts, "terminationGracePeriodSeconds": k.termination_grace_seconds,
         "activeDeadlineSeconds": k.active_deadline_seconds, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
         "runAsUser": k.run_as_user, "masterPort": k.master_port, "sweepWorkers": k.sweep_workers,
+        "extraResources": dict(k.extra_resources), "runtimeClassName": k.runtime_class,
+        "trainjobRuntime": k.trainjob_runtime, "cacheNodeSelector": dict(k.cache_node_selector),
+        "cacheTolerations": [plain_dict(t) for t in k.cache_tolerations], "cacheQueue": k.cache_queue,
         "trainingConfig": training_config(cfg),
     }
     return yaml.dump(values, Dumper=_QuotingDumper, sort_keys=False)

@@ -12,8 +12,9 @@ from engine.config.fields import DNS_LABEL, QUANTITY, choice, setting
 PullPolicy = choice("PullPolicy", "IfNotPresent", "Always", "Never")
 # auto: ReadWriteOnce when one pod mounts the claim at a time on one node, ReadWriteMany when pods on several do
 AccessMode = choice("AccessMode", "auto", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
-# job: an Indexed Job with torchrun's c10d rendezvous; pytorchjob: Kubeflow Training Operator's PyTorchJob
-K8sKind = choice("K8sKind", "job", "pytorchjob")
+# job: an Indexed Job with torchrun's c10d rendezvous; jobset: a JobSet (kubernetes-sigs; the gang restarts
+# together); trainjob: Kubeflow Trainer v2's TrainJob; pytorchjob: Kubeflow Training Operator's PyTorchJob (v1)
+K8sKind = choice("K8sKind", "job", "jobset", "trainjob", "pytorchjob")
 
 
 @dataclass
@@ -40,9 +41,11 @@ class K8sConfig:
     cpu: str = setting("", pattern=QUANTITY)  # per pod; empty: cpu_per_gpu x GPUs (8 without GPUs)
     memory: str = setting("", pattern=QUANTITY)  # per pod; empty: memory_per_gpu x GPUs plus shm (it counts)
     shm_size: str = setting("", pattern=QUANTITY)  # memory-backed /dev/shm; empty: shm_per_gpu x GPUs
-    cpu_per_gpu: int = setting(8, ge=1)
-    memory_per_gpu: int = setting(48, ge=1)  # GiB
-    shm_per_gpu: int = setting(8, ge=1)  # GiB
+    # per GPU, sized so a 1-GPU pod fits a common 1-GPU node (8 vCPU, 32 GiB: g5.2xlarge, g2-standard-8) after
+    # the kubelet's reserve; raise them on larger nodes (8 GPUs with 96 vCPU and 1 TB: cpu_per_gpu=11, ...)
+    cpu_per_gpu: int = setting(6, ge=1)
+    memory_per_gpu: int = setting(22, ge=1)  # GiB
+    shm_per_gpu: int = setting(4, ge=1)  # GiB
     labels: Dict[str, str] = setting({})  # added to every object
     annotations: Dict[str, str] = setting({})  # added to the workload and its pods
     queue: str = setting("", pattern=DNS_LABEL)  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
@@ -51,6 +54,16 @@ class K8sConfig:
     affinity: Dict[str, Any] = setting({})  # the pods' affinity, as in a pod spec
     tolerations: List[Dict[str, Any]] = setting([])  # as in a pod spec (tolerationSeconds a number)
     env: Dict[str, str] = setting({})  # extra container env, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE
+    runtime_class: str = setting("", pattern=DNS_LABEL)  # the training pods' runtimeClassName (e.g. nvidia)
+    # per-pod extended resources besides the GPUs, requested and limited, e.g. {vpc.amazonaws.com/efa: 4} or
+    # {rdma/ib: 1}: without them multi-node NCCL falls back to TCP
+    extra_resources: Dict[str, int] = setting({})
+    trainjob_runtime: str = setting("torch-distributed", pattern=DNS_LABEL)  # kind trainjob: the ClusterTrainingRuntime
+    # the cache-fill pods' placement: CPU work, so none of the GPU pods' tolerations, priority or queue; a node
+    # selector (e.g. {topology.kubernetes.io/zone: us-east-1a}) binds a zonal disk where the GPUs are
+    cache_node_selector: Dict[str, str] = setting({})
+    cache_tolerations: List[Dict[str, Any]] = setting([])
+    cache_queue: str = setting("", pattern=DNS_LABEL)  # Kueue LocalQueue for the cache-fill Job; empty: none
     storage_class: str = ""  # empty: the cluster's default
     cache: VolumeClaimConfig = setting(VolumeClaimConfig(size="500Gi"))
     output: VolumeClaimConfig = setting(VolumeClaimConfig(size="50Gi"))
@@ -58,7 +71,9 @@ class K8sConfig:
     cache_pods: int = setting(1, ge=1)  # the cache-fill Indexed Job's pods (more than 1 need a ReadWriteMany cache)
     wandb_secret: str = setting("wandb", pattern=DNS_LABEL)  # Secret with key `api-key`; optional for the job
     backoff_limit: int = setting(3, ge=0)  # failures per pod index (not node disruptions) before the Job fails
-    max_restarts: int = setting(3, ge=0)  # torchrun restarts of the worker group (a lost rank, a replaced pod)
+    # job and pytorchjob: torchrun's restarts of the worker group (a lost rank, a replaced pod); jobset and
+    # trainjob: the JobSet's restarts of the whole gang (torchrun restarts nothing there)
+    max_restarts: int = setting(3, ge=0)
     termination_grace_seconds: int = setting(300, ge=30)  # SIGTERM to kill: time for the interruption checkpoint
     active_deadline_seconds: int = setting(0, ge=0)  # 0: no deadline
     ttl_seconds_after_finished: int = setting(604800, ge=0)

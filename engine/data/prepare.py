@@ -145,14 +145,26 @@ def check_lists(cfg: Config) -> int:
     problems: list[Problem] = []
     train_items, val_items, _ = load_splits(cfg.data, problems)
     stop_on(split_problems(train_items, val_items, cfg.data.patient_pattern), problems, cfg.data.on_error)
+    writable_folders(cfg)
     note = f", {len(problems)} bad row(s) left out (data.on_error=skip)" if problems else ""
     print(f"ct3d check --quick: {len(train_items)} train and {len(val_items)} validation volumes listed and "
           f"present{note}")
     return len(problems)
 
 
+def writable_folders(cfg: Config) -> None:
+    """The disk cache (when on) and the output folder take files: checked by writing one (a pod's claim whose
+    storage driver ignores fsGroup would only fail at the first checkpoint, hours in)."""
+    from engine.utils.io import check_writable
+
+    if cfg.cache.disk:
+        check_writable(cfg.cache.dir, "cache.dir")
+    check_writable(cfg.output.dir, "output.dir")
+
+
 def check(cfg: Config) -> int:
     """`check`: every data problem at once; returns the number of problems found (0: all good)."""
+    writable_folders(cfg)
     splits = prepare_data(cfg, progress=True, strict=False)
     if splits.skipped:
         print(f"ct3d check: {len(splits.skipped)} problem(s):\n  {format_problems(splits.skipped, 10_000)}")

@@ -77,3 +77,30 @@ def save_tensors(obj, path: str | Path) -> None:
     config.save.compute_crc32 = False
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
+
+
+STORAGE_FIXES = ("a block volume (EBS, Persistent Disk, Azure Disk): the pod's fsGroup (k8s.run_as_user) makes it "
+                 "writable, unless the CSI driver skips fsGroup (its fsGroupPolicy); EFS: an access point with "
+                 "uid/gid = k8s.run_as_user; NFS / Filestore: export it writable for that uid (or set the NFS CSI "
+                 "driver's mountPermissions); otherwise set k8s.run_as_user to the share's owner")
+
+
+def check_writable(folder: str | Path, setting: str) -> None:
+    """Creates `folder` if needed and writes, syncs and removes a file in it; a CT3DError naming the folder,
+    the setting and the fix for each kind of storage otherwise (a claim whose driver ignores fsGroup is
+    read-only to a non-root pod)."""
+    import os
+
+    from engine.utils.errors import CT3DError
+
+    folder = Path(folder)
+    probe = folder / f"{TMP_PREFIX}write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ct3d")
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise CT3DError(f"{setting}: {folder} is not writable by this process (uid {os.getuid()}: "
+                        f"{exc.strerror or exc}). On Kubernetes, for {STORAGE_FIXES}") from None

@@ -13,10 +13,12 @@ from k8s.pod import template
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
-def job_metadata(k: K8sConfig, name: str, component: str) -> dict:
+def job_metadata(k: K8sConfig, name: str, component: str, queue: str | None = None) -> dict:
+    """The workload's metadata; Kueue's queue label (k8s.queue unless `queue` is given) on the object Kueue admits."""
     meta = metadata(k, name, component, dict(k.annotations) or None)
-    if k.queue:
-        meta["labels"][QUEUE_LABEL] = k.queue
+    queue = k.queue if queue is None else queue
+    if queue:
+        meta["labels"][QUEUE_LABEL] = queue
     return meta
 
 
@@ -27,7 +29,7 @@ def indexed_head(k: K8sConfig, pods: int, max_failed: int = 0) -> dict:
 
 
 def batch_job(k: K8sConfig, name: str, component: str, head: dict, pod: dict, checked: tuple[str, ...],
-               deadline: bool = True) -> dict:
+              deadline: bool = True, queue: str | None = None) -> dict:
     """A batch/v1 Job: `head` (completions or backoff), the TTL, the deadline (unless `deadline` is off),
     the failure policy naming the `checked` containers, and the pod template."""
     spec: dict[str, Any] = {**head, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished}
@@ -35,7 +37,8 @@ def batch_job(k: K8sConfig, name: str, component: str, head: dict, pod: dict, ch
         spec["activeDeadlineSeconds"] = k.active_deadline_seconds
     spec["podFailurePolicy"] = failure_policy(*checked)
     spec["template"] = template(k, component, pod)
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_metadata(k, name, component), "spec": spec}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_metadata(k, name, component, queue),
+            "spec": spec}
 
 
 def failure_policy(*containers: str) -> dict:

@@ -8,29 +8,18 @@ from engine.config.cluster import K8sConfig
 from engine.config.schema import Config
 from k8s.meta import metadata
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, volumes
-from k8s.settings import CONFIG, JOIN_SECONDS
 from k8s.workloads.batch import batch_job, indexed_head
+from k8s.workloads.torchrun import TRAIN, rendezvous_command, standalone_command
 
 
 def train_command(k: K8sConfig) -> list[str]:
-    """Plain python for one process; torchrun for several GPUs or nodes (c10d rendezvous at pod 0 for
-    several nodes, so a replaced pod rejoins and the group restarts from the last checkpoint)."""
-    train = ["-m", "engine.run", "train", "--config", CONFIG]
+    """Plain python for one process; torchrun (through engine.launch) for several GPUs or nodes (c10d rendezvous
+    at pod 0 for several nodes, so a replaced pod rejoins and the group restarts from the last checkpoint)."""
     if k.nodes == 1 and k.gpus <= 1:
-        return ["python", *train]
-    per_node = str(max(1, k.gpus))
-    restarts = f"--max-restarts={k.max_restarts}"
+        return ["python", *TRAIN]
     if k.nodes == 1:
-        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={per_node}", restarts, *train]
-    # Through sh: pod 0 is told it hosts the rendezvous store (torch would otherwise decide by resolving
-    # the endpoint, which a replacement pod 0 may do before its DNS record exists), and the join timeout
-    # covers a replacement node's start and image pull.
-    endpoint = f"{k.name}-0.{k.name}.{k.namespace}.svc:{k.master_port}"
-    host = '$(test "$JOB_COMPLETION_INDEX" = 0 && echo 1 || echo 0)'
-    return ["sh", "-c", " ".join([
-        "exec torchrun", f"--nnodes={k.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={endpoint}", f"--rdzv-id={k.name}", f"--rdzv-conf=is_host={host},join_timeout={JOIN_SECONDS}",
-        restarts, *train])]
+        return standalone_command(k, k.max_restarts)
+    return rendezvous_command(k, f"{k.name}-0.{k.name}.{k.namespace}.svc", k.max_restarts)
 
 
 def training_job(cfg: Config) -> dict:

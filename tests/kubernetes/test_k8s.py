@@ -20,6 +20,7 @@ from k8s.render import render, render_objects
 from k8s.values import helm_values
 
 KUBE_VERSIONS = ("1.30.0", "1.33.0")
+QUEUE = "kueue.x-k8s.io/queue-name"
 MULTI = ["k8s.nodes=4", "k8s.gpus=8", "k8s.name=ctrate-r18", "k8s.namespace=ml",
          "k8s.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
          "k8s.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoExecute, tolerationSeconds: 300}]",
@@ -46,8 +47,9 @@ def objects(*overrides: str, config=ROOT / "configs" / "default.yaml") -> list[d
 
 
 def validate(text: str, version: str = KUBE_VERSIONS[0]) -> subprocess.CompletedProcess:
-    """kubernetes-validate --strict on the stream's built-in kinds (a PyTorchJob is a CRD: see the SDK test)."""
-    docs = [d for d in yaml.safe_load_all(text) if d and d["kind"] != "PyTorchJob"]
+    """kubernetes-validate --strict on the stream's built-in kinds (the CRDs load into their SDKs' models instead,
+    and a JobSet's Job template is validated as a Job: core_parts)."""
+    docs = [d for doc in yaml.safe_load_all(text) if doc for d in core_parts(doc)]
     tool = Path(sys.executable).with_name("kubernetes-validate")
     return subprocess.run([str(tool), "--strict", "-k", version, "-"], input=yaml.safe_dump_all(docs),
                           capture_output=True, **TEXT)
@@ -55,6 +57,39 @@ def validate(text: str, version: str = KUBE_VERSIONS[0]) -> subprocess.Completed
 
 SWEEP = ["k8s.sweep_workers=3", "sweep.space={train.lr: {type: log, low: 0.0001, high: 0.01}}"]
 PYTORCHJOB = [*MULTI, "k8s.kind=pytorchjob"]
+JOBSET = [*MULTI, "k8s.kind=jobset", "k8s.extra_resources={vpc.amazonaws.com/efa: 4}", "k8s.runtime_class=nvidia"]
+TRAINJOB = [*[o for o in MULTI if not o.startswith("k8s.priority_class")], "k8s.kind=trainjob"]
+CRDS = ("PyTorchJob", "JobSet", "TrainJob")
+
+
+def core_parts(obj: dict) -> list[dict]:
+    """The built-in objects in `obj` for the strict schemas: itself, or a JobSet's Job template as a batch/v1 Job
+    (a TrainJob's parts are the runtime's to assemble: its SDK model checks them)."""
+    if obj["kind"] == "JobSet":
+        return [{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": obj["metadata"]["name"],
+                                                                         **rj["template"]["metadata"]},
+                 "spec": rj["template"]["spec"]} for rj in obj["spec"]["replicatedJobs"]]
+    return [] if obj["kind"] in CRDS else [obj]
+
+
+def load_crd(obj: dict):
+    """A PyTorchJob, JobSet or TrainJob as its SDK's model (kubeflow-training; kubeflow-trainer-api for JobSet
+    v1alpha2 and TrainJob), checked to round-trip whole: nothing the model does not know is dropped."""
+    if obj["kind"] == "PyTorchJob":
+        return load_pytorchjob(obj)
+    from kubeflow_trainer_api.models import JobsetV1alpha2JobSet, TrainerV1alpha1TrainJob
+
+    model = {"JobSet": JobsetV1alpha2JobSet, "TrainJob": TrainerV1alpha1TrainJob}[obj["kind"]]
+    loaded = model.from_dict(obj)
+
+    def without_default_protocol(node):  # the model fills a port's protocol with its default, TCP
+        if isinstance(node, dict):
+            return {k: without_default_protocol(v) for k, v in node.items()
+                    if not (k == "protocol" and v == "TCP")}
+        return [without_default_protocol(v) for v in node] if isinstance(node, list) else node
+
+    assert without_default_protocol(loaded.to_dict()) == obj
+    return loaded
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
@@ -161,14 +196,16 @@ def test_four_nodes_meet_at_pod_0_with_c10d_and_a_replaced_pod_rejoins():
     assert pod["subdomain"] == "ctrate-r18"
     shell, flag, line = pod["containers"][0]["command"]
     command = line.split()
-    assert (shell, flag) == ("sh", "-c") and command[:4] == ["exec", "torchrun", "--nnodes=4", "--nproc-per-node=8"]
+    assert (shell, flag) == ("sh", "-c")
+    assert command[:6] == ["exec", "python", "-m", "engine.launch", "--nnodes=4", "--nproc-per-node=8"]
     assert {"--rdzv-backend=c10d", "--rdzv-endpoint=ctrate-r18-0.ctrate-r18.ml.svc:29500", "--rdzv-id=ctrate-r18",
-            "--max-restarts=3"} <= set(command)
+            "--max-restarts=3", "--shutdown-timeout=270"} <= set(command)  # 300 s of grace, less 30
     assert not any(a.startswith(("--node-rank", "--master-addr")) for a in command)  # static rendezvous: gone
     for index, hosts in (("0", "1"), ("3", "0")):  # pod 0 hosts the rendezvous store, by its index not by DNS
-        shown = subprocess.run(["sh", "-c", line.replace("exec torchrun", "echo")], env={"JOB_COMPLETION_INDEX": index},
-                               capture_output=True, **TEXT).stdout
-        assert f"--rdzv-conf=is_host={hosts},join_timeout=1800" in shown.split()
+        shown = subprocess.run(["sh", "-c", line.replace("exec python -m engine.launch", "echo")],
+                               env={"JOB_COMPLETION_INDEX": index}, capture_output=True, **TEXT).stdout
+        # the store's connection waits as long as the join: a pod up before pod 0 waits for it
+        assert f"--rdzv-conf=is_host={hosts},join_timeout=1800,read_timeout=1800" in shown.split()
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert "job-completion-index" in env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["NCCL_IB_DISABLE"]["value"] == "1"
@@ -190,11 +227,13 @@ def test_resources_scale_with_the_gpus_and_shm_counts_against_memory():
         return pod["containers"][0]["resources"]["limits"], shm
 
     limits, shm = resources("k8s.gpus=4")
-    assert (limits["cpu"], limits["memory"], limits["nvidia.com/gpu"], shm) == ("32", "224Gi", 4, "32Gi")
-    limits, shm = resources("k8s.gpus=1")
-    assert (limits["cpu"], limits["memory"], shm) == ("8", "56Gi", "8Gi")
+    assert (limits["cpu"], limits["memory"], limits["nvidia.com/gpu"], shm) == ("24", "104Gi", 4, "16Gi")
+    limits, shm = resources("k8s.gpus=1")  # fits an 8 vCPU / 32 GiB node (g5.2xlarge: ~7.9 CPU, ~29 GiB allocatable)
+    assert (limits["cpu"], limits["memory"], shm) == ("6", "26Gi", "4Gi")
     limits, shm = resources("k8s.gpus=2", "k8s.cpu=12", "k8s.shm_size=512Mi")
-    assert (limits["cpu"], limits["memory"], shm) == ("12", "98816Mi", "512Mi")  # 96 Gi + 512 Mi
+    assert (limits["cpu"], limits["memory"], shm) == ("12", "45568Mi", "512Mi")  # 44 Gi + 512 Mi
+    limits, _ = resources("k8s.gpus=8", "k8s.extra_resources={vpc.amazonaws.com/efa: 4}")
+    assert limits["vpc.amazonaws.com/efa"] == 4 and limits["nvidia.com/gpu"] == 8
 
 
 def test_pods_with_gpus_train_on_cuda_so_a_missing_driver_fails_loudly(tmp_path):
@@ -287,9 +326,16 @@ def load_pytorchjob(job: dict):
     client = ApiClient()
     client.client_side_validation = True
     loaded = client.deserialize(Response(), models.KubeflowOrgV1PyTorchJob)
-    quantities_as_text = json.loads(re.sub(r'"nvidia.com/gpu": (\d+)', r'"nvidia.com/gpu": "\1"', json.dumps(job)))
-    assert client.sanitize_for_serialization(loaded) == quantities_as_text  # nothing dropped as unknown
+    assert client.sanitize_for_serialization(loaded) == quantities_as_text(job)  # nothing dropped as unknown
     return loaded
+
+
+def quantities_as_text(node):
+    """`node` with every count under requests/limits as a string, as a model's Quantity holds it."""
+    if isinstance(node, dict):
+        return {k: ({n: str(v) for n, v in v.items()} if k in ("requests", "limits") else quantities_as_text(v))
+                for k, v in node.items()}
+    return [quantities_as_text(v) for v in node] if isinstance(node, list) else node
 
 
 def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
@@ -300,8 +346,14 @@ def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
     assert worker.replicas == 4 and worker.restart_policy == "ExitCode"
     assert worker.template.spec.containers[0].name == "pytorch"
     assert not worker.template.spec.init_containers  # the operator reads the exit code of `pytorch` only
-    assert worker.template.spec.containers[0].command[2].startswith("python -m engine.run check --quick")
-    assert loaded.spec.run_policy.scheduling_policy.queue == "team-a"
+    line = worker.template.spec.containers[0].command[2]
+    assert line.startswith("python -m engine.run check --quick") and "&& exec python -m engine.launch " in line
+    assert {"--max-restarts=3", "--shutdown-timeout=270"} <= set(line.split())
+    # Kueue by its label alone (schedulingPolicy.queue is the gang scheduler's); nprocPerNode at spec level
+    assert loaded.spec.run_policy.scheduling_policy is None and job["metadata"]["labels"][QUEUE] == "team-a"
+    assert loaded.spec.nproc_per_node == "8" and loaded.spec.elastic_policy.n_proc_per_node is None
+    assert {(c.key, c.value) for c in loaded.spec.elastic_policy.rdzv_conf} == {("join_timeout", "1800"),
+                                                                             ("read_timeout", "1800")}
 
 
 def test_script_applies_claims_then_waits_for_the_cache_then_trains():
@@ -414,8 +466,9 @@ def settings(draw) -> list[str]:
     sweep = draw(st.booleans()) and draw(st.integers(0, 3)) == 0
     nodes = 1 if sweep else draw(st.integers(1, 4))
     gpus = draw(st.integers(0, 1)) if sweep else draw(st.integers(0, 8))
+    kind = draw(st.sampled_from(["job", "jobset", "trainjob", "pytorchjob"]))
     out = [f"k8s.nodes={nodes}", f"k8s.gpus={gpus}", f"k8s.name={draw(DNS)}-run", f"k8s.namespace={draw(DNS)}",
-           f"k8s.kind={draw(st.sampled_from(['job', 'pytorchjob']))}",
+           f"k8s.kind={kind}",
            f"k8s.image_pull_policy={draw(st.sampled_from(['IfNotPresent', 'Always']))}",
            f"data.demo.num_volumes={draw(st.integers(20, 400))}", f"k8s.max_restarts={draw(st.integers(0, 5))}",
            f"k8s.backoff_limit={draw(st.integers(0, 6))}",
@@ -428,7 +481,12 @@ def settings(draw) -> list[str]:
     if nodes > 1 or draw(st.booleans()):
         out.append(f"k8s.cache_pods={draw(st.integers(1, 4))}")
     optional = {
-        "k8s.queue": DNS, "k8s.priority_class": DNS, "k8s.service_account": DNS, "k8s.data_claim": DNS,
+        "k8s.queue": DNS, "k8s.service_account": DNS, "k8s.data_claim": DNS,
+        **({} if kind == "trainjob" else {"k8s.priority_class": DNS, "k8s.runtime_class": DNS}),
+        "k8s.extra_resources": st.sampled_from(["{vpc.amazonaws.com/efa: 4}", "{rdma/ib: 1, example.com/x: 2}"]),
+        "k8s.cache_node_selector": st.dictionaries(DNS, DNS, min_size=1, max_size=2).map(_flow),
+        "k8s.cache_tolerations": st.just("[{key: cpu-pool, operator: Exists, effect: NoSchedule}]"),
+        "k8s.cache_queue": DNS, "k8s.trainjob_runtime": DNS,
         "k8s.storage_class": DNS, "k8s.cpu": st.sampled_from(["4", "500m", "12"]),
         "k8s.memory": st.sampled_from(["16Gi", "100G"]), "k8s.shm_size": st.sampled_from(["1Gi", "512Mi"]),
         "k8s.image_pull_secrets": st.lists(DNS, min_size=1, max_size=2).map(lambda v: f"[{', '.join(v)}]"),
@@ -459,22 +517,23 @@ def _flow(mapping: dict) -> str:
 @hypothesis_settings(max_examples=30, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 def test_chart_and_renderer_render_the_same_objects(overrides):
-    """Whole objects equal, and the chart's pass the strict schemas (1.30, 1.33) or, for a PyTorchJob,
-    load into the kubeflow-training SDK's models."""
+    """Whole objects equal, and the chart's pass the strict schemas (1.30, 1.33) or, for the CRDs, load into
+    their SDKs' models (a JobSet's Job template passes the schemas too)."""
     import kubernetes_validate
 
     cfg = load_config(ROOT / "configs" / "default.yaml", overrides)
     ours, theirs = render_objects(cfg), chart_objects(cfg)
     assert comparable(ours) == comparable(theirs)
     for obj in theirs:
-        if obj["kind"] == "PyTorchJob":
-            load_pytorchjob(obj)
-            continue
-        for version in KUBE_VERSIONS:
-            kubernetes_validate.validate(obj, version, strict=True)
+        if obj["kind"] in CRDS:
+            load_crd(obj)
+        for part in core_parts(obj):
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(part, version, strict=True)
 
 
-PARITY_CASES = [[], MULTI, PYTORCHJOB, SWEEP, ["k8s.gpus=2", "k8s.output.existing=true", "k8s.output.name=runs"]]
+PARITY_CASES = [[], MULTI, PYTORCHJOB, JOBSET, TRAINJOB, SWEEP,
+                ["k8s.gpus=2", "k8s.output.existing=true", "k8s.output.name=runs"]]
 
 
 @needs_helm

@@ -34,13 +34,15 @@ shared by several nodes fails the render. */}}
 {{- end -}}
 {{- end -}}
 
+{{/* .queue: the Kueue queue when given (the cache fill's), else .Values.queue. */}}
 {{- define "ct3d.jobMetadata" -}}
 name: {{ .name }}
 namespace: {{ .root.Release.Namespace }}
 labels:
   {{- $labels := include "ct3d.labels" (dict "root" .root "component" .component) | fromYaml }}
-  {{- if .root.Values.queue }}
-  {{- $_ := set $labels "kueue.x-k8s.io/queue-name" .root.Values.queue }}
+  {{- $queue := ternary .queue .root.Values.queue (hasKey . "queue") }}
+  {{- if $queue }}
+  {{- $_ := set $labels "kueue.x-k8s.io/queue-name" $queue }}
   {{- end }}
   {{- toYaml $labels | nindent 2 }}
 {{- with .root.Values.annotations }}
@@ -145,16 +147,21 @@ securityContext:
 {{- end }}
 {{- end -}}
 
-{{/* The pod fields every workload shares, up to (not including) its containers. */}}
+{{/* The pod fields every workload shares, up to (not including) its containers. .cpu: the cache fill's CPU
+pods (their own node selector and tolerations; no priority, runtime class or affinity). */}}
 {{- define "ct3d.podCommon" -}}
 {{- $v := .root.Values -}}
+{{- $gpu := not .cpu -}}
 restartPolicy: {{ .restart | default "Never" }}
 terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
 {{- with $v.serviceAccountName }}
 serviceAccountName: {{ . }}
 {{- end }}
-{{- with $v.priorityClassName }}
-priorityClassName: {{ . }}
+{{- if and $gpu $v.priorityClassName }}
+priorityClassName: {{ $v.priorityClassName }}
+{{- end }}
+{{- if and $gpu $v.runtimeClassName }}
+runtimeClassName: {{ $v.runtimeClassName }}
 {{- end }}
 {{- with $v.imagePullSecrets }}
 imagePullSecrets:
@@ -170,15 +177,17 @@ securityContext:
   fsGroupChangePolicy: OnRootMismatch
   seccompProfile:
     type: RuntimeDefault
-{{- with $v.nodeSelector }}
+{{- with (ternary $v.nodeSelector $v.cacheNodeSelector $gpu) }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- if $gpu }}
 {{- with $v.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $v.tolerations }}
+{{- end }}
+{{- with (ternary $v.tolerations $v.cacheTolerations $gpu) }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -199,24 +208,45 @@ tolerations:
       cpu: "1"
       memory: 2Gi
   volumeMounts:
-    {{- include "ct3d.mounts" (dict "root" .root "output" false "shm" false) | nindent 4 }}
+    {{- include "ct3d.mounts" (dict "root" .root "output" true "shm" false) | nindent 4 }}
   {{- include "ct3d.containerSecurity" . | nindent 2 }}
 {{- end -}}
 
-{{- define "ct3d.resources" -}}
+{{- define "ct3d.amounts" -}}
 {{- $v := .Values -}}
+cpu: {{ $v.cpu | quote }}
+memory: {{ $v.memory }}
+{{- if gt (int $v.gpus) 0 }}
+nvidia.com/gpu: {{ int $v.gpus }}
+{{- end }}
+{{- range $name, $count := $v.extraResources }}
+{{ $name }}: {{ int $count }}
+{{- end }}
+{{- end -}}
+
+{{- define "ct3d.resources" -}}
 requests:
-  cpu: {{ $v.cpu | quote }}
-  memory: {{ $v.memory }}
-  {{- if gt (int $v.gpus) 0 }}
-  nvidia.com/gpu: {{ int $v.gpus }}
-  {{- end }}
+  {{- include "ct3d.amounts" . | nindent 2 }}
 limits:
-  cpu: {{ $v.cpu | quote }}
-  memory: {{ $v.memory }}
-  {{- if gt (int $v.gpus) 0 }}
-  nvidia.com/gpu: {{ int $v.gpus }}
-  {{- end }}
+  {{- include "ct3d.amounts" . | nindent 2 }}
+{{- end -}}
+
+{{/* torchrun's --shutdown-timeout: the grace period less 30 s (half of it below a minute). */}}
+{{- define "ct3d.shutdownTimeout" -}}
+{{- $grace := int .Values.terminationGracePeriodSeconds -}}
+{{- ternary (sub $grace 30) (div $grace 2) (ge $grace 60) -}}
+{{- end -}}
+
+{{/* engine.launch's flags shared by every kind: processes per node, restarts (.restarts), shutdown timeout. */}}
+{{- define "ct3d.launchFlags" -}}
+--nproc-per-node={{ max 1 (int .root.Values.gpus) }} --max-restarts={{ .restarts }} --shutdown-timeout={{ include "ct3d.shutdownTimeout" .root }}
+{{- end -}}
+
+{{/* Several nodes meeting at .host (pod 0), through sh (pod 0 hosts the store). */}}
+{{- define "ct3d.rendezvousCommand" -}}
+{{- $v := .root.Values -}}
+{{- $flags := include "ct3d.launchFlags" . | splitList " " -}}
+{{- printf "exec python -m engine.launch --nnodes=%d %s --rdzv-backend=c10d --rdzv-endpoint=%s:%v --rdzv-id=%s --rdzv-conf=is_host=$(test \"$JOB_COMPLETION_INDEX\" = 0 && echo 1 || echo 0),join_timeout=1800,read_timeout=1800 %s %s -m engine.run train --config /etc/ct3d/config.yaml" (int $v.nodes) (index $flags 0) .host $v.masterPort (include "ct3d.name" .root) (index $flags 1) (index $flags 2) -}}
 {{- end -}}
 
 {{- define "ct3d.failurePolicy" -}}

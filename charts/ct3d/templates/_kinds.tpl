@@ -1,0 +1,157 @@
+{{/* The training container's command for the Job and JobSet kinds (.restarts: torchrun's --max-restarts;
+.host: pod 0's DNS name for several nodes). */}}
+{{- define "ct3d.trainCommand" -}}
+{{- $v := .root.Values -}}
+{{- $nodes := int $v.nodes -}}
+{{- $gpus := int $v.gpus -}}
+{{- if and (eq $nodes 1) (le $gpus 1) }}
+- python
+{{- else if eq $nodes 1 }}
+- python
+- -m
+- engine.launch
+- --standalone
+- --nnodes=1
+{{- range (include "ct3d.launchFlags" . | splitList " ") }}
+- {{ . }}
+{{- end }}
+{{- else }}
+- sh
+- -c
+- {{ include "ct3d.rendezvousCommand" . | toJson }}
+{{- end }}
+{{- if le $nodes 1 }}
+- -m
+- engine.run
+- train
+- --config
+- /etc/ct3d/config.yaml
+{{- end }}
+{{- end -}}
+
+{{/* k8s.kind=jobset: one replicated Job of .nodes Indexed pods; the gang restarts together, exit 2 fails it. */}}
+{{- define "ct3d.jobset" -}}
+{{- $root := .root -}}
+{{- $nodes := .nodes -}}
+apiVersion: jobset.x-k8s.io/v1alpha2
+kind: JobSet
+metadata:
+  {{- include "ct3d.jobMetadata" (dict "root" $root "name" .name "component" "training") | nindent 2 }}
+spec:
+  network:
+    enableDNSHostnames: true
+    publishNotReadyAddresses: true
+  successPolicy:
+    operator: All
+    targetReplicatedJobs: [workers]
+  failurePolicy:
+    maxRestarts: {{ $root.Values.maxRestarts }}
+    restartStrategy: Recreate
+    rules:
+      - name: userError
+        action: FailJobSet
+        onJobFailureReasons: [PodFailurePolicy]
+  ttlSecondsAfterFinished: {{ $root.Values.ttlSecondsAfterFinished }}
+  replicatedJobs:
+    - name: workers
+      replicas: 1
+      template:
+        metadata:
+          labels:
+            {{- include "ct3d.labels" (dict "root" $root "component" "training") | nindent 12 }}
+        spec:
+          completionMode: Indexed
+          completions: {{ $nodes }}
+          parallelism: {{ $nodes }}
+          backoffLimit: 0
+          {{- if $root.Values.activeDeadlineSeconds }}
+          activeDeadlineSeconds: {{ $root.Values.activeDeadlineSeconds }}
+          {{- end }}
+          podFailurePolicy:
+            rules:
+              {{- range (list "check" "train") }}
+              - action: FailJob
+                onExitCodes:
+                  containerName: {{ . }}
+                  operator: In
+                  values: [2]
+              {{- end }}
+          template:
+            {{- include "ct3d.template" (dict "root" $root "component" "training") | nindent 12 }}
+            spec:
+              {{- include "ct3d.podCommon" (dict "root" $root) | nindent 14 }}
+              initContainers:
+                {{- include "ct3d.checkContainer" (dict "root" $root) | nindent 16 }}
+              containers:
+                - name: train
+                  image: {{ $root.Values.image }}
+                  imagePullPolicy: {{ $root.Values.imagePullPolicy }}
+                  command:
+                    {{- include "ct3d.trainCommand" (dict "root" $root "restarts" 0 "host" (printf "%s-workers-0-0.%s" .name .name)) | nindent 20 }}
+                  env:
+                    {{- include "ct3d.env" (dict "root" $root "indexed" true) | nindent 20 }}
+                  {{- if gt $nodes 1 }}
+                  ports:
+                    - name: rendezvous
+                      containerPort: {{ $root.Values.masterPort }}
+                  {{- end }}
+                  resources:
+                    {{- include "ct3d.resources" $root | nindent 20 }}
+                  volumeMounts:
+                    {{- include "ct3d.mounts" (dict "root" $root "output" true "shm" true) | nindent 20 }}
+                  {{- include "ct3d.containerSecurity" $root | nindent 18 }}
+              volumes:
+                {{- include "ct3d.volumes" (dict "root" $root "output" true "shm" true) | nindent 16 }}
+{{- end -}}
+
+{{/* k8s.kind=trainjob: Kubeflow Trainer v2's TrainJob on a ClusterTrainingRuntime; claims and placement as a
+runtime patch of its `node` pods. */}}
+{{- define "ct3d.trainjob" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+apiVersion: trainer.kubeflow.org/v1alpha1
+kind: TrainJob
+metadata:
+  {{- include "ct3d.jobMetadata" (dict "root" $root "name" .name "component" "training") | nindent 2 }}
+spec:
+  runtimeRef:
+    name: {{ $v.trainjobRuntime }}
+    kind: ClusterTrainingRuntime
+    apiGroup: trainer.kubeflow.org
+  trainer:
+    image: {{ $v.image }}
+    command:
+      - sh
+      - -c
+      - {{ printf "python -m engine.run check --quick --config /etc/ct3d/config.yaml && exec python -m engine.launch %s --rdzv-conf=timeout=1800 -m engine.run train --config /etc/ct3d/config.yaml" (include "ct3d.launchFlags" (dict "root" $root "restarts" 0)) }}
+    numNodes: {{ .nodes }}
+    numProcPerNode: {{ max 1 .gpus }}
+    resourcesPerNode:
+      {{- include "ct3d.resources" $root | nindent 6 }}
+    env:
+      {{- include "ct3d.env" (dict "root" $root "indexed" false) | nindent 6 }}
+  {{- if $v.activeDeadlineSeconds }}
+  activeDeadlineSeconds: {{ $v.activeDeadlineSeconds }}
+  {{- end }}
+  runtimePatches:
+    - manager: ct3d
+      trainingRuntimeSpec:
+        template:
+          spec:
+            replicatedJobs:
+              - name: node
+                template:
+                  spec:
+                    template:
+                      spec:
+                        {{- $pod := include "ct3d.podCommon" (dict "root" $root) | fromYaml }}
+                        {{- $_ := unset $pod "restartPolicy" }}
+                        {{- toYaml $pod | nindent 24 }}
+                        volumes:
+                          {{- include "ct3d.volumes" (dict "root" $root "output" true "shm" true) | nindent 26 }}
+                        containers:
+                          - name: node
+                            volumeMounts:
+                              {{- include "ct3d.mounts" (dict "root" $root "output" true "shm" true) | nindent 30 }}
+                            {{- include "ct3d.containerSecurity" $root | nindent 28 }}
+{{- end -}}

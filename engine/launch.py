@@ -1,0 +1,70 @@
+"""`python -m engine.launch TORCHRUN_ARGS...`: torchrun as a pod's main process (PID 1) needs it. It runs
+`python -m torch.distributed.run TORCHRUN_ARGS` as its child and ends with the exit code Kubernetes' failure
+rules can read:
+
+- 0 when training finished; 143 (128 + SIGTERM) when the pod was told to stop (the signal is passed to
+  torchrun, which passes it to the workers and, with `--shutdown-timeout` from the pod's grace period, gives
+  them time to write their checkpoint);
+- 2 when a worker stopped on a user error (config or data): the worker writes torch elastic's error file
+  (engine.run), torchrun copies the first failure's into ours with its exit code, and a Job's FailJob rule on
+  exit 2 or a JobSet's FailJobSet fires instead of a retry;
+- 150 (RETRYABLE) for any other failure (a store it could not reach, restarts used up, a crashed worker), which
+  every kind retries: restartPolicy ExitCode treats 128-255 as retryable.
+
+Our own: torchrun exits 1 on every failure, on SIGTERM too, so a pod's exit code says nothing of why."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+RETRYABLE = 150
+USER_ERROR = 2
+
+
+def worker_exit_code(error_file: str) -> int | None:
+    """The exit code torchrun recorded for the first failed worker that left an error file, if any."""
+    try:
+        with open(error_file) as f:
+            message = json.load(f).get("message")
+    except (OSError, ValueError):
+        return None
+    code = message.get("errorCode") if isinstance(message, dict) else None
+    return int(code) if code is not None else None
+
+
+def exit_code(returncode: int, signalled: int | None, worker: int | None) -> int:
+    """The pod's exit code from torchrun's, the signal the pod got (if any) and the failed worker's."""
+    if returncode == 0:
+        return 0
+    if signalled is not None:
+        return 128 + signalled
+    if worker == USER_ERROR:
+        return USER_ERROR
+    return RETRYABLE
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    with tempfile.TemporaryDirectory(prefix="ct3d-launch-") as tmp:
+        error_file = os.path.join(tmp, "error.json")
+        env = {**os.environ, "TORCHELASTIC_ERROR_FILE": error_file}
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env)
+        signalled: list[int] = []
+
+        def forward(signum, frame) -> None:
+            signalled.append(signum)
+            proc.send_signal(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, forward)
+        returncode = proc.wait()
+        return exit_code(returncode, signalled[0] if signalled else None, worker_exit_code(error_file))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
