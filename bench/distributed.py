@@ -115,3 +115,46 @@ def bench_restart(cfg: dict, work: Path) -> dict:
     for key in [k for k in figures if k.endswith("_all")]:
         figures[key.replace("_all", "_median")] = statistics.median(figures[key])
     return figures
+
+
+def distributed_rows(f: dict) -> list:
+    """The rows of these figures (bench/report.py's table): what a training step adds to DDP's traffic, and a
+    restart's start-up."""
+    from statistics import median
+
+    from bench.rows import row, seconds_range
+
+    rows = []
+    if "steps_plain_steps" in f:
+        every = f["steps_log_every"]
+
+        def per(prefix: str) -> tuple[float, float, float, float]:
+            plain, logging = f[f"{prefix}plain_steps"], f[f"{prefix}logging_steps"]
+            return (f[f"{prefix}plain_collectives"] / plain, f[f"{prefix}logging_collectives"] / logging,
+                    f[f"{prefix}plain_reads"] / plain, f[f"{prefix}logging_reads"] / logging)
+
+        collectives, logging_collectives, reads, logging_reads = per("steps_")
+        before = per("steps_before_") if "steps_before_plain_steps" in f else None
+        was = f"; before ({f.get('steps_before_commit')}): " if before else ""
+        what = (f"2 ranks (gloo), train.log_every={every}, per step outside logging steps and per logging step (every "
+                f"{every}th and each epoch's last): ")
+        # two-sided: a counter that saw nothing would read 0 everywhere, so the logging step must show its one
+        rows.append(row(what + "collectives besides DDP's", f"{collectives:.2f}, {logging_collectives:.2f}"
+                        + (f"{was}{before[0]:.2f}, {before[1]:.2f}" if before else ""),
+                        "0 outside logging steps; exactly 1 on one", collectives == 0 and logging_collectives == 1))
+        rows.append(row(what + "host reads of a tensor (item, tolist, bool, float, int, numpy)",
+                        f"{reads:.2f}, {logging_reads:.2f}"
+                        + (f"{was}{before[2]:.2f}, {before[3]:.2f}" if before else ""),
+                        "0 outside logging steps; >= 1 on one", reads == 0 and logging_reads >= 1))
+    if "restart_now_all" in f:
+        now = f["restart_now_all"]
+        what = (f"2-rank restart of a finished run on {f['restart_volumes']} volumes (warm disk cache, "
+                f"{f['restart_checkpoint_mb']:.0f} MB checkpoint): start-up (datalists, file checks, checkpoint reads, "
+                f"data sets, network)")
+        if "restart_before_all" in f:
+            before = f["restart_before_all"]
+            rows.append(row(f"{what}, now vs before ({f.get('restart_before_commit', 'BEFORE')})",
+                            f"{seconds_range(now)} vs {seconds_range(before)} ({median(now) / median(before):.2f}x)"))
+        else:
+            rows.append(row(what, seconds_range(now)))
+    return rows

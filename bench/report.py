@@ -8,14 +8,7 @@ from datetime import date
 from pathlib import Path
 from statistics import median
 
-MET, MISSED, REPORTED = "met", "MISSED", "reported"
-
-
-def row(figure: str, measured: str, target: str | None = None, ok: bool | None = None) -> tuple[str, str, str, str]:
-    """(figure, measured, target, status): a row without a target is only reported, never met."""
-    if target is None:
-        return figure, measured, "", REPORTED
-    return figure, measured, target, MET if ok else MISSED
+from bench.rows import MET, MISSED, REPORTED, row, seconds_range  # noqa: F401 - the table's pieces, shared
 
 
 def ratio_row(figure: str, median: float, spread: tuple[float, float], target: float, lower_is_better: bool,
@@ -39,46 +32,10 @@ def _band(numerators: list[float], denominators: list[float]) -> tuple[float, fl
 
 def results(f: dict) -> list[tuple[str, str, str, str]]:
     """(figure, measured, target, status) rows."""
+    from bench.distributed import distributed_rows
+
     return ((_pipeline(f) if "tutorial_w0" in f else []) + _engine_and_memory(f) + _others(f)  # --only: a subset
-            + _phases(f) + _field_of_view(f) + _distributed(f))
-
-
-def _distributed(f: dict) -> list:
-    """bench/distributed.py: what a training step adds to DDP's traffic, and a restart's start-up."""
-    rows = []
-    if "steps_plain_steps" in f:
-        every = f["steps_log_every"]
-
-        def per(prefix: str) -> tuple[float, float, float, float]:
-            plain, logging = f[f"{prefix}plain_steps"], f[f"{prefix}logging_steps"]
-            return (f[f"{prefix}plain_collectives"] / plain, f[f"{prefix}logging_collectives"] / logging,
-                    f[f"{prefix}plain_reads"] / plain, f[f"{prefix}logging_reads"] / logging)
-
-        collectives, logging_collectives, reads, logging_reads = per("steps_")
-        before = per("steps_before_") if "steps_before_plain_steps" in f else None
-        was = f"; before ({f.get('steps_before_commit')}): " if before else ""
-        what = (f"2 ranks (gloo), train.log_every={every}, per step outside logging steps and per logging step (every "
-                f"{every}th and each epoch's last): ")
-        # two-sided: a counter that saw nothing would read 0 everywhere, so the logging step must show its one
-        rows.append(row(what + "collectives besides DDP's", f"{collectives:.2f}, {logging_collectives:.2f}"
-                        + (f"{was}{before[0]:.2f}, {before[1]:.2f}" if before else ""),
-                        "0 outside logging steps; exactly 1 on one", collectives == 0 and logging_collectives == 1))
-        rows.append(row(what + "host reads of a tensor (item, tolist, bool, float, int, numpy)",
-                        f"{reads:.2f}, {logging_reads:.2f}"
-                        + (f"{was}{before[2]:.2f}, {before[3]:.2f}" if before else ""),
-                        "0 outside logging steps; >= 1 on one", reads == 0 and logging_reads >= 1))
-    if "restart_now_all" in f:
-        now = f["restart_now_all"]
-        what = (f"2-rank restart of a finished run on {f['restart_volumes']} volumes (warm disk cache, "
-                f"{f['restart_checkpoint_mb']:.0f} MB checkpoint): start-up (datalists, file checks, checkpoint reads, "
-                f"data sets, network)")
-        if "restart_before_all" in f:
-            before = f["restart_before_all"]
-            rows.append(row(f"{what}, now vs before ({f.get('restart_before_commit', 'BEFORE')})",
-                            f"{_seconds(now)} vs {_seconds(before)} ({median(now) / median(before):.2f}x)"))
-        else:
-            rows.append(row(what, _seconds(now)))
-    return rows
+            + _phases(f) + _field_of_view(f) + distributed_rows(f))
 
 
 def _pipeline(f: dict) -> list:
@@ -179,10 +136,6 @@ def _others(f: dict) -> list:
     return rows
 
 
-def _seconds(values: list[float]) -> str:
-    return f"{median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
-
-
 def _phases(f: dict) -> list:
     """The run's phases (bench/phases.py): closing vs one epoch, the closing's peak PSS vs training's, and
     each phase's time and memory, cold and warm."""
@@ -199,7 +152,7 @@ def _phases(f: dict) -> list:
         for kind in ("warm", "cold"):
             if f"phase_{kind}_closing_all" not in f:
                 continue
-            times = ", ".join(f"{phase} {_seconds(f[f'phase_{kind}_{phase}_all'])}"
+            times = ", ".join(f"{phase} {seconds_range(f[f'phase_{kind}_{phase}_all'])}"
                               for phase in ("start_up", "epochs", "closing", "whole"))
             rows.append(row(f"{what}, {kind} cache: seconds per phase (median, min-max)", times))
             memory = ", ".join(f"{phase} {median(f[f'phase_{kind}_{phase}_pss_all']) / 2**30:.2f}"
@@ -227,7 +180,7 @@ def _field_of_view(f: dict) -> list:
     return [
         row(f"{what}: the config's straight anti-aliased resample to {f['fov_mm']} mm vs "
             f"{f['fov_two_step_size']} at 0.75x0.75x1.5 mm then an anti-aliased resize (s per volume)",
-            f"{_seconds(straight)} vs {_seconds(two)} ({f['fov_seconds_ratio']:.2f}x)"),
+            f"{seconds_range(straight)} vs {seconds_range(two)} ({f['fov_seconds_ratio']:.2f}x)"),
         row(f"{what}: lungs kept (voxels in the lungs' HU band x voxel volume, vs the source's)",
             f"straight {f['fov_straight_lungs_kept']:.3f}, two-step {f['fov_two_step_lungs_kept']:.3f} (with MONAI's "
             f"Resized anti-aliasing: {f['fov_two_step_monai_lungs_kept']:.3f}), the old 192 mm crop "

@@ -96,7 +96,7 @@ def fold_outputs(run: Path) -> dict:
     calibration, fitted on the very labels it is pooled with, would shift folds against each other), labels,
     decisions at its thresholds (on its calibrated probabilities), and each row's volume and patient (from
     split.csv, in the order the outputs were gathered)."""
-    from engine.data.prepare import SPLIT_FILE, read_split
+    from engine.data.run_split import SPLIT_FILE, read_split
     from engine.data.sharing import gathered_order
     from engine.results.metrics import decisions, probabilities
     from engine.training.checkpoint import load_checkpoint

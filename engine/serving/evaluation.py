@@ -12,7 +12,8 @@ from engine.config.schema import Config
 from engine.data.cache import build_dataset
 from engine.data.datalist import label_frequencies
 from engine.data.loaders import make_loader
-from engine.data.prepare import evaluation_split_note, load_splits
+from engine.data.prepare import load_splits
+from engine.data.run_split import evaluation_split_note
 from engine.data.split import patient_of
 from engine.serving.inference import (
     checkpoint_preprocessing,

@@ -17,7 +17,8 @@ from engine.config.schema import Config
 from engine.data.cache import release_ram
 from engine.data.datalist import label_frequencies
 from engine.data.loaders import make_datasets, make_loader
-from engine.data.prepare import Splits, check_same_run, prepare_data, split_rows, write_skipped, write_split
+from engine.data.prepare import Splits, prepare_data, write_skipped
+from engine.data.run_split import check_same_run, split_rows, write_split
 from engine.training.augment import DeviceAugmentation
 from engine.training.build import (
     attach_validation,
@@ -38,10 +39,11 @@ from engine.training.checkpoint import (
     load_checkpoint,
     resume_checkpoint,
 )
-from engine.training.handlers import History, MetricsTable, Progress, StepLog, SyncBuffers, share_stop
+from engine.training.handlers import History, MetricsTable, Progress, SyncBuffers
 from engine.training.models import FreezeBackbone
 from engine.training.outputs import timed_call, write_outputs
 from engine.training.state import RandomState, ScalerState, TrainerState
+from engine.training.steps import StepLog, share_stop
 from engine.utils.errors import CT3DError, Interrupted
 from engine.utils.io import write_text
 

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -635,8 +636,7 @@ def docker_ignored(path: str) -> bool:
 # ------------------------------------------------------------------ the rendered command, run here
 def local_pod(job: dict, config_map: dict, tmp_path: Path, index: int, port: int) -> tuple[list[str], dict]:
     """The training container's command and env from the manifest, as pod `index` runs them, on this machine:
-    the claims are folders under tmp_path, the Service's name for pod 0 is 127.0.0.1, torchrun is this
-    Python's torch.distributed.run."""
+    the claims are folders under tmp_path, the Service's name for pod 0 is 127.0.0.1, python is this Python."""
     mounts = {"/cache": str(tmp_path / "cache"), "/output": str(tmp_path / "output")}
     config = tmp_path / "config.yaml"
     if not config.exists():
@@ -645,11 +645,15 @@ def local_pod(job: dict, config_map: dict, tmp_path: Path, index: int, port: int
             text = text.replace(f": {pod_path}", f": {here}")
         config.write_text(text)
     container = job["spec"]["template"]["spec"]["containers"][0]
-    shell, flag, line = container["command"]
-    endpoint = next(w for w in line.split() if w.startswith("--rdzv-endpoint="))
-    line = (line.replace("exec torchrun", f"exec {sys.executable} -m torch.distributed.run")
-            .replace(endpoint, f"--rdzv-endpoint=127.0.0.1:{port}").replace("/etc/ct3d/config.yaml", str(config)))
-    command = [shell, flag, line]
+    if container["command"][0] == "sh":
+        shell, flag, line = container["command"]
+        endpoint = next(w for w in line.split() if w.startswith("--rdzv-endpoint="))
+        line = (line.replace("exec python ", f"exec {sys.executable} ")
+                .replace(endpoint, f"--rdzv-endpoint=127.0.0.1:{port}").replace("/etc/ct3d/config.yaml", str(config)))
+        command = [shell, flag, line]
+    else:
+        command = [sys.executable if a == "python" else str(config) if a == "/etc/ct3d/config.yaml" else a
+                   for a in container["command"]]
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     for item in container["env"]:
         if "value" in item:
@@ -733,3 +737,205 @@ def test_a_config_error_in_a_pod_exits_2_from_the_container_the_fail_job_rule_na
                    for a in container["command"]]
         proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, **TEXT, timeout=120)
         assert proc.returncode == 2 and "train.epohcs" in proc.stderr, (container["name"], proc.stderr[-2000:])
+
+
+# ------------------------------------------------------------------ JobSet and TrainJob
+def test_jobset_restarts_the_gang_fails_at_once_on_exit_2_and_runs_the_jobs_pod():
+    """A JobSet of one replicated Job: DNS hostnames, Kueue's label, a failure policy that fails on a user error
+    and restarts every pod otherwise (k8s.max_restarts times), torchrun restarting nothing itself, and the
+    Indexed Job's pod template otherwise."""
+    objs = objects(*JOBSET)
+    assert [o["kind"] for o in objs] == ["PersistentVolumeClaim", "PersistentVolumeClaim", "ConfigMap", "Job",
+                                         "JobSet"]  # no Service of ours: the JobSet makes its headless one
+    job_set = objs[-1]
+    loaded = load_crd(job_set)
+    assert job_set["metadata"]["labels"][QUEUE] == "team-a"
+    assert loaded.spec.network.enable_dns_hostnames and loaded.spec.failure_policy.max_restarts == 3
+    rules = job_set["spec"]["failurePolicy"]["rules"]
+    assert rules == [{"name": "userError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    job = job_set["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert (job["completionMode"], job["completions"], job["parallelism"], job["backoffLimit"]) == ("Indexed", 4, 4, 0)
+    assert [(r["action"], r["onExitCodes"]["containerName"], r["onExitCodes"]["values"])
+            for r in job["podFailurePolicy"]["rules"]] == [("FailJob", "check", [2]), ("FailJob", "train", [2])]
+    pod = job["template"]["spec"]
+    line = pod["containers"][0]["command"][2]
+    assert "--rdzv-endpoint=ctrate-r18-workers-0-0.ctrate-r18:29500" in line.split()
+    assert {"--max-restarts=0", "--shutdown-timeout=270"} <= set(line.split())  # the JobSet restarts the gang
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["containers"][0]["resources"]["limits"]["vpc.amazonaws.com/efa"] == 4
+    indexed = next(o for o in objects(*MULTI, "k8s.extra_resources={vpc.amazonaws.com/efa: 4}",
+                                      "k8s.runtime_class=nvidia") if o["kind"] == "Job" and o["metadata"]["name"] ==
+                   "ctrate-r18")["spec"]["template"]
+    same = lambda p: {**p, "subdomain": None, "containers": [{**c, "command": None} for c in p["containers"]]}  # noqa
+    assert same(job["template"]["spec"]) == same(indexed["spec"]) and job["template"]["metadata"] == indexed["metadata"]
+
+
+def test_trainjob_runs_our_image_and_command_on_the_runtime_with_our_claims_and_placement():
+    objs = objects(*TRAINJOB)
+    train_job = objs[-1]
+    loaded = load_crd(train_job)
+    assert train_job["metadata"]["labels"][QUEUE] == "team-a"
+    assert (loaded.spec.runtime_ref.name, loaded.spec.runtime_ref.kind) == ("torch-distributed",
+                                                                             "ClusterTrainingRuntime")
+    trainer = train_job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (4, 8, "ghcr.io/ct3d/ct3d:0.1.0")
+    line = trainer["command"][2]
+    assert line.startswith("python -m engine.run check --quick") and "&& exec python -m engine.launch " in line
+    assert {"--max-restarts=0", "--rdzv-conf=timeout=1800"} <= set(line.split())
+    indexed = pods_of(objects(*MULTI))[-1]
+    assert trainer["resourcesPerNode"] == indexed["containers"][0]["resources"]
+    patch = train_job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = patch["template"]["spec"]["template"]["spec"]
+    assert patch["name"] == "node" and pod["containers"][0]["name"] == "node"
+    assert pod["volumes"] == indexed["volumes"] and pod["containers"][0]["volumeMounts"] == \
+        indexed["containers"][0]["volumeMounts"]
+    for key in ("securityContext", "tolerations", "nodeSelector", "affinity", "serviceAccountName"):
+        assert pod[key] == indexed[key], key
+    with pytest.raises(CT3DError, match="k8s.priority_class: a TrainJob cannot set it"):
+        objects(*TRAINJOB, "k8s.priority_class=high")
+
+
+def test_names_that_a_service_or_jobset_refuses_are_refused_before_rendering():
+    with pytest.raises(CT3DError, match="k8s.name: '1run' must start with a letter"):
+        objects("k8s.name=1run")
+    with pytest.raises(CT3DError, match="k8s.extra_resources.bad key"):
+        objects("k8s.extra_resources={bad key: 1}")
+
+
+def test_cache_fill_pods_take_their_own_placement_not_the_gpu_pods():
+    objs = objects(*MULTI, "k8s.cache_node_selector={topology.kubernetes.io/zone: us-east-1a}",
+                   "k8s.cache_queue=cpu", "k8s.runtime_class=nvidia")
+    cache = next(o for o in objs if o["metadata"]["name"].endswith("-cache") and o["kind"] == "Job")
+    pod = cache["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"topology.kubernetes.io/zone": "us-east-1a"}
+    assert not {"tolerations", "priorityClassName", "affinity", "runtimeClassName"} & set(pod)
+    assert cache["metadata"]["labels"][QUEUE] == "cpu"
+    bare = next(o for o in objects(*MULTI) if o["metadata"]["name"].endswith("-cache") and o["kind"] == "Job")
+    assert QUEUE not in bare["metadata"]["labels"] and "nodeSelector" not in bare["spec"]["template"]["spec"]
+
+
+# ------------------------------------------------------------------ the pod's life: late pod 0, exit 2, SIGTERM
+TINY_POD = ["data.demo.num_volumes=24", "data.demo.shape=[32,32,32]", "preprocess.spatial_size=[32,32,32]",
+            "model.widen_factor=0.25", "loader.batch_size=2", "tracking.wandb.mode=disabled", "cache.workers=1",
+            "train.threads=1", "train.device=cpu"]
+EARLY = "test_a_pod_up_150_s_before_pod_0_waits_for_it_and_trains"
+
+
+def rendered_pods(tmp_path: Path, overrides: list[str], pods: int, port: int = 0) -> list[tuple[list[str], dict]]:
+    """Each pod's training command and env (local_pod), after the init container's check ran (it writes the demo)."""
+    objs = objects(*overrides)
+    job = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["labels"]["app.kubernetes.io/component"]
+               == "training")
+    config_map = next(o for o in objs if o["kind"] == "ConfigMap")
+    local = [local_pod(job, config_map, tmp_path, i, port) for i in range(pods)]
+    check = job["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    first = subprocess.run([sys.executable, *check[1:-1], str(tmp_path / "config.yaml")], cwd=ROOT, env=local[0][1],
+                           capture_output=True, **TEXT, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    return local
+
+
+def start_pod(command: list[str], env: dict) -> tuple[subprocess.Popen, list[str]]:
+    import threading
+
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **TEXT)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    return proc, log
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early_pod_1(request, tmp_path_factory):
+    """Pod 1 of a two-node Job, started as this module starts (only when EARLY runs), so its 150 s wait for pod 0
+    overlaps the module's other tests instead of adding to the suite."""
+    if not any(item.name == EARLY for item in request.session.items):
+        yield None
+        return
+    import socket
+
+    tmp = tmp_path_factory.mktemp("early")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pods = rendered_pods(tmp, ["k8s.nodes=2", "k8s.gpus=0", "k8s.name=early", *TINY_POD, "train.epochs=1"], 2, port)
+    proc, log = start_pod(*pods[1])
+    state = {"tmp": tmp, "pods": pods, "pod1": proc, "log1": log, "started": time.time()}
+    yield state
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_a_worker_exiting_2_makes_the_container_exit_2(tmp_path):
+    """A config error that only torchrun meets (fewer training volumes than ranks, here 1 for 2): torchrun alone
+    exits 1, which the FailJob rule on exit 2 never matches; through engine.launch the container exits 2."""
+    (command, env), = rendered_pods(tmp_path, ["k8s.nodes=1", "k8s.gpus=2", *TINY_POD, "data.demo.num_volumes=4",
+                                               "data.val_fraction=0.75"], 1)
+    assert command[1:4] == ["-m", "engine.launch", "--standalone"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, **TEXT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "1 training volume(s) for 2 ranks" in proc.stderr
+
+
+SLOW_SAVE = '''
+import builtins, os, sys, time
+_flag, _import = os.environ.get("CT3D_TEST_SLOW_SAVE"), builtins.__import__
+def _patched(name, *args, **kwargs):
+    module = _import(name, *args, **kwargs)
+    checkpoint = sys.modules.get("engine.training.checkpoint")
+    if _flag and hasattr(checkpoint, "save_checkpoint") and not getattr(checkpoint, "_slow", False):
+        checkpoint._slow, save = True, checkpoint.save_checkpoint
+        def slow(path, state):
+            if os.path.exists(_flag):
+                time.sleep(45)  # a checkpoint of a large model to a network disk
+            return save(path, state)
+        checkpoint.save_checkpoint = slow
+    return module
+builtins.__import__ = _patched
+'''
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_45_s_checkpoint_is_not_killed_at_30_s_and_the_container_exits_143(tmp_path):
+    """SIGTERM to the container's main process (what the kubelet signals) mid-epoch; the checkpoint then takes
+    45 s (made slow by a sitecustomize here). torchrun's default would SIGKILL the workers after 30 s; the
+    rendered --shutdown-timeout (the 300 s grace less 30) lets the write finish, and the container exits 143."""
+    from engine.training.checkpoint import load_checkpoint
+
+    (command, env), = rendered_pods(tmp_path, ["k8s.nodes=1", "k8s.gpus=2", *TINY_POD, "train.epochs=30",
+                                               "train.log_every=1", "train.checkpoint_minutes=0"], 1)
+    assert "--shutdown-timeout=270" in command
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SAVE)
+    flag = tmp_path / "slow-now"
+    env = {**env, "PYTHONPATH": f"{hook}{os.pathsep}{env.get('PYTHONPATH', '')}", "CT3D_TEST_SLOW_SAVE": str(flag)}
+    proc, log = start_pod(command, env)
+    deadline = time.time() + 300
+    while "epoch 2/30 iteration 2/" not in "".join(log):
+        assert proc.poll() is None and time.time() < deadline, "".join(log)[-3000:]
+        time.sleep(0.05)
+    flag.touch()
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=200) == 143, "".join(log)[-3000:]
+    assert time.time() - signalled >= 45  # the write ran to its end
+    assert "stopped by SIGTERM at iteration" in "".join(log)
+    last = load_checkpoint(tmp_path / "output" / "ct3d-train" / "checkpoints" / "last.pt")["trainer"]
+    assert last["epoch"] == 2 and last["iteration"] > last["epoch_length"]  # mid-epoch 2: written after SIGTERM
+
+
+@pytest.mark.slow
+def test_a_pod_up_150_s_before_pod_0_waits_for_it_and_trains(early_pod_1):
+    """Pod 1 of the rendered two-node Job starts 150 s before pod 0 (an image pull, a node from the autoscaler):
+    with c10d's default store timeout (60 s, one retry) its torchrun gave up after 121 s; the rendered read_timeout
+    (the join timeout, 1800 s) keeps it waiting, and both train once pod 0 is up."""
+    state = early_pod_1
+    pod1, log1 = state["pod1"], state["log1"]
+    while time.time() < state["started"] + 150:
+        assert pod1.poll() is None, "".join(log1)[-3000:]  # still waiting for pod 0's store
+        time.sleep(1)
+    pod0, log0 = start_pod(*state["pods"][0])
+    assert pod0.wait(timeout=600) == 0, "".join(log0)[-3000:]
+    assert pod1.wait(timeout=600) == 0, "".join(log1)[-3000:]
+    assert (state["tmp"] / "output" / "early" / "checkpoints" / "final.pt").is_file()

@@ -213,7 +213,7 @@ def test_evaluate_refuses_another_scan_of_a_training_patient_unless_allowed(trai
     """`train_3_b_1` is not a volume the run saw, but its patient `train_3` was trained on: not held out."""
     import shutil
 
-    from engine.data.prepare import read_split
+    from engine.data.run_split import read_split
 
     folder, overrides, _ = trained
     rows = read_split(folder / "split.csv")

@@ -89,9 +89,20 @@ class NeverImproves:
         return False
 
 
+class NoReduces:
+    """A step log that never reduces: only the epoch-end saves happen."""
+
+    def __init__(self):
+        self.reduced_now, self.keep_reducing, self.flags = False, False, []
+
+    def request(self, flag) -> int:
+        self.flags.append(False)
+        return len(self.flags) - 1
+
+
 def run_saving(trainer: Engine, folder, parts: dict, epochs: int) -> None:
     checkpoints = Checkpoints(folder, parts, {})
-    checkpoints.attach(trainer, NeverImproves())
+    checkpoints.attach(trainer, NeverImproves(), NoReduces())
     trainer.run([0, 1], max_epochs=epochs)
     checkpoints.wait()
 

@@ -3,7 +3,8 @@ import logging
 import torch
 from ignite.engine import Engine, Events
 
-from engine.training.handlers import History, MetricsTable, Progress, StepLog, ValidationMetrics
+from engine.training.handlers import History, MetricsTable, Progress, ValidationMetrics
+from engine.training.steps import StepLog
 
 
 def fake_trainer(losses):

@@ -7,7 +7,7 @@ import pytest
 
 from engine.config.loading import load_config
 from engine.data.held_out import carve_test
-from engine.data.prepare import read_split
+from engine.data.run_split import read_split
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
 from helpers import tiny_overrides

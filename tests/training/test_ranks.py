@@ -5,8 +5,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from engine.training.handlers import ValidationMetrics, share_stop
+from engine.training.handlers import ValidationMetrics
 from engine.training.state import RandomState, TrainerState
+from engine.training.steps import share_stop
 from engine.utils.errors import CT3DError
 
 

@@ -23,3 +23,20 @@ def test_torch_load_never_checks_the_crc_so_files_without_it_lose_nothing(tmp_pa
     back = torch.load(tmp_path / "fast.pt", weights_only=True, mmap=True)
     assert torch.equal(back["w"], torch.arange(10.0)) and back["labels"] == ["x"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_folder_that_takes_no_files_is_named_with_its_setting_and_the_fix_per_storage(tmp_path):
+    import pytest
+
+    from engine.utils.errors import CT3DError
+    from engine.utils.io import check_writable
+
+    check_writable(tmp_path / "new" / "cache", "cache.dir")  # made, written to, left empty
+    assert list((tmp_path / "new" / "cache").iterdir()) == []
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # as a claim mounted read-only, or owned by another uid, refuses a write
+    with pytest.raises(CT3DError) as caught:
+        check_writable(blocked / "runs", "output.dir")
+    message = str(caught.value)
+    assert message.startswith(f"output.dir: {blocked / 'runs'} is not writable")
+    assert "fsGroup" in message and "EFS: an access point" in message and "NFS" in message

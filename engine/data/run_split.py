@@ -1,0 +1,121 @@
+"""The run's split.csv (each volume's patient, side and labels as the run was trained), reading it back, and the
+checks against it: a resume must go on with the data, labels and preprocessing it was trained with; `evaluate`
+notes volumes of patients the model trained on."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from engine.config.schema import Config
+from engine.data.datalist import LABEL, NAME
+from engine.data.prepare import Splits
+from engine.data.split import patient_of
+from engine.utils.errors import CT3DError
+from engine.utils.io import write_text
+
+SPLIT_FILE = "split.csv"
+
+
+def split_rows(data: Splits, pattern: str) -> list[dict]:
+    """One row per volume: its patient, side and labels (0/1 per output, as one string)."""
+    return [{"volume": it[NAME], "patient": patient_of(it, pattern), "split": side,
+             "labels": _label_text(it)}
+            for side, items in (("train", data.train), ("validation", data.val)) for it in items]
+
+
+def write_split(folder: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["volume", "patient", "split", "labels"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(folder / SPLIT_FILE, buf.getvalue())
+
+
+def read_split(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["volume"]: row for row in csv.DictReader(f)}
+
+
+def _examples(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def split_differences(saved: dict[str, dict], rows: list[dict]) -> list[str]:
+    """What differs between a run's split.csv and this start's split: volumes new, gone, moved between
+    train and validation, or relabelled."""
+    now = {row["volume"]: row for row in rows}
+    found = []
+    for what, names in (
+        ("new since the run started", [v for v in now if v not in saved]),
+        ("gone since the run started", [v for v in saved if v not in now]),
+        ("moved between train and validation", [v for v in now if v in saved and saved[v]["split"] != now[v]["split"]]),
+        ("with other labels than when the run started", [v for v in now if v in saved
+                                                         and saved[v]["labels"] != now[v]["labels"]]),
+    ):
+        if names:
+            found.append(f"{len(names)} volume(s) {what}: {_examples(names)}")
+    return found
+
+
+def check_same_run(state: dict, checkpoint: Path, folder: Path, cfg: Config, data: Splits) -> None:
+    """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels and preprocessing it was
+    trained with: stop naming every difference otherwise (the run would validate on volumes it trained on,
+    or mix models)."""
+    from engine.config.loading import plain
+
+    found = []
+    if state["labels"] != data.labels:
+        found.append(f"labels: the checkpoint has {state['labels']}, the data {data.labels}")
+    if state["task"] != str(cfg.data.task):
+        found.append(f"data.task: the checkpoint has {state['task']}, the config {cfg.data.task}")
+    from engine.data.preprocess import LEGACY_PREPROCESSING
+
+    now, then = plain(cfg.preprocess), {**LEGACY_PREPROCESSING, **state["preprocessing"]}
+    found += [f"preprocess.{k}: the checkpoint has {then.get(k)!r}, the config {now[k]!r}"
+              for k in now if then.get(k) != now[k]]
+    if (folder / SPLIT_FILE).is_file():
+        found += split_differences(read_split(folder / SPLIT_FILE), split_rows(data, cfg.data.patient_pattern))
+    if found:
+        raise CT3DError(f"cannot resume {checkpoint}: this start differs from the run's:\n  " + "\n  ".join(found)
+                        + "\nrestore the run's data and settings, or start a new run (another output.name, "
+                        "or train.resume=off)")
+
+
+def _label_text(item: dict) -> str:
+    return "".join(str(int(v)) for v in item[LABEL])
+
+
+def evaluation_split_note(checkpoint: Path, items: list[dict], patient_pattern: str = "",
+                          allow_trained_patients: bool = False) -> str:
+    """Says which data an evaluation is on, from the checkpoint's run split.csv (if it is beside it), and
+    stops when volumes to evaluate were in the run's training split, carry other labels than there, or (unless
+    `allow_trained_patients`) belong to a patient the run trained on: another reconstruction or scan of a
+    training patient is not held-out data."""
+    path = Path(checkpoint).resolve().parent.parent / SPLIT_FILE
+    if not path.is_file():
+        return "no split.csv beside the checkpoint: cannot tell whether these volumes were trained on"
+    saved = read_split(path)
+    trained = [it[NAME] for it in items if saved.get(it[NAME], {}).get("split") == "train"]
+    if trained:
+        raise CT3DError(f"evaluate: {len(trained)} of the {len(items)} volumes were in the training split of "
+                        f"{checkpoint} ({path}): {_examples(trained)}. Their metrics would be inflated; evaluate on "
+                        f"the run's validation side (its data settings) or on another datalist")
+    training_patients = {row["patient"] for row in saved.values() if row["split"] == "train"}
+    shared = sorted({patient_of(it, patient_pattern) for it in items} & training_patients)
+    if shared and not allow_trained_patients:
+        raise CT3DError(f"evaluate: {len(shared)} patient(s) of these volumes were trained on by {checkpoint} "
+                        f"({path}): {_examples(shared)}. Other scans of a training patient are not held-out data; "
+                        f"infer.allow_trained_patients=true evaluates them anyway")
+    relabelled = [it[NAME] for it in items if it[NAME] in saved and saved[it[NAME]]["labels"] != _label_text(it)]
+    if relabelled:
+        raise CT3DError(f"evaluate: {len(relabelled)} volume(s) carry other labels than in the run's {path}: "
+                        f"{_examples(relabelled)}")
+    val = {v for v, row in saved.items() if row["split"] == "validation"}
+    names = {it[NAME] for it in items}
+    if names == val:
+        return "the run's own validation split"
+    outside = len(names - val)
+    return f"another datalist: {outside} of {len(names)} volumes are not in the run's split" if outside else \
+        f"{len(names)} of the run's {len(val)} validation volumes"
