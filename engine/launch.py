@@ -53,16 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ct3d-launch-") as tmp:
         error_file = os.path.join(tmp, "error.json")
         env = {**os.environ, "TORCHELASTIC_ERROR_FILE": error_file}
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env)
         signalled: list[int] = []
+        child: list[subprocess.Popen] = []
 
-        def forward(signum, frame) -> None:
+        def forward(signum, frame) -> None:  # installed first: a SIGTERM before torchrun started is not lost
             signalled.append(signum)
-            proc.send_signal(signum)
+            if child:
+                child[0].send_signal(signum)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, forward)
-        returncode = proc.wait()
+        child.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env))
+        if signalled:
+            child[0].send_signal(signalled[0])
+        returncode = child[0].wait()
         return exit_code(returncode, signalled[0] if signalled else None, worker_exit_code(error_file))
 
 

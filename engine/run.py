@@ -9,7 +9,7 @@ import os
 import sys
 
 from engine.config.loading import DEFAULT_CONFIG, describe_sections, load_config
-from engine.utils.errors import CT3DError, Interrupted
+from engine.utils.errors import CT3DError, Interrupted, Transient
 
 COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "cv", "sweep")
 
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"ct3d: {exc}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as a process ended by the signal reports
+    except Transient as exc:
+        print(f"ct3d: error: {exc}", file=sys.stderr)
+        return 1  # not a user error: a Job, JobSet or PyTorchJob retries it
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: say why, for engine.launch (exit 2)
@@ -150,7 +153,7 @@ def run_distributed(args: argparse.Namespace, cfg) -> int:
     except RuntimeError as exc:  # a collective that waited longer than the timeout
         if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
             raise
-        raise CT3DError(f"rank {idist.get_rank()}: waited more than train.dist_timeout_minutes="
+        raise Transient(f"rank {idist.get_rank()}: waited more than train.dist_timeout_minutes="
                         f"{cfg.train.dist_timeout_minutes:g} for the other ranks ({str(exc).splitlines()[0]}). "
                         f"A rank was slower by that much (a cold cache on one node?): fill the cache first "
                         f"(`python -m engine.run cache --shard I/N`), or raise the timeout") from None

@@ -73,7 +73,8 @@ class TrainerState:
     def state_dict(self) -> dict:
         s = self.trainer.state
         return {"epoch": s.epoch, "iteration": s.iteration, "epoch_length": s.epoch_length,
-                "stopped_early": bool(self.trainer.should_terminate), "world_size": _world()}
+                "stopped_early": bool(self.trainer.should_terminate), "world_size": _world(),
+                "seed": getattr(getattr(s.dataloader, "sampler", None), "seed", None)}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.trainer.state
@@ -82,6 +83,12 @@ class TrainerState:
         done = iteration - (epoch - 1) * saved_length  # batches of `epoch` behind the checkpoint
         max_epochs = max(s.max_epochs, epoch)
         world = state.get("world_size", _world())  # older checkpoints did not say: taken as this run's
+        seed, now = state.get("seed"), getattr(getattr(s.dataloader, "sampler", None), "seed", None)
+        if done < saved_length and None not in (seed, now) and seed != now:
+            raise CT3DError(f"cannot resume: the checkpoint was taken in epoch {epoch} after {done} of its "
+                            f"{saved_length} iterations with train.seed={seed}; this run has {now}, which deals and "
+                            f"orders that epoch otherwise: restore train.seed={seed}, or resume from an epoch's end "
+                            f"(train.resume=<run>/checkpoints/best.pt)")
         if done < saved_length and world != _world():
             raise CT3DError(f"cannot resume: the checkpoint was taken in epoch {epoch} after {done} of its "
                             f"{saved_length} iterations, with {world} rank(s); this run has {_world()}. The rest of "

@@ -44,7 +44,14 @@ class StepLog:
         return len(self.requests) - 1
 
     def attach(self, trainer: Engine) -> None:
+        """After the resume's handler: a start at an epoch's boundary (fresh, at an epoch's end, or an epoch to
+        be run again after a mid-epoch checkpoint of another batch size) begins with empty sums."""
+        trainer.add_event_handler(Events.STARTED, self._started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._step)
+
+    def _started(self, engine: Engine) -> None:
+        if engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0:
+            self.epoch_sum, self.epoch_steps = 0.0, 0
 
     def due(self, engine: Engine) -> bool:
         s = engine.state

@@ -195,20 +195,27 @@ def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
 
 
 def on_rank_0(fn):
-    """fn() on rank 0, its result (or the error it raised) on every rank."""
+    """fn() on rank 0, its result (or the error it raised: the same CT3DError, or a RuntimeError saying what
+    rank 0 met) on every rank; with one process, fn()."""
     import ignite.distributed as idist
+
+    if idist.get_world_size() == 1:
+        return fn()
     import torch.distributed as dist
 
     shared: list = [None]
+    caught: BaseException | None = None
     if idist.get_rank() == 0:
         try:
-            shared[0] = (fn(), None)
-        except CT3DError as exc:
-            shared[0] = (None, str(exc))
+            shared[0] = (fn(), None, False)
+        except Exception as exc:  # noqa: BLE001 - every rank must leave the broadcast, then each raises
+            caught, shared[0] = exc, (None, str(exc), isinstance(exc, CT3DError))
     dist.broadcast_object_list(shared, src=0)
-    result, error = shared[0]
+    result, error, ours = shared[0]
+    if caught is not None:
+        raise caught
     if error is not None:
-        raise CT3DError(error)
+        raise CT3DError(error) if ours else RuntimeError(f"rank 0 failed: {error}")
     return result
 
 
@@ -237,13 +244,7 @@ def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer, steps: St
 
 def resume_from(cfg: Config, folder: Path) -> Path | None:
     """The checkpoint to resume from; every rank loads the file rank 0 chose (rank 0 may be writing)."""
-    import ignite.distributed as idist
-
-    path = resume_checkpoint(cfg.train.resume, folder / "checkpoints")
-    if idist.get_world_size() > 1:
-        chosen = idist.broadcast(str(path or "") if idist.get_rank() == 0 else None, src=0, safe_mode=True)
-        path = Path(chosen) if chosen else None
-    return path
+    return on_rank_0(lambda: resume_checkpoint(cfg.train.resume, folder / "checkpoints"))
 
 
 def early_stopping(cfg: Config, trainer, evaluator):
@@ -288,6 +289,7 @@ def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: R
     if not table.rows:
         checkpoints.wait()
         raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
-    if trainer.state.epoch != resume.epoch or not (folder / "checkpoints" / "final.pt").is_file():
-        return checkpoints.save_final
-    return checkpoints.wait
+    # every rank takes the same branch (save_final gathers from all): rank 0's view of the disk decides
+    final = folder / "checkpoints" / "final.pt"
+    finished = trainer.state.epoch == resume.epoch and on_rank_0(final.is_file)
+    return checkpoints.wait if finished else checkpoints.save_final

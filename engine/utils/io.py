@@ -90,17 +90,18 @@ def check_writable(folder: str | Path, setting: str) -> None:
     the setting and the fix for each kind of storage otherwise (a claim whose driver ignores fsGroup is
     read-only to a non-root pod)."""
     import os
+    import uuid
 
     from engine.utils.errors import CT3DError
 
     folder = Path(folder)
-    probe = folder / f"{TMP_PREFIX}write-probe-{os.getpid()}"
+    probe = folder / f"{TMP_PREFIX}write-probe-{uuid.uuid4().hex}"  # pods checking one claim at once: own names
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"ct3d")
             os.fsync(f.fileno())
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise CT3DError(f"{setting}: {folder} is not writable by this process (uid {os.getuid()}: "
                         f"{exc.strerror or exc}). On Kubernetes, for {STORAGE_FIXES}") from None

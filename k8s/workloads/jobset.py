@@ -46,7 +46,10 @@ def job_set(cfg: Config) -> dict:
         "successPolicy": {"operator": "All", "targetReplicatedJobs": [WORKERS]},
         "failurePolicy": {"maxRestarts": k.max_restarts, "restartStrategy": "Recreate",
                           "rules": [{"name": "userError", "action": "FailJobSet",
-                                     "onJobFailureReasons": ["PodFailurePolicy"]}]},
+                                     "onJobFailureReasons": ["PodFailurePolicy"]},
+                                    # k8s.active_deadline_seconds bounds the run, not each restart of it
+                                    {"name": "deadline", "action": "FailJobSet",
+                                     "onJobFailureReasons": ["DeadlineExceeded"]}]},
         "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
         "replicatedJobs": [{"name": WORKERS, "replicas": 1,
                             "template": {"metadata": {"labels": template(k, "training", {})["metadata"]["labels"]},

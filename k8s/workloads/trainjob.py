@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config.schema import Config
+from k8s.meta import labels
 from k8s.pod import container_env, container_security, mounts, pod_resources, pod_spec, volumes
 from k8s.settings import CONFIG, JOIN_SECONDS
 from k8s.workloads.batch import job_metadata
@@ -34,8 +35,9 @@ def train_job(cfg: Config) -> dict:
                                                           "nodeSelector", "affinity", "tolerations",
                                                           "terminationGracePeriodSeconds", "volumes") if key in pod}
     patch["containers"] = [{"name": NODE, "volumeMounts": mounts(k), "securityContext": container_security()}]
+    pod_template = {"metadata": {"labels": labels(k, "training")}, "spec": patch}  # the runtime's pods: ours too
     runtime_spec = {"template": {"spec": {"replicatedJobs": [
-        {"name": NODE, "template": {"spec": {"template": {"spec": patch}}}}]}}}
+        {"name": NODE, "template": {"spec": {"template": pod_template}}}]}}}
     spec: dict[str, Any] = {
         "runtimeRef": {"name": k.trainjob_runtime, "kind": "ClusterTrainingRuntime",
                        "apiGroup": "trainer.kubeflow.org"},

@@ -752,7 +752,8 @@ def test_jobset_restarts_the_gang_fails_at_once_on_exit_2_and_runs_the_jobs_pod(
     assert job_set["metadata"]["labels"][QUEUE] == "team-a"
     assert loaded.spec.network.enable_dns_hostnames and loaded.spec.failure_policy.max_restarts == 3
     rules = job_set["spec"]["failurePolicy"]["rules"]
-    assert rules == [{"name": "userError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    assert rules == [{"name": "userError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
+                     {"name": "deadline", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]}]
     job = job_set["spec"]["replicatedJobs"][0]["template"]["spec"]
     assert (job["completionMode"], job["completions"], job["parallelism"], job["backoffLimit"]) == ("Indexed", 4, 4, 0)
     assert [(r["action"], r["onExitCodes"]["containerName"], r["onExitCodes"]["values"])

@@ -36,10 +36,20 @@ def test_step_log_carries_the_epochs_sums_over_a_resume():
     again.load_state_dict(steps.state_dict())
     assert (again.epoch_sum, again.epoch_steps) == (7.5, 3)
     trainer = fake_trainer([0.5])
+    trainer.load_state_dict({"iteration": 3, "epoch_length": 5, "max_epochs": 1})  # resumed after 3 of 5 batches
     again.attach(trainer)
-    trainer.state.epoch_length = 5
-    trainer.run([0, 1], max_epochs=1)  # an epoch of two: the resumed sums are added, then the mean taken
+    trainer.run(list(range(5)))  # the last two batches: their sums are added to the restored ones
     assert trainer.state.metrics["train_loss"] == (7.5 + 1.0) / 5
+
+
+def test_a_start_at_an_epochs_boundary_begins_with_empty_sums():
+    """Restored sums of a mid-epoch checkpoint whose epoch is run again (another batch size) are not counted."""
+    steps = StepLog(every=5)
+    steps.load_state_dict({"epoch_sum": 100.0, "epoch_steps": 4})
+    trainer = fake_trainer([2.0])
+    steps.attach(trainer)
+    trainer.run([0, 1], max_epochs=1)
+    assert trainer.state.metrics["train_loss"] == 2.0
 
 
 def test_nan_loss_stops_training_at_the_next_reduce():

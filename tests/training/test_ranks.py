@@ -92,3 +92,36 @@ def test_validation_figures_are_rank_0s_on_every_rank(monkeypatch):
     validation.compute(evaluator)  # this rank computes nothing of its own: it takes rank 0's
     assert evaluator.state.metrics["auc_macro"] == 0.25 and validation.thresholds == [0.3]
     assert validation.calibration == {"scale": [2.0], "bias": [0.1]} and validation.ece == [0.05]
+
+
+def test_a_mid_epoch_checkpoint_is_refused_under_another_seed(monkeypatch):
+    ranks(monkeypatch, 0, 1)
+    trainer = trainer_at(5)
+    trainer.state.dataloader = type("Loader", (), {"sampler": type("S", (), {"seed": 7})(), "batch_size": 2})()
+    with pytest.raises(CT3DError, match=r"train.seed=3; this run has 7"):
+        TrainerState(trainer).load_state_dict({"epoch": 2, "iteration": 7, "epoch_length": 5, "stopped_early": False,
+                                               "world_size": 1, "seed": 3})
+
+
+def test_what_rank_0_met_reaches_every_rank(monkeypatch):
+    import torch.distributed as dist
+
+    from engine.training.workflow import on_rank_0
+
+    ranks(monkeypatch, 1, 2)
+    monkeypatch.setattr(dist, "broadcast_object_list",
+                        lambda shared, src: shared.__setitem__(0, (None, "disk full", False)))
+    with pytest.raises(RuntimeError, match="rank 0 failed: disk full"):  # not left waiting in a broadcast
+        on_rank_0(lambda: 1)
+    monkeypatch.setattr(dist, "broadcast_object_list",
+                        lambda shared, src: shared.__setitem__(0, (None, "datalist x: row 3", True)))
+    with pytest.raises(CT3DError, match="row 3"):
+        on_rank_0(lambda: 1)
+    ranks(monkeypatch, 0, 2)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda shared, src: None)
+
+    def fails():
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):  # rank 0 raises its own error, after the broadcast
+        on_rank_0(fails)

@@ -51,6 +51,9 @@ spec:
       - name: userError
         action: FailJobSet
         onJobFailureReasons: [PodFailurePolicy]
+      - name: deadline
+        action: FailJobSet
+        onJobFailureReasons: [DeadlineExceeded]
   ttlSecondsAfterFinished: {{ $root.Values.ttlSecondsAfterFinished }}
   replicatedJobs:
     - name: workers
@@ -143,6 +146,9 @@ spec:
                 template:
                   spec:
                     template:
+                      metadata:
+                        labels:
+                          {{- include "ct3d.labels" (dict "root" $root "component" "training") | nindent 26 }}
                       spec:
                         {{- $pod := include "ct3d.podCommon" (dict "root" $root) | fromYaml }}
                         {{- $_ := unset $pod "restartPolicy" }}

@@ -1,0 +1,26 @@
+"""engine.launch: the pod's exit code from torchrun's, the signal and the failed worker's error file (the
+end-to-end runs are in tests/kubernetes: a worker's exit 2, SIGTERM's 143)."""
+
+import json
+
+from engine.launch import RETRYABLE, exit_code, worker_exit_code
+
+
+def test_the_exit_code_says_why_the_pod_ended():
+    assert exit_code(0, None, None) == 0
+    assert exit_code(0, 15, None) == 0  # finished before the signal mattered
+    assert exit_code(1, 15, 2) == 143  # told to stop: 128 + SIGTERM, whatever the workers did on the way out
+    assert exit_code(1, None, 2) == 2  # a worker's user error: FailJob / FailJobSet, not a retry
+    assert exit_code(1, None, 1) == exit_code(1, None, None) == RETRYABLE == 150  # retried by every kind
+    assert 128 <= RETRYABLE <= 255  # restartPolicy ExitCode retries 128-255
+
+
+def test_the_failed_workers_code_comes_from_torchruns_copy_of_its_error_file(tmp_path):
+    path = tmp_path / "error.json"
+    assert worker_exit_code(str(path)) is None  # no worker left one (a crash, a signal)
+    path.write_text(json.dumps({"message": {"message": "CT3DError: x", "errorCode": 2}}))
+    assert worker_exit_code(str(path)) == 2
+    path.write_text(json.dumps({"message": "a new format"}))
+    assert worker_exit_code(str(path)) is None
+    path.write_text("not json")
+    assert worker_exit_code(str(path)) is None
