@@ -94,25 +94,32 @@ def timed_call(parts: dict, name: str, fn, *args):
 
 
 def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: History, cfg: Config, tracker,
-                  net: torch.nn.Module, data: Splits, clock: list[float], parts: dict[str, float]) -> None:
-    """Rank 0's closing work, after the last checkpoint is written and (under torchrun) the other ranks left: the
-    best validation's statistics, the report's panels, the Grad-CAM panels of the best epoch's model, its scores on
-    the held-out test set (if any), the report, the W&B run's end, summary.json (with the time of each phase:
-    `clock` holds the run's start, training's start and the last validation's end; `parts` the closing's parts so
-    far) and the printed table."""
+                  net: torch.nn.Module, data: Splits, clock: list[float], parts: dict[str, float],
+                  finish_checkpoints=None) -> None:
+    """Rank 0's closing work (under torchrun after the last checkpoint is written and the other ranks left): the
+    best validation's statistics and the report's panels (with one process, while the last epoch's checkpoint is
+    written: `finish_checkpoints` then waits for it and writes final.pt), the Grad-CAM panels of the best epoch's
+    model, its scores on the held-out test set (if any), the report, the W&B run's end, summary.json (with the time
+    of each phase: `clock` holds the run's start, training's start and the last validation's end; `parts` the
+    closing's parts so far) and the printed table."""
     from engine.results.report import draw_panels, report_title, write_report
 
     outputs, sections, panels, page = table.best_outputs, [], [], b""
-    summary.update(timed_call(parts, "statistics", best_statistics, cfg, table, data, summary["task"]))
-    summary["wall_seconds"] = round(time.time() - clock[0], 1)  # so far, for the report; summary.json: all
-    if outputs:
-        panels, page = timed_call(parts, "report panels", draw_panels, table.rows, history.lr_history,
-                                  outputs["probs"], outputs["labels"], summary["labels"], summary["task"],
-                                  list(summary["thresholds"].values()), cfg.metrics.beta, summary["best"],
-                                  summary["calibration"]["bins"], report_title(summary))
+    try:
+        summary.update(timed_call(parts, "statistics", best_statistics, cfg, table, data, summary["task"]))
+        summary["wall_seconds"] = round(time.time() - clock[0], 1)  # so far, for the report; summary.json: all
+        if outputs:
+            panels, page = timed_call(parts, "report panels", draw_panels, table.rows, history.lr_history,
+                                      outputs["probs"], outputs["labels"], summary["labels"], summary["task"],
+                                      list(summary["thresholds"].values()), cfg.metrics.beta, summary["best"],
+                                      summary["calibration"]["bins"], report_title(summary))
+    finally:
+        if finish_checkpoints is not None:
+            timed_call(parts, "checkpoints", finish_checkpoints)
     report_png = None
     if outputs:
         # The network holds the best weights when the last epoch was the best: best.pt need not be read.
+        # (Before the panels, beside the checkpoint write, both took longer: two cores, measured.)
         current = summary["best_epoch"] == summary["final"]["epoch"]
         sections = timed_call(parts, "saliency", inspection_panels, cfg, folder, net, data.val, table,
                               summary["labels"], current)

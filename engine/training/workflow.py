@@ -127,19 +127,26 @@ def train(cfg: Config, attach=None) -> Path:
     clock = [start, time.time()]  # the phases summary.json times: start-up, training, closing
     finish_checkpoints = run_to_end(trainer, checkpoints, table, resume, folder, steps)
     clock.append(history.epoch_ended_at or time.time())  # closing: from the last validation on
-    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once the last checkpoint
-    # is written) the optimizer's state, so its peak stays below training's.
+    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once a checkpoint holds
+    # it: the last epoch's copy is being written) the optimizer's state, so its peak stays below training's.
     optimizer.zero_grad(set_to_none=True)
     for dataset in (train_ds, val_ds):
         release_ram(dataset)
     parts = {"after the last epoch": round(time.time() - clock[2], 3)}  # the closing's parts, each timed
-    timed_call(parts, "checkpoints", finish_checkpoints)  # the last epoch's write, final.pt
-    optimizer.state.clear()
+
+    def finish() -> None:  # the last epoch's write, final.pt; then the optimizer's state can go
+        finish_checkpoints()
+        optimizer.state.clear()
+
     if idist.get_world_size() > 1:
+        timed_call(parts, "checkpoints", finish)
         idist.barrier()  # the last checkpoint is written: the other ranks leave, their GPUs (pods) free
         if not main:
             return folder
         use_every_cpu()
+        finish = None
+    elif checkpoints.holds_current():  # one process: the write overlaps the closing's first parts
+        optimizer.state.clear()
     summary = {
         "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
         "train_volumes": len(data.train), "val_volumes": len(data.val), "test_volumes": len(data.test),
@@ -150,7 +157,7 @@ def train(cfg: Config, attach=None) -> Path:
         "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
         "epoch_seconds": history.epoch_seconds,
     }
-    write_outputs(folder, summary, table, history, cfg, tracker, net, data, clock, parts)
+    write_outputs(folder, summary, table, history, cfg, tracker, net, data, clock, parts, finish)
     return folder
 
 
