@@ -92,11 +92,11 @@ def restart_seconds(tree: Path, overrides: list[str]) -> float:
 
 def bench_restart(cfg: dict, work: Path) -> dict:
     """Start-up of a 2-rank restart on `restart_volumes` phantoms (16^3, warm disk cache, no RAM cache so the
-    figure is the start-up's own work) with a ResNet-18 checkpoint (weights and AdamW state): this tree vs
+    figure is the start-up's own work) with the checkpoint of `restart_model` (ResNet-18 at full size: weights and AdamW state): this tree vs
     BEFORE, alternating, `restart_repeats` times each."""
     n = cfg["restart_volumes"]
     base = ["data.demo.enabled=true", *demo_training(work, "restart", n, 16), "train.epochs=1", "train.resume=auto",
-            "loader.batch_size=8", "cache.memory_rate=0", "model.variant=18", "model.widen_factor=1.0",
+            "loader.batch_size=8", "cache.memory_rate=0", *cfg["restart_model"],
             "augment.enabled=false", "tracking.wandb.mode=disabled", "report.saliency_positives=0",
             "report.saliency_negatives=0", "train.threads=1"]
     figures: dict = {"restart_volumes": n}

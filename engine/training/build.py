@@ -45,6 +45,17 @@ def setup_torch(train: TrainConfig, rank: int = 0) -> None:
     torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
 
 
+def use_every_cpu() -> None:
+    """Rank 0's closing work alone, after the others left: torchrun set one thread per worker (OMP_NUM_THREADS=1);
+    now the bootstrap and Grad-CAM may use every CPU this process may run on."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus > torch.get_num_threads():
+        torch.set_num_threads(cpus)
+        log.info("closing work on rank 0 alone: %d CPU threads", cpus)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -32,6 +32,7 @@ from engine.training.build import (
     run_folder,
     setup_logging,
     setup_torch,
+    use_every_cpu,
 )
 from engine.training.checkpoint import (
     Checkpoints,
@@ -159,17 +160,6 @@ def train(cfg: Config, attach=None) -> Path:
     }
     write_outputs(folder, summary, table, history, cfg, tracker, net, data, clock, parts, finish)
     return folder
-
-
-def use_every_cpu() -> None:
-    """Rank 0's closing work alone, after the others left: torchrun set one thread per worker (OMP_NUM_THREADS=1);
-    now the bootstrap and Grad-CAM may use every CPU this process may run on."""
-    import os
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cpus > torch.get_num_threads():
-        torch.set_num_threads(cpus)
-        log.info("closing work on rank 0 alone: %d CPU threads", cpus)
 
 
 def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
