@@ -92,8 +92,8 @@ def restart_seconds(tree: Path, overrides: list[str]) -> float:
 
 def bench_restart(cfg: dict, work: Path) -> dict:
     """Start-up of a 2-rank restart on `restart_volumes` phantoms (16^3, warm disk cache, no RAM cache so the
-    figure is the start-up's own work) with the checkpoint of `restart_model` (ResNet-18 at full size: weights and AdamW state): this tree vs
-    BEFORE, alternating, `restart_repeats` times each."""
+    figure is the start-up's own work) with the checkpoint of `restart_model` (ResNet-18 at full size: weights and
+    AdamW state): this tree vs BEFORE, alternating, `restart_repeats` times each."""
     n = cfg["restart_volumes"]
     base = ["data.demo.enabled=true", *demo_training(work, "restart", n, 16), "train.epochs=1", "train.resume=auto",
             "loader.batch_size=8", "cache.memory_rate=0", *cfg["restart_model"],
