@@ -9,24 +9,16 @@ from engine.config.schema import Config
 from k8s.meta import metadata
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, volumes
 from k8s.workloads.batch import batch_job, indexed_head
-from k8s.workloads.torchrun import TRAIN, rendezvous_command, standalone_command
-
-
-def train_command(k: K8sConfig) -> list[str]:
-    """Plain python for one process; torchrun (through engine.launch) for several GPUs or nodes (c10d rendezvous
-    at pod 0 for several nodes, so a replaced pod rejoins and the group restarts from the last checkpoint)."""
-    if k.nodes == 1 and k.gpus <= 1:
-        return ["python", *TRAIN]
-    if k.nodes == 1:
-        return standalone_command(k, k.max_restarts)
-    return rendezvous_command(k, f"{k.name}-0.{k.name}.{k.namespace}.svc", k.max_restarts)
+from k8s.workloads.torchrun import train_command
 
 
 def training_job(cfg: Config) -> dict:
     k = cfg.k8s
     resources, shm = pod_resources(k)
     indexed = k.nodes > 1
-    train = container_spec(k, "train", train_command(k), container_env(k, indexed), mounts(k), resources)
+    # several nodes: c10d rendezvous at pod 0, so a replaced pod rejoins and the group restarts from the checkpoint
+    command = train_command(k, f"{k.name}-0.{k.name}.{k.namespace}.svc", k.max_restarts)
+    train = container_spec(k, "train", command, container_env(k, indexed), mounts(k), resources)
     if indexed:
         train["ports"] = [{"name": "rendezvous", "containerPort": k.master_port}]
     pod = pod_spec(k, [train], volumes(cfg, shm), init=[check_container(k)])

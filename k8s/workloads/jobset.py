@@ -11,25 +11,16 @@ from typing import Any
 from engine.config.schema import Config
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, template, volumes
 from k8s.workloads.batch import failure_policy, job_metadata
-from k8s.workloads.torchrun import TRAIN, rendezvous_command, standalone_command
+from k8s.workloads.torchrun import train_command
 
 WORKERS = "workers"  # the replicated Job; pod hostnames <jobset>-workers-<job index>-<pod index>
-
-
-def workers_command(cfg: Config) -> list[str]:
-    """torchrun restarts nothing here (--max-restarts=0): the JobSet restarts the gang."""
-    k = cfg.k8s
-    if k.nodes == 1 and k.gpus <= 1:
-        return ["python", *TRAIN]
-    if k.nodes == 1:
-        return standalone_command(k, 0)
-    return rendezvous_command(k, f"{k.name}-{WORKERS}-0-0.{k.name}", 0)
 
 
 def job_set(cfg: Config) -> dict:
     k = cfg.k8s
     resources, shm = pod_resources(k)
-    train = container_spec(k, "train", workers_command(cfg), container_env(k, True), mounts(k), resources)
+    command = train_command(k, f"{k.name}-{WORKERS}-0-0.{k.name}", 0)  # torchrun restarts nothing: the JobSet does
+    train = container_spec(k, "train", command, container_env(k, True), mounts(k), resources)
     if k.nodes > 1:
         train["ports"] = [{"name": "rendezvous", "containerPort": k.master_port}]
     pod = pod_spec(k, [train], volumes(cfg, shm), init=[check_container(k)])

@@ -6,9 +6,9 @@ from typing import Any
 
 from engine.config.schema import Config
 from k8s.pod import container_env, container_spec, mounts, pod_resources, pod_spec, template, volumes
-from k8s.settings import CONFIG, JOIN_SECONDS
+from k8s.settings import JOIN_SECONDS
 from k8s.workloads.batch import job_metadata
-from k8s.workloads.torchrun import TRAIN, launch
+from k8s.workloads.torchrun import checked_launch
 
 
 def pytorch_job(cfg: Config) -> dict:
@@ -22,8 +22,7 @@ def pytorch_job(cfg: Config) -> dict:
     resources, shm = pod_resources(k)
     # The check runs first in the same container: the operator reads only this container's exit code, and
     # treats a failed init container as retryable (it would recreate the pod forever).
-    train = " ".join(["exec python -m engine.launch", *launch(k, k.max_restarts), *TRAIN])
-    command = ["sh", "-c", f"python -m engine.run check --quick --config {CONFIG} && {train}"]
+    command = checked_launch(k, k.max_restarts)
     container = container_spec(k, "pytorch", command, container_env(k, False), mounts(k), resources)
     pod = pod_spec(k, [container], volumes(cfg, shm), restart="OnFailure")
     run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": k.backoff_limit,

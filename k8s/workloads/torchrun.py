@@ -40,3 +40,20 @@ def rendezvous_command(k: K8sConfig, host: str, restarts: int) -> list[str]:
 def standalone_command(k: K8sConfig, restarts: int) -> list[str]:
     """One node, several GPUs."""
     return ["python", "-m", "engine.launch", "--standalone", "--nnodes=1", *launch(k, restarts), *TRAIN]
+
+
+def train_command(k: K8sConfig, host: str, restarts: int) -> list[str]:
+    """The Job's and JobSet's training container: plain python for one process; torchrun through engine.launch
+    for several GPUs, or several nodes meeting at `host` (pod 0's DNS name)."""
+    if k.nodes == 1 and k.gpus <= 1:
+        return ["python", *TRAIN]
+    if k.nodes == 1:
+        return standalone_command(k, restarts)
+    return rendezvous_command(k, host, restarts)
+
+
+def checked_launch(k: K8sConfig, restarts: int, *extra: str) -> list[str]:
+    """The check, then torchrun through engine.launch, in one container (the operators' kinds: a failed init
+    container would be recreated forever); `extra`: torchrun flags of that kind."""
+    run = " ".join(["exec python -m engine.launch", *launch(k, restarts), *extra, *TRAIN])
+    return ["sh", "-c", f"python -m engine.run check --quick --config {CONFIG} && {run}"]

@@ -12,19 +12,11 @@ from typing import Any
 from engine.config.schema import Config
 from k8s.meta import labels
 from k8s.pod import container_env, container_security, mounts, pod_resources, pod_spec, volumes
-from k8s.settings import CONFIG, JOIN_SECONDS
+from k8s.settings import JOIN_SECONDS
 from k8s.workloads.batch import job_metadata
-from k8s.workloads.torchrun import TRAIN, launch
+from k8s.workloads.torchrun import checked_launch
 
 NODE = "node"  # the torch runtimes' replicated Job and container
-
-
-def trainer_command(cfg: Config) -> list[str]:
-    """The check, then torchrun: nodes, rank and master from the runtime's PET_* variables (a static
-    rendezvous at the master, waiting as long as a c10d join would), restarts by the JobSet, not torchrun."""
-    k = cfg.k8s
-    run = ["exec python -m engine.launch", *launch(k, 0), f"--rdzv-conf=timeout={JOIN_SECONDS}", *TRAIN]
-    return ["sh", "-c", f"python -m engine.run check --quick --config {CONFIG} && {' '.join(run)}"]
 
 
 def train_job(cfg: Config) -> dict:
@@ -41,7 +33,10 @@ def train_job(cfg: Config) -> dict:
     spec: dict[str, Any] = {
         "runtimeRef": {"name": k.trainjob_runtime, "kind": "ClusterTrainingRuntime",
                        "apiGroup": "trainer.kubeflow.org"},
-        "trainer": {"image": k.image, "command": trainer_command(cfg), "numNodes": k.nodes,
+        # the check, then torchrun: nodes, rank and master from the runtime's PET_* variables (a static rendezvous
+        # waiting as long as a c10d join would); restarts by the JobSet, not torchrun
+        "trainer": {"image": k.image, "command": checked_launch(k, 0, f"--rdzv-conf=timeout={JOIN_SECONDS}"),
+                    "numNodes": k.nodes,
                     "numProcPerNode": max(1, k.gpus), "resourcesPerNode": resources, "env": container_env(k, False)},
         "runtimePatches": [{"manager": "ct3d", "trainingRuntimeSpec": runtime_spec}],
     }
