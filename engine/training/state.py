@@ -74,7 +74,7 @@ class TrainerState:
         s = self.trainer.state
         return {"epoch": s.epoch, "iteration": s.iteration, "epoch_length": s.epoch_length,
                 "stopped_early": bool(self.trainer.should_terminate), "world_size": _world(),
-                "seed": getattr(getattr(s.dataloader, "sampler", None), "seed", None)}
+                "seed": _sampler_seed(s)}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.trainer.state
@@ -83,7 +83,7 @@ class TrainerState:
         done = iteration - (epoch - 1) * saved_length  # batches of `epoch` behind the checkpoint
         max_epochs = max(s.max_epochs, epoch)
         world = state.get("world_size", _world())  # older checkpoints did not say: taken as this run's
-        seed, now = state.get("seed"), getattr(getattr(s.dataloader, "sampler", None), "seed", None)
+        seed, now = state.get("seed"), _sampler_seed(s)
         if done < saved_length and None not in (seed, now) and seed != now:
             raise CT3DError(f"cannot resume: the checkpoint was taken in epoch {epoch} after {done} of its "
                             f"{saved_length} iterations with train.seed={seed}; this run has {now}, which deals and "
@@ -103,6 +103,11 @@ class TrainerState:
             self.trainer.load_state_dict({"epoch": completed, "epoch_length": length, "max_epochs": max_epochs})
         if state["stopped_early"]:
             self.trainer.terminate()
+
+
+def _sampler_seed(s) -> int | None:
+    """The training sampler's seed (train.seed; None for a loader without one): it deals and orders each epoch."""
+    return getattr(getattr(s.dataloader, "sampler", None), "seed", None)
 
 
 def _world() -> int:
