@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ct3d-bench-") as tmp:
         figures = {}
         for name in chosen:
+            began = time.time()
             figures.update(families[name](cfg, Path(tmp)))
+            print(f"bench: {name} took {time.time() - began:.1f} s", file=sys.stderr, flush=True)
     from bench.report import markdown
 
     text = markdown(figures, cfg, args.smoke, time.time() - start)

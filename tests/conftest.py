@@ -1,11 +1,32 @@
-"""Fixtures every test folder shares: `tiny_demo`, a session's 24 small phantoms and their CSV."""
+"""Fixtures every test folder shares (`tiny_demo`, a session's 24 small phantoms and their CSV), and the order and
+threads of `make test`'s two pytest-xdist workers."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one torch (OpenMP) thread each, inherited by the runs they start, so a worker's
+    # training does not spin against the other's. Set before torch is imported (no test module imports it first).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The longest files first (`--dist loadfile` hands out whole files in this order): the demo (~4 min at one
+# thread), the pod tests, the benchmark smoke and the kill/resume runs start at once, and the many short files
+# fill in behind them instead of leaving one worker running a long file alone at the end.
+LONGEST_FIRST = ("cli/test_demo.py", "kubernetes/test_k8s.py", "benchmarks/test_bench.py", "training/test_workflow.py",
+                 "cli/test_run.py", "experiments/test_sweep.py", "experiments/test_cv.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the written order
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The command line (`python -m engine.run`) and training under torchrun."""
 
+import csv
 import json
 import os
 import signal
@@ -52,8 +53,9 @@ def test_cli_takes_command_config_and_overrides_in_any_order():
 
 @pytest.mark.slow
 def test_demo_under_torchrun_two_processes_gloo_cpu(tmp_path):
-    """The demo training (configs/default.yaml, fewer epochs) on two ranks."""
-    overrides = [f"data.demo.dir={tmp_path / 'demo'}", f"cache.dir={tmp_path / 'cache'}",
+    """The demo training (configs/default.yaml: fewer epochs, 80 phantoms of 32^3) on two ranks."""
+    overrides = [f"data.demo.dir={tmp_path / 'demo'}", f"cache.dir={tmp_path / 'cache'}", "data.demo.num_volumes=80",
+                 "data.demo.shape=[32,32,32]", "preprocess.spatial_size=[32,32,32]",
                  f"output.dir={tmp_path / 'runs'}", "output.name=ddp", "train.epochs=2", "train.threads=1",
                  "data.val_fraction=0.2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -68,7 +70,8 @@ def test_demo_under_torchrun_two_processes_gloo_cpu(tmp_path):
     assert len(list((folder / "wandb").glob("offline-run-*"))) == 1
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.pt", "final.pt", "last.pt"]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["val_volumes"] == 37  # an odd count: the ranks hold unequal shares
+    validation = [r for r in csv.DictReader(open(folder / "split.csv")) if r["split"] == "validation"]
+    assert summary["val_volumes"] == len(validation) == 11  # odd (80 at 0.2 gives 11 here): unequal shares
 
     best = folder / "checkpoints" / "best.pt"
     cfg = load_config(ROOT / "configs" / "default.yaml", [*overrides, f"checkpoint={best}",
