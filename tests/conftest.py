@@ -14,9 +14,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # training does not spin against the other's. Set before torch is imported (no test module imports it first).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest files first (`--dist loadfile` hands out whole files in this order): the demo (~4 min at one
-# thread), the pod tests, the benchmark smoke and the kill/resume runs start at once, and the many short files
-# fill in behind them instead of leaving one worker running a long file alone at the end.
+# The longest files first (`--dist loadfile` hands out whole files in this order): the demo (7.5 min at one thread
+# on a 2-core AVX2 EPYC), the pod tests, the benchmark smoke and the kill/resume runs start at once, and the many
+# short files fill in behind them instead of leaving one worker running a long file alone at the end.
 LONGEST_FIRST = ("cli/test_demo.py", "kubernetes/test_k8s.py", "benchmarks/test_bench.py", "training/test_workflow.py",
                  "cli/test_run.py", "experiments/test_sweep.py", "experiments/test_cv.py")
 
