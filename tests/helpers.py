@@ -1,5 +1,5 @@
 """Shared by the tests: the repository root, tiny training overrides, a small label CSV, and the CLI in a
-subprocess."""
+process of its own (forked with the imports done: tests/forked.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from forked import Forked, forked_run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -29,9 +31,17 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine.run", *args[:1], "--config", str(SCHEMA_DEFAULTS), *args[1:]]
 
 
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command(*args), cwd=ROOT, capture_output=True, **TEXT, timeout=600,
-                          env=kwargs.pop("env", ENV), **kwargs)
+def cli(*args: str, env: dict = ENV, fresh: bool = False) -> subprocess.CompletedProcess:
+    """subprocess.run(command(*args), capture_output=True, text=True) in a forked process (tests/forked.py);
+    `fresh`: in a new interpreter, for a test of what happens while it imports."""
+    if fresh:
+        return subprocess.run(command(*args), cwd=ROOT, capture_output=True, **TEXT, timeout=600, env=env)
+    return forked_run(command(*args)[3:], ROOT, env, timeout=600)
+
+
+def start(*args: str, env: dict = ENV, merged: bool = False) -> Forked:
+    """subprocess.Popen(command(*args), stderr=PIPE) in a forked process; `merged`: stdout and stderr in one."""
+    return Forked(command(*args)[3:], ROOT, env, merged=merged)
 
 
 def make_csv(folder: Path, rows: list[str], header="VolumeName,Lung nodule,Emphysema", create=True) -> Path:

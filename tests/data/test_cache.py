@@ -1,7 +1,6 @@
 """The disk cache: its key, entries written once and atomically, stale entries, concurrent fills."""
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from engine.config.schema import PreprocessConfig
 from engine.data.cache import DiskCacheDataset, build_dataset, cache_folder, cache_key, source_hash, volume_problems
 from engine.data.prepare import cache, load_splits
 from engine.data.preprocess import preprocessing_transform
-from helpers import ENV, ROOT, TEXT, command, tiny_overrides
+from helpers import start, tiny_overrides
 from volumes import cache_entries, hu_volume, items_for, write_nifti
 
 SMALL = PreprocessConfig(spatial_size=[16, 16, 16])
@@ -100,8 +99,7 @@ def test_crash_inside_cache_write_leaves_no_entry(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_processes_filling_one_cache_leave_every_entry_valid(tmp_path, tiny_demo):
     overrides = [*tiny_overrides(tmp_path, tiny_demo), "cache.workers=2"]
-    procs = [subprocess.Popen(command("cache", *overrides), cwd=ROOT, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, **TEXT) for _ in range(2)]
+    procs = [start("cache", *overrides) for _ in range(2)]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]

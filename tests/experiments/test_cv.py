@@ -2,7 +2,6 @@
 
 import csv
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -11,15 +10,16 @@ import pytest
 from engine.config.loading import load_config
 from engine.config.schema import DataConfig
 from engine.utils.errors import CT3DError
-from helpers import ENV, ROOT, TEXT, cli, command, tiny_overrides
+from forked import Forked
+from helpers import cli, start, tiny_overrides
 
 PATTERN = DataConfig().patient_pattern
 
 
-def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
+def wait_for(path: Path, proc: Forked, seconds: float = 300) -> None:
     end = time.time() + seconds
     while not path.exists():
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        assert proc.poll() is None, proc.output()[0][-3000:]
         assert time.time() < end, f"{path} did not appear"
         time.sleep(0.02)
 
@@ -30,8 +30,7 @@ def cv_run(tmp_path_factory, tiny_demo):
     tmp = tmp_path_factory.mktemp("cv")
     overrides = tiny_overrides(tmp, tiny_demo, "data.folds=3", "train.epochs=4", "output.name=cv",
                                "metrics.bootstrap=200", "metrics.calibrate=true")  # each fold its own Platt fit
-    proc = subprocess.Popen(command("cv", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, **TEXT)
+    proc = start("cv", *overrides, merged=True)
     folds = tmp / "runs" / "cv"
     wait_for(folds / "fold1" / "checkpoints" / "last.pt", proc)
     proc.kill()

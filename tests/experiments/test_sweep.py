@@ -2,13 +2,12 @@
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 from engine.config.loading import load_config
 from engine.config.schema import DataConfig
-from helpers import ENV, ROOT, TEXT, command, tiny_overrides
+from helpers import cli, start, tiny_overrides
 
 PATTERN = DataConfig().patient_pattern
 
@@ -25,9 +24,7 @@ def test_sweep_of_two_workers_records_every_trial_and_survives_a_killed_worker(t
     finished trials (plus the failed one, with its reason)."""
     import psutil
 
-    proc = subprocess.Popen(command("sweep", *sweep_overrides(tmp_path, tiny_demo, "sweep.trials=4",
-                                                              "sweep.workers=2")),
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **TEXT)
+    proc = start("sweep", *sweep_overrides(tmp_path, tiny_demo, "sweep.trials=4", "sweep.workers=2"), merged=True)
     study = tmp_path / "runs" / "study"
     end = time.time() + 300
     while not list(study.glob("trial*/checkpoints/last.pt")):
@@ -63,7 +60,7 @@ def test_a_real_two_trial_sweep_prunes_the_clearly_worse_trial(tmp_path, tiny_de
                  "sweep.space={train.lr: {choices: [1.0e-7, 0.003]}}", "sweep.seed=0",  # seed 0 draws 0.003 first
                  "sweep.trials=2", "sweep.metric=val_loss", "sweep.pruner=median", "sweep.pruner_startup_trials=1",
                  "sweep.pruner_warmup_epochs=1"]
-    proc = subprocess.run(command("sweep", *overrides), cwd=ROOT, env=ENV, capture_output=True, **TEXT, timeout=600)
+    proc = cli("sweep", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = tmp_path / "runs" / "study"
     summary = json.loads((study / "sweep_summary.json").read_text())

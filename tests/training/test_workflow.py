@@ -5,7 +5,6 @@ import json
 import logging
 import random
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from engine.data.demo import LABELS
 from engine.training.checkpoint import CHECKPOINT_NAMES, Checkpoints, find_latest_checkpoint, load_checkpoint
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
-from helpers import ENV, ROOT, TEXT, command, tiny_overrides
+from forked import Forked
+from helpers import start, tiny_overrides
 
 
 @pytest.mark.parametrize("model", [["model.name=resnet3d"], ["model.name=densenet3d"],
@@ -193,8 +193,7 @@ def start_and_kill(overrides: list[str], folder: Path, phase: str, seed: int) ->
     moment), when epoch 1's checkpoint is on disk: the restart must resume from it, not start afresh."""
     rng = random.Random(seed)
     epoch = 2
-    proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **TEXT)
+    proc = start("train", *overrides)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     iteration = rng.randint(1, 4)
@@ -272,7 +271,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert all(torch.isfinite(w).all() for w in last["model"].values() if w.is_floating_point())
 
 
-def wait_for(proc: subprocess.Popen, lines: list[str], text: str, seconds: float = 300) -> None:
+def wait_for(proc: Forked, lines: list[str], text: str, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while text not in "".join(lines):
         assert proc.poll() is None and time.time() < deadline, f"never saw {text!r}: {''.join(lines)[-2000:]}"
@@ -282,8 +281,7 @@ def wait_for(proc: subprocess.Popen, lines: list[str], text: str, seconds: float
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_at_once_and_resumes_at_the_next_batch(tmp_path, tiny_demo, whole, caplog):
     overrides = tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=term")
-    proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, **TEXT)
+    proc = start("train", *overrides)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     wait_for(proc, lines, "epoch 2/3 iteration 2/")
@@ -309,8 +307,7 @@ def train_losses(folder: Path) -> list[float]:
 @pytest.mark.slow
 def test_clock_checkpoints_make_a_killed_run_lose_minutes_not_an_epoch(tmp_path, tiny_demo, whole):
     overrides = tiny_overrides(tmp_path, tiny_demo, *KILL_RUN, "output.name=clock", "train.checkpoint_minutes=0.0001")
-    proc = subprocess.Popen(command("train", *overrides), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, **TEXT)
+    proc = start("train", *overrides)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     wait_for(proc, lines, "epoch 2/3 iteration 3/")
