@@ -29,7 +29,7 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             phase_model=("model.variant=18", "model.widen_factor=1.0", "model.first_conv_stride=2"),
             gradcam_volumes=2, gradcam_maps=4, fov_shape=(512, 512, 300), fov_spacing=(0.7, 0.7, 1.0), fov_repeats=3,
             steps_volumes=60, steps_before=True, restart_volumes=2000, restart_repeats=3, restart_before=True,
-            restart_model=("model.variant=18", "model.widen_factor=1.0"))
+            restart_warm=True, restart_model=("model.variant=18", "model.widen_factor=1.0"))
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              rank_fill=False, rank_pairs=1, memory_repeats=1, augment_shapes=(("64", (16, 16, 16), 1),),
@@ -41,7 +41,7 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
              gradcam_volumes=1, gradcam_maps=2, gradcam_size=[32, 32, 16], fov_shape=(128, 128, 75),
              fov_spacing=(2.8, 2.8, 4.0), fov_repeats=1, fov_shrink=4, phase_memory_apart=False,
              steps_volumes=20, steps_before=False, restart_volumes=20, restart_repeats=1, restart_before=False,
-             restart_model=("model.variant=10", "model.widen_factor=0.25"),
+             restart_warm=False, restart_model=("model.variant=10", "model.widen_factor=0.25"),
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
 
