@@ -130,12 +130,15 @@ def read_volume(path: str) -> tuple[np.ndarray, dict]:
 
 
 def to_meta_tensor(array: np.ndarray, meta: dict, path: str):
-    """What MONAI's LoadImage(image_only=True) returns for `array` and `meta` (float32 MetaTensor)."""
+    """What MONAI's LoadImage(image_only=True) returns for `array` and `meta` (float32 MetaTensor), in C order:
+    nibabel hands NIfTI over in Fortran order, and preprocessing a 512 x 512 x 300 CT from it took 56 s at one
+    thread against 14 s (2026-12-01, AVX2 EPYC: element-wise sums and reductions across the two orders)."""
     from monai.data import MetaTensor
     from monai.utils import ImageMetaKey
 
     meta[ImageMetaKey.FILENAME_OR_OBJ] = path
-    return MetaTensor.ensure_torch_and_prune_meta(torch.as_tensor(np.asarray(array, dtype=np.float32)), meta)
+    return MetaTensor.ensure_torch_and_prune_meta(torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)),
+                                                  meta)
 
 
 def find_volumes(root: Path) -> tuple[list[dict], list[Problem]]:
