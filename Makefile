@@ -28,7 +28,7 @@ tools: $(HELM)
 test: $(STAMP) $(HELM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=10
 
 bench: $(STAMP)
 	$(PY) -m bench

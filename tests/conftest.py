@@ -1,5 +1,6 @@
 """Fixtures every test folder shares (`tiny_demo`, a session's 24 small phantoms and their CSV), and the order and
-threads of `make test`'s two pytest-xdist workers."""
+threads of `make test`'s three pytest-xdist workers (on two cores: the third fills the time the others spend
+waiting on a process, a sleep or a rendezvous)."""
 
 import os
 import sys
@@ -10,13 +11,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: one torch (OpenMP) thread each, inherited by the runs they start, so a worker's
-    # training does not spin against the other's. Set before torch is imported (no test module imports it first).
+    # One torch (OpenMP) thread per worker, inherited by the runs it starts, so a worker's training does not spin
+    # against the others'. Set before torch is imported (no test module imports it first).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest files first (`--dist loadfile` hands out whole files in this order): the demo (7.5 min at one thread
-# on a 2-core AVX2 EPYC), the pod tests, the benchmark smoke and the kill/resume runs start at once, and the many
-# short files fill in behind them instead of leaving one worker running a long file alone at the end.
+# The longest files first (`--dist loadfile` hands out whole files in this order): the demo (4 min at one thread on
+# a 2-core AVX2 EPYC, 8 among three workers), the pod tests, the benchmark smoke and the kill/resume runs start at
+# once, and the many short files fill in behind them instead of leaving one worker running a long file alone at the
+# end.
 LONGEST_FIRST = ("cli/test_demo.py", "kubernetes/test_k8s.py", "benchmarks/test_bench.py", "training/test_workflow.py",
                  "cli/test_run.py", "experiments/test_sweep.py", "experiments/test_cv.py")
 
