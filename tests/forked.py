@@ -11,6 +11,7 @@ start-up itself, of the interpreter (a sitecustomize hook), of torchrun or of a 
 
 from __future__ import annotations
 
+import atexit
 import io
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 # What `engine.run` imports for each command, in the forkserver; each run then imports only what these did not.
@@ -27,6 +29,14 @@ PRELOAD = ["engine.run", "engine.data.prepare", "engine.data.sharing", "engine.s
            "engine.experiments.cv", "engine.experiments.sweep"]
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(PRELOAD)
+_started: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register  # after multiprocessing's own exit handler is registered, so before it joins (waits for) them
+def _kill_leftovers() -> None:
+    """A run a failed test left running is killed when its pytest worker ends, not waited for."""
+    for run in list(_started):
+        run.kill()
 
 
 def _enter(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
@@ -65,6 +75,7 @@ class Forked:
         self._process = _context.Process(target=_enter, args=(argv, str(cwd), dict(env), self.out, self.err))
         self._process.start()
         self.pid = self._process.pid
+        _started.add(self)
         self.stdout = self._follow(self.out)
         self.stderr = None if merged else self._follow(self.err)
 
