@@ -87,3 +87,24 @@ def test_downsizing_smooths_first_unless_turned_off(tmp_path):
 
     assert float(shrunk(True).std()) < 0.25 * float(shrunk(False).std())
     assert abs(float(shrunk(True).mean())) < 0.05
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_volumes_load_in_c_order_with_the_files_values(tmp_path, suffix):
+    """nibabel and ITK hand volumes over in Fortran order; the loader gives C order (element-wise work across the
+    two orders made one CT-RATE volume's preprocessing 7x slower), with the same values at the same indices."""
+    import nibabel as nib
+
+    from engine.data.preprocess import LoadVolumed, gaussian_smooth
+
+    volume = hu_volume((20, 24, 28))
+    path = (write_nifti if suffix == ".nii.gz" else write_itk)(tmp_path / f"v{suffix}", volume)
+    image = LoadVolumed(["image"])({"image": str(path)})["image"]
+    assert image.is_contiguous()
+    if suffix == ".nii.gz":
+        stored = nib.load(str(path)).get_fdata()
+        assert not stored.flags.c_contiguous and np.array_equal(image.numpy(), stored)
+    fortran = torch.from_numpy(np.asfortranarray(volume.astype(np.float32)))
+    assert not fortran.is_contiguous()  # the smoothing gives the same sums whatever order it is handed
+    sigmas = [1.2, 0.0, 0.7]
+    assert torch.equal(gaussian_smooth(fortran, sigmas), gaussian_smooth(fortran.contiguous(), sigmas))
