@@ -115,7 +115,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for item in overrides:
             if "=" not in item:
                 raise CT3DError(f"config error: {item!r}: overrides are key=value (e.g. train.epochs=3)")
-            merged = OmegaConf.merge(merged, _one_as_list(OmegaConf.from_dotlist([item])))
+        if overrides:  # in one merge, in order: each merge copies the whole config (~20 ms a key here)
+            merged = OmegaConf.merge(merged, *(_one_as_list(OmegaConf.from_dotlist([item])) for item in overrides))
         OmegaConf.resolve(merged)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
