@@ -15,6 +15,7 @@ import atexit
 import io
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -100,7 +101,7 @@ class Forked:
             os.kill(self.pid, signum)
 
     def kill(self) -> None:
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
     def output(self) -> tuple[str, str]:
         """Everything the run wrote to stdout and stderr so far (merged: both in the first, the second empty)."""

@@ -685,10 +685,7 @@ def test_rendered_two_pod_training_survives_a_pod_replaced_mid_run(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     pods = [local_pod(job, config_map, tmp_path, i, port) for i in range(2)]
-    check = job["spec"]["template"]["spec"]["initContainers"][0]["command"]
-    assert check[:3] == ["python", "-m", "engine.run"]  # the init container: makes the demo data (forked: helpers)
-    first = forked_run([*check[3:-1], str(tmp_path / "config.yaml")], ROOT, pods[0][1], timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
+    init_check(job, tmp_path, pods[0][1])
     logs: list[list[str]] = [[], [], []]
 
     def start(i: int, log: list[str]) -> subprocess.Popen:
@@ -830,11 +827,17 @@ def rendered_pods(tmp_path: Path, overrides: list[str], pods: int, port: int = 0
                == "training")
     config_map = next(o for o in objs if o["kind"] == "ConfigMap")
     local = [local_pod(job, config_map, tmp_path, i, port) for i in range(pods)]
-    check = job["spec"]["template"]["spec"]["initContainers"][0]["command"]
-    assert check[:3] == ["python", "-m", "engine.run"]  # forked: the imports done (tests/forked.py)
-    first = forked_run([*check[3:-1], str(tmp_path / "config.yaml")], ROOT, local[0][1], timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
+    init_check(job, tmp_path, local[0][1])
     return local
+
+
+def init_check(job: dict, tmp_path: Path, env: dict) -> None:
+    """The training pod's init container (`check --quick`, which writes the demo data), forked (tests/forked.py)
+    on the local copy of the config."""
+    check = job["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    assert check[:3] == ["python", "-m", "engine.run"]
+    first = forked_run([*check[3:-1], str(tmp_path / "config.yaml")], ROOT, env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
 
 
 def start_pod(command: list[str], env: dict) -> tuple[subprocess.Popen, list[str]]:
