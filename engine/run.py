@@ -146,6 +146,10 @@ def run_distributed(args: argparse.Namespace, cfg) -> int:
 
     if args.command != "train":
         raise CT3DError(f"{args.command} runs in one process; start it without torchrun")
+    # dispatch's imports (seconds of MONAI) before the group's first barrier, not between it and the first
+    # collective: a rank importing slower than another (a busy node) is not taken for one that fell behind
+    from engine.training import workflow  # noqa: F401
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     init_process_group(backend, timedelta(minutes=cfg.train.dist_timeout_minutes))
     try:

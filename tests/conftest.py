@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# scipy and scikit-learn for reference values, on this process's path only: the engine's processes the tests start
+# see the image's packages (requirements-reference.lock says why)
+sys.path.append(str(Path(sys.prefix) / "reference"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One torch (OpenMP) thread per worker, inherited by the runs it starts, so a worker's training does not spin
