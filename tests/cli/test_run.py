@@ -2,17 +2,17 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from engine.config.loading import load_config
 from engine.serving.evaluation import evaluate
-from helpers import ENV, ROOT, TEXT, cli, command, tiny_overrides
+from helpers import ENV, ROOT, SCHEMA_DEFAULTS, TEXT, cli, command, tiny_overrides
 
 
 def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -49,37 +49,6 @@ def test_cli_takes_command_config_and_overrides_in_any_order():
     assert proc.returncode != 0 and "model.name" in proc.stderr
     proc, _ = run_cli("predict", "--config", str(ROOT / "configs" / "default.yaml"), "checkpoint=x.pt")
     assert "input" in proc.stderr
-
-
-@pytest.mark.slow
-def test_demo_under_torchrun_two_processes_gloo_cpu(tmp_path):
-    """The demo training (configs/default.yaml: fewer epochs, 80 phantoms of 32^3) on two ranks."""
-    overrides = [f"data.demo.dir={tmp_path / 'demo'}", f"cache.dir={tmp_path / 'cache'}", "data.demo.num_volumes=80",
-                 "data.demo.shape=[32,32,32]", "preprocess.spatial_size=[32,32,32]",
-                 f"output.dir={tmp_path / 'runs'}", "output.name=ddp", "train.epochs=2", "train.threads=1",
-                 "data.val_fraction=0.2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "engine.run", "train", *overrides], cwd=ROOT, env=env, capture_output=True, **TEXT,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ct3d run ") == 1  # the closing summary: rank 0 only
-    folder = tmp_path / "runs" / "ddp"
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "report.html",
-                                                        "report.png", "split.csv", "summary.json", "wandb"]
-    assert len(list((folder / "wandb").glob("offline-run-*"))) == 1
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.pt", "final.pt", "last.pt"]
-    summary = json.loads((folder / "summary.json").read_text())
-    validation = [r for r in csv.DictReader(open(folder / "split.csv")) if r["split"] == "validation"]
-    assert summary["val_volumes"] == len(validation) == 11  # odd (80 at 0.2 gives 11 here): unequal shares
-
-    best = folder / "checkpoints" / "best.pt"
-    cfg = load_config(ROOT / "configs" / "default.yaml", [*overrides, f"checkpoint={best}",
-                                                          "output.name=eval", "tracking.wandb.mode=disabled"],
-                      command="evaluate")
-    metrics = evaluate(cfg)
-    for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):
-        assert metrics[key] == pytest.approx(summary["best"][key], abs=1e-6), key
 
 
 @pytest.mark.slow
@@ -139,22 +108,54 @@ def torchrun(*args: str, restarts: int = 0) -> list[str]:
             f"--rdzv-endpoint=127.0.0.1:{port}", f"--max-restarts={restarts}", *command(*args)[1:]]
 
 
-def two_rank_overrides(tmp_path, tiny_demo, name: str) -> list[str]:
-    return tiny_overrides(tmp_path, tiny_demo, "train.deterministic=true", "train.epochs=3", "train.log_every=1",
-                          "augment.affine_prob=0.5", "train.checkpoint_minutes=0.0001", "loader.batch_size=2",
-                          f"output.name={name}")
+def two_rank_overrides(tmp_path, demo: Path, name: str) -> list[str]:
+    """A 3-epoch deterministic two-rank training on the demo's phantoms (24 of 32^3 in `demo`: rank 0 writes them
+    the first time, and the later runs find them)."""
+    return [f"data.demo.dir={demo}", "data.demo.enabled=true", "data.demo.num_volumes=24", "data.demo.shape=[32,32,32]",
+            "data.val_fraction=0.15",  # 3 validation volumes: unequal shares
+            *tiny_overrides(tmp_path, Path("unused"), "train.deterministic=true", "train.epochs=3", "train.log_every=1",
+                            "augment.affine_prob=0.5", "train.checkpoint_minutes=0.0001", "loader.batch_size=2",
+                            f"output.name={name}")[2:]]
 
 
 @pytest.fixture(scope="module")
-def two_rank_whole(tmp_path_factory, tiny_demo) -> dict:
-    """The uninterrupted two-rank run every interrupted one must end equal to: its final weights."""
+def two_rank_whole(tmp_path_factory) -> dict:
+    """The uninterrupted two-rank run every interrupted one must end equal to (its final weights, "model"), with
+    W&B offline: its folder, output and the demo's phantoms it wrote."""
     import torch
 
     tmp = tmp_path_factory.mktemp("two_ranks")
-    whole = subprocess.run(torchrun("train", *two_rank_overrides(tmp, tiny_demo, "whole")), cwd=ROOT,
+    whole = subprocess.run(torchrun("train", *two_rank_overrides(tmp, tmp / "demo", "whole"),
+                                    "tracking.wandb.mode=offline"), cwd=ROOT,
                            env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, **TEXT, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    return torch.load(tmp / "runs" / "whole" / "checkpoints" / "final.pt", weights_only=True)["model"]
+    folder = tmp / "runs" / "whole"
+    return {"model": torch.load(folder / "checkpoints" / "final.pt", weights_only=True)["model"], "folder": folder,
+            "stdout": whole.stdout, "demo": tmp / "demo", "overrides": two_rank_overrides(tmp, tmp / "demo", "whole")}
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_run_and_its_best_checkpoint_evaluates_to_its_summary(two_rank_whole):
+    """Rank 0 alone writes the demo's phantoms, the run folder, the closing summary and W&B's offline run; the
+    validation set is split unequally between the ranks (3 volumes for 2) and the metrics gathered from both equal
+    a one-process evaluation of the best checkpoint."""
+    folder = two_rank_whole["folder"]
+    assert two_rank_whole["stdout"].count("ct3d run ") == 1  # the closing summary: rank 0 only
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "report.html",
+                                                        "report.png", "split.csv", "summary.json", "wandb"]
+    assert len(list((folder / "wandb").glob("offline-run-*"))) == 1
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.pt", "final.pt", "last.pt"]
+    assert len(list(two_rank_whole["demo"].glob("*.nii.gz"))) == 24
+    summary = json.loads((folder / "summary.json").read_text())
+    validation = [r for r in csv.DictReader(open(folder / "split.csv")) if r["split"] == "validation"]
+    assert summary["val_volumes"] == len(validation) and len(validation) % 2 == 1  # unequal shares
+
+    best = folder / "checkpoints" / "best.pt"
+    cfg = load_config(SCHEMA_DEFAULTS, [*two_rank_whole["overrides"], f"checkpoint={best}", "output.name=eval"],
+                      command="evaluate")
+    metrics = evaluate(cfg)
+    for key in ("auc_macro", "auc_micro", "fbeta_macro", "accuracy"):
+        assert metrics[key] == pytest.approx(summary["best"][key], abs=1e-6), key
 
 
 def start_watched(cmd: list[str]) -> tuple[subprocess.Popen, list[str]]:
@@ -189,24 +190,23 @@ def workers_of(proc: subprocess.Popen) -> dict:
 
 
 @pytest.mark.slow
-def test_elastic_restart_after_a_killed_worker_ends_with_an_uninterrupted_runs_weights(tmp_path, tiny_demo,
-                                                                                      two_rank_whole):
+def test_elastic_restart_after_a_killed_worker_ends_with_an_uninterrupted_runs_weights(tmp_path, two_rank_whole):
     import torch
 
     # Two restarts allowed: gloo sometimes aborts one worker while the group is torn down after training
     # (seen once in four runs); the extra restart then finds the run finished and leaves final.pt alone.
-    proc, lines = start_watched(torchrun("train", *two_rank_overrides(tmp_path, tiny_demo, "elastic"), restarts=2))
+    overrides = two_rank_overrides(tmp_path, two_rank_whole["demo"], "elastic")
+    proc, lines = start_watched(torchrun("train", *overrides, restarts=2))
     wait_for_line(proc, lines, "epoch 2/3 iteration 3/")
     workers_of(proc)[1].kill()  # a lost node: no SIGTERM, no last words
     assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     assert "resumed from" in "".join(lines)
     got = torch.load(tmp_path / "runs" / "elastic" / "checkpoints" / "final.pt", weights_only=True)["model"]
-    assert all(torch.equal(two_rank_whole[k], got[k]) for k in two_rank_whole)
+    assert all(torch.equal(whole[k], got[k]) for whole in [two_rank_whole["model"]] for k in whole)
 
 
 @pytest.mark.slow
-def test_two_ranks_sigterm_checkpoint_every_ranks_state_and_resume_to_the_same_weights(tmp_path, tiny_demo,
-                                                                                      two_rank_whole):
+def test_two_ranks_sigterm_checkpoint_every_ranks_state_and_resume_to_the_same_weights(tmp_path, two_rank_whole):
     """SIGTERM to torchrun (PID 1 in a pod: what the kubelet signals) mid-epoch: both ranks stop at one iteration
     after rank 0 wrote last.pt holding both ranks' random states; the resumed run ends with the uninterrupted
     run's weights. In the resumed run rank 1 leaves at the final barrier, before rank 0's closing work ends."""
@@ -214,7 +214,7 @@ def test_two_ranks_sigterm_checkpoint_every_ranks_state_and_resume_to_the_same_w
 
     from engine.training.checkpoint import load_checkpoint
 
-    overrides = two_rank_overrides(tmp_path, tiny_demo, "term")
+    overrides = two_rank_overrides(tmp_path, two_rank_whole["demo"], "term")
     proc, lines = start_watched(torchrun("train", *overrides))
     wait_for_line(proc, lines, "epoch 2/3 iteration 3/")
     proc.send_signal(signal.SIGTERM)
@@ -240,6 +240,6 @@ def test_two_ranks_sigterm_checkpoint_every_ranks_state_and_resume_to_the_same_w
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert f"at iteration {progress['iteration']}" in "".join(lines)
     got = torch.load(tmp_path / "runs" / "term" / "checkpoints" / "final.pt", weights_only=True)["model"]
-    assert all(torch.equal(two_rank_whole[k], got[k]) for k in two_rank_whole)
+    assert all(torch.equal(whole[k], got[k]) for whole in [two_rank_whole["model"]] for k in whole)
     clock = json.loads((tmp_path / "runs" / "term" / "summary.json").read_text())["phases"]["clock"]
     assert ended.get(1) and ended[1] < clock[3] - 0.5, (ended, clock)  # rank 1 left; rank 0 went on closing
