@@ -18,12 +18,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # against the others'. Set before torch is imported (no test module imports it first).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest files first (`--dist loadfile` hands out whole files in this order): the demo (4 min at one thread on
-# a 2-core AVX2 EPYC, 8 among three workers), the pod tests, the benchmark smoke and the kill/resume runs start at
-# once, and the many short files fill in behind them instead of leaving one worker running a long file alone at the
-# end.
-LONGEST_FIRST = ("cli/test_demo.py", "kubernetes/test_k8s.py", "benchmarks/test_bench.py", "training/test_workflow.py",
-                 "cli/test_run.py", "experiments/test_sweep.py", "experiments/test_cv.py")
+# The order `--dist loadfile` hands whole files out in. xdist gives each worker two files at the start: the three
+# longest (the demo, 4 min at one thread on a 2-core AVX2 EPYC, 7 among three workers; the pod tests; the benchmark
+# smoke), then three short ones (a long second file would queue behind the demo: 3 minutes run by one worker at the
+# end, seen 2026-12-01), then the next longest as workers come free, and the many short files behind them.
+LONGEST_FIRST = ("cli/test_demo.py", "kubernetes/test_k8s.py", "benchmarks/test_bench.py",
+                 "data/test_sources.py", "training/test_tracking.py", "results/test_statistics_reference.py",
+                 "training/test_workflow.py", "cli/test_run.py", "experiments/test_sweep.py", "experiments/test_cv.py")
 
 
 def pytest_collection_modifyitems(items):
