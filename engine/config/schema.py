@@ -120,6 +120,7 @@ class ModelConfig:
     variant: str = ""  # resnet3d: 10/18/34/50, densenet3d: 121/169/201, vit3d: tiny/small/base; empty: the smallest
     in_channels: int = setting(1, ge=1)
     first_conv_stride: int = setting(2, ge=1)  # resnet3d: MONAI's default of 1 is ~4x slower on CT volumes
+    first_conv_size: int = setting(7, ge=1)  # resnet3d: the stem's kernel (MONAI's 7, as pretrained MedicalNet's)
     widen_factor: float = setting(1.0, gt=0)  # resnet3d channel multiplier
     patch_size: int = setting(16, ge=1)  # vit3d
     dropout: float = setting(0.0, ge=0.0, le=0.99)

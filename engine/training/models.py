@@ -39,7 +39,8 @@ def create_model(model: ModelConfig, num_outputs: int, spatial_size: list[int] |
     if model.name == "resnet3d":
         net = getattr(nets, f"resnet{model.variant}")(
             spatial_dims=3, n_input_channels=model.in_channels, num_classes=num_outputs,
-            conv1_t_stride=model.first_conv_stride, widen_factor=model.widen_factor,
+            conv1_t_size=model.first_conv_size, conv1_t_stride=model.first_conv_stride,
+            widen_factor=model.widen_factor,
         )
         if model.dropout > 0:
             net.fc = nn.Sequential(nn.Dropout(model.dropout), net.fc)

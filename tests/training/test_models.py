@@ -26,6 +26,14 @@ def test_resnet_first_conv_stride_is_exposed():
         assert model.conv1.stride == (stride,) * 3
 
 
+def test_resnet_first_conv_size_is_the_stems_kernel_and_keeps_the_grid():
+    x = torch.zeros(1, 1, 64, 64, 64)
+    for size in (3, 7):
+        model = create_model(ModelConfig(name="resnet3d", variant="10", first_conv_size=size), 1, [64, 64, 64])
+        assert model.conv1.kernel_size == (size,) * 3
+        assert model.conv1(x).shape[2:] == (32, 32, 32)  # stride 2, padded: the same grid whatever the kernel
+
+
 def test_vit_patch_must_divide_volume():
     with pytest.raises(CT3DError, match="model.patch_size"):
         create_model(ModelConfig(name="vit3d", variant="tiny", patch_size=16), 1, [40, 32, 32])
