@@ -115,7 +115,11 @@ def init_process_group(backend: str, timeout) -> None:
     rendezvous hands the restarted workers the agent's shared store, which still holds the dead group's
     addresses, so each attempt (TORCHELASTIC_RESTART_COUNT) gets keys of its own. Without that sharing
     (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as our pods run) rank 0 hosts a new store each round and the
-    attempt counts may differ (a replaced pod's agent starts from 0): no prefix then."""
+    attempt counts may differ (a replaced pod's agent starts from 0): no prefix then. The ranks meet on the store
+    (under a start-up timeout of at least 10 minutes) before the group exists, so one rank starting seconds after
+    another (imports on a busy node) does not count against the collectives' timeout."""
+    from datetime import timedelta
+
     import ignite.distributed as idist
     import torch
     import torch.distributed as dist
@@ -127,10 +131,14 @@ def init_process_group(backend: str, timeout) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
+                          is_master=rank == 0 and not hosted_by_agent, timeout=max(timeout, timedelta(minutes=10)))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     prefix = f"ct3d/attempt_{attempt}" if hosted_by_agent else "ct3d"
+    meeting = dist.PrefixStore(f"{prefix}/started", store)
+    if meeting.add("ranks", 1) == world:
+        meeting.set("all", "1")
+    meeting.wait(["all"])
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=world, timeout=timeout)
     idist.sync()
