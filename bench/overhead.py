@@ -102,16 +102,16 @@ def bench_engine(cfg: dict, work: Path) -> dict:
 
 
 def bench_layout(cfg: dict) -> dict:
-    """Seconds per training step of the demo's network (ResNet-10, half width, batch 8 at 64^3) with its
-    3D weights channels-last (the engine's CPU default, build.to_device) and in PyTorch's default layout,
-    alternating, after one warm-up step of each."""
+    """Seconds per training step of the demo's network (configs/default.yaml's model: ResNet-10, half width,
+    3^3 stem; batch 8 at 64^3) with its 3D weights channels-last (the engine's CPU default, build.to_device) and
+    in PyTorch's default layout, alternating, after one warm-up step of each."""
     import torch
 
-    from engine.config.schema import ModelConfig
+    from engine.config.loading import load_config
     from engine.training.models import create_model
 
     size = cfg["layout_size"]
-    model = create_model(ModelConfig(variant="10", widen_factor=0.5), 4, [size] * 3)
+    model = create_model(load_config(ROOT / "configs" / "default.yaml").model, 4, [size] * 3)
     optimizer = torch.optim.AdamW(model.parameters())
     x, y = torch.randn(8, 1, size, size, size), torch.rand(8, 4).round()
     layouts = (("channels_last", torch.channels_last_3d), ("default", torch.contiguous_format))

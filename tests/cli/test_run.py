@@ -113,9 +113,10 @@ def two_rank_overrides(tmp_path, demo: Path, name: str) -> list[str]:
     the first time, and the later runs find them)."""
     return [f"data.demo.dir={demo}", "data.demo.enabled=true", "data.demo.num_volumes=24", "data.demo.shape=[32,32,32]",
             "data.val_fraction=0.15",  # 3 validation volumes: unequal shares
-            *tiny_overrides(tmp_path, Path("unused"), "train.deterministic=true", "train.epochs=3", "train.log_every=1",
-                            "augment.affine_prob=0.5", "train.checkpoint_minutes=0.0001", "loader.batch_size=2",
-                            f"output.name={name}")[2:]]
+            *[o for o in tiny_overrides(tmp_path, Path("unused"), "train.deterministic=true", "train.epochs=3",
+                                        "train.log_every=1", "augment.affine_prob=0.5",
+                                        "train.checkpoint_minutes=0.0001", "loader.batch_size=2", f"output.name={name}")
+              if not o.startswith(("data.train=", "data.demo.enabled="))]]  # the demo's phantoms instead
 
 
 @pytest.fixture(scope="module")
