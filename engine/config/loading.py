@@ -5,11 +5,14 @@ Imports only the standard library and OmegaConf, so `--help` and config errors s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config.schema import MODEL_VARIANTS, Config, Mode
@@ -183,9 +186,40 @@ def _ensemble_overrides(overrides: list[str]) -> list[str]:
 
 
 def plain(section: Any) -> dict:
-    """A config section (or a whole config) as plain containers: what checkpoints and YAML hold."""
-    node = section if isinstance(section, DictConfig) else OmegaConf.structured(section)
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    """A config section (or a whole config) as plain containers: what checkpoints and YAML hold. What
+    `OmegaConf.to_container(OmegaConf.structured(section), resolve=True, enum_to_str=True)` gives (tested equal),
+    walked here: OmegaConf took 0.1 s per whole config, and a run writes its config three times."""
+    if isinstance(section, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(section, resolve=True, enum_to_str=True)
+    return _plain(section, None)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _plain(value: Any, hint: Any) -> Any:
+    """`value` as plain containers; `hint` (its field's type) makes an int a float where the schema says float,
+    as OmegaConf does."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        hints = _hints(type(value))
+        return {f.name: _plain(getattr(value, f.name), hints.get(f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    if isinstance(value, Enum):
+        return value.name
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[X]
+        hint, args = args[0], list(typing.get_args(args[0]))
+    if isinstance(value, dict):
+        return {(k.name if isinstance(k, Enum) else k): _plain(v, args[1] if len(args) == 2 else None)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, args[0] if args else None) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def restore(cls: type, saved: dict) -> Any:

@@ -204,6 +204,11 @@ class ReportConfig:
     # the best epoch (both 0: no panels), every map in one batched pass on the training device
     saliency_positives: int = setting(1, ge=0)
     saliency_negatives: int = setting(1, ge=0)
+    # report.png and report.html's metric panels (losses, scores, learning rate, ROC, AUC, confusion, reliability):
+    # false skips drawing them (about a second of matplotlib per run on a CPU, most of a short run's closing), for
+    # runs whose report nobody opens (a test suite's, a smoke check's); summary.json, metrics.csv and report.html's
+    # tables are written as always
+    panels: bool = True
 
 
 @dataclass

@@ -155,14 +155,18 @@ def draw_panels(rows: list[dict], lr_history: list[tuple[int, float]], probs: to
 
 
 def write_report(folder: Path, panels: list[bytes], page: bytes, summary: dict, config_yaml: str,
-                 sections: list[tuple[str, bytes]] = ()) -> tuple[Path, Path]:
-    """Writes report.png (`page`, every panel) and report.html (the `panels`, the summary with its intervals,
-    then `sections` (title, PNG): the saliency and input views) into `folder`; returns their paths."""
+                 sections: list[tuple[str, bytes]] = ()) -> tuple[Path | None, Path]:
+    """Writes report.png (`page`, every panel; none when `page` is empty: report.panels=false) and report.html
+    (the `panels`, the summary with its intervals, then `sections` (title, PNG): the saliency and input views)
+    into `folder`; returns their paths."""
     png_path, html_path = folder / "report.png", folder / "report.html"
-    with atomic_write(png_path) as tmp:
-        tmp.write_bytes(page)
+    if page:
+        with atomic_write(png_path) as tmp:
+            tmp.write_bytes(page)
+    else:  # an earlier attempt's panels (a resumed run) are not this run's
+        png_path.unlink(missing_ok=True)
     write_text(html_path, _html(panels, summary, config_yaml, sections))
-    return png_path, html_path
+    return png_path if page else None, html_path
 
 
 def report_title(summary: dict) -> str:

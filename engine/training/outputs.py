@@ -108,7 +108,7 @@ def write_outputs(folder: Path, summary: dict, table: MetricsTable, history: His
     try:
         summary.update(timed_call(parts, "statistics", best_statistics, cfg, table, data, summary["task"]))
         summary["wall_seconds"] = round(time.time() - clock[0], 1)  # so far, for the report; summary.json: all
-        if outputs:
+        if outputs and cfg.report.panels:
             panels, page = timed_call(parts, "report panels", draw_panels, table.rows, history.lr_history,
                                       outputs["probs"], outputs["labels"], summary["labels"], summary["task"],
                                       list(summary["thresholds"].values()), cfg.metrics.beta, summary["best"],

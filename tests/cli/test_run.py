@@ -122,12 +122,12 @@ def two_rank_overrides(tmp_path, demo: Path, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def two_rank_whole(tmp_path_factory) -> dict:
     """The uninterrupted two-rank run every interrupted one must end equal to (its final weights, "model"), with
-    W&B offline: its folder, output and the demo's phantoms it wrote."""
+    W&B offline and the report's panels (as a user's run): its folder, output and the demo's phantoms it wrote."""
     import torch
 
     tmp = tmp_path_factory.mktemp("two_ranks")
     whole = subprocess.run(torchrun("train", *two_rank_overrides(tmp, tmp / "demo", "whole"),
-                                    "tracking.wandb.mode=offline"), cwd=ROOT,
+                                    "tracking.wandb.mode=offline", "report.panels=true"), cwd=ROOT,
                            env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, **TEXT, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     folder = tmp / "runs" / "whole"

@@ -97,3 +97,29 @@ def test_resume_off_survives_yaml_boolean_parsing():
     assert load_config(None, ["data.demo.enabled=true"]).train.resume == "auto"
 
 
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "ct-rate.yaml", None])
+def test_plain_equals_omegaconfs_own_conversion(name):
+    """`plain` walks the dataclasses itself (OmegaConf took 0.1 s a config); what it returns must be what OmegaConf's
+    structured -> to_container gives, types included (an int in a float field is a float, enums their names):
+    checkpoints, saved configs and cache keys are made of it."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from engine.config.loading import plain
+    from engine.config.schema import Config, ModelConfig, PreprocessConfig
+
+    def omegaconfs(x):
+        return OmegaConf.to_container(OmegaConf.structured(x), resolve=True, enum_to_str=True)
+
+    overrides = ["data.demo.enabled=true", "k8s.nodes=2", "k8s.labels={team: ml}", "k8s.extra_resources={rdma/ib: 1}",
+                 "k8s.tolerations=[{key: spot, operator: Exists}]", "preprocess.spacing=[1,1,2]", "train.lr=1",
+                 "sweep.space={train.lr: {type: log, low: 1e-4, high: 1e-2}}", "metrics.key=auc_micro"]
+    cfg = load_config(ROOT / "configs" / name if name else None, overrides)
+    direct = [Config(), ModelConfig(widen_factor=1, dropout=0),
+              PreprocessConfig(hu_window=[-1000, 1000], spacing=[1, 1, 2])]
+    for x in [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg)), *direct]:
+        if dataclasses.is_dataclass(x):
+            assert repr(plain(x)) == repr(omegaconfs(x)), type(x).__name__  # repr: 1 and 1.0 differ

@@ -677,7 +677,7 @@ def test_rendered_two_pod_training_survives_a_pod_replaced_mid_run(tmp_path):
     overrides = ["k8s.nodes=2", "k8s.gpus=0", "k8s.name=two", "data.demo.num_volumes=24", "data.demo.shape=[32,32,32]",
                  "preprocess.spatial_size=[32,32,32]", "train.epochs=3", "model.widen_factor=0.25", "train.log_every=1",
                  "loader.batch_size=2", "train.checkpoint_minutes=0.0001", "tracking.wandb.mode=disabled",
-                 "cache.workers=1", "train.threads=1", "train.deterministic=true"]
+                 "report.panels=false", "cache.workers=1", "train.threads=1", "train.deterministic=true"]
     objs = objects(*overrides)
     job = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "two")
     config_map = next(o for o in objs if o["kind"] == "ConfigMap")
@@ -816,7 +816,7 @@ def test_cache_fill_pods_take_their_own_placement_not_the_gpu_pods():
 # ------------------------------------------------------------------ the pod's life: late pod 0, exit 2, SIGTERM
 TINY_POD = ["data.demo.num_volumes=24", "data.demo.shape=[32,32,32]", "preprocess.spatial_size=[32,32,32]",
             "model.widen_factor=0.25", "loader.batch_size=2", "tracking.wandb.mode=disabled", "cache.workers=1",
-            "train.threads=1", "train.device=cpu"]
+            "train.threads=1", "train.device=cpu", "report.panels=false"]
 EARLY = "test_a_pod_up_150_s_before_pod_0_waits_for_it_and_trains"
 
 

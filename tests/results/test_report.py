@@ -10,7 +10,8 @@ from helpers import tiny_overrides
 
 
 def test_report_has_every_panel_filled(tmp_path, tiny_demo):
-    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2", "metrics.calibrate=true")))
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2", "metrics.calibrate=true",
+                                                    "report.panels=true")))
     page = (folder / "report.html").read_text()
     assert page.count('alt="panel ') == 7  # the seventh: reliability diagrams
     assert "<h2>Inputs as the model saw them</h2>" in page
@@ -35,6 +36,16 @@ def test_report_has_every_panel_filled(tmp_path, tiny_demo):
     start, training, closing, end = phases["clock"]
     assert start < training < closing < end and abs(phases["closing"] - (end - closing)) < 0.01
     assert sum(phases["closing_parts"].values()) <= phases["closing"] + 0.01
+
+    # report.panels=false (the tests' tiny runs): the run resumed for a third epoch writes the tables and the
+    # saliency sections without the panels, and the earlier report.png (not this run's) is gone
+    again = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=3", "metrics.calibrate=true",
+                                                   "train.resume=auto")))
+    page = (again / "report.html").read_text()
+    assert again == folder and json.loads((folder / "summary.json").read_text())["final"]["epoch"] == 3
+    assert 'alt="panel ' not in page and "Best epoch with 95% intervals" in page and "Platt scaling" in page
+    assert page.count("<h2>Where the model looked: ") >= 1 and not (folder / "report.png").exists()
+    assert "report panels" not in json.loads((folder / "summary.json").read_text())["phases"]["closing_parts"]
 
 
 def test_saliency_panels_follow_the_report_settings():
