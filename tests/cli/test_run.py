@@ -229,7 +229,7 @@ def test_two_ranks_sigterm_checkpoint_every_ranks_state_and_resume_to_the_same_w
     assert not torch.equal(last["rng"]["per_rank"][0]["torch"], last["rng"]["per_rank"][1]["torch"])
     assert not (tmp_path / "runs" / "term" / "checkpoints" / "final.pt").exists()
 
-    proc, lines = start_watched(torchrun("train", *overrides))
+    proc, lines = start_watched(torchrun("train", *overrides, "report.panels=true"))  # a closing of a user's length
     ended: dict[int, float] = {}
     while proc.poll() is None:
         for rank in workers_of(proc):
