@@ -42,6 +42,7 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
              fov_spacing=(2.8, 2.8, 4.0), fov_repeats=1, fov_shrink=4, phase_memory_apart=False,
              steps_volumes=20, steps_before=False, restart_volumes=20, restart_repeats=1, restart_before=False,
              restart_warm=False, restart_model=("model.variant=10", "model.widen_factor=0.25"),
+             pss_every=0.25,  # seconds between PSS samples (full: 20 ms, the phases 100 ms); the smoke's, coarser
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
 

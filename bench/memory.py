@@ -44,7 +44,7 @@ def bench_ranks(cfg: dict, work: Path) -> dict:
         peak = training_pss([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc-per-node=2", "-m", "engine.run", "train", *overrides,
                              f"cache.memory_rate={rate}", f"output.name=rate{rate}-{i}"], "2-rank",
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, every=cfg.get("pss_every", 0.02))
         if i or not cfg["rank_fill"]:
             peaks[rate].append(peak)
     return {"ranks_pss_cached_all": peaks[1.0], "ranks_pss_uncached_all": peaks[0.0],
@@ -75,7 +75,7 @@ def bench_loaders(cfg: dict, work: Path) -> dict:
                 pss = psutil.Process().memory_full_info().pss
             else:
                 pss = training_pss([sys.executable, "-m", "engine.run", "train", *overrides, *extra,
-                                    f"output.name={name}"], mode)
+                                    f"output.name={name}"], mode, every=cfg.get("pss_every", 0.02))
             seconds = json.loads((work / "loader-runs" / name / "summary.json").read_text())["epoch_seconds"]
             figures.setdefault(f"loader_{mode}_pss_all", []).append(pss)
             figures.setdefault(f"loader_{mode}_epoch_all", []).append(statistics.median(seconds[1:]))

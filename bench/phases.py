@@ -39,7 +39,7 @@ def job_data(work: Path, train: int, val: int, size: int) -> list[str]:
             f"output.dir={work / 'phases-runs'}", "train.resume=off"]
 
 
-def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> tuple[dict, dict]:
+def run_phases(overrides: list[str], name: str, work: Path, memory: bool, every: float = 0.1) -> tuple[dict, dict]:
     """One training in a new process: ({phase}_pss: each phase's peak PSS, sampled every 100 ms, with `memory`;
     else empty}, {each phase's seconds and the closing's parts}). Sampling slows the process (it walks its page
     tables), so the full benchmark takes the seconds from runs without it."""
@@ -47,7 +47,7 @@ def run_phases(overrides: list[str], name: str, work: Path, memory: bool) -> tup
     os.sync()  # the earlier benchmarks' dirty pages are written now, not during this run's checkpoint writes
     started = time.time()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    samples = pss_samples(proc, every=0.1) if memory else []
+    samples = pss_samples(proc, every=every) if memory else []
     proc.wait()
     ended = time.time()
     if proc.wait() != 0:
@@ -79,7 +79,8 @@ def bench_phases(cfg: dict, work: Path) -> dict:
         for i in range(repeats):
             if kind == "cold":
                 shutil.rmtree(work / "phases-cache", ignore_errors=True)
-            peaks, seconds = run_phases(overrides, f"{kind}{'-memory' if memory else ''}{i}", work, bool(memory))
+            peaks, seconds = run_phases(overrides, f"{kind}{'-memory' if memory else ''}{i}", work, bool(memory),
+                                        cfg.get("pss_every", 0.1))
             result = {**peaks, **seconds} if memory == "both" else peaks if memory else seconds
             for key, value in result.items():
                 figures.setdefault(f"phase_{kind}_{key}_all", []).append(value)
