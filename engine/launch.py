@@ -7,7 +7,10 @@ rules can read:
   them time to write their checkpoint);
 - 2 when a worker stopped on a user error (config or data): the worker writes torch elastic's error file
   (engine.run), torchrun copies the first failure's into ours with its exit code, and a Job's FailJob rule on
-  exit 2 or a JobSet's FailJobSet fires instead of a retry;
+  exit 2 or a JobSet's FailJobSet fires instead of a retry. A user error is the same on every attempt, so the
+  worker also leaves a file at CT3D_USER_ERROR_FILE (set here) and torchrun is stopped at once: its
+  `--max-restarts` would otherwise start the failing workers again that many times (each a start-up of minutes
+  on a cluster's data) before the pod could say 2;
 - 150 (RETRYABLE) for any other failure (a store it could not reach, restarts used up, a crashed worker), which
   every kind retries: restartPolicy ExitCode treats 128-255 as retryable.
 
@@ -24,6 +27,7 @@ import tempfile
 
 RETRYABLE = 150
 USER_ERROR = 2
+USER_ERROR_FILE = "CT3D_USER_ERROR_FILE"  # where a worker under this launcher says it stopped on a user error
 
 
 def worker_exit_code(error_file: str) -> int | None:
@@ -51,8 +55,8 @@ def exit_code(returncode: int, signalled: int | None, worker: int | None) -> int
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory(prefix="ct3d-launch-") as tmp:
-        error_file = os.path.join(tmp, "error.json")
-        env = {**os.environ, "TORCHELASTIC_ERROR_FILE": error_file}
+        error_file, user_error = os.path.join(tmp, "error.json"), os.path.join(tmp, "user-error")
+        env = {**os.environ, "TORCHELASTIC_ERROR_FILE": error_file, USER_ERROR_FILE: user_error}
         signalled: list[int] = []
         child: list[subprocess.Popen] = []
 
@@ -66,8 +70,23 @@ def main(argv: list[str] | None = None) -> int:
         child.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env))
         if signalled:
             child[0].send_signal(signalled[0])
-        returncode = child[0].wait()
+        returncode = wait(child[0], user_error)
+        if returncode is None:  # a worker's user error: torchrun was stopped before it could restart the workers
+            return USER_ERROR
         return exit_code(returncode, signalled[0] if signalled else None, worker_exit_code(error_file))
+
+
+def wait(torchrun: subprocess.Popen, user_error: str) -> int | None:
+    """torchrun's exit code, or None once a worker left `user_error` (torchrun is then stopped with SIGTERM, which
+    it passes to the workers, and waited for)."""
+    while True:
+        try:
+            return torchrun.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if os.path.exists(user_error):
+                torchrun.send_signal(signal.SIGTERM)
+                torchrun.wait()
+                return None
 
 
 if __name__ == "__main__":

@@ -24,3 +24,23 @@ def test_the_failed_workers_code_comes_from_torchruns_copy_of_its_error_file(tmp
     assert worker_exit_code(str(path)) is None
     path.write_text("not json")
     assert worker_exit_code(str(path)) is None
+
+
+def test_a_workers_user_error_file_stops_torchrun_at_once(tmp_path):
+    """A worker's user error is the same on every attempt: once a worker left the file, torchrun (here a process
+    that would run a minute) gets SIGTERM instead of restarting it, and the pod's code is 2 whatever torchrun's."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from engine.launch import wait
+
+    flag = tmp_path / "user-error"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    threading.Timer(0.3, flag.write_text, ["config error: x\n"]).start()
+    started = time.time()
+    assert wait(proc, str(flag)) is None and proc.returncode == -15  # SIGTERM
+    assert time.time() - started < 10
+    done = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert wait(done, str(tmp_path / "none")) == 3  # no file: torchrun's own code

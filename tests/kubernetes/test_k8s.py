@@ -873,14 +873,15 @@ def early_pod_1(request, tmp_path_factory):
 @pytest.mark.slow
 def test_a_worker_exiting_2_makes_the_container_exit_2(tmp_path):
     """A config error that only torchrun meets (fewer training volumes than ranks, here 1 for 2): torchrun alone
-    exits 1, which the FailJob rule on exit 2 never matches; through engine.launch the container exits 2. One
-    restart (the default 3 ran the failing pair 4 times: 70 s of CPU): the code of the last round's failure."""
+    exits 1, which the FailJob rule on exit 2 never matches; through engine.launch the container exits 2, after
+    one round of workers: torchrun's 3 restarts (the default) would have repeated the error 3 more times."""
     (command, env), = rendered_pods(tmp_path, ["k8s.nodes=1", "k8s.gpus=2", *TINY_POD, "data.demo.num_volumes=4",
-                                               "data.val_fraction=0.75", "k8s.max_restarts=1"], 1)
-    assert command[1:4] == ["-m", "engine.launch", "--standalone"] and "--max-restarts=1" in command
+                                               "data.val_fraction=0.75"], 1)
+    assert command[1:4] == ["-m", "engine.launch", "--standalone"] and "--max-restarts=3" in command
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, **TEXT, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "1 training volume(s) for 2 ranks" in proc.stderr
+    errors = proc.stderr.count("1 training volume(s) for 2 ranks")
+    assert 1 <= errors <= 2, proc.stderr[-3000:]  # each rank at most once: no restart
 
 
 SLOW_SAVE = '''
