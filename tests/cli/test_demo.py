@@ -7,6 +7,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from engine.data.demo import LABELS, generate, phantom, replay
 from helpers import ROOT, TEXT
@@ -75,8 +76,9 @@ def nodule_peaks(run, near_voxels: int = 3, volumes: int | None = None):
     the chance a lung voxel drawn at random does) for the run's best model: every nodule-positive validation
     volume, then training ones up to `volumes` (None: all 61 positives; 40 left too little power on an AVX2
     CPU, whose run learned the nodule less well: 15/40 at chance 0.19, p = 0.004). Near, not inside: the map's
-    grid is 4 voxels (ResNet layer1 at a 64^3 input). Chance within the lungs (where every nodule lies), so a
-    map that merely lights the lungs does not pass."""
+    grid is 4 voxels (ResNet layer1: a quarter of the input's). Chance within the lungs (where every nodule
+    lies), so a map that merely lights the lungs does not pass. The phantoms are replayed at the run's
+    data.demo settings."""
     import torch
 
     from engine.config.loading import restore
@@ -90,7 +92,8 @@ def nodule_peaks(run, near_voxels: int = 3, volumes: int | None = None):
     transform = preprocessing_transform(checkpoint_preprocessing(state))
     sides = {row["volume"]: row["split"] for row in csv.DictReader(open(run / "split.csv"))}
     demo = run.parent.parent / ".ct3d" / "demo"
-    positives = [v for v in replay() if v[1][0]]
+    settings = yaml.safe_load((run / "config.yaml").read_text())["data"]["demo"]
+    positives = [v for v in replay(settings["num_volumes"], tuple(settings["shape"]), settings["seed"]) if v[1][0]]
     chosen = sorted(positives, key=lambda v: sides[v[0]] != "validation")[:volumes]
     hits, chances = 0, []
     for name, _, volume, nodules in chosen:

@@ -664,63 +664,6 @@ def local_pod(job: dict, config_map: dict, tmp_path: Path, index: int, port: int
     return command, env
 
 
-@pytest.mark.slow
-def test_rendered_two_pod_training_survives_a_pod_replaced_mid_run(tmp_path):
-    """Two 'pods' run the rendered Indexed Job's command (c10d rendezvous at pod 0) on gloo; pod 1 is killed
-    mid-epoch (agent and worker: a lost node) and started again, as the Job controller replaces it: the
-    survivor's torchrun restarts its worker, both meet again, and training resumes from the checkpoint."""
-    import socket
-    import threading
-
-    import psutil
-
-    overrides = ["k8s.nodes=2", "k8s.gpus=0", "k8s.name=two", "data.demo.num_volumes=24", "data.demo.shape=[32,32,32]",
-                 "preprocess.spatial_size=[32,32,32]", "train.epochs=3", "model.widen_factor=0.25", "train.log_every=1",
-                 "loader.batch_size=2", "train.checkpoint_minutes=0.0001", "tracking.wandb.mode=disabled",
-                 "report.panels=false", "cache.workers=1", "train.threads=1", "train.deterministic=true"]
-    objs = objects(*overrides)
-    job = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "two")
-    config_map = next(o for o in objs if o["kind"] == "ConfigMap")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pods = [local_pod(job, config_map, tmp_path, i, port) for i in range(2)]
-    init_check(job, tmp_path, pods[0][1])
-    logs: list[list[str]] = [[], [], []]
-
-    def start(i: int, log: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(pods[i][0], cwd=ROOT, env=pods[i][1], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, **TEXT)
-        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-        return proc
-
-    pod0 = start(0, logs[0])
-    deadline = time.time() + 120
-    while True:  # pod 0 hosts the rendezvous store (on a cluster only its name resolves to the endpoint)
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert pod0.poll() is None and time.time() < deadline, "".join(logs[0])[-3000:]
-        time.sleep(0.1)
-    pod1 = start(1, logs[1])
-    deadline = time.time() + 300
-    while "epoch 2/3 iteration 3/" not in "".join(logs[0] + logs[1]):
-        assert pod0.poll() is None and pod1.poll() is None and time.time() < deadline, "".join(logs[0])[-3000:]
-        time.sleep(0.01)
-    for p in [psutil.Process(pod1.pid), *psutil.Process(pod1.pid).children(recursive=True)]:
-        p.kill()  # the node is gone: no SIGTERM, no checkpoint on the way out
-    pod1.wait()
-    replacement = start(1, logs[2])
-    both = lambda: f"pod 0:\n{''.join(logs[0])[-3000:]}\nreplacement:\n{''.join(logs[2])[-3000:]}"  # noqa: E731
-    assert pod0.wait(timeout=600) == 0, both()
-    assert replacement.wait(timeout=600) == 0, both()
-    assert "resumed from" in "".join(logs[0] + logs[2])
-    run = tmp_path / "output" / "two"
-    assert (run / "checkpoints" / "final.pt").is_file()
-    epochs = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-    assert epochs[-1] == "3"
-
-
 def test_a_config_error_in_a_pod_exits_2_from_the_container_the_fail_job_rule_names(tmp_path):
     objs = objects("k8s.gpus=0")
     job, config_map = objs[-1], next(o for o in objs if o["kind"] == "ConfigMap")
@@ -817,7 +760,7 @@ def test_cache_fill_pods_take_their_own_placement_not_the_gpu_pods():
 TINY_POD = ["data.demo.num_volumes=24", "data.demo.shape=[32,32,32]", "preprocess.spatial_size=[32,32,32]",
             "model.widen_factor=0.25", "loader.batch_size=2", "tracking.wandb.mode=disabled", "cache.workers=1",
             "train.threads=1", "train.device=cpu", "report.panels=false"]
-EARLY = "test_a_pod_up_150_s_before_pod_0_waits_for_it_and_trains"
+EARLY = "test_a_pod_up_150_s_before_pod_0_waits_for_it_then_a_replaced_pod_rejoins_and_training_resumes"
 
 
 def rendered_pods(tmp_path: Path, overrides: list[str], pods: int, port: int = 0) -> list[tuple[list[str], dict]]:
@@ -862,12 +805,15 @@ def early_pod_1(request, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    pods = rendered_pods(tmp, ["k8s.nodes=2", "k8s.gpus=0", "k8s.name=early", *TINY_POD, "train.epochs=1"], 2, port)
+    pods = rendered_pods(tmp, ["k8s.nodes=2", "k8s.gpus=0", "k8s.name=early", *TINY_POD, "train.epochs=3",
+                               "train.log_every=1", "train.checkpoint_minutes=0.0001", "train.deterministic=true"],
+                         2, port)
     proc, log = start_pod(*pods[1])
-    state = {"tmp": tmp, "pods": pods, "pod1": proc, "log1": log, "started": time.time()}
+    state = {"tmp": tmp, "pods": pods, "pod1": proc, "log1": log, "started": time.time(), "later": []}
     yield state
-    if proc.poll() is None:
-        proc.kill()
+    for pod in [proc, *state["later"]]:
+        if pod.poll() is None:
+            pod.kill()
 
 
 @pytest.mark.slow
@@ -933,16 +879,36 @@ def test_sigterm_with_a_45_s_checkpoint_is_not_killed_at_30_s_and_the_container_
 
 
 @pytest.mark.slow
-def test_a_pod_up_150_s_before_pod_0_waits_for_it_and_trains(early_pod_1):
-    """Pod 1 of the rendered two-node Job starts 150 s before pod 0 (an image pull, a node from the autoscaler):
-    with c10d's default store timeout (60 s, one retry) its torchrun gave up after 121 s; the rendered read_timeout
-    (the join timeout, 1800 s) keeps it waiting, and both train once pod 0 is up."""
+def test_a_pod_up_150_s_before_pod_0_waits_for_it_then_a_replaced_pod_rejoins_and_training_resumes(early_pod_1):
+    """Pod 1 of the rendered two-node Job (an Indexed Job, c10d rendezvous at pod 0, gloo) starts 150 s before
+    pod 0 (an image pull, a node from the autoscaler): with c10d's default store timeout (60 s, one retry) its
+    torchrun gave up after 121 s; the rendered read_timeout (the join timeout, 1800 s) keeps it waiting, and both
+    train once pod 0 is up. Then pod 1 is killed mid-epoch (agent and worker: a lost node) and started again, as
+    the Job controller replaces it: the survivor's torchrun restarts its worker, both meet again, and training
+    resumes from the checkpoint to the last epoch."""
+    import psutil
+
     state = early_pod_1
     pod1, log1 = state["pod1"], state["log1"]
     while time.time() < state["started"] + 150:
         assert pod1.poll() is None, "".join(log1)[-3000:]  # still waiting for pod 0's store
         time.sleep(1)
     pod0, log0 = start_pod(*state["pods"][0])
-    assert pod0.wait(timeout=600) == 0, "".join(log0)[-3000:]
-    assert pod1.wait(timeout=600) == 0, "".join(log1)[-3000:]
-    assert (state["tmp"] / "output" / "early" / "checkpoints" / "final.pt").is_file()
+    state["later"].append(pod0)
+    deadline = time.time() + 300
+    while "epoch 2/3 iteration 3/" not in "".join(log0 + log1):
+        assert pod0.poll() is None and pod1.poll() is None and time.time() < deadline, "".join(log0)[-3000:]
+        time.sleep(0.05)
+    for p in [psutil.Process(pod1.pid), *psutil.Process(pod1.pid).children(recursive=True)]:
+        p.kill()  # the node is gone: no SIGTERM, no checkpoint on the way out
+    pod1.wait()
+    replacement, log2 = start_pod(*state["pods"][1])
+    state["later"].append(replacement)
+    both = lambda: f"pod 0:\n{''.join(log0)[-3000:]}\nreplacement:\n{''.join(log2)[-3000:]}"  # noqa: E731
+    assert pod0.wait(timeout=600) == 0, both()
+    assert replacement.wait(timeout=600) == 0, both()
+    assert "resumed from" in "".join(log0 + log2), both()
+    run = state["tmp"] / "output" / "early"
+    assert (run / "checkpoints" / "final.pt").is_file()
+    epochs = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs[-1] == "3"
