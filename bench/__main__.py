@@ -21,7 +21,7 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             rank_fill=True, rank_pairs=2, memory_repeats=2,  # a first 2-rank run fills the disk cache: not measured
             augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)),
             data_path_shape=(128, 256, 256), data_path_volumes=32, matmul_size=2048, roofline_size=64,
-            roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2, layout_size=64,
+            roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2, layout_size=48,
             layout_steps=5,
             loader_model=("model.variant=18", "model.widen_factor=1.0"),
             phase_train=36, phase_val=12, phase_size=64, phase_epochs=2, phase_cold=1, phase_warm=3,

@@ -74,8 +74,9 @@ def test_replay_draws_what_generate_wrote(tmp_path):
 def nodule_peaks(run, near_voxels: int = 3, volumes: int | None = None):
     """(volumes whose Grad-CAM peak for "Lung nodule" lies within `near_voxels` of a nodule, volumes looked at,
     the chance a lung voxel drawn at random does) for the run's best model: every nodule-positive validation
-    volume, then training ones up to `volumes` (None: all 61 positives; 40 left too little power on an AVX2
-    CPU, whose run learned the nodule less well: 15/40 at chance 0.19, p = 0.004). Near, not inside: the map's
+    volume, then training ones up to `volumes` (None: all of them, 70 in the 48^3 demo; 40 of the 64^3 demo's
+    61 left too little power on an AVX2 CPU, whose run learned the nodule less well: 15/40 at chance 0.19,
+    p = 0.004). Near, not inside: the map's
     grid is 4 voxels (ResNet layer1: a quarter of the input's). Chance within the lungs (where every nodule
     lies), so a map that merely lights the lungs does not pass. The phantoms are replayed at the run's
     data.demo settings."""
