@@ -103,8 +103,8 @@ def bench_engine(cfg: dict, work: Path) -> dict:
 
 def bench_layout(cfg: dict) -> dict:
     """Seconds per training step of the demo's network (configs/default.yaml's model: ResNet-10, half width,
-    3^3 stem; batch 8 at the demo's 48^3) with its 3D weights channels-last (the engine's CPU default, build.to_device) and
-    in PyTorch's default layout, alternating, after one warm-up step of each."""
+    3^3 stem; batch 8 at the demo's 48^3) with its 3D weights channels-last (the engine's CPU default,
+    build.to_device) and in PyTorch's default layout, alternating, after one warm-up step of each."""
     import torch
 
     from engine.config.loading import load_config
