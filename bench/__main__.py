@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, train_volumes=64, train_size=64,
             engine_epochs=5, engine_repeats=3, startup_runs=5, rank_volumes=64, rank_size=128,
-            rank_fill=True, rank_pairs=2, memory_repeats=2,  # a first 2-rank run fills the disk cache: not measured
+            ranks=2, rank_fill=True, rank_pairs=2,  # a first 2-rank run fills the disk cache: not measured
+            memory_repeats=2,
             augment_shapes=(("64", (64, 64, 64), 5), ("ctrate", (128, 256, 256), 1)),
             data_path_shape=(128, 256, 256), data_path_volumes=32, matmul_size=2048, roofline_size=64,
             roofline_steps=3, loader_volumes=48, loader_size=64, loader_epochs=3, loader_repeats=2, layout_size=48,
@@ -32,6 +33,8 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             restart_warm=True, restart_model=("model.variant=18", "model.widen_factor=1.0"))
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
+             ranks=1,  # torchrun's runs with one worker: the smoke checks the benchmark's code makes every figure
+             #           (the engine's two-rank paths are tested in tests/cli and tests/kubernetes)
              rank_fill=False, rank_pairs=1, memory_repeats=1, augment_shapes=(("64", (16, 16, 16), 1),),
              data_path_shape=(16, 32, 32), data_path_volumes=8, matmul_size=256, roofline_size=16, roofline_steps=1,
              loader_volumes=8, loader_size=16, loader_epochs=2, loader_repeats=1, layout_size=16, layout_steps=1,

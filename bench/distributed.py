@@ -26,10 +26,12 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def torchrun(tree: Path, program: list[str], overrides: list[str], env: dict | None = None
+def torchrun(tree: Path, program: list[str], overrides: list[str], env: dict | None = None, ranks: int = 2
              ) -> subprocess.CompletedProcess:
-    """Two ranks on this machine, with the engine of `tree` (PYTHONPATH and working directory)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+    """`ranks` ranks (two; the smoke's one) on this machine, with the engine of `tree` (PYTHONPATH and working
+    directory)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
+           "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{_port()}", *program, *overrides]
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(env or {})}
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
@@ -63,11 +65,12 @@ def step_counts(tree: Path, work: Path, tag: str, cfg: dict) -> dict:
     overrides = ["data.demo.enabled=true", *demo_training(work, "steps", n, 16), f"output.name={tag}",
                  "train.epochs=2", f"train.log_every={log_every}", f"loader.batch_size={batch}",
                  "augment.enabled=false", "model.widen_factor=0.25", "train.threads=1", "data.val_fraction=0.2"]
-    torchrun(tree, [str(ROOT / "bench" / "sync_worker.py")], overrides, {"CT3D_COUNTS": str(counts)})
+    torchrun(tree, [str(ROOT / "bench" / "sync_worker.py")], overrides, {"CT3D_COUNTS": str(counts)},
+             cfg.get("ranks", 2))
     per_iteration = json.loads(counts.read_text())
     summary = json.loads((work / "steps-runs" / tag / "summary.json").read_text())
     epoch_length = len(per_iteration) // summary["final"]["epoch"]
-    return {**classify(per_iteration, epoch_length, log_every), "log_every": log_every}
+    return {**classify(per_iteration, epoch_length, log_every), "log_every": log_every, "ranks": cfg.get("ranks", 2)}
 
 
 def bench_steps(cfg: dict, work: Path) -> dict:
@@ -80,11 +83,11 @@ def bench_steps(cfg: dict, work: Path) -> dict:
     return figures
 
 
-def restart_seconds(tree: Path, overrides: list[str]) -> float:
+def restart_seconds(tree: Path, overrides: list[str], ranks: int = 2) -> float:
     """A two-rank start of a finished run (resume: the run is found finished): its start-up phase, from train()'s
     start to the trainer's (datalists, file checks, the checkpoint's reads, data sets, network), as rank 0's
     summary.json records it."""
-    torchrun(tree, ["-m", "engine.run", "train"], overrides)
+    torchrun(tree, ["-m", "engine.run", "train"], overrides, ranks=ranks)
     name = next(o.split("=", 1)[1] for o in overrides if o.startswith("output.name="))
     folder = next(o.split("=", 1)[1] for o in overrides if o.startswith("output.dir="))
     return json.loads((Path(folder) / name / "summary.json").read_text())["phases"]["start_up"]
@@ -100,17 +103,17 @@ def bench_restart(cfg: dict, work: Path) -> dict:
             "loader.batch_size=8", "cache.memory_rate=0", *cfg["restart_model"],
             "augment.enabled=false", "tracking.wandb.mode=disabled", "report.saliency_positives=0",
             "report.saliency_negatives=0", "train.threads=1"]
-    figures: dict = {"restart_volumes": n}
+    figures: dict = {"restart_volumes": n, "restart_ranks": cfg.get("ranks", 2)}
     with before_tree(cfg["restart_before"]) as tree:
         sides = {"now": ROOT, **({"before": tree} if tree is not None else {})}
         if tree is not None:
             figures["restart_before_commit"] = BEFORE
         if cfg["restart_warm"]:  # the first run trains the epoch (and fills the cache): not measured
             for tag, where in sides.items():
-                restart_seconds(where, [*base, f"output.name={tag}"])
+                restart_seconds(where, [*base, f"output.name={tag}"], cfg.get("ranks", 2))
         for _ in range(cfg["restart_repeats"]):
             for tag, where in sides.items():
-                seconds = restart_seconds(where, [*base, f"output.name={tag}"])
+                seconds = restart_seconds(where, [*base, f"output.name={tag}"], cfg.get("ranks", 2))
                 figures.setdefault(f"restart_{tag}_all", []).append(seconds)
         checkpoint = work / "restart-runs" / "now" / "checkpoints" / "last.pt"
         figures["restart_checkpoint_mb"] = checkpoint.stat().st_size / 1e6
@@ -138,7 +141,8 @@ def distributed_rows(f: dict) -> list:
         collectives, logging_collectives, reads, logging_reads = per("steps_")
         before = per("steps_before_") if "steps_before_plain_steps" in f else None
         was = f"; before ({f.get('steps_before_commit')}): " if before else ""
-        what = (f"2 ranks (gloo), train.log_every={every}, per step outside logging steps and per logging step (every "
+        what = (f"{f.get('steps_ranks', 2)} ranks (gloo), train.log_every={every}, per step outside logging steps "
+                f"and per logging step (every "
                 f"{every}th and each epoch's last): ")
         # two-sided: a counter that saw nothing would read 0 everywhere, so the logging step must show its one
         rows.append(row(what + "collectives besides DDP's", f"{collectives:.2f}, {logging_collectives:.2f}"
@@ -150,7 +154,8 @@ def distributed_rows(f: dict) -> list:
                         "0 outside logging steps; >= 1 on one", reads == 0 and logging_reads >= 1))
     if "restart_now_all" in f:
         now = f["restart_now_all"]
-        what = (f"2-rank restart of a finished run on {f['restart_volumes']} volumes (warm disk cache, "
+        what = (f"{f.get('restart_ranks', 2)}-rank restart of a finished run on {f['restart_volumes']} volumes "
+                f"(warm disk cache, "
                 f"{f['restart_checkpoint_mb']:.0f} MB checkpoint): start-up (datalists, file checks, checkpoint reads, "
                 f"data sets, network)")
         if "restart_before_all" in f:

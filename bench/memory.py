@@ -34,7 +34,7 @@ def bench_memory(cfg: dict, work: Path) -> dict:
 def bench_ranks(cfg: dict, work: Path) -> dict:
     """Peak PSS of a 2-rank torchrun training with the RAM cache on and off: the difference is what the
     node holds of the cached data set (each rank caches its own share)."""
-    n, size = cfg["rank_volumes"], cfg["rank_size"]
+    n, size, ranks = cfg["rank_volumes"], cfg["rank_size"], cfg.get("ranks", 2)
     overrides = [*demo_training(work, "ranks", n, size), "train.epochs=1", "tracking.wandb.mode=disabled",
                  "model.widen_factor=0.25", "loader.batch_size=4",
                  "train.threads=1", "data.val_fraction=0.25"]
@@ -42,14 +42,14 @@ def bench_ranks(cfg: dict, work: Path) -> dict:
     runs = ([0.0] if cfg["rank_fill"] else []) + [1.0, 0.0] * cfg["rank_pairs"]  # a first run fills the disk cache
     for i, rate in enumerate(runs):
         peak = training_pss([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node=2", "-m", "engine.run", "train", *overrides,
-                             f"cache.memory_rate={rate}", f"output.name=rate{rate}-{i}"], "2-rank",
+                             f"--nproc-per-node={ranks}", "-m", "engine.run", "train", *overrides,
+                             f"cache.memory_rate={rate}", f"output.name=rate{rate}-{i}"], f"{ranks}-rank",
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, every=cfg.get("pss_every", 0.02))
         if i or not cfg["rank_fill"]:
             peaks[rate].append(peak)
     return {"ranks_pss_cached_all": peaks[1.0], "ranks_pss_uncached_all": peaks[0.0],
             "ranks_pss_cached": statistics.median(peaks[1.0]), "ranks_pss_uncached": statistics.median(peaks[0.0]),
-            "ranks_cache_bytes": n * size**3 * 2}
+            "ranks_cache_bytes": n * size**3 * 2, "ranks_count": ranks}
 
 
 def bench_loaders(cfg: dict, work: Path) -> dict:

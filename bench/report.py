@@ -89,7 +89,8 @@ def _memory(f: dict) -> list:
     pairs = zip(f.get("ranks_pss_cached_all", [f["ranks_pss_cached"]]),
                 f.get("ranks_pss_uncached_all", [f["ranks_pss_uncached"]]))
     node = [(c - u) / f["ranks_cache_bytes"] for c, u in pairs]
-    rows.append(row("2-rank run: RAM cache's share of peak PSS vs one copy of the cached bytes (a node holds one "
+    rows.append(row(f"{f.get('ranks_count', 2)}-rank run: RAM cache's share of peak PSS vs one copy of the cached "
+                    "bytes (a node holds one "
                     "copy, not one per rank; an empty cache would read ~0)", _spread(node, ".2f"), "0.7x-1.3x",
                     0.7 <= min(node) and max(node) <= 1.3))
     return rows
@@ -230,7 +231,7 @@ def markdown(f: dict, cfg: dict, smoke: bool, seconds: float) -> str:
     source = "x".join(map(str, cfg["source"]))
     sizes = (f"pipeline: {cfg['volumes']} volumes of {source} int16 NIfTI in HU, preprocessed to "
              f"{'x'.join(map(str, cfg['target']))} float16; memory: the same volumes kept at {source} float16; "
-             f"engine: {cfg['train_volumes']} volumes of {cfg['train_size']}^3, batch 8; 2 ranks: "
+             f"engine: {cfg['train_volumes']} volumes of {cfg['train_size']}^3, batch 8; {cfg.get('ranks', 2)} ranks: "
              f"{cfg['rank_volumes']} volumes of {cfg['rank_size']}^3 float16")
     return f"""# Benchmark results{' (smoke sizes)' if smoke else ''}
 
