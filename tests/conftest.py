@@ -19,9 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The order `--dist loadfile` hands whole files out in. xdist gives each worker two files at the start: the three
-# longest (the demo, 4 min at one thread on a 2-core AVX2 EPYC, 7 among three workers; the pod tests; the benchmark
-# smoke), then three short ones (a long second file would queue behind the demo: 3 minutes run by one worker at the
-# end, seen 2026-12-01), then the next longest as workers come free, and the many short files behind them.
+# longest (the demo and the benchmark smoke, ~3 min each among three workers on a 2-core AVX2 EPYC; the pod tests,
+# ~4.5 min with their waits), then three short ones (a long second file would queue behind the demo: 3 minutes
+# run by one worker at the end, seen 2026-12-01), then the next longest as workers come free, and the many short
+# files behind them.
 LONGEST_FIRST = ("cli/test_demo.py", "kubernetes/test_k8s.py", "benchmarks/test_bench.py",
                  "data/test_sources.py", "training/test_tracking.py", "results/test_statistics_reference.py",
                  "training/test_workflow.py", "cli/test_run.py", "experiments/test_sweep.py", "experiments/test_cv.py")
