@@ -123,3 +123,14 @@ def test_plain_equals_omegaconfs_own_conversion(name):
     for x in [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg)), *direct]:
         if dataclasses.is_dataclass(x):
             assert repr(plain(x)) == repr(omegaconfs(x)), type(x).__name__  # repr: 1 and 1.0 differ
+
+
+def test_a_load_leaves_nothing_behind_for_the_next():
+    """load_config merges onto a copy of one cached schema node: one config's file and overrides never reach the
+    next load (the schema's defaults as written in the dataclasses)."""
+    from engine.config.schema import Config
+
+    first = load_config(ROOT / "configs" / "ct-rate.yaml", ["train.epochs=77", "data.demo.enabled=true"])
+    again = load_config(None, ["data.demo.enabled=true"])
+    assert first.train.epochs == 77 and again.train.epochs == Config().train.epochs
+    assert again.preprocess.spatial_size == Config().preprocess.spatial_size != first.preprocess.spatial_size
