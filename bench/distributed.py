@@ -66,11 +66,11 @@ def step_counts(tree: Path, work: Path, tag: str, cfg: dict) -> dict:
                  "train.epochs=2", f"train.log_every={log_every}", f"loader.batch_size={batch}",
                  "augment.enabled=false", "model.widen_factor=0.25", "train.threads=1", "data.val_fraction=0.2"]
     torchrun(tree, [str(ROOT / "bench" / "sync_worker.py")], overrides, {"CT3D_COUNTS": str(counts)},
-             cfg.get("ranks", 2))
+             cfg["ranks"])
     per_iteration = json.loads(counts.read_text())
     summary = json.loads((work / "steps-runs" / tag / "summary.json").read_text())
     epoch_length = len(per_iteration) // summary["final"]["epoch"]
-    return {**classify(per_iteration, epoch_length, log_every), "log_every": log_every, "ranks": cfg.get("ranks", 2)}
+    return {**classify(per_iteration, epoch_length, log_every), "log_every": log_every, "ranks": cfg["ranks"]}
 
 
 def bench_steps(cfg: dict, work: Path) -> dict:
@@ -98,22 +98,22 @@ def bench_restart(cfg: dict, work: Path) -> dict:
     figure is the start-up's own work) with the checkpoint of `restart_model` (ResNet-18 at full size: weights and
     AdamW state): this tree vs BEFORE, alternating, `restart_repeats` times each, after a first run that is not
     measured (`restart_warm`; the smoke measures that first run: it checks the figures come out, not their size)."""
-    n = cfg["restart_volumes"]
+    n, ranks = cfg["restart_volumes"], cfg["ranks"]
     base = ["data.demo.enabled=true", *demo_training(work, "restart", n, 16), "train.epochs=1", "train.resume=auto",
             "loader.batch_size=8", "cache.memory_rate=0", *cfg["restart_model"],
             "augment.enabled=false", "tracking.wandb.mode=disabled", "report.saliency_positives=0",
             "report.saliency_negatives=0", "train.threads=1"]
-    figures: dict = {"restart_volumes": n, "restart_ranks": cfg.get("ranks", 2)}
+    figures: dict = {"restart_volumes": n, "restart_ranks": ranks}
     with before_tree(cfg["restart_before"]) as tree:
         sides = {"now": ROOT, **({"before": tree} if tree is not None else {})}
         if tree is not None:
             figures["restart_before_commit"] = BEFORE
         if cfg["restart_warm"]:  # the first run trains the epoch (and fills the cache): not measured
             for tag, where in sides.items():
-                restart_seconds(where, [*base, f"output.name={tag}"], cfg.get("ranks", 2))
+                restart_seconds(where, [*base, f"output.name={tag}"], ranks)
         for _ in range(cfg["restart_repeats"]):
             for tag, where in sides.items():
-                seconds = restart_seconds(where, [*base, f"output.name={tag}"], cfg.get("ranks", 2))
+                seconds = restart_seconds(where, [*base, f"output.name={tag}"], ranks)
                 figures.setdefault(f"restart_{tag}_all", []).append(seconds)
         checkpoint = work / "restart-runs" / "now" / "checkpoints" / "last.pt"
         figures["restart_checkpoint_mb"] = checkpoint.stat().st_size / 1e6

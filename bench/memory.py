@@ -34,7 +34,7 @@ def bench_memory(cfg: dict, work: Path) -> dict:
 def bench_ranks(cfg: dict, work: Path) -> dict:
     """Peak PSS of a 2-rank torchrun training with the RAM cache on and off: the difference is what the
     node holds of the cached data set (each rank caches its own share)."""
-    n, size, ranks = cfg["rank_volumes"], cfg["rank_size"], cfg.get("ranks", 2)
+    n, size, ranks = cfg["rank_volumes"], cfg["rank_size"], cfg["ranks"]
     overrides = [*demo_training(work, "ranks", n, size), "train.epochs=1", "tracking.wandb.mode=disabled",
                  "model.widen_factor=0.25", "loader.batch_size=4",
                  "train.threads=1", "data.val_fraction=0.25"]

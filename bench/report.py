@@ -231,7 +231,7 @@ def markdown(f: dict, cfg: dict, smoke: bool, seconds: float) -> str:
     source = "x".join(map(str, cfg["source"]))
     sizes = (f"pipeline: {cfg['volumes']} volumes of {source} int16 NIfTI in HU, preprocessed to "
              f"{'x'.join(map(str, cfg['target']))} float16; memory: the same volumes kept at {source} float16; "
-             f"engine: {cfg['train_volumes']} volumes of {cfg['train_size']}^3, batch 8; {cfg.get('ranks', 2)} ranks: "
+             f"engine: {cfg['train_volumes']} volumes of {cfg['train_size']}^3, batch 8; {cfg['ranks']} ranks: "
              f"{cfg['rank_volumes']} volumes of {cfg['rank_size']}^3 float16")
     return f"""# Benchmark results{' (smoke sizes)' if smoke else ''}
 

@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
             ErrorHandler().record_exception(exc)
-        if os.environ.get("CT3D_USER_ERROR_FILE"):  # engine.launch stops torchrun: no restart repeats a user error
-            with open(os.environ["CT3D_USER_ERROR_FILE"], "a") as f:
+        from engine.launch import USER_ERROR_FILE
+
+        if os.environ.get(USER_ERROR_FILE):  # engine.launch stops torchrun: no restart repeats a user error
+            with open(os.environ[USER_ERROR_FILE], "a") as f:
                 f.write(f"{exc}\n")
         return 2
 

@@ -196,8 +196,6 @@ def plain(section: Any) -> dict:
     """A config section (or a whole config) as plain containers: what checkpoints and YAML hold. What
     `OmegaConf.to_container(OmegaConf.structured(section), resolve=True, enum_to_str=True)` gives (tested equal),
     walked here: OmegaConf took 0.1 s per whole config, and a run writes its config three times."""
-    if isinstance(section, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(section, resolve=True, enum_to_str=True)
     return _plain(section, None)
 
 
