@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from engine.config import metric_registry
 from engine.config.schema import MODEL_VARIANTS, Config, Mode
 from engine.utils.errors import CT3DError
 
@@ -81,8 +82,11 @@ def _check_together(cfg: Config, command: str) -> None:
         cfg.train.resume = "off"
     elif resume == "true":
         cfg.train.resume = "auto"
+    if cfg.metrics.key not in metric_registry.METRICS:
+        raise _error("metrics.key", f"{cfg.metrics.key!r} is not a validation metric; one of "
+                                    f"{', '.join(metric_registry.METRICS)}")
     if cfg.metrics.mode == "auto":
-        cfg.metrics.mode = Mode.min if cfg.metrics.key == "val_loss" else Mode.max
+        cfg.metrics.mode = Mode[metric_registry.direction(cfg.metrics.key)]
     try:
         re.compile(cfg.data.patient_pattern)
     except re.error as exc:

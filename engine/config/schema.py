@@ -19,8 +19,6 @@ Dtype = choice("Dtype", "float16", "float32")
 ModelName = choice("ModelName", "resnet3d", "densenet3d", "vit3d")
 Amp = choice("Amp", "auto", "bf16", "fp16", "off")
 Loss = choice("Loss", "bce", "focal")
-# The key metric picks best.pt and drives early stopping.
-KeyMetric = choice("KeyMetric", "auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "accuracy", "val_loss")
 Mode = choice("Mode", "auto", "max", "min")
 WandbMode = choice("WandbMode", "offline", "online", "disabled")
 ExportFormat = choice("ExportFormat", "onnx", "torchscript")
@@ -187,8 +185,10 @@ class TrackingConfig:
 
 @dataclass
 class MetricsConfig:
-    key: KeyMetric = KeyMetric.auc_macro
-    mode: Mode = Mode.auto  # auto: min for val_loss, else max
+    # the figure that picks best.pt and drives early stopping: a name in engine/config/metric_registry.py
+    # (auc_macro, auc_micro, fbeta_macro, fbeta_micro, precision, recall, specificity, accuracy, val_loss, ...)
+    key: str = "auc_macro"
+    mode: Mode = Mode.auto  # auto: the metric's own direction (min for val_loss and ece_macro, else max)
     threshold: float = setting(0.5, **PROBABILITY)  # the decision threshold of threshold_rule=fixed
     threshold_rule: ThresholdRule = ThresholdRule.fixed  # per-label thresholds, saved in the checkpoint
     beta: float = setting(1.0, gt=0)

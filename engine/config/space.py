@@ -4,21 +4,18 @@ one a validation produces, with its direction."""
 
 from __future__ import annotations
 
+from engine.config import metric_registry
 from engine.config.loading import with_overrides
 from engine.config.schema import Config
 from engine.utils.errors import CT3DError
 
-LOWER_IS_BETTER = ("val_loss", "ece_macro")
-METRICS = ("auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall", "specificity", "accuracy",
-           *LOWER_IS_BETTER)  # and auc/<label>, fbeta/<label>
-
 
 def metric_and_direction(cfg: Config) -> tuple[str, str]:
     metric = cfg.sweep.metric or str(cfg.metrics.key)
-    if metric not in METRICS and not metric.startswith(("auc/", "fbeta/")):
-        raise CT3DError(f"config error: sweep.metric: {metric!r} is not a validation metric ({', '.join(METRICS)}, "
-                        f"auc/<label>, fbeta/<label>)")
-    lower = metric in LOWER_IS_BETTER or (metric == str(cfg.metrics.key) and cfg.metrics.mode == "min")
+    if not metric_registry.is_metric(metric):
+        raise CT3DError(f"config error: sweep.metric: {metric!r} is not a validation metric "
+                        f"({', '.join(metric_registry.METRICS)}, auc/<label>, fbeta/<label>)")
+    lower = metric_registry.direction(metric) == "min" or (metric == str(cfg.metrics.key) and cfg.metrics.mode == "min")
     return metric, "minimize" if lower else "maximize"
 
 

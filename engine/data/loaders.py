@@ -4,10 +4,17 @@ node's RAM budget, in RAM), the sampler and loaders over them, and the order gat
 from __future__ import annotations
 
 import logging
+import math
+import os
 
+import ignite.distributed as idist
+import psutil
 import torch
+from monai.data import ThreadDataLoader
+from monai.data.thread_buffer import ThreadBuffer
 
-from engine.config.schema import Config, LoaderConfig, PreprocessConfig
+from engine.config.schema import CacheConfig, LoaderConfig, PreprocessConfig
+from engine.data.cache import build_dataset, in_ram
 from engine.data.datalist import LABEL
 from engine.data.sharing import ShareSampler, deal, shard
 from engine.utils.errors import CT3DError
@@ -30,11 +37,6 @@ def _cgroup_limit() -> float:
 def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -> float:
     """The RAM cache rate that fits: every rank on this node (LOCAL_WORLD_SIZE) caches its share; above 80%
     of the memory available the rate is lowered (and the log says so), the rest read from the disk cache."""
-    import math
-    import os
-
-    import psutil
-
     per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     need, available = volumes * per_volume * memory_rate * ranks, 0.8 * min(psutil.virtual_memory().available,
@@ -48,17 +50,14 @@ def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -
     return rate
 
 
-def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], progress: bool):
+def make_datasets(train_items: list[dict], val_items: list[dict], preprocess: PreprocessConfig, cache: CacheConfig,
+                  seed: int, progress: bool):
     """This rank's shares of the training set (sharing.deal: a seeded permutation dealt in turn; the dataset's
     `rows` and `total` say which rows of all, for its sampler) and of the validation set (every world-th item
     from its rank: sharing.gathered_order), each cached on disk and, within the RAM budget, in RAM: a node holds
     about one copy of the data set, whatever its number of ranks. The budget is read by every rank at one moment
     (after a barrier, before any fills) and the lowest rate taken, so ranks that start filling early do not
     shrink a later one's."""
-    import ignite.distributed as idist
-
-    from engine.data.cache import build_dataset
-
     rank, world = idist.get_rank(), idist.get_world_size()
     if len(train_items) < world:  # every rank decides alike: none is left waiting for the others
         raise CT3DError(f"{len(train_items)} training volume(s) for {world} ranks: each rank needs at least one; "
@@ -66,15 +65,15 @@ def make_datasets(cfg: Config, train_items: list[dict], val_items: list[dict], p
     val_share = shard(val_items, rank, world)
     if not val_share:  # fewer validation volumes than ranks: validate a stand-in the metrics leave out
         val_share = [{**val_items[0], LABEL: [float("nan")] * len(val_items[0][LABEL])}]
-    rows = deal(len(train_items), world, cfg.train.seed)[rank]
+    rows = deal(len(train_items), world, seed)[rank]
     shares = [train_items[i] for i in rows], val_share
     if world > 1:  # every rank measures the node's memory at one moment, before any of them fills its cache
         idist.barrier()
-    rate = ram_budget(cfg.cache.memory_rate, sum(map(len, shares)), cfg.preprocess)
+    rate = ram_budget(cache.memory_rate, sum(map(len, shares)), preprocess)
     if world > 1:  # and all take the lowest rate: one budget for the run, whatever each rank read
         rate = float(idist.all_reduce(float(rate), op="MIN"))
-    disk = cfg.cache.dir if cfg.cache.disk else None
-    train_ds, val_ds = (build_dataset(items, cfg.preprocess, disk, rate, cfg.cache.workers, progress)
+    disk = cache.dir if cache.disk else None
+    train_ds, val_ds = (build_dataset(items, preprocess, disk, rate, cache.workers, progress)
                         for items in shares)
     train_ds.rows, train_ds.total = rows, len(train_items)
     return train_ds, val_ds
@@ -106,8 +105,6 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
 def thread_loader_class():
     """MONAI's ThreadDataLoader (a thread prefetches batches) that raises what went wrong in its thread: our
     own part because MONAI's ThreadBuffer drops the exception and the epoch just ends early."""
-    from monai.data import ThreadDataLoader
-    from monai.data.thread_buffer import ThreadBuffer
 
     class Buffer(ThreadBuffer):
         error: BaseException | None = None
@@ -135,10 +132,6 @@ def loader_workers(loader: LoaderConfig, dataset) -> int:
     only copy it: 2 workers took +0.9 GB peak PSS and 1.43x the epoch time on a 48-volume ResNet-18 run,
     bench/RESULTS.md), else one per spare CPU of this rank, at most 4, to read and decode the disk cache
     while the model trains."""
-    import os
-
-    from engine.data.cache import in_ram
-
     if loader.num_workers is not None:
         return loader.num_workers
     if in_ram(dataset):

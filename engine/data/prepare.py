@@ -12,13 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config.schema import Config, DataConfig
+from engine.config.schema import CacheConfig, DataConfig, PreprocessConfig
 from engine.data.cache import verify_cache, volume_problems
 from engine.data.datalist import NAME, Problem, format_problems, load_datalist
+from engine.data.demo import LABELS, generate
+from engine.data.held_out import carve_test, leakage_problems, load_test
+from engine.data.metadata import attach_metadata
 from engine.data.sharing import shard
 from engine.data.split import check_patient_pattern, patient_of, split, split_problems
 from engine.utils.errors import CT3DError
-from engine.utils.io import write_text
+from engine.utils.io import check_writable, write_text
 
 log = logging.getLogger("ct3d")
 
@@ -36,8 +39,6 @@ def train_datalist(data: DataConfig) -> str:
     """data.train, or the demo's datalist (generated once)."""
     if not data.demo.enabled:
         return data.train
-    from engine.data.demo import LABELS, generate
-
     return str(generate(data.demo.dir, data.demo.num_volumes, tuple(data.demo.shape), data.demo.seed,
                         tuple(data.demo.labels) or LABELS))
 
@@ -57,8 +58,6 @@ def _load_lists(data: DataConfig, problems: list[Problem] | None
     train = load_datalist(train_path, data, data.json_train_key, problems)
     carved: list[dict] = []
     if data.test_fraction > 0 and not data.test:
-        from engine.data.held_out import carve_test
-
         train.items[:], carved = carve_test(train.items, data.test_fraction, data.split_seed,
                                             lambda item: patient_of(item, data.patient_pattern))
     val_path = data.val
@@ -79,17 +78,17 @@ def _load_lists(data: DataConfig, problems: list[Problem] | None
                                        data.folds, data.fold)
     check_patient_pattern(train_items + val_items, data)
     if data.metadata:
-        from engine.data.metadata import attach_metadata
-
         train_items, val_items = attach_metadata(data.metadata, (train_items, val_items), problems)
     return train_items, val_items, train.labels, carved
 
 
-def _disk_dir(cfg: Config) -> str | None:
-    return cfg.cache.dir if cfg.cache.disk else None
+def disk_dir(cache: CacheConfig) -> str | None:
+    """The disk cache's folder, None when it is off."""
+    return cache.dir if cache.disk else None
 
 
-def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share: tuple[int, int] = (0, 1),
+def prepare_data(data: DataConfig, preprocess: PreprocessConfig, cache: CacheConfig, progress: bool = False,
+                 strict: bool = True, share: tuple[int, int] = (0, 1),
                  pool: Callable[[list[Problem]], list[Problem]] = list, once: Callable | None = None) -> Splits:
     """Every check before training, every problem at once: datalist rows, split (empty, patient in both),
     and every volume not yet in the disk cache read once (filling it). With data.on_error=skip, bad rows
@@ -99,23 +98,21 @@ def prepare_data(cfg: Config, progress: bool = False, strict: bool = True, share
     process's bad volumes from its own, so all leave out the same ones; `once(fn)` runs fn in one process and
     gives every process its result (torchrun: rank 0 reads the datalists and looks up every row's file, the
     others receive the items)."""
-    from engine.data.held_out import leakage_problems, load_test
-
     def lists() -> tuple:
         found: list[Problem] = []
-        train_items, val_items, labels, carved = _load_lists(cfg.data, found)
-        return train_items, val_items, labels, load_test(cfg.data, carved, found), found
+        train_items, val_items, labels, carved = _load_lists(data, found)
+        return train_items, val_items, labels, load_test(data, carved, found), found
 
     train_items, val_items, labels, test_items, problems = once(lists) if once is not None else lists()
-    fatal = split_problems(train_items, val_items, cfg.data.patient_pattern) + leakage_problems(
-        train_items, val_items, test_items, cfg.data.patient_pattern)
+    fatal = split_problems(train_items, val_items, data.patient_pattern) + leakage_problems(
+        train_items, val_items, test_items, data.patient_pattern)
     mine = shard(train_items + val_items + test_items, *share)
-    unreadable = pool(volume_problems(mine, cfg.preprocess, _disk_dir(cfg), cfg.cache.workers, progress))
+    unreadable = pool(volume_problems(mine, preprocess, disk_dir(cache), cache.workers, progress))
     problems += unreadable
     if not strict:
         problems = fatal + problems
     else:
-        stop_on(fatal, problems, cfg.data.on_error)
+        stop_on(fatal, problems, data.on_error)
     bad = {p.name for p in unreadable}  # bad datalist rows were never made items
     return Splits([it for it in train_items if it[NAME] not in bad], [it for it in val_items if it[NAME] not in bad],
                   labels, problems, [it for it in test_items if it[NAME] not in bad])
@@ -138,34 +135,32 @@ def write_skipped(folder: Path, problems: list[Problem]) -> None:
     write_text(folder / "skipped.csv", buf.getvalue())
 
 
-def check_lists(cfg: Config) -> int:
+def check_lists(data: DataConfig, cache: CacheConfig, output_dir: str) -> int:
     """`check --quick` (a pod's first step): the config, the datalists' rows and labels, every listed volume
     present, and the split, without reading any volume. Raises (exit 2, a user error) where training would
     stop; returns the number of rows data.on_error=skip would leave out."""
     problems: list[Problem] = []
-    train_items, val_items, _ = load_splits(cfg.data, problems)
-    stop_on(split_problems(train_items, val_items, cfg.data.patient_pattern), problems, cfg.data.on_error)
-    writable_folders(cfg)
+    train_items, val_items, _ = load_splits(data, problems)
+    stop_on(split_problems(train_items, val_items, data.patient_pattern), problems, data.on_error)
+    writable_folders(cache, output_dir)
     note = f", {len(problems)} bad row(s) left out (data.on_error=skip)" if problems else ""
     print(f"ct3d check --quick: {len(train_items)} train and {len(val_items)} validation volumes listed and "
           f"present{note}")
     return len(problems)
 
 
-def writable_folders(cfg: Config) -> None:
+def writable_folders(cache: CacheConfig, output_dir: str) -> None:
     """The disk cache (when on) and the output folder take files: checked by writing one (a pod's claim whose
     storage driver ignores fsGroup would only fail at the first checkpoint, hours in)."""
-    from engine.utils.io import check_writable
-
-    if cfg.cache.disk:
-        check_writable(cfg.cache.dir, "cache.dir")
-    check_writable(cfg.output.dir, "output.dir")
+    if cache.disk:
+        check_writable(cache.dir, "cache.dir")
+    check_writable(output_dir, "output.dir")
 
 
-def check(cfg: Config) -> int:
+def check(data: DataConfig, preprocess: PreprocessConfig, cache: CacheConfig, output_dir: str) -> int:
     """`check`: every data problem at once; returns the number of problems found (0: all good)."""
-    writable_folders(cfg)
-    splits = prepare_data(cfg, progress=True, strict=False)
+    writable_folders(cache, output_dir)
+    splits = prepare_data(data, preprocess, cache, progress=True, strict=False)
     if splits.skipped:
         print(f"ct3d check: {len(splits.skipped)} problem(s):\n  {format_problems(splits.skipped, 10_000)}")
         return len(splits.skipped)
@@ -173,26 +168,27 @@ def check(cfg: Config) -> int:
     return 0
 
 
-def cache(cfg: Config, verify: bool = False, shard_of: tuple[int, int] = (0, 1)) -> dict:
+def fill_cache(data: DataConfig, preprocess: PreprocessConfig, cache: CacheConfig, verify: bool = False,
+               shard_of: tuple[int, int] = (0, 1)) -> dict:
     """`cache`: fill the disk cache ahead of training (one share of it with `shard_of`=(I, N), so N processes
     or pods fill one cache together); with verify, also remove corrupt and stale entries."""
-    if not cfg.cache.disk:
+    if not cache.disk:
         raise CT3DError("config error: cache.disk: the disk cache is off; nothing to fill")
     problems: list[Problem] = []
-    train_items, val_items, _ = load_splits(cfg.data, problems)
+    train_items, val_items, _ = load_splits(data, problems)
     items = shard(train_items + val_items, *shard_of)
     start = time.time()
     if verify:  # verify shards split the entries by name (each rebuilds what it removed), not the item list
-        counts = verify_cache(train_items + val_items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers,
-                              progress=True, image_root=cfg.data.image_root, shard=shard_of)
+        counts = verify_cache(train_items + val_items, preprocess, cache.dir, cache.workers,
+                              progress=True, image_root=data.image_root, shard=shard_of)
     else:
-        bad = volume_problems(items, cfg.preprocess, cfg.cache.dir, cfg.cache.workers, progress=True)
+        bad = volume_problems(items, preprocess, cache.dir, cache.workers, progress=True)
         counts = {"volumes": len(items), "problems": len(bad), "problem_list": [str(b) for b in bad]}
     counts["shard"] = f"{shard_of[0]}/{shard_of[1]}"
     counts["volumes_per_second"] = round(len(items) / max(time.time() - start, 1e-9), 2)
     counts["problems"] += len(problems)  # bad datalist rows count too (the exit code says so)
     counts["problem_list"] = [str(p) for p in problems] + counts["problem_list"]
     listed = "".join(f"\n  {p}" for p in counts["problem_list"])
-    print(f"ct3d cache {cfg.cache.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "problem_list")
+    print(f"ct3d cache {cache.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "problem_list")
           + listed)
     return counts

@@ -8,9 +8,11 @@ import csv
 import io
 from pathlib import Path
 
-from engine.config.schema import Config
+from engine.config.loading import plain
+from engine.config.schema import PreprocessConfig
 from engine.data.datalist import LABEL, NAME
 from engine.data.prepare import Splits
+from engine.data.preprocess import LEGACY_PREPROCESSING
 from engine.data.split import patient_of
 from engine.utils.errors import CT3DError
 from engine.utils.io import write_text
@@ -59,24 +61,21 @@ def split_differences(saved: dict[str, dict], rows: list[dict]) -> list[str]:
     return found
 
 
-def check_same_run(state: dict, checkpoint: Path, folder: Path, cfg: Config, data: Splits) -> None:
+def check_same_run(state: dict, checkpoint: Path, folder: Path, data: Splits, task: str,
+                   preprocess: PreprocessConfig, patient_pattern: str) -> None:
     """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels and preprocessing it was
     trained with: stop naming every difference otherwise (the run would validate on volumes it trained on,
     or mix models)."""
-    from engine.config.loading import plain
-
     found = []
     if state["labels"] != data.labels:
         found.append(f"labels: the checkpoint has {state['labels']}, the data {data.labels}")
-    if state["task"] != str(cfg.data.task):
-        found.append(f"data.task: the checkpoint has {state['task']}, the config {cfg.data.task}")
-    from engine.data.preprocess import LEGACY_PREPROCESSING
-
-    now, then = plain(cfg.preprocess), {**LEGACY_PREPROCESSING, **state["preprocessing"]}
+    if state["task"] != task:
+        found.append(f"data.task: the checkpoint has {state['task']}, the config {task}")
+    now, then = plain(preprocess), {**LEGACY_PREPROCESSING, **state["preprocessing"]}
     found += [f"preprocess.{k}: the checkpoint has {then.get(k)!r}, the config {now[k]!r}"
               for k in now if then.get(k) != now[k]]
     if (folder / SPLIT_FILE).is_file():
-        found += split_differences(read_split(folder / SPLIT_FILE), split_rows(data, cfg.data.patient_pattern))
+        found += split_differences(read_split(folder / SPLIT_FILE), split_rows(data, patient_pattern))
     if found:
         raise CT3DError(f"cannot resume {checkpoint}: this start differs from the run's:\n  " + "\n  ".join(found)
                         + "\nrestore the run's data and settings, or start a new run (another output.name, "

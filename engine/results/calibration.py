@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.results.metrics import roc_points
+
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """(C, bins, 3): per output and equal-width probability bin, the mean predicted probability, the
@@ -119,11 +121,7 @@ def apply_calibration(logits: torch.Tensor, calibration: dict | None) -> torch.T
 
 def _candidate_scores(p: torch.Tensor, y: torch.Tensor, rule: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Every distinct probability as a threshold (decide p >= t) and its score under `rule`."""
-    order = torch.argsort(p, descending=True)
-    p, y = p[order], y[order]
-    tp, fp = torch.cumsum(y, 0), torch.cumsum(1 - y, 0)
-    last_of_tie = torch.cat([p[1:] != p[:-1], torch.tensor([True])])
-    tp, fp, t = tp[last_of_tie], fp[last_of_tie], p[last_of_tie]
+    t, tp, fp = roc_points(p, y)
     pos, neg = float(y.sum()), float((1 - y).sum())
     if rule == "youden":
         return t, tp / max(pos, 1.0) - fp / max(neg, 1.0)

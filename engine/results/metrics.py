@@ -10,8 +10,7 @@ from monai.metrics import compute_roc_auc
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.metrics.f_beta_score import compute_f_beta_score
 
-SUMMARY_KEYS = ("auc_macro", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
-                "specificity", "accuracy")
+from engine.config.metric_registry import computed
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -28,6 +27,16 @@ def decisions(probs: torch.Tensor, task: str, threshold: float | list[float]) ->
     if task == "multiclass":
         return torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).float()
     return (probs >= torch.as_tensor(threshold, dtype=probs.dtype)).float()
+
+
+def roc_points(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(thresholds, true positives, false positives) at every distinct score of one label, highest first:
+    deciding p >= threshold, tied scores decided together (MONAI computes the area only)."""
+    order = torch.argsort(probs, descending=True)
+    p, y = probs[order], labels[order]
+    tp, fp = torch.cumsum(y, 0), torch.cumsum(1 - y, 0)
+    last_of_tie = torch.cat([p[1:] != p[:-1], torch.tensor([True])])
+    return p[last_of_tie], tp[last_of_tie], fp[last_of_tie]
 
 
 def macro_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -59,14 +68,14 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: lis
                            decided: torch.Tensor | None = None) -> dict[str, float]:
     """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC and macro F-beta
     average the labels with both classes present (`macro_labels`); `auc_labels` says how many that was.
-    `decided`: 0/1 decisions to use instead of thresholding `probs`."""
+    `decided`: 0/1 decisions to use instead of thresholding `probs`. Metrics added to the registry with a
+    `compute` of their own follow the built-ins."""
     probs, labels = probs.float().cpu(), labels.float().cpu()
     per_label_auc = [_auc(probs[:, j], labels[:, j]) for j in range(labels.shape[1])]
     keep = macro_labels(labels)
-    if decided is None:
-        cm = confusion(probs, labels, task, threshold)
-    else:  # decisions made elsewhere (cross-validation: each fold at its own thresholds)
-        cm = get_confusion_matrix(decided.float().cpu(), labels).sum(dim=0)
+    # decisions made elsewhere: cross-validation decides each fold at its own thresholds
+    decided = decisions(probs, task, threshold) if decided is None else decided.float().cpu()
+    cm = get_confusion_matrix(decided, labels).sum(dim=0)
     cm_all = cm.sum(dim=0)
     fbeta = compute_f_beta_score(cm, beta).flatten().tolist()
     out = {
@@ -82,6 +91,8 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: lis
     }
     if task == "multiclass":  # micro accuracy over one-hot cells counts true negatives; report top-1
         out["accuracy"] = float((probs.argmax(1) == labels.argmax(1)).float().mean())
+    for metric in computed():
+        out[metric.name] = float(metric.compute(probs, labels, decided))
     for name, auc, fb in zip(names, per_label_auc, fbeta):
         out[f"auc/{name}"] = auc
         out[f"fbeta/{name}"] = fb

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import torch
 
+from engine.config.metric_registry import table_names
+from engine.results.calibration import expected_calibration_error, reliability
 from engine.results.images import png
-from engine.results.metrics import confusion
+from engine.results.metrics import confusion, roc_points
 from engine.utils.io import atomic_write, write_text
 
 
 def roc_curve(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
-    """False and true positive rates at every distinct threshold (MONAI computes the area only)."""
-    order = torch.argsort(probs, descending=True)
-    p, y = probs[order], labels[order]
-    tps, fps = torch.cumsum(y, 0), torch.cumsum(1 - y, 0)
-    last_of_tie = torch.cat([p[1:] != p[:-1], torch.tensor([True])])
-    pos, neg = max(float(y.sum()), 1.0), max(float((1 - y).sum()), 1.0)
-    return [0.0] + (fps[last_of_tie] / neg).tolist(), [0.0] + (tps[last_of_tie] / pos).tolist()
+    """False and true positive rates at every distinct threshold."""
+    _, tps, fps = roc_points(probs, labels)
+    pos, neg = max(float(labels.sum()), 1.0), max(float((1 - labels).sum()), 1.0)
+    return [0.0] + (fps / neg).tolist(), [0.0] + (tps / pos).tolist()
 
 
 def _column(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -92,8 +91,6 @@ def _confusion_bars(ax, probs, labels, names, task, thresholds, **_):
 
 
 def _reliability(ax, probs, labels, names, bins, **_):
-    from engine.results.calibration import expected_calibration_error, reliability
-
     table, ece = reliability(probs, labels, bins), expected_calibration_error(probs, labels, bins)
     for j, name in enumerate(names):
         used = table[j, :, 2] > 0
@@ -249,8 +246,7 @@ def test_html(summary: dict) -> str:
     if not test:
         return ""
     fmt, intervals = format_value, (test.get("bootstrap") or {}).get("intervals", {})
-    keys = ["auc_macro", "fbeta_macro", "precision", "recall", "specificity", "accuracy"] + [
-        f"auc/{n}" for n in summary["labels"]]
+    keys = [k for k in table_names() if k in test["metrics"]] + [f"auc/{n}" for n in summary["labels"]]
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(test['metrics'].get(k))}</td><td>"
                    + (f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}" if k in intervals else "n/a")
                    + "</td></tr>" for k in keys)

@@ -14,6 +14,9 @@ from statistics import NormalDist
 
 import torch
 
+from engine.results.calibration import expected_calibration_error
+from engine.results.metrics import decisions, macro_labels
+
 FEW_POSITIVE_PATIENTS = 10  # below this, a label's interval is flagged: it rests on a handful of patients
 
 
@@ -116,8 +119,6 @@ def bootstrap_intervals(probs: torch.Tensor, labels: torch.Tensor, decisions: to
     "macro_labels", "few_positive_patients" (labels with under FEW_POSITIVE_PATIENTS positive patients)}."""
     if probs.shape[0] != len(patients):
         raise ValueError(f"patients: expected one per row ({probs.shape[0]}), got {len(patients)}")
-    from engine.results.metrics import macro_labels
-
     p, y, d = probs.double(), labels.double(), decisions.double()
     keep = macro_labels(y)
     figures = {}
@@ -145,8 +146,6 @@ def paired_comparison(probs_a: torch.Tensor, probs_b: torch.Tensor, labels: torc
     """Two models' outputs on the same volumes: macro AUC and each label's AUC of both, their difference
     (second - first) and its BCa interval, each resample scoring both models on the same drawn patients. An
     interval that excludes 0 says the difference is not resampling noise at `level`."""
-    from engine.results.metrics import macro_labels
-
     y = labels.double()
     keep = macro_labels(y)
     weights = {"boot": patient_weights(patients, resamples, seed),
@@ -185,9 +184,6 @@ def run_statistics(probs: torch.Tensor, labels: torch.Tensor, patients: list[str
     = sigmoid(logit * scale + intercept); multiclass: one shared scale), expected calibration error per label,
     the labels macro AUC left out (one class only), and patient-level bootstrap intervals
     (`metrics`: the config's MetricsConfig)."""
-    from engine.results.calibration import expected_calibration_error
-    from engine.results.metrics import decisions
-
     ece = expected_calibration_error(probs, labels, metrics.calibration_bins)
     single = [n for j, n in enumerate(names) if labels.shape[0] and labels[:, j].min() == labels[:, j].max()]
     out = {

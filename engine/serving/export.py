@@ -5,15 +5,13 @@ file `ct3d.json`). MONAI's converters do the work and check the file against PyT
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
+import onnx
 import torch
+from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 
-from engine.config.schema import Config
-from engine.serving.inference import decision_settings, load_trained_model
-from engine.training.build import resolve_device
-from engine.utils.errors import CT3DError
+from engine.serving.inference import decision_settings
 from engine.utils.io import atomic_write
 
 METADATA_KEY = "ct3d"
@@ -33,14 +31,10 @@ def model_metadata(state: dict) -> dict:
 
 def export_model(model: torch.nn.Module, state: dict, path: Path, fmt: str) -> Path:
     """Writes `model` to `path` (atomically) as `fmt` and verifies it reproduces PyTorch within 1e-4."""
-    from monai.networks.utils import convert_to_onnx, convert_to_torchscript
-
     example = torch.randn(2, 1, *state["preprocessing"]["spatial_size"])
     metadata = json.dumps(model_metadata(state))
     with atomic_write(path) as tmp:
         if fmt == "onnx":
-            import onnx
-
             exported = convert_to_onnx(
                 model.cpu().eval(), [example], input_names=["image"], output_names=["logits"],
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, filename=str(tmp), verify=True,
@@ -53,19 +47,4 @@ def export_model(model: torch.nn.Module, state: dict, path: Path, fmt: str) -> P
             convert_to_torchscript(model.cpu().eval(), str(tmp), extra_files={f"{METADATA_KEY}.json": metadata},
                                    verify=True, inputs=[example], device=torch.device("cpu"), rtol=1e-4,
                                    atol=1e-4, use_trace=True)
-    return path
-
-
-def export(cfg: Config) -> Path:
-    """`export checkpoint=... format=onnx|torchscript`: output.dir/<output.name>/model.onnx (or model.pt)."""
-    model, state = load_trained_model(cfg.checkpoint, resolve_device("cpu"))
-    fmt = str(cfg.format)
-    folder = Path(cfg.output.dir) / (cfg.output.name or f"export-{datetime.now():%Y%m%d-%H%M%S}")
-    path = folder / ("model.onnx" if fmt == "onnx" else "model.pt")
-    try:
-        export_model(model, state, path, fmt)
-    except AssertionError as exc:  # MONAI's check: the file's outputs differ from PyTorch's
-        raise CT3DError(f"export {path}: the {fmt} model's outputs differ from PyTorch's ({exc})") from None
-    print(f"ct3d export: {cfg.checkpoint} -> {path} ({fmt}; labels, task, threshold and preprocessing "
-          f"in its metadata)")
     return path

@@ -1,5 +1,6 @@
-"""Using a trained model: load it from a checkpoint (its decisions and calibration, ensembles, TTA),
-`predict` probabilities for new volumes. `evaluate` is evaluation.py."""
+"""Using a trained model: load it from a checkpoint (its decisions and calibration, ensembles, TTA), list the
+volumes to predict, predict their probabilities and decisions, write predictions.csv and saliency maps.
+commands.py wires these into `predict`; `evaluate` is evaluation.py."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import csv
 import io
 import json
 import logging
-from datetime import datetime
 from pathlib import Path
 
 import torch
+from monai.inferers import Inferer
 
 from engine.config.loading import restore
-from engine.config.schema import Config, ModelConfig, PreprocessConfig
+from engine.config.schema import DataConfig, ModelConfig, PreprocessConfig
 from engine.data.datalist import (
     IMAGE,
     NAME,
@@ -22,11 +23,15 @@ from engine.data.datalist import (
     could_be_series,
     resolve_image,
 )
-from engine.data.loaders import loader_workers
+from engine.data.metadata import attach_metadata
 from engine.data.prepare import write_skipped
-from engine.data.preprocess import preprocess, preprocessing_transform
+from engine.data.preprocess import LEGACY_PREPROCESSING, preprocess, preprocessing_transform
 from engine.data.sources import find_volumes
-from engine.training.build import make_inferer, resolve_amp, resolve_device, to_device
+from engine.results.averaging import flipped_views, mean_probability, mean_thresholds
+from engine.results.calibration import apply_calibration, calibration_from
+from engine.results.metrics import decisions, probabilities
+from engine.results.saliency import input_space_maps, supports, write_maps
+from engine.training.build import to_device
 from engine.training.checkpoint import load_checkpoint
 from engine.training.models import create_model
 from engine.utils.errors import CT3DError
@@ -50,8 +55,6 @@ def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module
 
 def checkpoint_preprocessing(state: dict) -> PreprocessConfig:
     """The preprocessing a checkpoint was trained with (settings newer than it: as they were before)."""
-    from engine.data.preprocess import LEGACY_PREPROCESSING
-
     return restore(PreprocessConfig, {**LEGACY_PREPROCESSING, **state["preprocessing"]})
 
 
@@ -59,8 +62,6 @@ def decision_settings(state: dict) -> tuple[list[float], dict | None]:
     """The checkpoint's per-label thresholds and calibration ({"scale", "bias"}; None: uncalibrated; a
     temperature from before Platt scaling as its scale), fitted on the validation before it was written; a
     checkpoint from before any validation has its fixed threshold only."""
-    from engine.results.calibration import calibration_from
-
     fitted = state.get("calibration") or {}
     return (list(fitted.get("thresholds") or [state["threshold"]] * len(state["labels"])),
             calibration_from(fitted))
@@ -75,8 +76,6 @@ class Ensemble(torch.nn.Module):
         self.members, self.calibrations, self.task = torch.nn.ModuleList(models), calibrations, task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from engine.results.averaging import mean_probability
-
         return mean_probability([m(x) for m in self.members], self.calibrations, self.task)
 
 
@@ -90,8 +89,6 @@ def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Modu
             if state[key] != first[key]:
                 raise CT3DError(f"ensemble: {path} has other {key} than {paths[0]}: {state[key]} vs {first[key]}; "
                                 f"the members must be trained on the same labels with the same preprocessing")
-    from engine.results.averaging import mean_thresholds
-
     thresholds, calibrations = zip(*(decision_settings(state) for state in states))
     return Ensemble(list(models), list(calibrations), first["task"]).eval(), first, mean_thresholds(thresholds)
 
@@ -101,10 +98,6 @@ def with_tta(inferer, task: str, tta: str, calibration: dict | None = None):
     passes), each view calibrated first (`calibration`, fitted on single views, as an ensemble calibrates each
     member), returned as logits whose probabilities are that mean: the caller applies no calibration after
     it. MONAI's TestTimeAugmentation targets segmentation (it inverts spatial outputs)."""
-    from monai.inferers import Inferer
-
-    from engine.results.averaging import flipped_views, mean_probability
-
     if tta == "none":
         return inferer
 
@@ -117,20 +110,16 @@ def with_tta(inferer, task: str, tta: str, calibration: dict | None = None):
     return FlipAverage()
 
 
-def output_folder(cfg: Config, command: str) -> Path:
-    return Path(cfg.output.dir) / (cfg.output.name or f"{command}-{datetime.now():%Y%m%d-%H%M%S}")
-
-
-def _datalist_volumes(path: Path, cfg: Config) -> tuple[list[dict], list[Problem]]:
+def _datalist_volumes(path: Path, data: DataConfig) -> tuple[list[dict], list[Problem]]:
     if path.suffix.lower() == ".json":
-        names = [str(e["image"]) for e in json.loads(path.read_text()).get(cfg.data.json_train_key, [])]
+        names = [str(e["image"]) for e in json.loads(path.read_text()).get(data.json_train_key, [])]
     else:
         with open(path, newline="") as f:
-            names = [row[cfg.data.image_column] for row in csv.DictReader(f)]
-    root = Path(cfg.data.image_root) if cfg.data.image_root else path.parent
+            names = [row[data.image_column] for row in csv.DictReader(f)]
+    root = Path(data.image_root) if data.image_root else path.parent
     items, skipped = [], []
     for name in names:
-        image = resolve_image(name, root, cfg.data.layout)
+        image = resolve_image(name, root, data.layout)
         if image.exists() or could_be_series(image):
             items.append({IMAGE: str(image), NAME: name})
         else:
@@ -138,27 +127,25 @@ def _datalist_volumes(path: Path, cfg: Config) -> tuple[list[dict], list[Problem
     return items, skipped
 
 
-def list_inputs(source: str, cfg: Config) -> tuple[list[dict], list[Problem]]:
+def list_inputs(source: str, data: DataConfig) -> tuple[list[dict], list[Problem]]:
     """Items {"image", "name"} from a datalist, one volume, or a folder (volumes and DICOM series at any
     depth), and every entry left out with its reason."""
     path = Path(source)
     if not source or not path.exists():
         raise CT3DError(f"config error: input: {source!r} does not exist (a datalist, a volume or a folder)")
     if path.is_file() and path.suffix.lower() in (".csv", ".json"):
-        items, skipped = _datalist_volumes(path, cfg)
+        items, skipped = _datalist_volumes(path, data)
     else:
         items, skipped = find_volumes(path)
     if not items:
         raise CT3DError(f"input {path}: no volumes (NIfTI, NRRD, MHA files or DICOM series) found"
                         + "".join(f"\n  {p}" for p in skipped))
-    if cfg.data.metadata:  # raw scanner values: each volume's rescale and spacing (a volume without: skipped)
-        from engine.data.metadata import attach_metadata
-
-        (items,) = attach_metadata(cfg.data.metadata, (items,), skipped)
+    if data.metadata:  # raw scanner values: each volume's rescale and spacing (a volume without: skipped)
+        (items,) = attach_metadata(data.metadata, (items,), skipped)
     return items, skipped
 
 
-class _Readable(torch.utils.data.Dataset):
+class Readable(torch.utils.data.Dataset):
     """Preprocessed volumes for prediction; one that cannot be read becomes a reason, not a crash."""
 
     def __init__(self, items: list[dict], p: PreprocessConfig):
@@ -174,7 +161,7 @@ class _Readable(torch.utils.data.Dataset):
             return {"index": index, "error": str(exc)}
 
 
-def _batches(samples: list[dict]) -> tuple[list[dict], dict | None]:
+def collate_readable(samples: list[dict]) -> tuple[list[dict], dict | None]:
     good = [s for s in samples if "error" not in s]
     batch = {"index": [s["index"] for s in good], IMAGE: torch.stack([s[IMAGE] for s in good])} if good else None
     return [s for s in samples if "error" in s], batch
@@ -183,8 +170,6 @@ def _batches(samples: list[dict]) -> tuple[list[dict], dict | None]:
 def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predicted: set[str], folder: Path) -> None:
     """`saliency=true`: per predicted volume a NIfTI of Grad-CAM maps (one per label, in label order) on the
     volume's own grid, named as its row in predictions.csv."""
-    from engine.results.saliency import input_space_maps, supports, write_maps
-
     config = restore(ModelConfig, state["model_config"])
     if not supports(config):
         raise CT3DError(f"saliency: Grad-CAM needs a convolutional network; {config.name} has none")
@@ -199,35 +184,13 @@ def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predi
     log.info("saliency maps in %s (one per label, in the order of predictions.csv's columns)", folder)
 
 
-def predict(cfg: Config) -> Path:
-    """predictions.csv: one row per volume, one probability column per label of the checkpoint, then one 0/1
-    decision column per label at the checkpoint's thresholds (`<label>_decision`); with several checkpoints,
-    the mean of their probabilities, decided at their mean thresholds. Every input left out
-    (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
-    from engine.results.calibration import apply_calibration
-    from engine.results.metrics import decisions, probabilities
-
-    device = resolve_device(cfg.train.device)
-    if len(cfg.checkpoints) > 1:
-        if cfg.saliency:
-            raise CT3DError("config error: saliency: Grad-CAM maps are per model; predict with one checkpoint")
-        model, state, thresholds = load_ensemble(list(cfg.checkpoints), device)
-        calibration = None  # each member's is applied inside the ensemble
-        log.info("ensemble of %d models: %s", len(cfg.checkpoints), ", ".join(cfg.checkpoints))
-    else:
-        model, state = load_trained_model(cfg.checkpoint, device)
-        thresholds, calibration = decision_settings(state)
-    items, skipped = list_inputs(cfg.input, cfg)
-    batch_size = cfg.loader.val_batch_size or cfg.loader.batch_size
-    loader = torch.utils.data.DataLoader(_Readable(items, checkpoint_preprocessing(state)), batch_size=batch_size,
-                                         num_workers=loader_workers(cfg.loader, None), collate_fn=_batches)
-    inferer = with_tta(make_inferer(device, resolve_amp(cfg.train.amp, device)), state["task"], str(cfg.infer.tta),
-                       calibration)
-    if str(cfg.infer.tta) != "none":
-        calibration = None  # applied to each view inside the inferer
-    rows = []
+def predict_rows(model: torch.nn.Module, state: dict, items: list[dict], loader, inferer, device: torch.device,
+                 thresholds: list[float], calibration: dict | None) -> tuple[list[list], list[Problem]]:
+    """predictions.csv's rows (volume name, one probability per label, one 0/1 decision per label at
+    `thresholds`) and the volumes that could not be read, each with its reason."""
+    rows, skipped = [], []
     with torch.no_grad():
-        for errors, batch in tracked(loader, len(loader), "predict", batch_size, len(items)):
+        for errors, batch in tracked(loader, len(loader), "predict", loader.batch_size, len(items)):
             skipped += [Problem(items[e["index"]][IMAGE], e["error"], items[e["index"]][NAME]) for e in errors]
             if batch is not None:
                 logits = apply_calibration(inferer(batch[IMAGE].to(device).float(), model), calibration)
@@ -235,16 +198,16 @@ def predict(cfg: Config) -> Path:
                 decided = decisions(probs, state["task"], thresholds).int().tolist()
                 rows += [[items[i][NAME], *(f"{p:.6f}" for p in row), *d]
                          for i, row, d in zip(batch["index"], probs.tolist(), decided)]
-    folder = output_folder(cfg, "predict")
+    return rows, skipped
+
+
+def write_predictions(folder: Path, labels: list[str], rows: list[list], skipped: list[Problem]) -> Path:
+    """predictions.csv (a probability column per label, then a `<label>_decision` column per label) and
+    skipped.csv (every input left out, with its reason)."""
     buf = io.StringIO()
-    header = ["VolumeName", *state["labels"], *(f"{name}_decision" for name in state["labels"])]
+    header = ["VolumeName", *labels, *(f"{name}_decision" for name in labels)]
     csv.writer(buf).writerows([header, *rows])
     write_text(folder / "predictions.csv", buf.getvalue())
     if skipped:
         write_skipped(folder, skipped)
-    if cfg.saliency:  # after predictions.csv: a map that fails loses no prediction
-        write_saliency(model, state, items, {row[0] for row in rows}, folder / "saliency")
-    print(f"ct3d predict: {len(rows)} volume(s) -> {folder / 'predictions.csv'}"
-          + (f"; {len(skipped)} input(s) left out, listed in {folder / 'skipped.csv'}:" if skipped else "")
-          + "".join(f"\n  {p}" for p in skipped))
     return folder / "predictions.csv"

@@ -17,6 +17,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from engine.config.metric_registry import METRICS
 from engine.results.metrics import classification_metrics, probabilities
 from engine.utils.io import write_text
 
@@ -184,9 +185,7 @@ class MetricsTable:
             raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
         self.path, self.key, self.history, self.validation = Path(path), key, history, validation
         self.sign, self.beta, self.write = 1.0 if mode == "max" else -1.0, beta, write
-        self.columns = ["epoch", "iteration", "train_loss", "lr", "val_loss",
-                        "auc_macro", "auc_labels", "auc_micro", "fbeta_macro", "fbeta_micro", "precision", "recall",
-                        "specificity", "accuracy", "ece_macro", "seconds"]
+        self.columns = ["epoch", "iteration", "train_loss", "lr", *METRICS, "seconds"]
         self.columns += [f"auc/{n}" for n in names] + [f"fbeta/{n}" for n in names]
         self.rows: list[dict] = []
         self.best: dict | None = None

@@ -1,16 +1,23 @@
 """The training step's bookkeeping without a host sync or a collective per step (StepLog: the loss, a NaN stop,
-the flags of SIGTERM and the checkpoint clock, reduced once per train.log_every), and rank 0's verdict on
-stopping made every rank's (share_stop)."""
+the flags of SIGTERM and the checkpoint clock, reduced once per train.log_every), what stops a run (early
+stopping, rank 0's verdict made every rank's) and how it ends (run_to_end)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Callable
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping
+
+from engine.training.checkpoint import Checkpoints, Resume
+from engine.training.handlers import MetricsTable
+from engine.training.ranks import on_rank_0
+from engine.utils.errors import CT3DError, Interrupted
 
 log = logging.getLogger("ct3d")
 
@@ -104,3 +111,49 @@ def share_stop(trainer: Engine, evaluator: Engine) -> None:
             trainer.should_terminate = bool(verdict > 0)
 
     evaluator.add_event_handler(Events.COMPLETED, decide)
+
+
+def early_stopping(trainer: Engine, evaluator: Engine, key: str, mode: str, patience: int,
+                   min_delta: float) -> EarlyStopping:
+    """Ignite's EarlyStopping on the `key` metric after each validation (NaN counts as no improvement)."""
+    sign = 1.0 if mode == "max" else -1.0
+
+    def score(engine: Engine) -> float:
+        value = engine.state.metrics[key]
+        return -math.inf if value is None or math.isnan(value) else sign * value
+
+    stopper = EarlyStopping(patience, score, trainer, min_delta=min_delta)
+    evaluator.add_event_handler(Events.COMPLETED, stopper)
+    return stopper
+
+
+def run_to_end(trainer: Engine, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path,
+               steps: StepLog) -> Callable[[], None]:
+    """Runs the trainer. A diverged loss (the step log saw a NaN or infinite loss on some rank: every rank
+    stopped at the same iteration) is a clear error on every rank, and no final.pt with NaN weights is written:
+    last.pt holds the last good state. Returns what completes the checkpoints (waits for the last epoch's
+    write, then final.pt unless this start found the run finished and final.pt there)."""
+    try:
+        trainer.run()
+    except BaseException:
+        checkpoints.wait()
+        raise
+    finally:
+        checkpoints.on_signal.restore()
+    if checkpoints.stopped:
+        checkpoints.wait()
+        raise Interrupted(f"stopped by SIGTERM at iteration {trainer.state.iteration}; "
+                          f"{folder / 'checkpoints' / 'last.pt'} holds it: run again to continue")
+    if steps.diverged:
+        checkpoints.wait()
+        raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
+                        f"the loss became NaN or infinite (mean of the last reduce: {steps.running_loss:g}). The last "
+                        f"good state is {folder / 'checkpoints' / 'last.pt'}; try a lower train.lr, train.amp=off, "
+                        f"or check the data")
+    if not table.rows:
+        checkpoints.wait()
+        raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
+    # every rank takes the same branch (save_final gathers from all): rank 0's view of the disk decides
+    final = folder / "checkpoints" / "final.pt"
+    finished = trainer.state.epoch == resume.epoch and on_rank_0(final.is_file)
+    return checkpoints.wait if finished else checkpoints.save_final

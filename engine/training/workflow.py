@@ -1,24 +1,33 @@
-"""The wiring: the one place that knows every part. Read `train` top to bottom to follow a run:
-config -> datalists -> cached preprocessing -> loaders -> model, loss, optimizer -> MONAI trainer and
-evaluator with handlers -> checkpoints, metrics.csv, summary.json and the report."""
+"""The wiring: the one module that holds the whole config; everything it calls takes plain arguments or the
+config section it needs. Read `train` top to bottom to follow a run: config -> datalists -> cached
+preprocessing -> loaders -> model, loss, optimizer -> MONAI trainer and evaluator with handlers -> checkpoints,
+metrics.csv; then `close_run`: summary.json, the report and the test set's figures."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
+import yaml
+from ignite.engine import Engine, Events
+from monai.handlers import LrScheduleHandler
 
 from engine.config.loading import plain, to_yaml
 from engine.config.schema import Config
-from engine.data.cache import release_ram
-from engine.data.datalist import label_frequencies
+from engine.data.cache import build_dataset, release_ram
+from engine.data.datalist import Problem, label_frequencies
 from engine.data.loaders import make_datasets, make_loader
-from engine.data.prepare import Splits, prepare_data, write_skipped
+from engine.data.prepare import Splits, disk_dir, prepare_data, write_skipped
 from engine.data.run_split import check_same_run, split_rows, write_split
+from engine.results.report import draw_panels, report_title, write_report
+from engine.results.saliency import report_panels
 from engine.training.augment import DeviceAugmentation
 from engine.training.build import (
     attach_validation,
@@ -34,30 +43,47 @@ from engine.training.build import (
     setup_torch,
     use_every_cpu,
 )
-from engine.training.checkpoint import (
-    Checkpoints,
-    Resume,
-    load_checkpoint,
-    resume_checkpoint,
-)
+from engine.training.checkpoint import Checkpoints, Resume, load_checkpoint, resume_checkpoint
 from engine.training.handlers import History, MetricsTable, Progress, SyncBuffers
 from engine.training.models import FreezeBackbone
-from engine.training.outputs import timed_call, write_outputs
+from engine.training.outputs import (
+    best_statistics,
+    best_thresholds,
+    in_gathered_order,
+    summary_table,
+    test_block,
+    timed_call,
+)
+from engine.training.ranks import on_rank_0
 from engine.training.state import RandomState, ScalerState, TrainerState
-from engine.training.steps import StepLog, share_stop
-from engine.utils.errors import CT3DError, Interrupted
-from engine.utils.io import write_text
+from engine.training.steps import StepLog, early_stopping, run_to_end, share_stop
+from engine.training.tracking import WandbTracker
+from engine.utils.io import write_json, write_text
 
 log = logging.getLogger("ct3d")
+
+
+@dataclass
+class Parts:
+    """A run's built parts, as the handlers and the closing need them."""
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    trainer: Engine
+    evaluator: Engine
+    table: MetricsTable
+    history: History
+    steps: StepLog
+    to_save: dict
+    scheduler: object
+    datasets: tuple
+    device: torch.device
+    tracker: WandbTracker | None = None
+    checkpoints: Checkpoints | None = None
 
 
 def train(cfg: Config, attach=None) -> Path:
     """Trains per `cfg`; returns the run folder. `attach(trainer, evaluator)` adds handlers of a caller's
     own after ours (a sweep's pruning)."""
-    import ignite.distributed as idist
-    from ignite.engine import Events
-    from monai.handlers import LrScheduleHandler
-
     start, rank = time.time(), idist.get_rank()
     main = rank == 0  # only rank 0 writes files, logs progress, talks to W&B
     setup_logging(main)
@@ -66,15 +92,17 @@ def train(cfg: Config, attach=None) -> Path:
     amp_dtype = resolve_amp(cfg.train.amp, device)
     data = prepare_data_in_shares(cfg, progress=main)
     folder = run_folder(cfg.output, cfg.model)
-    resume_path = resume_from(cfg, folder)
-    resume_state = None
-    if resume_path is not None:  # read once, memory-mapped: the check reads the metadata, the resume the rest
-        resume_state = load_checkpoint(resume_path, mmap=True)
-        check_same_run(resume_state, resume_path, folder, cfg, data)
+    resume_path = on_rank_0(  # every rank loads the file rank 0 chose (rank 0 may be writing)
+        lambda: resume_checkpoint(cfg.train.resume, folder / "checkpoints"))
+    # read once, memory-mapped: the check reads the metadata, the resume the rest
+    resume_state = None if resume_path is None else load_checkpoint(resume_path, mmap=True)
+    if resume_state is not None:
+        check_same_run(resume_state, resume_path, folder, data, str(cfg.data.task), cfg.preprocess,
+                       cfg.data.patient_pattern)
     if main:
         write_run_start(folder, cfg, data)
-
-    train_ds, val_ds = make_datasets(cfg, data.train, data.val, main and sys.stderr.isatty())  # bars: terminals
+    train_ds, val_ds = make_datasets(data.train, data.val, cfg.preprocess, cfg.cache, cfg.train.seed,
+                                     main and sys.stderr.isatty())  # progress bars: terminals only
     per_rank = math.ceil(len(data.train) / idist.get_world_size())
     train_loader = make_loader(train_ds, cfg.loader, device, shuffle_seed=cfg.train.seed, per_rank=per_rank)
     net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
@@ -86,39 +114,18 @@ def train(cfg: Config, attach=None) -> Path:
     evaluator, validation = make_evaluator(net, make_loader(val_ds, cfg.loader, device), device, amp_dtype,
                                            cfg.metrics, data.labels, task, make_loss(cfg.train, task, frequencies))
     history, steps = History(optimizer), StepLog(cfg.train.log_every, stop_on_nan=amp_dtype != torch.float16)
-    table = MetricsTable(folder / "metrics.csv", str(cfg.metrics.key), history, data.labels, validation,
+    table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, history, data.labels, validation,
                          str(cfg.metrics.mode), cfg.metrics.beta, write=main)
     to_save = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "scaler": ScalerState(trainer),
                "trainer": TrainerState(trainer), "metrics_table": table, "history": history, "rng": RandomState(),
                "calibration": validation, "steps": steps}
-
-    # Handlers, in the order they run on each event.
+    parts = Parts(net, optimizer, trainer, evaluator, table, history, steps, to_save, scheduler,
+                  (train_ds, val_ds), device)
     resume = Resume(resume_path, to_save, resume_state)
     resume.attach(trainer)
     total_steps = cfg.train.epochs * len(train_loader)  # a raised train.epochs extends a resumed schedule
     trainer.add_event_handler(Events.STARTED, lambda _: setattr(scheduler, "t_total", total_steps))
-    if cfg.train.freeze_epochs:
-        FreezeBackbone(net, cfg.model, cfg.train.freeze_epochs).attach(trainer)
-    if cfg.augment.enabled:
-        voxel = cfg.preprocess.spacing if cfg.preprocess.resize == "crop_pad" else None  # resize: voxels vary
-        DeviceAugmentation(cfg.augment, device, cfg.train.seed + 1000 * rank, voxel).attach(trainer)
-    LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
-    steps.attach(trainer)
-    if main:
-        Progress(history, steps).attach(trainer)
-    SyncBuffers(net).attach(trainer)
-    attach_validation(trainer, evaluator, cfg.train.val_every)
-    table.attach(trainer, evaluator)
-    history.attach(trainer)  # after validation, before checkpoints: see History
-    if cfg.train.early_stopping_patience:
-        to_save["early_stopping"] = early_stopping(cfg, trainer, evaluator)
-    tracker = tracking(cfg, folder, trainer, evaluator, optimizer, steps) if main else None
-    if tracker is not None:
-        to_save["tracking"] = tracker
-    meta = {"labels": data.labels, "task": task, "model_config": plain(cfg.model),
-            "preprocessing": plain(cfg.preprocess), "threshold": cfg.metrics.threshold}
-    checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
-    checkpoints.attach(trainer, table, steps)
+    attach_handlers(cfg, parts, folder, data, rank)
     if attach is not None:
         attach(trainer, evaluator)
     share_stop(trainer, evaluator)  # last: whatever stops the run (early stopping, a sweep's pruner), rank 0 decides
@@ -126,57 +133,50 @@ def train(cfg: Config, attach=None) -> Path:
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
              cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")
     clock = [start, time.time()]  # the phases summary.json times: start-up, training, closing
-    finish_checkpoints = run_to_end(trainer, checkpoints, table, resume, folder, steps)
+    finish_checkpoints = run_to_end(trainer, parts.checkpoints, table, resume, folder, steps)
     clock.append(history.epoch_ended_at or time.time())  # closing: from the last validation on
-    # Training is over: the closing needs the memory, not the gradients, the RAM cache or (once a checkpoint holds
-    # it: the last epoch's copy is being written) the optimizer's state, so its peak stays below training's.
-    optimizer.zero_grad(set_to_none=True)
-    for dataset in (train_ds, val_ds):
-        release_ram(dataset)
-    parts = {"after the last epoch": round(time.time() - clock[2], 3)}  # the closing's parts, each timed
-
-    def finish() -> None:  # the last epoch's write, final.pt; then the optimizer's state can go
-        finish_checkpoints()
-        optimizer.state.clear()
-
-    if idist.get_world_size() > 1:
-        timed_call(parts, "checkpoints", finish)
-        idist.barrier()  # the last checkpoint is written: the other ranks leave, their GPUs (pods) free
-        if not main:
-            return folder
-        use_every_cpu()
-        finish = None
-    elif checkpoints.holds_current():  # one process: the write overlaps the closing's first parts
-        optimizer.state.clear()
-    summary = {
-        "run": str(folder), "labels": data.labels, "task": task, "device": str(device),
-        "train_volumes": len(data.train), "val_volumes": len(data.val), "test_volumes": len(data.test),
-        "skipped": len(data.skipped),
-        "selection_set": "validation: the best epoch, thresholds and calibration were chosen on it, so its figures "
-                         "(best, bootstrap) are optimistic; publish the test block's",
-        "key_metric": str(cfg.metrics.key), "best_epoch": table.best["epoch"], "best": table.best,
-        "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
-        "epoch_seconds": history.epoch_seconds,
-    }
-    write_outputs(folder, summary, table, history, cfg, tracker, net, data, clock, parts, finish)
+    close_run(cfg, parts, folder, data, clock, finish_checkpoints)
     return folder
 
 
+def attach_handlers(cfg: Config, parts: Parts, folder: Path, data: Splits, rank: int) -> None:
+    """Our handlers, in the order they run on each event: backbone freezing, device augmentation, the LR
+    schedule, step log, progress, validation, metrics.csv, history, early stopping, W&B and checkpoints."""
+    trainer, evaluator, to_save, main = parts.trainer, parts.evaluator, parts.to_save, rank == 0
+    if cfg.train.freeze_epochs:
+        FreezeBackbone(parts.net, cfg.model, cfg.train.freeze_epochs).attach(trainer)
+    if cfg.augment.enabled:
+        voxel = cfg.preprocess.spacing if cfg.preprocess.resize == "crop_pad" else None  # resize: voxels vary
+        DeviceAugmentation(cfg.augment, parts.device, cfg.train.seed + 1000 * rank, voxel).attach(trainer)
+    LrScheduleHandler(parts.scheduler, epoch_level=False, print_lr=False).attach(trainer)
+    parts.steps.attach(trainer)
+    if main:
+        Progress(parts.history, parts.steps).attach(trainer)
+    SyncBuffers(parts.net).attach(trainer)
+    attach_validation(trainer, evaluator, cfg.train.val_every)
+    parts.table.attach(trainer, evaluator)
+    parts.history.attach(trainer)  # after validation, before checkpoints: see History
+    if cfg.train.early_stopping_patience:
+        to_save["early_stopping"] = early_stopping(trainer, evaluator, cfg.metrics.key, str(cfg.metrics.mode),
+                                                   cfg.train.early_stopping_patience,
+                                                   cfg.train.early_stopping_min_delta)
+    if main and cfg.tracking.wandb.mode != "disabled":  # W&B logs the config as saved, secrets blanked
+        parts.tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
+        parts.tracker.attach(trainer, evaluator, parts.optimizer, parts.steps)
+        to_save["tracking"] = parts.tracker
+    meta = {"labels": data.labels, "task": str(cfg.data.task), "model_config": plain(cfg.model),
+            "preprocessing": plain(cfg.preprocess), "threshold": cfg.metrics.threshold}
+    parts.checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
+    parts.checkpoints.attach(trainer, parts.table, parts.steps)
+
+
 def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
-    """Under torchrun rank 0 reads the datalists (and writes the demo's phantoms) and looks up every row's file,
-    once, and the other ranks receive the items; every rank then checks, and fills the disk cache with, its own
-    share of the volumes, so a rank waits for the slowest share, never for one rank to read the whole data
-    set; the ranks then pool what they found."""
-    import json
-    from dataclasses import asdict
-
-    import ignite.distributed as idist
-
-    from engine.data.datalist import Problem
-
+    """Under torchrun rank 0 reads the datalists (and writes the demo's phantoms) once and the other ranks receive
+    the items; each rank checks, and fills the disk cache with, its own share of the volumes (a rank waits for
+    the slowest share, never for one rank reading the whole data set); the ranks then pool what they found."""
     rank, world = idist.get_rank(), idist.get_world_size()
     if world == 1:
-        return prepare_data(cfg, progress)
+        return prepare_data(cfg.data, cfg.preprocess, cfg.cache, progress)
 
     def pool(mine: list) -> list:
         # Where a cold cache makes ranks wait on the slowest: said in every pod's log before the wait, for NCCL's
@@ -188,32 +188,8 @@ def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
         every = idist.all_gather(json.dumps([asdict(p) for p in mine]))
         return [Problem(**p) for text in every for p in json.loads(text)]
 
-    return prepare_data(cfg, progress, share=(rank, world), pool=pool, once=on_rank_0)
-
-
-def on_rank_0(fn):
-    """fn() on rank 0, its result (or the error it raised: the same CT3DError, or a RuntimeError saying what
-    rank 0 met) on every rank; with one process, fn()."""
-    import ignite.distributed as idist
-
-    if idist.get_world_size() == 1:
-        return fn()
-    import torch.distributed as dist
-
-    shared: list = [None]
-    caught: BaseException | None = None
-    if idist.get_rank() == 0:
-        try:
-            shared[0] = (fn(), None, False)
-        except Exception as exc:  # noqa: BLE001 - every rank must leave the broadcast, then each raises
-            caught, shared[0] = exc, (None, str(exc), isinstance(exc, CT3DError))
-    dist.broadcast_object_list(shared, src=0)
-    result, error, ours = shared[0]
-    if caught is not None:
-        raise caught
-    if error is not None:
-        raise CT3DError(error) if ours else RuntimeError(f"rank 0 failed: {error}")
-    return result
+    return prepare_data(cfg.data, cfg.preprocess, cfg.cache, progress, share=(rank, world), pool=pool,
+                        once=on_rank_0)
 
 
 def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
@@ -226,67 +202,99 @@ def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
              ", ".join(data.labels))
 
 
-def tracking(cfg: Config, folder: Path, trainer, evaluator, optimizer, steps: StepLog):
-    """The W&B tracker, attached (None when tracking is off); it logs the config as saved, secrets blanked."""
-    import yaml
+def close_run(cfg: Config, parts: Parts, folder: Path, data: Splits, clock: list[float], finish_checkpoints) -> None:
+    """After the last epoch. Training is over: the closing needs the memory, not the gradients, the RAM cache or
+    (once a checkpoint holds it: the last epoch's copy is being written) the optimizer's state, so its peak stays
+    below training's. Under torchrun the other ranks leave once the last checkpoint is written."""
+    optimizer, table, trainer = parts.optimizer, parts.table, parts.trainer
+    optimizer.zero_grad(set_to_none=True)
+    for dataset in parts.datasets:
+        release_ram(dataset)
+    timing = {"after the last epoch": round(time.time() - clock[2], 3)}  # the closing's parts, each timed
 
-    from engine.training.tracking import WandbTracker
+    def finish() -> None:  # the last epoch's write, final.pt; then the optimizer's state can go
+        finish_checkpoints()
+        optimizer.state.clear()
 
-    if cfg.tracking.wandb.mode == "disabled":
-        return None
-    tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
-    tracker.attach(trainer, evaluator, optimizer, steps)
-    return tracker
-
-
-def resume_from(cfg: Config, folder: Path) -> Path | None:
-    """The checkpoint to resume from; every rank loads the file rank 0 chose (rank 0 may be writing)."""
-    return on_rank_0(lambda: resume_checkpoint(cfg.train.resume, folder / "checkpoints"))
-
-
-def early_stopping(cfg: Config, trainer, evaluator):
-    """Ignite's EarlyStopping on the key metric after each validation (NaN counts as no improvement)."""
-    from ignite.engine import Events
-    from ignite.handlers import EarlyStopping
-
-    sign, key = (1.0 if cfg.metrics.mode == "max" else -1.0), str(cfg.metrics.key)
-
-    def score(engine) -> float:
-        value = engine.state.metrics[key]
-        return -math.inf if value is None or math.isnan(value) else sign * value
-
-    stopper = EarlyStopping(cfg.train.early_stopping_patience, score, trainer,
-                            min_delta=cfg.train.early_stopping_min_delta)
-    evaluator.add_event_handler(Events.COMPLETED, stopper)
-    return stopper
+    if idist.get_world_size() > 1:
+        timed_call(timing, "checkpoints", finish)
+        idist.barrier()  # the last checkpoint is written: the other ranks leave, their GPUs (pods) free
+        if idist.get_rank() != 0:
+            return
+        use_every_cpu()
+        finish = None
+    elif parts.checkpoints.holds_current():  # one process: the write overlaps the closing's first parts
+        optimizer.state.clear()
+    summary = {
+        "run": str(folder), "labels": data.labels, "task": str(cfg.data.task), "device": str(parts.device),
+        "train_volumes": len(data.train), "val_volumes": len(data.val), "test_volumes": len(data.test),
+        "skipped": len(data.skipped),
+        "selection_set": "validation: the best epoch, thresholds and calibration were chosen on it, so its figures "
+                         "(best, bootstrap) are optimistic; publish the test block's",
+        "key_metric": cfg.metrics.key, "best_epoch": table.best["epoch"], "best": table.best,
+        "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
+        "epoch_seconds": parts.history.epoch_seconds,
+    }
+    write_outputs(cfg, parts, folder, data, summary, clock, timing, finish)
 
 
-def run_to_end(trainer, checkpoints: Checkpoints, table: MetricsTable, resume: Resume, folder: Path, steps: StepLog):
-    """Runs the trainer. A diverged loss (the step log saw a NaN or infinite loss on some rank: every rank
-    stopped at the same iteration) is a clear error on every rank, and no final.pt with NaN weights is written:
-    last.pt holds the last good state. Returns what completes the checkpoints (waits for the last epoch's
-    write, then final.pt unless this start found the run finished and final.pt there)."""
+def write_outputs(cfg: Config, parts: Parts, folder: Path, data: Splits, summary: dict, clock: list[float],
+                  timing: dict[str, float], finish_checkpoints=None) -> None:
+    """Rank 0's closing work: the best validation's statistics and the report's panels (with one process, while
+    the last epoch's checkpoint is written: `finish_checkpoints` waits for it, writes final.pt), the best model's
+    Grad-CAM panels and held-out test scores, the report, the W&B run's end, summary.json (phase times: `clock`
+    holds the run's, training's and the closing's starts; `timing` the closing's parts) and the printed table."""
+    table, best, task, labels = parts.table, parts.table.best_outputs, str(cfg.data.task), data.labels
+    sections, panels, page = [], [], b""
     try:
-        trainer.run()
-    except BaseException:
-        checkpoints.wait()
-        raise
+        summary.update(timed_call(timing, "statistics", best_statistics, best, data.val, labels, task,
+                                  cfg.data.patient_pattern, cfg.metrics))
+        summary["wall_seconds"] = round(time.time() - clock[0], 1)  # so far, for the report; summary.json: all
+        if best and cfg.report.panels:
+            panels, page = timed_call(timing, "report panels", draw_panels, table.rows, parts.history.lr_history,
+                                      best["probs"], best["labels"], labels, task,
+                                      list(summary["thresholds"].values()), cfg.metrics.beta, summary["best"],
+                                      summary["calibration"]["bins"], report_title(summary))
     finally:
-        checkpoints.on_signal.restore()
-    if checkpoints.stopped:
-        checkpoints.wait()
-        raise Interrupted(f"stopped by SIGTERM at iteration {trainer.state.iteration}; "
-                          f"{folder / 'checkpoints' / 'last.pt'} holds it: run again to continue")
-    if steps.diverged:
-        checkpoints.wait()
-        raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
-                        f"the loss became NaN or infinite (mean of the last reduce: {steps.running_loss:g}). The last "
-                        f"good state is {folder / 'checkpoints' / 'last.pt'}; try a lower train.lr, train.amp=off, "
-                        f"or check the data")
-    if not table.rows:
-        checkpoints.wait()
-        raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
-    # every rank takes the same branch (save_final gathers from all): rank 0's view of the disk decides
-    final = folder / "checkpoints" / "final.pt"
-    finished = trainer.state.epoch == resume.epoch and on_rank_0(final.is_file)
-    return checkpoints.wait if finished else checkpoints.save_final
+        if finish_checkpoints is not None:
+            timed_call(timing, "checkpoints", finish_checkpoints)
+    report_png = None
+    if best:
+        # The network holds the best weights when the last epoch was the best: best.pt need not be read.
+        # (Before the panels, beside the checkpoint write, both took longer: two cores, measured.)
+        if summary["best_epoch"] != summary["final"]["epoch"]:
+            parts.net.load_state_dict(load_checkpoint(folder / "checkpoints" / "best.pt", mmap=True)["model"])
+        sections = timed_call(timing, "saliency", saliency_panels, cfg, parts.net, data, best)
+        if data.test:  # the net holds the best epoch's weights now
+            summary["test"] = timed_call(timing, "test set", score_test_set, cfg, parts.net, data, best)
+        report_png, _ = timed_call(timing, "report", write_report, folder, panels, page, summary, to_yaml(cfg),
+                                   sections)
+    if parts.tracker is not None:
+        timed_call(timing, "tracking", parts.tracker.finish, report_png, folder / "checkpoints" / "best.pt", summary)
+    end = time.time()
+    summary["phases"] = {"start_up": round(clock[1] - clock[0], 2), "training": round(clock[2] - clock[1], 2),
+                         "closing": round(end - clock[2], 2), "closing_parts": timing,
+                         "clock": [clock[0], clock[1], clock[2], end]}
+    summary["wall_seconds"] = round(end - clock[0], 1)
+    write_json(folder / "summary.json", summary)
+    log.info("closing took %.1f s (%s)", end - clock[2], ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()))
+    print(f"\nct3d run {folder} finished in {summary['wall_seconds']:.0f} s\n{summary_table(summary, labels)}")
+
+
+def saliency_panels(cfg: Config, net: torch.nn.Module, data: Splits, best: dict) -> list:
+    """The report's Grad-CAM panels of the best epoch's network on the training device, from the disk cache
+    (rank 0 holds only its share in RAM), each chosen volume read once."""
+    dataset = build_dataset(in_gathered_order(data.val, best, idist.get_world_size()), cfg.preprocess,
+                            disk_dir(cfg.cache), 0.0, cfg.cache.workers)
+    return report_panels(net, cfg.model, dataset, data.labels, best["probs"], best["labels"],
+                         best_thresholds(best, data.labels, cfg.metrics.threshold), cfg.report.saliency_positives,
+                         cfg.report.saliency_negatives, volumes_per_pass=cfg.loader.batch_size)
+
+
+def score_test_set(cfg: Config, net: torch.nn.Module, data: Splits, best: dict) -> dict:
+    """The held-out test set's block of summary.json (the figures to publish)."""
+    dataset = build_dataset(data.test, cfg.preprocess, disk_dir(cfg.cache), 0.0, cfg.cache.workers)
+    device = next(net.parameters()).device
+    return test_block(net, dataset, data.test, data.labels, str(cfg.data.task), best,
+                      cfg.loader.val_batch_size or cfg.loader.batch_size, resolve_amp(cfg.train.amp, device),
+                      cfg.data.patient_pattern, cfg.metrics)

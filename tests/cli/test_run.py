@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.config.loading import load_config
-from engine.serving.evaluation import evaluate
+from engine.serving.commands import evaluate
 from helpers import ENV, ROOT, SCHEMA_DEFAULTS, TEXT, cli, command, tiny_overrides
 
 

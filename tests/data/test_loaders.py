@@ -18,7 +18,7 @@ def test_ranks_hold_disjoint_shares_and_take_equal_steps_over_every_sample(monke
     for rank in range(3):
         monkeypatch.setattr(idist, "get_rank", lambda r=rank: r)
         monkeypatch.setattr(idist, "get_world_size", lambda: 3)
-        train_ds, val_ds = make_datasets(cfg, items, items, progress=False)
+        train_ds, val_ds = make_datasets(items, items, cfg.preprocess, cfg.cache, cfg.train.seed, progress=False)
         shares.append([it["name"] for it in train_ds.items])
         sampler = make_loader(train_ds, cfg.loader, torch.device("cpu"), shuffle_seed=0, per_rank=3).sampler
         sampler.set_epoch(1)
@@ -64,8 +64,9 @@ def test_fewer_volumes_than_ranks_training_refused_validation_stands_in(monkeypa
     monkeypatch.setattr(idist, "get_world_size", lambda: 4)
     monkeypatch.setattr(idist, "get_rank", lambda: 3)
     with pytest.raises(CT3DError, match="3 training volume.*4 ranks"):
-        make_datasets(cfg, items, items, progress=False)
-    _, val = make_datasets(cfg, items * 2, items, progress=False)  # rank 3 has no validation volume
+        make_datasets(items, items, cfg.preprocess, cfg.cache, cfg.train.seed, progress=False)
+    # rank 3 has no validation volume
+    _, val = make_datasets(items * 2, items, cfg.preprocess, cfg.cache, cfg.train.seed, progress=False)
     assert len(val.items) == 1 and math.isnan(val.items[0]["label"][0])  # a stand-in the metrics drop
 
 
@@ -120,9 +121,10 @@ def test_ranks_read_the_ram_budget_at_one_moment_and_share_the_lowest_rate(monke
     monkeypatch.setattr(idist, "barrier", lambda: events.append("barrier"))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: events.append("measure") or SimpleNamespace(available=1e15))
     monkeypatch.setattr(idist, "all_reduce", lambda value, op: events.append(("reduce", op, value)) or 0.25)
-    monkeypatch.setattr(cache, "build_dataset", lambda items, p, disk, rate, *a: rates.append(rate) or cache.Labelled(
+    monkeypatch.setattr(loaders, "build_dataset", lambda items, p, disk, rate, *a: rates.append(rate) or cache.Labelled(
         None, items))
     items = [{"image": f"v{i}", "label": [0.0], "name": f"v{i}"} for i in range(4)]
-    loaders.make_datasets(load_config(None, ["data.demo.enabled=true", "cache.memory_rate=1"]), items, items, False)
+    cfg = load_config(None, ["data.demo.enabled=true", "cache.memory_rate=1"])
+    loaders.make_datasets(items, items, cfg.preprocess, cfg.cache, cfg.train.seed, False)
     assert events == ["barrier", "measure", ("reduce", "MIN", 1.0)]
     assert rates == [0.25, 0.25]

@@ -73,7 +73,7 @@ def test_cv_resumes_after_a_kill_mid_fold_and_finishes_the_rest(cv_run, tiny_dem
 
 def test_ensemble_of_two_fold_checkpoints_gives_the_mean_of_their_probabilities(cv_run, tiny_demo, tmp_path):
     from engine.data.demo import LABELS
-    from engine.serving.inference import predict
+    from engine.serving.commands import predict
 
     folds, _, _, _ = cv_run
     a, b = (folds / f"fold{k}" / "checkpoints" / "best.pt" for k in (0, 1))
@@ -94,7 +94,7 @@ def test_ensemble_of_two_fold_checkpoints_gives_the_mean_of_their_probabilities(
 
 
 def test_ensemble_members_must_share_labels_and_preprocessing(cv_run, tiny_demo, tmp_path):
-    from engine.serving.inference import predict
+    from engine.serving.commands import predict
     from engine.training.checkpoint import load_checkpoint, save_checkpoint
 
     folds, _, _, _ = cv_run

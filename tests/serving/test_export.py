@@ -9,7 +9,7 @@ import torch
 from engine.config.loading import load_config
 from engine.data.demo import LABELS, phantom
 from engine.data.preprocess import preprocessing_transform
-from engine.serving.export import export
+from engine.serving.commands import export
 from engine.serving.inference import checkpoint_preprocessing, load_trained_model
 from engine.training.workflow import train
 from helpers import tiny_overrides

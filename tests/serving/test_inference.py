@@ -7,8 +7,7 @@ import pytest
 
 from engine.config.loading import load_config
 from engine.data.demo import LABELS, phantom
-from engine.serving.evaluation import evaluate
-from engine.serving.inference import predict
+from engine.serving.commands import evaluate, predict
 from engine.training.checkpoint import load_checkpoint
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError

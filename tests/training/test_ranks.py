@@ -106,7 +106,7 @@ def test_a_mid_epoch_checkpoint_is_refused_under_another_seed(monkeypatch):
 def test_what_rank_0_met_reaches_every_rank(monkeypatch):
     import torch.distributed as dist
 
-    from engine.training.workflow import on_rank_0
+    from engine.training.ranks import on_rank_0
 
     ranks(monkeypatch, 1, 2)
     monkeypatch.setattr(dist, "broadcast_object_list",

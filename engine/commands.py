@@ -1,0 +1,70 @@
+"""The commands of `python -m engine.run` once the config is valid: each one's entry from the whole config,
+in this process or (train) on every rank under torchrun. engine.run imports this module only after the config
+checks, so a config error or --help never waits for torch and MONAI."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import timedelta
+
+import ignite.distributed as idist
+import torch
+
+from engine.config.schema import Config
+from engine.data import prepare
+from engine.data.sharing import parse_shard
+from engine.experiments import cv, sweep
+from engine.serving import commands as serving
+from engine.training import workflow
+from engine.training.build import setup_logging
+from engine.training.ranks import init_process_group
+from engine.utils.errors import CT3DError, Transient
+
+
+def dispatch(args: argparse.Namespace, cfg: Config) -> int:
+    """Runs `args.command` in this process; its exit code."""
+    if args.command == "train":
+        workflow.train(cfg)  # sets up logging per rank
+        return 0
+    setup_logging()
+    if args.command in ("cv", "sweep"):
+        {"cv": cv.cv, "sweep": sweep.sweep}[args.command](cfg)
+        return 0
+    if args.quick and args.command != "check":
+        raise CT3DError(f"--quick is for the check command, not {args.command}")
+    if args.shard is not None and args.command != "cache":
+        raise CT3DError(f"--shard is for the cache command, not {args.command}")
+    if args.command == "check":
+        if args.quick:
+            prepare.check_lists(cfg.data, cfg.cache, cfg.output.dir)
+            return 0
+        return 1 if prepare.check(cfg.data, cfg.preprocess, cfg.cache, cfg.output.dir) else 0
+    if args.command == "cache":
+        counts = prepare.fill_cache(cfg.data, cfg.preprocess, cfg.cache, verify=args.verify,
+                                    shard_of=parse_shard(args.shard))
+        return 1 if counts["problems"] else 0
+    {"evaluate": serving.evaluate, "predict": serving.predict, "export": serving.export}[args.command](cfg)
+    return 0
+
+
+def run_distributed(command: str, cfg: Config) -> int:
+    """Under torchrun: one process group (NCCL on GPUs, gloo otherwise) with `train.dist_timeout_minutes`
+    as its collectives' timeout, then `train` on every rank. This module's imports (seconds of MONAI) came
+    before the group's first barrier, so a rank importing slower than another (a busy node) is not taken for
+    one that fell behind."""
+    if command != "train":
+        raise CT3DError(f"{command} runs in one process; start it without torchrun")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    init_process_group(backend, timedelta(minutes=cfg.train.dist_timeout_minutes))
+    try:
+        workflow.train(cfg)
+        return 0
+    except RuntimeError as exc:  # a collective that waited longer than the timeout
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        raise Transient(f"rank {idist.get_rank()}: waited more than train.dist_timeout_minutes="
+                        f"{cfg.train.dist_timeout_minutes:g} for the other ranks ({str(exc).splitlines()[0]}). "
+                        f"A rank was slower by that much (a cold cache on one node?): fill the cache first "
+                        f"(`python -m engine.run cache --shard I/N`), or raise the timeout") from None
+    finally:
+        idist.finalize()

@@ -1,0 +1,119 @@
+"""Serving's wiring: `evaluate`, `predict` and `export` from the whole config, the one serving module that holds
+it. Each reads its settings here and hands plain arguments to the builders training uses (device, precision,
+loader, evaluator) and to inference.py, evaluation.py and export.py."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from engine.config.schema import Config, OutputConfig
+from engine.data.cache import build_dataset
+from engine.data.datalist import label_frequencies
+from engine.data.loaders import loader_workers, make_loader
+from engine.data.prepare import disk_dir, load_splits
+from engine.data.run_split import evaluation_split_note
+from engine.data.split import patient_of
+from engine.serving.evaluation import evaluate_checkpoint, report_comparison, report_evaluation
+from engine.serving.export import export_model
+from engine.serving.inference import (
+    Readable,
+    checkpoint_preprocessing,
+    collate_readable,
+    decision_settings,
+    list_inputs,
+    load_ensemble,
+    load_trained_model,
+    predict_rows,
+    with_tta,
+    write_predictions,
+    write_saliency,
+)
+from engine.training.build import make_inferer, make_loss, resolve_amp, resolve_device
+from engine.utils.errors import CT3DError
+
+log = logging.getLogger("ct3d")
+
+
+def output_folder(output: OutputConfig, command: str) -> Path:
+    return Path(output.dir) / (output.name or f"{command}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def evaluate(cfg: Config) -> dict:
+    """Every validation metric of a checkpoint on the config's validation datalist (or split), at the
+    checkpoint's thresholds and calibration, with patient-level bootstrap intervals. With two checkpoints,
+    both on the same volumes and their paired comparison."""
+    folder = output_folder(cfg.output, "evaluate")
+    checkpoints = list(cfg.checkpoints) if len(cfg.checkpoints) == 2 else [cfg.checkpoint]
+    device = resolve_device(cfg.train.device)
+    amp = resolve_amp(cfg.train.amp, device)
+    train_items, val_items, labels = load_splits(cfg.data)
+    patients = [patient_of(it, cfg.data.patient_pattern) for it in val_items]
+    results = []
+    for checkpoint in checkpoints:
+        model, state = load_trained_model(checkpoint, device)
+        if labels != state["labels"]:
+            raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
+        note = evaluation_split_note(Path(checkpoint), val_items, cfg.data.patient_pattern,
+                                     cfg.infer.allow_trained_patients)
+        dataset = build_dataset(val_items, checkpoint_preprocessing(state), disk_dir(cfg.cache),
+                                cfg.cache.memory_rate, cfg.cache.workers)
+        loss = make_loss(cfg.train, state["task"], label_frequencies(train_items))
+        results.append(evaluate_checkpoint(checkpoint, model, state, dataset, val_items, patients, note,
+                                           make_loader(dataset, cfg.loader, device), device, amp, loss, cfg.metrics,
+                                           str(cfg.infer.tta)))
+    if len(results) == 2:
+        return report_comparison(*results, patients, cfg.metrics.bootstrap or 1000, cfg.metrics.bootstrap_seed,
+                                 folder)
+    return report_evaluation(results[0], folder)
+
+
+def predict(cfg: Config) -> Path:
+    """predictions.csv: one row per volume, one probability column per label of the checkpoint, then one 0/1
+    decision column per label at the checkpoint's thresholds (`<label>_decision`); with several checkpoints,
+    the mean of their probabilities, decided at their mean thresholds. Every input left out
+    (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
+    device = resolve_device(cfg.train.device)
+    if len(cfg.checkpoints) > 1:
+        if cfg.saliency:
+            raise CT3DError("config error: saliency: Grad-CAM maps are per model; predict with one checkpoint")
+        model, state, thresholds = load_ensemble(list(cfg.checkpoints), device)
+        calibration = None  # each member's is applied inside the ensemble
+        log.info("ensemble of %d models: %s", len(cfg.checkpoints), ", ".join(cfg.checkpoints))
+    else:
+        model, state = load_trained_model(cfg.checkpoint, device)
+        thresholds, calibration = decision_settings(state)
+    items, skipped = list_inputs(cfg.input, cfg.data)
+    loader = torch.utils.data.DataLoader(Readable(items, checkpoint_preprocessing(state)),
+                                         batch_size=cfg.loader.val_batch_size or cfg.loader.batch_size,
+                                         num_workers=loader_workers(cfg.loader, None), collate_fn=collate_readable)
+    tta = str(cfg.infer.tta)
+    inferer = with_tta(make_inferer(device, resolve_amp(cfg.train.amp, device)), state["task"], tta, calibration)
+    rows, unreadable = predict_rows(model, state, items, loader, inferer, device, thresholds,
+                                    None if tta != "none" else calibration)  # TTA: each view calibrated inside
+    skipped += unreadable
+    folder = output_folder(cfg.output, "predict")
+    path = write_predictions(folder, state["labels"], rows, skipped)
+    if cfg.saliency:  # after predictions.csv: a map that fails loses no prediction
+        write_saliency(model, state, items, {row[0] for row in rows}, folder / "saliency")
+    print(f"ct3d predict: {len(rows)} volume(s) -> {path}"
+          + (f"; {len(skipped)} input(s) left out, listed in {folder / 'skipped.csv'}:" if skipped else "")
+          + "".join(f"\n  {p}" for p in skipped))
+    return path
+
+
+def export(cfg: Config) -> Path:
+    """`export checkpoint=... format=onnx|torchscript`: output.dir/<output.name>/model.onnx (or model.pt)."""
+    model, state = load_trained_model(cfg.checkpoint, resolve_device("cpu"))
+    fmt = str(cfg.format)
+    path = output_folder(cfg.output, "export") / ("model.onnx" if fmt == "onnx" else "model.pt")
+    try:
+        export_model(model, state, path, fmt)
+    except AssertionError as exc:  # MONAI's check: the file's outputs differ from PyTorch's
+        raise CT3DError(f"export {path}: the {fmt} model's outputs differ from PyTorch's ({exc})") from None
+    print(f"ct3d export: {cfg.checkpoint} -> {path} ({fmt}; labels, task, threshold and preprocessing "
+          f"in its metadata)")
+    return path
