@@ -8,11 +8,24 @@ import argparse
 import os
 import sys
 
-from engine.config.loading import DEFAULT_CONFIG, describe_sections, load_config
+from engine.config.loading import DEFAULT_CONFIG, load_config
+from engine.config.reference import help_text
 from engine.launch import USER_ERROR_FILE
 from engine.utils.errors import CT3DError, Interrupted, Transient
 
 COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "cv", "sweep")
+
+
+def key_help(argv: list[str]) -> str | None:
+    """`--help PREFIX` (or -h PREFIX): the reference of the keys under PREFIX; None for any other command line."""
+    for flag in ("--help", "-h"):
+        if flag in argv and argv.index(flag) + 1 < len(argv) and not argv[argv.index(flag) + 1].startswith("-"):
+            prefix = argv[argv.index(flag) + 1]
+            text = help_text(prefix)
+            if not text:
+                raise CT3DError(f"--help {prefix}: no config key is or starts with {prefix!r}; `--help` lists them")
+            return f"{prefix}: each key (type, default; accepted values) and its meaning\n{text}"
+    return None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -21,7 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Train, evaluate or apply a 3D CT classifier. With no arguments: trains the demo model "
                     "on generated chest-CT phantoms.",
         epilog="Override any key as section.key=value (e.g. train.epochs=3 model.name=densenet3d "
-               "output.dir=/some/where). Sections and keys:\n" + describe_sections(),
+               "output.dir=/some/where). `--help PREFIX` shows the keys under PREFIX (e.g. --help model). "
+               "Keys (type, default; accepted values), each with its meaning:\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml, the demo)")
@@ -39,7 +53,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        text = key_help(argv)
+    except CT3DError as exc:
+        print(f"ct3d: error: {exc}", file=sys.stderr)
+        return 2
+    if text is not None:
+        print(text)
+        return 0
+    args = parse_args(argv)
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, args.command)
         # After the config is valid: MONAI and torch take ~6 s to import (a config error or --help: 0.1 s).

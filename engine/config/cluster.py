@@ -21,7 +21,7 @@ K8sKind = choice("K8sKind", "job", "jobset", "trainjob", "pytorchjob")
 class VolumeClaimConfig:
     name: str = setting("", pattern=DNS_LABEL)  # claim name; empty: cache <data+preprocessing hash>, output <name>
     existing: bool = False  # true: mount a claim that already exists, render none
-    size: str = setting("100Gi", pattern=QUANTITY)
+    size: str = setting("100Gi", pattern=QUANTITY)  # the claim's requested storage
     access_mode: AccessMode = AccessMode.auto  # several nodes need ReadWriteMany (EFS, Filestore, CephFS, NFS)
 
 
@@ -30,10 +30,10 @@ class K8sConfig:
     """`python -m k8s render` turns this section (and the rest of the config) into Kubernetes objects."""
 
     name: str = setting("ct3d-train", pattern=DNS_LABEL)  # Job name; also the run folder on the output claim
-    namespace: str = setting("default", pattern=DNS_LABEL)
-    kind: K8sKind = K8sKind.job
-    image: str = "ghcr.io/ct3d/ct3d:0.1.0"
-    image_pull_policy: PullPolicy = PullPolicy.IfNotPresent
+    namespace: str = setting("default", pattern=DNS_LABEL)  # namespace of every object
+    kind: K8sKind = K8sKind.job  # workload kind: job, jobset, trainjob or pytorchjob (see K8sKind above)
+    image: str = "ghcr.io/ct3d/ct3d:0.1.0"  # container image with ct3d installed
+    image_pull_policy: PullPolicy = PullPolicy.IfNotPresent  # the containers' imagePullPolicy
     image_pull_secrets: List[str] = setting([])  # Secrets (docker-registry) for a private registry
     service_account: str = setting("", pattern=DNS_LABEL)  # empty: the namespace's default
     nodes: int = setting(1, ge=1)  # pods; more than 1: torchrun's c10d rendezvous at pod 0
@@ -50,7 +50,7 @@ class K8sConfig:
     annotations: Dict[str, str] = setting({})  # added to the workload and its pods
     queue: str = setting("", pattern=DNS_LABEL)  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
     priority_class: str = setting("", pattern=DNS_LABEL)  # the pods' priorityClassName
-    node_selector: Dict[str, str] = setting({})
+    node_selector: Dict[str, str] = setting({})  # the training pods' nodeSelector
     affinity: Dict[str, Any] = setting({})  # the pods' affinity, as in a pod spec
     tolerations: List[Dict[str, Any]] = setting([])  # as in a pod spec (tolerationSeconds a number)
     env: Dict[str, str] = setting({})  # extra container env, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE
@@ -62,7 +62,7 @@ class K8sConfig:
     # the cache-fill pods' placement: CPU work, so none of the GPU pods' tolerations, priority or queue; a node
     # selector (e.g. {topology.kubernetes.io/zone: us-east-1a}) binds a zonal disk where the GPUs are
     cache_node_selector: Dict[str, str] = setting({})
-    cache_tolerations: List[Dict[str, Any]] = setting([])
+    cache_tolerations: List[Dict[str, Any]] = setting([])  # the cache-fill pods' tolerations
     cache_queue: str = setting("", pattern=DNS_LABEL)  # Kueue LocalQueue for the cache-fill Job; empty: none
     storage_class: str = ""  # empty: the cluster's default
     cache: VolumeClaimConfig = setting(VolumeClaimConfig(size="500Gi"))
@@ -76,7 +76,7 @@ class K8sConfig:
     max_restarts: int = setting(3, ge=0)
     termination_grace_seconds: int = setting(300, ge=30)  # SIGTERM to kill: time for the interruption checkpoint
     active_deadline_seconds: int = setting(0, ge=0)  # 0: no deadline
-    ttl_seconds_after_finished: int = setting(604800, ge=0)
+    ttl_seconds_after_finished: int = setting(604800, ge=0)  # finished Jobs are deleted after this
     run_as_user: int = setting(1000, ge=1)  # pods run as this non-root user (0, root, is refused)
-    master_port: int = setting(29500, ge=1, le=65535)
+    master_port: int = setting(29500, ge=1, le=65535)  # torchrun's rendezvous port on pod 0
     sweep_workers: int = setting(0, ge=0)  # > 0: also render a sweep Job of this many worker pods

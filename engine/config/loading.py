@@ -248,13 +248,3 @@ def to_yaml(cfg: Any) -> str:
         return node
 
     return OmegaConf.to_yaml(OmegaConf.create(scrub(plain(cfg))))
-
-
-def describe_sections() -> str:
-    """One line per section with its keys, for `--help`."""
-    lines = []
-    for f in dataclasses.fields(Config):
-        node = getattr(Config(), f.name)
-        keys = [g.name for g in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-        lines.append(f"  {f.name:<11} {', '.join(keys)}" if keys else f"  {f.name:<11} (top-level value)")
-    return "\n".join(lines)

@@ -36,9 +36,9 @@ MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "1
 class DemoConfig:
     enabled: bool = False  # generate the phantom data set and train on it
     dir: str = ".ct3d/demo"  # where the NIfTI files and datalist.csv are written once
-    num_volumes: int = setting(200, ge=4)
+    num_volumes: int = setting(200, ge=4)  # phantoms to generate
     shape: List[int] = setting([64, 64, 64], length=3, ge=8)  # voxels x, y, z
-    seed: int = 0
+    seed: int = 0  # seeds the phantoms' anatomy, findings and labels
     # Label columns to write: [] for the four findings the phantoms show; any other name (all four must be in
     # the list) gets a random label with no evidence in the image, e.g. CT-RATE's 18 for a CT-RATE-shaped task.
     labels: List[str] = setting([])
@@ -48,10 +48,12 @@ class DemoConfig:
 class DataConfig:
     train: str = ""  # datalist: CSV (CT-RATE style) or MONAI JSON datalist
     val: str = ""  # separate validation datalist; empty: a seeded split of `train`
+    # share of data.train's patients validated on when data.val is empty
     val_fraction: float = setting(0.2, **PROBABILITY)
     # held-out test set, never looked at in training, scored once at the end (the figures to publish): a datalist
     # (CSV, or a JSON datalist's "test" list), or a fraction of data.train's patients (test_fraction)
     test: str = ""
+    # share of data.train's patients held out as the test set (with data.test empty)
     test_fraction: float = setting(0.0, ge=0.0, le=0.9)
     split_seed: int = 0  # a patient's side depends on (patient id, split_seed) alone: new rows move no one
     stratify: bool = False  # move a few patients so each label has positives on both sides where it can
@@ -61,13 +63,13 @@ class DataConfig:
     layout: Layout = Layout.flat  # flat: <root>/<name>; ct-rate: <root>/train/train_1/train_1_a/<name>
     image_column: str = "VolumeName"  # CSV column (JSON datalists use "image")
     label_columns: List[str] = setting([])  # empty: every other CSV column
-    task: Task = Task.multilabel
+    task: Task = Task.multilabel  # multilabel: 0/1 per label column; binary: one column; multiclass: one class index
     num_classes: int = setting(0, ge=0)  # multiclass only: labels are class indices 0..num_classes-1
     patient_column: str = ""  # CSV column with the patient id; empty: patient_pattern on the volume name
     patient_pattern: str = r"^([A-Za-z]+_\d+)_"  # first group is the patient (CT-RATE: train_123_a_1 -> train_123)
     on_error: OnError = OnError["raise"]  # raise: stop on any bad row or volume; skip: leave them out, listed
-    json_train_key: str = "training"
-    json_val_key: str = "validation"
+    json_train_key: str = "training"  # JSON datalist: the list trained on
+    json_val_key: str = "validation"  # JSON datalist: the list validated on (if present)
     # CSVs per volume (CT-RATE's metadata: VolumeName, RescaleSlope, RescaleIntercept, XYSpacing, ZSpacing), e.g.
     # the training and the validation file (one path also works): a volume's row is looked up in all of them.
     # Applied before the HU window. Only for data stored as raw scanner values (CT-RATE's first release).
@@ -79,10 +81,10 @@ class DataConfig:
 class PreprocessConfig:
     """Deterministic preprocessing; every field is part of the disk cache's key."""
 
-    orientation: str = "RAS"
+    orientation: str = "RAS"  # axis codes the volume is reoriented to (MONAI Orientationd)
     spacing: Optional[List[float]] = setting(None, length=3, gt=0)  # mm per voxel (x, y, z); null keeps the source's
-    hu_window: List[float] = setting([-1000.0, 1000.0], length=2)
-    scale_range: List[float] = setting([-1.0, 1.0], length=2)
+    hu_window: List[float] = setting([-1000.0, 1000.0], length=2)  # Hounsfield units clipped to [low, high]
+    scale_range: List[float] = setting([-1.0, 1.0], length=2)  # the HU window maps linearly onto [low, high]
     spatial_size: List[int] = setting([64, 64, 64], length=3, ge=1)  # x, y, z after orientation
     resize: Resize = Resize.resize  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
     # smooth before shrinking an axis (no effect where it grows), in the spacing step and in resize alike: a
@@ -97,14 +99,14 @@ class PreprocessConfig:
 @dataclass
 class CacheConfig:
     disk: bool = True  # MONAI PersistentDataset under dir/<hash of preprocess settings>
-    dir: str = ".ct3d/cache"
+    dir: str = ".ct3d/cache"  # the disk cache's root (a persistent volume on Kubernetes)
     memory_rate: float = setting(1.0, **PROBABILITY)  # fraction of each split kept in RAM (CacheDataset); 0: off
     workers: int = setting(2, ge=0)  # threads that fill the caches
 
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = setting(8, ge=1)
+    batch_size: int = setting(8, ge=1)  # volumes per training step and rank
     val_batch_size: int = setting(0, ge=0)  # 0: same as batch_size
     # null: none when this rank's share sits wholly in the RAM cache (a thread prefetches batches: MONAI's
     # ThreadDataLoader), else worker processes (up to 4 per rank) that read the disk cache
@@ -114,37 +116,37 @@ class LoaderConfig:
 
 @dataclass
 class ModelConfig:
-    name: ModelName = ModelName.resnet3d
+    name: ModelName = ModelName.resnet3d  # MONAI network: resnet3d, densenet3d or vit3d
     variant: str = ""  # resnet3d: 10/18/34/50, densenet3d: 121/169/201, vit3d: tiny/small/base; empty: the smallest
-    in_channels: int = setting(1, ge=1)
-    first_conv_stride: int = setting(2, ge=1)  # resnet3d: MONAI's default of 1 is ~4x slower on CT volumes
+    in_channels: int = setting(1, ge=1)  # input channels (1 for CT)
+    first_conv_stride: int = setting(2, ge=1)  # resnet3d: the stem's stride (MONAI's 1 is ~4x slower on CT volumes)
     first_conv_size: int = setting(7, ge=1)  # resnet3d: the stem's kernel (MONAI's 7, as pretrained MedicalNet's)
     widen_factor: float = setting(1.0, gt=0)  # resnet3d channel multiplier
-    patch_size: int = setting(16, ge=1)  # vit3d
-    dropout: float = setting(0.0, ge=0.0, le=0.99)
+    patch_size: int = setting(16, ge=1)  # vit3d: a patch's edge in voxels
+    dropout: float = setting(0.0, ge=0.0, le=0.99)  # dropout before the classifier
     pretrained: str = ""  # weights to start from: a ct3d checkpoint or a state dict (e.g. MedicalNet's)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(10, ge=1)
-    lr: float = setting(1e-3, gt=0)
-    weight_decay: float = setting(1e-4, ge=0)
-    warmup_epochs: float = setting(1.0, ge=0)
-    accumulation_steps: int = setting(1, ge=1)
+    epochs: int = setting(10, ge=1)  # training epochs (raise it to extend a resumed run)
+    lr: float = setting(1e-3, gt=0)  # peak learning rate of AdamW (linear warmup, then cosine decay)
+    weight_decay: float = setting(1e-4, ge=0)  # AdamW weight decay
+    warmup_epochs: float = setting(1.0, ge=0)  # epochs of linear learning-rate warmup
+    accumulation_steps: int = setting(1, ge=1)  # batches whose gradients are summed per optimizer step
     amp: Amp = Amp.auto  # auto: bf16 on CUDA when supported, else off
     loss: Loss = Loss.bce  # bce (with pos_weight; cross entropy for multiclass) | focal
     pos_weight_cap: float = setting(10.0, ge=0)  # 0 disables pos_weight
-    focal_gamma: float = setting(2.0, ge=0)
+    focal_gamma: float = setting(2.0, ge=0)  # loss=focal: the focusing exponent
     val_every: int = setting(1, ge=1)  # validate every N epochs (and always after the last)
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = 0  # seeds weights, shuffling and augmentation (per rank: seed and rank)
+    deterministic: bool = False  # deterministic kernels where they exist (slower; cuDNN autotuning off)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = setting(0, ge=0)  # torch intra-op threads; 0 keeps torch's default
     log_every: int = setting(10, ge=1)  # iterations between plain log lines when not on a terminal
     resume: str = "auto"  # auto: continue from the run folder's latest checkpoint if any; off; or a path
     early_stopping_patience: int = setting(0, ge=0)  # validations without improvement before stopping; 0: off
-    early_stopping_min_delta: float = setting(0.0, ge=0)
+    early_stopping_min_delta: float = setting(0.0, ge=0)  # smallest change of metrics.key that counts as improvement
     dist_timeout_minutes: float = setting(30.0, gt=0)  # torchrun: how long a rank waits in a collective
     checkpoint_minutes: float = setting(10.0, ge=0)  # also write last.pt mid-epoch this often; 0: epoch ends only
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over every rank's batch (2-4 volumes per GPU)
@@ -155,25 +157,25 @@ class TrainConfig:
 class AugmentConfig:
     """Random transforms applied per sample on the training device, after the caches."""
 
-    enabled: bool = True
+    enabled: bool = True  # augment training volumes at all
     flip_prob: float = setting(0.5, **PROBABILITY)  # per spatial axis
-    affine_prob: float = setting(0.3, **PROBABILITY)
+    affine_prob: float = setting(0.3, **PROBABILITY)  # chance of a random rotation and scaling
     rotate_degrees: List[float] = setting([5.0, 5.0, 15.0], length=3, ge=0)  # about x, y, z
-    scale_range: List[float] = setting([0.9, 1.1], length=2, gt=0)
-    smooth_prob: float = setting(0.1, **PROBABILITY)
-    contrast_prob: float = setting(0.2, **PROBABILITY)
-    noise_prob: float = setting(0.2, **PROBABILITY)
+    scale_range: List[float] = setting([0.9, 1.1], length=2, gt=0)  # the affine's zoom range
+    smooth_prob: float = setting(0.1, **PROBABILITY)  # chance of a Gaussian blur
+    contrast_prob: float = setting(0.2, **PROBABILITY)  # chance of a random gamma contrast change
+    noise_prob: float = setting(0.2, **PROBABILITY)  # chance of added Gaussian noise
     noise_std: float = setting(0.02, ge=0)  # in scaled intensity units
-    shift_prob: float = setting(0.2, **PROBABILITY)
-    shift: float = setting(0.05, ge=0)
+    shift_prob: float = setting(0.2, **PROBABILITY)  # chance of an intensity shift
+    shift: float = setting(0.05, ge=0)  # largest intensity shift, in scaled intensity units
 
 
 @dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.offline  # offline (no network), online (key from WANDB_API_KEY), disabled
-    project: str = "ct3d"
-    entity: str = ""
-    tags: List[str] = setting([])
+    project: str = "ct3d"  # W&B project
+    entity: str = ""  # W&B team or user; empty: the key's default
+    tags: List[str] = setting([])  # W&B run tags
     # upload a weights-only copy of best.pt (no per-volume outputs) as a W&B artifact
     upload_checkpoint: bool = False
 
@@ -191,10 +193,10 @@ class MetricsConfig:
     mode: Mode = Mode.auto  # auto: the metric's own direction (min for val_loss and ece_macro, else max)
     threshold: float = setting(0.5, **PROBABILITY)  # the decision threshold of threshold_rule=fixed
     threshold_rule: ThresholdRule = ThresholdRule.fixed  # per-label thresholds, saved in the checkpoint
-    beta: float = setting(1.0, gt=0)
+    beta: float = setting(1.0, gt=0)  # the F-beta score's beta (1: F1)
     calibrate: bool = False  # fit Platt scaling per label (a temperature for multiclass) on each validation (saved)
     bootstrap: int = setting(1000, ge=0)  # patient-level resamples for 95% intervals; 0: none
-    bootstrap_seed: int = 0
+    bootstrap_seed: int = 0  # seed of the bootstrap resamples
     calibration_bins: int = setting(10, ge=2)  # equal-width bins of the reliability diagram and ECE
 
 
@@ -203,7 +205,7 @@ class ReportConfig:
     # report.html's Grad-CAM panels, per label: its highest-scoring true positives and worst false positives at
     # the best epoch (both 0: no panels), every map in one batched pass on the training device
     saliency_positives: int = setting(1, ge=0)
-    saliency_negatives: int = setting(1, ge=0)
+    saliency_negatives: int = setting(1, ge=0)  # see saliency_positives
     # report.png and report.html's metric panels (losses, scores, learning rate, ROC, AUC, confusion, reliability):
     # false skips drawing them (about a second of matplotlib per run on a CPU, most of a short run's closing), for
     # runs whose report nobody opens (a test suite's, a smoke check's); summary.json, metrics.csv and report.html's
@@ -231,14 +233,15 @@ class SweepConfig:
     pruner: Pruner = Pruner.median  # median: stop a trial whose validation is below the median of earlier ones
     pruner_warmup_epochs: int = setting(2, ge=0)  # median: no trial is pruned at or before this epoch
     pruner_startup_trials: int = setting(2, ge=1)  # median: trials completed before any trial is pruned
-    seed: int = 0
-    heartbeat_seconds: float = setting(30.0, gt=0)  # a running trial's worker touches a file this often;
-    # a trial silent for 4 heartbeats is marked failed (its worker was lost) and retried from its checkpoint
+    seed: int = 0  # seed of Optuna's sampler
+    # a running trial's worker touches a file this often; a trial silent for 4 heartbeats is marked failed (its
+    # worker was lost) and retried from its checkpoint
+    heartbeat_seconds: float = setting(30.0, gt=0)
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs"
+    dir: str = "runs"  # where run folders are written
     name: str = ""  # empty: <model><variant>-<start time>
 
 
