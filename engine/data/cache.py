@@ -24,6 +24,7 @@ from engine.data.preprocess import (
 )
 from engine.utils.errors import CT3DError
 from engine.utils.io import TMP_PREFIX, save_tensors
+from engine.utils.progress import tracked
 
 SOURCE = "source"  # cache entries record the path (under data.image_root when set), size and mtime they were built from
 ABANDONED_SECONDS = 3600  # a temporary file untouched this long was left by a writer that died; younger: in use
@@ -115,8 +116,6 @@ def _disk_cache(p: PreprocessConfig, disk_dir: str | Path, sources: list[dict] |
 
 
 def _parallel(fn: Callable, items: list, workers: int, progress: bool, what: str) -> list:
-    from engine.utils.progress import tracked
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(fn, items)
         return list(tracked(results, len(items), what) if progress else results)

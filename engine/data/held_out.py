@@ -8,6 +8,7 @@ from typing import Callable
 
 from engine.config.schema import DataConfig
 from engine.data.datalist import NAME, Problem, load_datalist
+from engine.data.metadata import attach_metadata
 from engine.data.split import patient_of, side_draw
 
 JSON_TEST_KEY = "test"  # a JSON datalist's list of held-out items (each with an image and a label)
@@ -33,8 +34,6 @@ def load_test(data: DataConfig, carved: list[dict], problems: list[Problem] | No
     spacing."""
     items = load_datalist(data.test, data, JSON_TEST_KEY, problems).items if data.test else carved
     if items and data.metadata:
-        from engine.data.metadata import attach_metadata
-
         (items,) = attach_metadata(data.metadata, (items,), problems)
     return items
 

@@ -22,6 +22,7 @@ from monai.transforms import (
 
 from engine.config.schema import PreprocessConfig
 from engine.data.datalist import IMAGE, NAME, RELATIVE
+from engine.data.sources import read_volume, to_meta_tensor
 from engine.utils.errors import CT3DError
 
 PREPROCESSING_VERSION = 3  # bump when preprocessing_transform changes what it computes
@@ -43,8 +44,6 @@ class LoadVolumed(MapTransform):
     calls for (engine/sources.py: DICOM found by content, one series of a folder by name)."""
 
     def __call__(self, data):
-        from engine.data.sources import read_volume, to_meta_tensor
-
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = to_meta_tensor(*read_volume(str(d[key])), str(d[key]))

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import torch
 
+from engine.config.loading import to_yaml
 from engine.config.schema import Config
+from engine.data.run_split import SPLIT_FILE, read_split
+from engine.data.sharing import gathered_order
+from engine.results.metrics import classification_metrics, decisions, probabilities
 from engine.results.report import format_value as fmt
+from engine.results.report import img_tag, png_bytes, roc_curve
+from engine.results.statistics import bootstrap_intervals
+from engine.training.checkpoint import load_checkpoint
+from engine.training.workflow import train
 from engine.utils.errors import CT3DError
 from engine.utils.io import atomic_write, write_json, write_text
 
@@ -37,8 +45,6 @@ def same_settings(run: Path, cfg: Config) -> None:
     """A fold folder from an earlier `cv` must have been made with these settings (output and resume aside),
     or skipping or resuming it would mix models trained differently into one cross-validation."""
     import yaml
-
-    from engine.config.loading import to_yaml
 
     def flat(node: dict, prefix: str = "") -> dict:
         out = {}
@@ -69,8 +75,6 @@ def finished(run: Path) -> bool:
 
 def cv(cfg: Config) -> Path:
     """Trains every fold not yet finished, then writes the cross-validation summary; returns its folder."""
-    from engine.training.workflow import train
-
     if cfg.data.folds < 2:
         raise CT3DError("config error: data.folds: cv needs data.folds >= 2 (e.g. data.folds=5)")
     folder = Path(cfg.output.dir) / cv_name(cfg)
@@ -96,11 +100,6 @@ def fold_outputs(run: Path) -> dict:
     calibration, fitted on the very labels it is pooled with, would shift folds against each other), labels,
     decisions at its thresholds (on its calibrated probabilities), and each row's volume and patient (from
     split.csv, in the order the outputs were gathered)."""
-    from engine.data.run_split import SPLIT_FILE, read_split
-    from engine.data.sharing import gathered_order
-    from engine.results.metrics import decisions, probabilities
-    from engine.training.checkpoint import load_checkpoint
-
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     best = state["metrics_table"]["best_outputs"]
     val = [row for row in read_split(run / SPLIT_FILE).values() if row["split"] == "validation"]
@@ -114,9 +113,6 @@ def fold_outputs(run: Path) -> dict:
 
 def cv_summary(folder: Path, cfg: Config) -> dict:
     import json
-
-    from engine.results.metrics import classification_metrics
-    from engine.results.statistics import bootstrap_intervals
 
     folds, outputs = [], []
     for k in range(cfg.data.folds):
@@ -162,8 +158,6 @@ def cv_report(folder: Path, summary: dict, probs: torch.Tensor, labels: torch.Te
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from engine.results.report import img_tag, png_bytes, roc_curve
 
     fig, ax = plt.subplots(figsize=(6, 5))
     for j, name in enumerate(summary["labels"]):

@@ -19,10 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.config.loading import to_yaml, with_overrides
 from engine.config.schema import Config
 from engine.config.space import check_space, metric_and_direction
 from engine.experiments.sweep_report import write_sweep_summary
+from engine.training.build import setup_logging
+from engine.training.workflow import train
 from engine.utils.errors import CT3DError, Interrupted
+from engine.utils.io import write_text
 
 log = logging.getLogger("ct3d")
 JOURNAL = "study.journal"
@@ -197,9 +201,6 @@ def run_trial(study, trial, cfg: Config, space: dict[str, dict]) -> None:
 
     from optuna.trial import TrialState
 
-    from engine.config.loading import with_overrides
-    from engine.training.workflow import train
-
     params = suggest(trial, space)
     retry = "retry_of" in trial.user_attrs
     run = trial.user_attrs.get("run") or f"{study_folder(cfg).name}/trial{trial.number:03d}"
@@ -241,10 +242,6 @@ def work(cfg: Config, worker: int) -> None:
 
 def sweep(cfg: Config) -> Path:
     """`sweep`: `sweep.workers` local processes (or this one) work on the study, then the summary."""
-    from engine.config.loading import to_yaml
-    from engine.training.build import setup_logging
-    from engine.utils.io import write_text
-
     setup_logging()
     check_space(cfg)
     folder = study_folder(cfg)

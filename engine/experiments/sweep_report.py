@@ -11,6 +11,7 @@ from pathlib import Path
 
 from engine.config.schema import Config
 from engine.config.space import metric_and_direction
+from engine.results.report import img_tag, png_bytes
 from engine.utils.io import write_json, write_text
 
 
@@ -59,8 +60,6 @@ def _plot(rows: list[dict], metric: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from engine.results.report import png_bytes
-
     fig, ax = plt.subplots(figsize=(7, 4))
     done = [r for r in rows if r["value"] is not None]
     ax.plot([r["number"] for r in done], [r["value"] for r in done], "o")
@@ -71,8 +70,6 @@ def _plot(rows: list[dict], metric: str) -> bytes:
 
 
 def _html(summary: dict, plot: bytes) -> str:
-    from engine.results.report import img_tag
-
     def fmt(v) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return ""

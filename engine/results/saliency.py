@@ -9,6 +9,7 @@ import torch
 
 from engine.config.schema import ModelConfig
 from engine.results.images import blend, captioned, grid, png, views
+from engine.utils.io import atomic_write
 
 # A block whose grid is fine enough to localise a nodule: a quarter of the input's (16^3 at 64^3 with the
 # demo's stride-2 first conv). On the demo model ResNet's layer1 peaked within 3 voxels of a nodule in
@@ -181,8 +182,6 @@ def input_space_maps(net: torch.nn.Module, model: ModelConfig, transform, item: 
 def write_maps(path, maps: np.ndarray, affine: np.ndarray) -> None:
     """A NIfTI file (atomically) of `maps` on the grid `affine` describes (RAS, as NIfTI's are)."""
     import nibabel as nib
-
-    from engine.utils.io import atomic_write
 
     with atomic_write(path) as tmp:
         nib.save(nib.Nifti1Image(maps, affine), str(tmp))

@@ -13,6 +13,9 @@ import torch
 
 from engine.config.schema import MetricsConfig, ModelConfig, OutputConfig, TrainConfig
 from engine.data.datalist import IMAGE, LABEL
+from engine.training.handlers import ValidationMetrics
+from engine.training.models import create_model, load_pretrained
+from engine.training.preemption import steps_optimizer
 from engine.utils.errors import CT3DError
 
 log = logging.getLogger("ct3d")
@@ -118,8 +121,6 @@ def make_loss(train: TrainConfig, task: str, frequencies: list[float]) -> torch.
 def make_network(model: ModelConfig, outputs: int, spatial_size: list[int], device: torch.device) -> torch.nn.Module:
     """MONAI's network for `model`, started from `model.pretrained` when given (a resumed run's checkpoint
     then overrides it), on `device`."""
-    from engine.training.models import create_model, load_pretrained
-
     net = create_model(model, outputs, spatial_size)
     if model.pretrained:
         load_pretrained(net, model.pretrained)
@@ -160,8 +161,6 @@ def _iteration(engine, batch):
     MONAI's own rule) under DDP's no_sync(), so gradients are all-reduced once per step, not per batch."""
     import contextlib
 
-    from engine.training.preemption import steps_optimizer
-
     quiet = engine.accumulation_steps > 1 and not steps_optimizer(engine) and hasattr(engine.network, "no_sync")
     with engine.network.no_sync() if quiet else contextlib.nullcontext():
         return engine._iteration(engine, batch)
@@ -189,8 +188,6 @@ def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype
     `thresholds` (evaluate: the checkpoint's, and its `calibration`), it uses them; without, each validation
     fits its own."""
     from monai.engines import SupervisedEvaluator
-
-    from engine.training.handlers import ValidationMetrics
 
     evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
                                     prepare_batch=prepare_batch, inferer=inferer or make_inferer(device, amp_dtype),

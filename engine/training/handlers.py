@@ -18,6 +18,13 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine.config.metric_registry import METRICS
+from engine.results.calibration import (
+    apply_calibration,
+    calibration_from,
+    expected_calibration_error,
+    fit_calibration,
+    tune_thresholds,
+)
 from engine.results.metrics import classification_metrics, probabilities
 from engine.utils.io import write_text
 
@@ -95,13 +102,6 @@ class ValidationMetrics:
 
     def _decide(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple:
         """(metrics, thresholds, calibration, per-label ECE, probabilities) of the gathered outputs."""
-        from engine.results.calibration import (
-            apply_calibration,
-            expected_calibration_error,
-            fit_calibration,
-            tune_thresholds,
-        )
-
         calibration, thresholds = self.calibration, self.thresholds
         if self.fit:  # a calibration restored from a checkpoint goes when calibration is off now
             calibration = fit_calibration(logits, labels, self.task) if self.calibrate else None
@@ -121,8 +121,6 @@ class ValidationMetrics:
         return {"thresholds": list(self.thresholds), "scale": calibration.get("scale"), "bias": calibration.get("bias")}
 
     def load_state_dict(self, state: dict) -> None:
-        from engine.results.calibration import calibration_from
-
         self.thresholds, self.calibration = list(state["thresholds"]), calibration_from(state)
 
 

@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine.config.schema import WandbConfig
+from engine.training.checkpoint import write_weights_only
 from engine.utils.errors import CT3DError
 
 
@@ -64,8 +65,6 @@ class WandbTracker:
         for key in ("best_epoch", "wall_seconds"):
             self.logger.run.summary[key] = summary[key]
         if self.settings.upload_checkpoint and best_checkpoint is not None and best_checkpoint.is_file():
-            from engine.training.checkpoint import write_weights_only
-
             weights = write_weights_only(best_checkpoint, best_checkpoint.with_name("best-weights.pt"))
             artifact = self.logger.Artifact(f"model-{self.run_id}", type="model")
             artifact.add_file(str(weights))

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from engine.utils.errors import CT3DError
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -91,8 +93,6 @@ def check_writable(folder: str | Path, setting: str) -> None:
     read-only to a non-root pod)."""
     import os
     import uuid
-
-    from engine.utils.errors import CT3DError
 
     folder = Path(folder)
     probe = folder / f"{TMP_PREFIX}write-probe-{uuid.uuid4().hex}"  # pods checking one claim at once: own names
