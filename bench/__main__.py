@@ -1,7 +1,8 @@
 """`python -m bench [--smoke] [--out FILE]`: data pipeline, engine overhead, memory, data path and start-up,
 measured as ratios within one run on this machine; prints a table and rewrites bench/RESULTS.md. Each family
-is a module (pipeline, overhead, memory, data_path, augment, phases, startup, field_of_view, distributed);
-report.py writes the table. `python -m bench gpu` is the GPU's own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
+is one module that measures and formats its own rows (pipeline, overhead, memory, augment, data_path, startup,
+phases, field_of_view, distributed); report.py writes the table and the file. `python -m bench gpu` is the GPU's
+own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gpu"]:
-        from bench.gpu import main as gpu
+        from bench.gpu import main as gpu  # here, not at the top: see the families' import below
 
         return gpu(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench")
@@ -63,29 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        from bench.pipeline import child_pipeline
+        from bench.pipeline import child_pipeline  # the child's peak PSS is a figure: it imports this family alone
 
         print(json.dumps(child_pipeline(json.loads(args.child))))
         return 0
     os.environ.setdefault("WANDB_MODE", "offline")
     cfg = SMOKE if args.smoke else FULL
     start = time.time()
-    from bench.augment import augment_figures
-    from bench.data_path import bench_data_path, bench_roofline
-    from bench.distributed import bench_restart, bench_steps
-    from bench.field_of_view import bench_field_of_view
-    from bench.memory import bench_loaders, bench_memory, bench_ranks
-    from bench.overhead import bench_engine, bench_layout
-    from bench.phases import bench_grad_cam, bench_phases
-    from bench.pipeline import bench_pipeline
-    from bench.startup import bench_startup
+    # the families here, not at the top: each imports torch and MONAI (~6 s, ~400 MB), which `--help` and the
+    # pipeline child above (whose peak PSS is a measured figure) must not
+    from bench import augment, data_path, distributed, field_of_view, memory, overhead, phases, pipeline, startup
+    from bench.report import markdown, write_results
 
-    families = {"pipeline": bench_pipeline, "engine": bench_engine, "memory": bench_memory, "ranks": bench_ranks,
-                "augment": lambda c, w: augment_figures(c), "data_path": bench_data_path,
-                "roofline": lambda c, w: bench_roofline(c), "layout": lambda c, w: bench_layout(c),
-                "loaders": bench_loaders, "phases": bench_phases, "gradcam": lambda c, w: bench_grad_cam(c),
-                "startup": lambda c, w: bench_startup(c), "field_of_view": bench_field_of_view,
-                "steps": bench_steps, "restart": bench_restart}
+    families = {"pipeline": pipeline.bench_pipeline, "engine": overhead.bench_engine, "memory": memory.bench_memory,
+                "ranks": memory.bench_ranks, "augment": lambda c, w: augment.augment_figures(c),
+                "data_path": data_path.bench_data_path, "roofline": lambda c, w: data_path.bench_roofline(c),
+                "layout": lambda c, w: overhead.bench_layout(c), "loaders": memory.bench_loaders,
+                "phases": phases.bench_phases, "gradcam": lambda c, w: phases.bench_grad_cam(c),
+                "startup": lambda c, w: startup.bench_startup(c), "field_of_view": field_of_view.bench_field_of_view,
+                "steps": distributed.bench_steps, "restart": distributed.bench_restart}
+    table = [pipeline, overhead, memory, augment, data_path, startup, phases, field_of_view, distributed]  # row order
     chosen = args.only.split(",") if args.only else list(families)
     if unknown := set(chosen) - set(families):
         parser.error(f"--only: unknown {sorted(unknown)}; families: {', '.join(families)}")
@@ -95,13 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             began = time.time()
             figures.update(families[name](cfg, Path(tmp)))
             print(f"bench: {name} took {time.time() - began:.1f} s", file=sys.stderr, flush=True)
-    from bench.report import markdown
-
-    text = markdown(figures, cfg, args.smoke, time.time() - start)
+    text = markdown(figures, table, cfg, args.smoke, time.time() - start)
     out = args.out or (None if args.only else ROOT / "bench" / "RESULTS.md")
-    if out:
-        Path(out).write_text(text)
-    print(text)
+    print(write_results(out, text) if out else text)
     return 0
 
 

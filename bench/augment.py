@@ -3,24 +3,28 @@ replaced (kept here as the baseline), on a batch of 8."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+
+import torch
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandAffine,
+    RandFlip,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    RandShiftIntensity,
+)
+
+from bench.rows import Row, row
+from engine.config import AugmentConfig
+from engine.training import DeviceAugmentation
 
 
 def per_sample_chain(spec, device):
     """The per-sample MONAI chain ct3d used before batched augmentation: the baseline."""
-    import math
-
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrast,
-        RandAffine,
-        RandFlip,
-        RandGaussianNoise,
-        RandGaussianSmooth,
-        RandShiftIntensity,
-    )
-
     low, high = spec.scale_range
     return Compose([
         *(RandFlip(prob=spec.flip_prob, spatial_axis=axis) for axis in range(3)),
@@ -35,11 +39,6 @@ def per_sample_chain(spec, device):
 
 def augment_figures(cfg: dict) -> dict:
     """Samples/s of the default augmentation on a batch of 8, batched vs the per-sample MONAI chain."""
-    import torch
-
-    from engine.config.schema import AugmentConfig
-    from engine.training.augment import DeviceAugmentation
-
     spec, figures = AugmentConfig(), {}
     for name, shape, repeats in cfg["augment_shapes"]:
         images = torch.randn(8, 1, *shape)
@@ -56,3 +55,14 @@ def augment_figures(cfg: dict) -> dict:
         for kind, seconds in times.items():
             figures[f"augment_{name}_{kind}_samples_per_s"] = 8 / statistics.median(seconds)
     return figures
+
+
+def rows(f: dict) -> list[Row]:
+    rows = []
+    for name in ("64", "ctrate"):
+        if f"augment_{name}_batched_samples_per_s" in f:
+            batched, loop = f[f"augment_{name}_batched_samples_per_s"], f[f"augment_{name}_loop_samples_per_s"]
+            shape = "64^3" if name == "64" else "128x256x256"
+            rows.append(row(f"device augmentation, batch 8 at {shape}: batched vs per-sample MONAI chain (CPU)",
+                            f"{batched:.1f} vs {loop:.1f} samples/s ({batched / loop:.1f}x)"))
+    return rows

@@ -12,6 +12,10 @@ from __future__ import annotations
 import sys
 import threading
 
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "gather", "gather_object",
@@ -35,9 +39,6 @@ class Counts:
         self._last = (0, 0)
 
     def install(self) -> Counts:
-        import torch
-        import torch.distributed as dist
-
         thread = threading.get_ident()
 
         def wrap(owner, name: str, field: str, here_only: bool):
@@ -64,8 +65,6 @@ class Counts:
         self._undo.clear()
 
     def attach(self, trainer, evaluator=None) -> None:
-        from ignite.engine import Events
-
         def mark(engine) -> None:
             now = (self.reads, self.collectives)
             self.per_iteration.append((engine.state.iteration, now[0] - self._last[0], now[1] - self._last[1]))

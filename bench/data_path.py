@@ -8,13 +8,18 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.rows import Row, row
+from engine.config import ModelConfig
+from engine.training import create_model, to_device
+
 
 def bench_data_path(cfg: dict, work: Path) -> dict:
     """Samples/s reading CT-RATE-shaped cache entries (128x256x256 float16, as the disk cache stores them)
     through a DataLoader with 0 and 2 workers, against `cat` of the same files (the raw read floor), from a
     warm page cache."""
-    import torch
-
     folder = work / "data-path"
     folder.mkdir()
     shape, n = cfg["data_path_shape"], cfg["data_path_volumes"]
@@ -53,13 +58,6 @@ def bench_data_path(cfg: dict, work: Path) -> dict:
 def bench_roofline(cfg: dict) -> dict:
     """The training step's achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) against a large fp32
     matmul's on this machine: how much of the CPU's arithmetic the 3D network's step turns into work."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from engine.config.schema import ModelConfig
-    from engine.training.build import to_device
-    from engine.training.models import create_model
-
     n = cfg["matmul_size"]
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -86,3 +84,19 @@ def bench_roofline(cfg: dict) -> dict:
         times.append(time.perf_counter() - start)
     return {"matmul_gflops": matmul, "step_gflops": counter.get_total_flops() / statistics.median(times) / 1e9,
             "roofline_size": size, "matmul_size": n}
+
+
+def rows(f: dict) -> list[Row]:
+    rows = []
+    if "data_path_cat_samples_per_s" in f:
+        cat = f["data_path_cat_samples_per_s"]
+        for w in (0, 2):
+            got = f[f"data_path_w{w}_samples_per_s"]
+            rows.append(row(f"data path: disk-cache entries at {f['data_path_shape']} float16, {w} workers vs `cat` "
+                            f"of the same files", f"{got:.1f} vs {cat:.1f} samples/s ({got / cat:.2f}x of the floor)"))
+    if "matmul_gflops" in f:
+        rows.append(row(f"roofline: ResNet-18 training step at {f['roofline_size']}^3, batch 4 (fp32) vs a "
+                        f"{f['matmul_size']}^2 fp32 matmul",
+                        f"{f['step_gflops']:.1f} vs {f['matmul_gflops']:.1f} GFLOP/s "
+                        f"({f['step_gflops'] / f['matmul_gflops']:.2f}x)"))
+    return rows

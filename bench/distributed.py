@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.common import ROOT, demo_training
+from bench.counting import classify
+from bench.rows import Row, row, seconds_range
 
 BEFORE = "88b5574"  # main before #23: per-step all-reduces, every rank reading the datalists and the checkpoint twice
 
@@ -58,8 +60,6 @@ def before_tree(enabled: bool):
 
 
 def step_counts(tree: Path, work: Path, tag: str, cfg: dict) -> dict:
-    from bench.counting import classify
-
     n, log_every, batch = cfg["steps_volumes"], 5, 2
     counts = work / f"{tag}-counts.json"
     overrides = ["data.demo.enabled=true", *demo_training(work, "steps", n, 16), f"output.name={tag}",
@@ -122,13 +122,8 @@ def bench_restart(cfg: dict, work: Path) -> dict:
     return figures
 
 
-def distributed_rows(f: dict) -> list:
-    """The rows of these figures (bench/report.py's table): what a training step adds to DDP's traffic, and a
-    restart's start-up."""
-    from statistics import median
-
-    from bench.rows import row, seconds_range
-
+def rows(f: dict) -> list[Row]:
+    """What a training step adds to DDP's traffic, and a restart's start-up."""
     rows = []
     if "steps_plain_steps" in f:
         every = f["steps_log_every"]
@@ -160,8 +155,9 @@ def distributed_rows(f: dict) -> list:
                 f"data sets, network)")
         if "restart_before_all" in f:
             before = f["restart_before_all"]
+            ratio = statistics.median(now) / statistics.median(before)
             rows.append(row(f"{what}, now vs before ({f.get('restart_before_commit', 'BEFORE')})",
-                            f"{seconds_range(now)} vs {seconds_range(before)} ({median(now) / median(before):.2f}x)"))
+                            f"{seconds_range(now)} vs {seconds_range(before)} ({ratio:.2f}x)"))
         else:
             rows.append(row(what, seconds_range(now)))
     return rows

@@ -7,20 +7,24 @@ old 192 mm crop kept."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Compose, Resized
+
 from bench.common import ROOT
+from bench.rows import Row, row, seconds_range
+from engine.config import PreprocessConfig, load_config
+from engine.data import AntiAliasd, phantom, preprocessing_transform
 
 
 def _chest(work: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:
     """The demo's chest phantom (engine/data/demo.py) at a CT's size and spacing, as a NIfTI file."""
-    import nibabel as nib
-    import numpy as np
-
-    from engine.data.demo import phantom
-
     volume = phantom(np.random.default_rng(0), shape, (1, 1, 0, 0))
     path = work / "chest.nii"
     nib.save(nib.Nifti1Image(volume.astype(np.int16), np.diag([*spacing, 1.0])), str(path))
@@ -29,19 +33,10 @@ def _chest(work: Path, shape: tuple[int, int, int], spacing: tuple[float, float,
 
 def _lung_voxels(image, spacing) -> float:
     """The volume (mm^3) of voxels in the lungs' HU band (-950 to -750) of a preprocessed [-1, 1] image."""
-    import math
-
     return float(((image > -0.95) & (image < -0.75)).sum()) * math.prod(spacing)
 
 
 def bench_field_of_view(cfg: dict, work: Path) -> dict:
-    import torch
-    from monai.transforms import Compose, Resized
-
-    from engine.config.loading import load_config
-    from engine.config.schema import PreprocessConfig
-    from engine.data.preprocess import AntiAliasd, preprocess, preprocessing_transform
-
     shape, spacing = cfg["fov_shape"], cfg["fov_spacing"]
     path = _chest(work, shape, spacing)
     shipped = load_config(ROOT / "configs" / "ct-rate.yaml").preprocess
@@ -57,15 +52,15 @@ def bench_field_of_view(cfg: dict, work: Path) -> dict:
     old = PreprocessConfig(**base, spacing=fine, spatial_size=size, resize="crop_pad")
     ours = Compose([AntiAliasd("image", spatial_size=size), Resized("image", spatial_size=size, mode="trilinear")])
     monai_resize = Resized("image", spatial_size=size, mode="trilinear", anti_aliasing=True)  # zero-padded smoothing
-    paths = {"straight": lambda item: preprocess(preprocessing_transform(shipped), item),
-             "two_step": lambda item: ours(preprocess(preprocessing_transform(two_step_first), item)),
-             "old_crop": lambda item: preprocess(preprocessing_transform(old), item),
-             "two_step_monai": lambda item: monai_resize(preprocess(preprocessing_transform(two_step_first), item))}
+    paths = {"straight": lambda item: preprocessing_transform(shipped)(item),
+             "two_step": lambda item: ours(preprocessing_transform(two_step_first)(item)),
+             "old_crop": lambda item: preprocessing_transform(old)(item),
+             "two_step_monai": lambda item: monai_resize(preprocessing_transform(two_step_first)(item))}
     figures = {"fov_shape": "x".join(map(str, shape)), "fov_spacing": "x".join(map(str, spacing)),
                "fov_mm": "x".join(map(str, fov)), "fov_two_step_size": "x".join(map(str, big))}
     item = {"image": str(path), "name": path.name}
-    source = _lung_voxels(torch.as_tensor(preprocess(preprocessing_transform(
-        PreprocessConfig(**base, spacing=None, spatial_size=list(shape), resize="crop_pad")), item)["image"]).float(),
+    source = _lung_voxels(torch.as_tensor(preprocessing_transform(
+        PreprocessConfig(**base, spacing=None, spatial_size=list(shape), resize="crop_pad"))(item)["image"]).float(),
         spacing)
     outputs = {}
     for name, run in paths.items():
@@ -83,3 +78,22 @@ def bench_field_of_view(cfg: dict, work: Path) -> dict:
     figures["fov_seconds_ratio"] = statistics.median(figures["fov_straight_seconds_all"]) / statistics.median(
         figures["fov_two_step_seconds_all"])
     return figures
+
+
+def rows(f: dict) -> list[Row]:
+    if "fov_straight_lungs_kept" not in f:
+        return []
+    what = f"CT-RATE preprocessing, a {f['fov_shape']} chest phantom at {f['fov_spacing']} mm"
+    straight, two = f["fov_straight_seconds_all"], f["fov_two_step_seconds_all"]
+    return [
+        row(f"{what}: the config's straight anti-aliased resample to {f['fov_mm']} mm vs "
+            f"{f['fov_two_step_size']} at 0.75x0.75x1.5 mm then an anti-aliased resize (s per volume)",
+            f"{seconds_range(straight)} vs {seconds_range(two)} ({f['fov_seconds_ratio']:.2f}x)"),
+        row(f"{what}: lungs kept (voxels in the lungs' HU band x voxel volume, vs the source's)",
+            f"straight {f['fov_straight_lungs_kept']:.3f}, two-step {f['fov_two_step_lungs_kept']:.3f} (with MONAI's "
+            f"Resized anti-aliasing: {f['fov_two_step_monai_lungs_kept']:.3f}), the old 192 mm crop "
+            f"{f['fov_old_crop_lungs_kept']:.3f}", "0.95-1.05 (straight)",
+            0.95 <= f["fov_straight_lungs_kept"] <= 1.05),
+        row(f"{what}: straight vs two-step output, |difference| in HU", f"mean {f['fov_paths_mean_abs_hu']:.1f}, "
+            f"99th percentile {f['fov_paths_p99_abs_hu']:.1f}"),
+    ]

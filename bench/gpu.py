@@ -17,7 +17,15 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from bench.common import ROOT
+from bench.report import write_results
+from engine.config import LoaderConfig, ModelConfig, PreprocessConfig, load_config
+from engine.data import SOURCE, build_dataset, cache_folder, loader_workers, make_loader, source_hash
+from engine.training import create_model
+from engine.utils import save_tensors
 
 BUDGET_SECONDS = 420
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a part of the device's name.
@@ -39,8 +47,6 @@ def peak_tflops(name: str) -> float | None:
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -49,12 +55,6 @@ def train_step_figures(variant: str, channels_last: bool, autotune: bool, compil
                        batch: int, device, cfg: dict) -> dict:
     """One configuration's training steps on device-resident data: seconds per step (median of cfg['steps']),
     samples/s, GPU-busy share (CUDA event time over wall time), FLOPs per step, peak memory."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from engine.config.schema import ModelConfig
-    from engine.training.models import create_model
-
     torch.backends.cudnn.benchmark = autotune
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = create_model(ModelConfig(variant=variant, widen_factor=cfg["widen"]), 18, size)
@@ -105,12 +105,6 @@ def train_step_figures(variant: str, channels_last: bool, autotune: bool, compil
 
 def _entries(work: Path, n: int, size: list[int]) -> list[dict]:
     """n disk-cache entries at `size` (float16, as the engine's disk cache writes them) and their items."""
-    import torch
-
-    from engine.config.schema import PreprocessConfig
-    from engine.data.cache import SOURCE, cache_folder, source_hash
-    from engine.utils.io import save_tensors
-
     folder = cache_folder(work / "cache", PreprocessConfig(spatial_size=list(size)))
     folder.mkdir(parents=True, exist_ok=True)
     items = [{"image": str(work / f"v{i}.nii.gz"), "name": f"v{i}", "label": [float(i % 2)] * 18} for i in range(n)]
@@ -134,12 +128,6 @@ def _drop_page_cache(folder: Path) -> None:
 def loader_figures(work: Path, size: list[int], batch: int, device, cfg: dict, gpu_step_seconds: float) -> dict:
     """The engine's loaders at this shape: RAM cache (thread loader) and disk cache (worker processes, files out
     of the page cache), alone and feeding ResNet-18's bf16 step, against the GPU's step on resident data."""
-    import torch
-
-    from engine.config.schema import LoaderConfig, PreprocessConfig
-    from engine.data.cache import build_dataset
-    from engine.data.loaders import loader_workers, make_loader
-
     items = _entries(work, cfg["loader_volumes"], size)
     p = PreprocessConfig(spatial_size=list(size))
     figures = {}
@@ -172,11 +160,6 @@ def loader_figures(work: Path, size: list[int], batch: int, device, cfg: dict, g
 
 def _fed_step(size: list[int], device, widen: float):
     """ResNet-18's bf16 training step on a loader's batch (default layout, as the engine trains on GPUs)."""
-    import torch
-
-    from engine.config.schema import ModelConfig
-    from engine.training.models import create_model
-
     net = create_model(ModelConfig(variant="18", widen_factor=widen), 18, size).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
@@ -193,8 +176,6 @@ def _fed_step(size: list[int], device, widen: float):
 
 def measure(device, cfg: dict, work: Path) -> dict:
     """Every configuration within the time budget; one that fails is reported failed, not fatal."""
-    from engine.config.loading import load_config
-
     shipped = load_config(ROOT / "configs" / "ct-rate.yaml")
     size = cfg["size"] or list(shipped.preprocess.spatial_size)
     batch = cfg["batch"] or shipped.loader.batch_size
@@ -221,8 +202,6 @@ def measure(device, cfg: dict, work: Path) -> dict:
 
 
 def markdown(result: dict, device_name: str, peak: float | None) -> str:
-    import torch
-
     lines = []
     for name, f in result["rows"]:
         if "samples_per_s" not in f:
@@ -270,8 +249,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke: the code path only)")
     parser.add_argument("--out", help="where the results go (default: bench/RESULTS-gpu.md)")
     args = parser.parse_args(argv)
-    import torch
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"bench gpu: no CUDA device here (torch {torch.__version__}, built with CUDA {torch.version.cuda}): "
               f"nothing measured, bench/RESULTS-gpu.md left as it is")
@@ -281,9 +258,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="ct3d-bench-gpu-") as tmp:
         result = measure(device, SMOKE if args.smoke else FULL, Path(tmp))
     text = markdown(result, name, peak_tflops(name) if device.type == "cuda" else None)
-    out = Path(args.out) if args.out else ROOT / "bench" / "RESULTS-gpu.md"
-    out.write_text(text)
-    print(text)
+    print(write_results(Path(args.out) if args.out else ROOT / "bench" / "RESULTS-gpu.md", text))
     return 0
 
 

@@ -9,7 +9,14 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from bench.common import ROOT, demo_training
+from bench.rows import Row, band, ratio_row, row
+from engine.config import LoaderConfig, load_config
+from engine.data import build_dataset, label_frequencies, load_splits, make_loader
+from engine.results import classification_metrics
+from engine.training import create_model, make_loss, save_checkpoint, to_device, train
 
 
 def hand_loop_epochs(dataset, val_dataset, names, model_config, outputs: int, size, pos_weight, lr, epochs: int,
@@ -19,15 +26,6 @@ def hand_loop_epochs(dataset, val_dataset, names, model_config, outputs: int, si
     engine's make_loader: its sampler and MONAI's thread loader over the RAM cache), batch size, optimizer and
     loss; each epoch validates and computes the same metrics. Each epoch also writes the same checkpoint
     (atomically), outside the timed span as the engine's epoch time leaves out its checkpoint handler."""
-    import torch
-
-    from engine.config.schema import LoaderConfig
-    from engine.data.loaders import make_loader
-    from engine.results.metrics import classification_metrics
-    from engine.training.build import to_device
-    from engine.training.checkpoint import save_checkpoint
-    from engine.training.models import create_model
-
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     model = to_device(create_model(model_config, outputs, size), cpu)
@@ -60,13 +58,6 @@ def hand_loop_epochs(dataset, val_dataset, names, model_config, outputs: int, si
 
 
 def bench_engine(cfg: dict, work: Path) -> dict:
-    from engine.config.loading import load_config
-    from engine.data.cache import build_dataset
-    from engine.data.datalist import label_frequencies
-    from engine.data.prepare import load_splits
-    from engine.training.build import make_loss
-    from engine.training.workflow import train
-
     size = cfg["train_size"]
     overrides = [
         *demo_training(work, "engine", cfg["train_volumes"], size),
@@ -105,11 +96,6 @@ def bench_layout(cfg: dict) -> dict:
     """Seconds per training step of the demo's network (configs/default.yaml's model: ResNet-10, half width,
     3^3 stem; batch 8 at the demo's 48^3) with its 3D weights channels-last (the engine's CPU default,
     build.to_device) and in PyTorch's default layout, alternating, after one warm-up step of each."""
-    import torch
-
-    from engine.config.loading import load_config
-    from engine.training.models import create_model
-
     size = cfg["layout_size"]
     model = create_model(load_config(ROOT / "configs" / "default.yaml").model, 4, [size] * 3)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -126,3 +112,35 @@ def bench_layout(cfg: dict) -> dict:
             if repeat:  # the first of each warms up
                 times[name].append(time.perf_counter() - start)
     return {"layout_size": size, **{f"step_seconds_{name}_all": t for name, t in times.items()}}
+
+
+def rows(f: dict) -> list[Row]:
+    """The engine's epoch against the hand-written loop (with and without W&B), and the step's memory layout."""
+    rows = []
+    if "engine_ratio" in f:
+        spread = f.get("engine_ratio_all", [f["engine_ratio"]])
+        rows.append(ratio_row("engine epoch (training, validation, metrics, W&B offline) vs a hand-written loop doing "
+                              "the same like for like (the engine's layout and loaders, same data; both write a "
+                              "checkpoint each epoch outside the timed span)", f["engine_ratio"],
+                              (min(spread), max(spread)), 1.03, True))
+        spread = f.get("engine_ratio_no_wandb_all", [f["engine_ratio_no_wandb"]])
+        rows.append(row("engine epoch without W&B vs the same hand-written loop",
+                        f"{f['engine_ratio_no_wandb']:.3f}x (spread {min(spread):.3f}-{max(spread):.3f})"))
+    if "step_seconds_default_all" in f:
+        last, default = f["step_seconds_channels_last_all"], f["step_seconds_default_all"]
+        rows.append(ratio_row(f"demo network's training step (ResNet-10, half width, batch 8 at {f['layout_size']}^3): "
+                              f"channels-last 3D weights (the engine's CPU default) vs PyTorch's default layout",
+                              statistics.median(last) / statistics.median(default), band(last, default), 1.0, True))
+    return rows
+
+
+def notes(f: dict) -> str:
+    """What this run measured about the figures that most often move: the engine overhead's parts."""
+    if "engine_epoch" not in f:
+        return ""
+    wandb_share = (f["engine_epoch"] - f["engine_epoch_no_wandb"]) / f["hand_epoch"]
+    return (f"Every timed engine epoch trains, validates (metrics, calibration, thresholds) and logs to W&B "
+            f"offline; its checkpoint (last.pt, best.pt when it improved) is written after the epoch's timer stops. "
+            f"The hand-written loop trains the same network in the same layout from the same loaders, validates and "
+            f"computes the same metrics, and writes the same kind of checkpoint after its timer stops. W&B alone cost "
+            f"{100 * wandb_share:+.1f}% of an epoch in this run.")

@@ -17,15 +17,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from bench.common import ROOT, pss_samples
+from bench.rows import Row, ratio_row, row, seconds_range
+from engine.config import load_config
+from engine.data import generate
+from engine.results import grad_cams
+from engine.training import create_model, to_device
 
 
 def job_data(work: Path, train: int, val: int, size: int) -> list[str]:
     """`train` + `val` phantoms of size^3 with CT-RATE's 18 label columns, split into train.csv and val.csv
     (first and last rows); overrides that train on them."""
-    from engine.config.loading import load_config
-    from engine.data.demo import generate
-
     labels = tuple(load_config(ROOT / "configs" / "ct-rate.yaml").data.label_columns)
     folder = work / "phases-data"
     rows = list(csv.DictReader(open(generate(folder, train + val, (size,) * 3, seed=0, labels=labels))))
@@ -90,13 +94,6 @@ def bench_phases(cfg: dict, work: Path) -> dict:
 def bench_grad_cam(cfg: dict) -> dict:
     """The closing's Grad-CAM (as the report computes it) at the CT-RATE config's size, model and layout, on
     this CPU: seconds for `volumes` volumes with one map each, and for the same volumes with `maps` maps."""
-    import torch
-
-    from engine.config.loading import load_config
-    from engine.results.saliency import grad_cams
-    from engine.training.build import to_device
-    from engine.training.models import create_model
-
     ct_rate = load_config(ROOT / "configs" / "ct-rate.yaml")
     size = cfg.get("gradcam_size") or list(ct_rate.preprocess.spatial_size)
     net = to_device(create_model(ct_rate.model, 18, size), torch.device("cpu"))
@@ -113,3 +110,38 @@ def bench_grad_cam(cfg: dict) -> dict:
     what = "the CT-RATE config's size" if size == list(ct_rate.preprocess.spatial_size) else "smoke size"
     return {"gradcam_size": f"{'x'.join(map(str, size))} ({what})", "gradcam_volumes": volumes, "gradcam_maps": maps,
             "gradcam_seconds_per_volume": times["one"] / volumes - per_map, "gradcam_seconds_per_map": per_map}
+
+
+def rows(f: dict) -> list[Row]:
+    """Closing vs one epoch, the closing's peak PSS vs training's, and each phase's time and memory, cold and
+    warm; the closing's Grad-CAM per volume and per map."""
+    rows = []
+    if "phase_warm_closing_all" in f:
+        what = f"run phases ({f['phase_job']})"
+        closing, epoch = f["phase_warm_closing_all"], f["phase_warm_epoch_all"]
+        ratios = [c / e for c, e in zip(closing, epoch)]
+        rows.append(ratio_row(f"{what}, warm cache: closing (last validation to exit) vs one epoch",
+                              statistics.median(ratios), (min(ratios), max(ratios)), 0.3, True))
+        peaks = [c / t for c, t in zip(f["phase_warm_closing_pss_all"], f["phase_warm_training_pss_all"])]
+        rows.append(ratio_row(f"{what}, warm cache: the closing's peak PSS vs training's",
+                              statistics.median(peaks), (min(peaks), max(peaks)), 1.0, True))
+        for kind in ("warm", "cold"):
+            if f"phase_{kind}_closing_all" not in f:
+                continue
+            times = ", ".join(f"{phase} {seconds_range(f[f'phase_{kind}_{phase}_all'])}"
+                              for phase in ("start_up", "epochs", "closing", "whole"))
+            rows.append(row(f"{what}, {kind} cache: seconds per phase (median, min-max)", times))
+            memory = ", ".join(f"{phase} {statistics.median(f[f'phase_{kind}_{phase}_pss_all']) / 2**30:.2f}"
+                               for phase in ("start_up", "training", "closing"))
+            rows.append(row(f"{what}, {kind} cache: peak PSS per phase (GiB, median)", memory))
+            parts = ", ".join(f"{key[len(f'phase_{kind}_part_'):-4].replace('_', ' ')} {statistics.median(v):.2f}"
+                              for key, v in f.items() if key.startswith(f"phase_{kind}_part_"))
+            rows.append(row(f"{what}, {kind} cache: the closing's parts (s, median; saliency = Grad-CAM panels, "
+                            f"checkpoints = waiting for the last epoch's write)", parts))
+    if "gradcam_seconds_per_map" in f:
+        rows.append(row(f"closing Grad-CAM at {f['gradcam_size']}, ResNet-18, on this CPU: the target layer's "
+                        f"pass per volume, and the rest per map",
+                        f"{f['gradcam_seconds_per_volume']:.2f} s per volume + {f['gradcam_seconds_per_map']:.2f} s "
+                        f"per map: the default panels (18 labels x 1 true + 1 false positive: <= 36 maps of <= 36 "
+                        f"volumes) <= {36 * (f['gradcam_seconds_per_volume'] + f['gradcam_seconds_per_map']):.0f} s"))
+    return rows

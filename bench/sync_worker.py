@@ -11,15 +11,19 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import torch.distributed as dist
+from counting import Counts  # beside this file (sys.path[0]); the engine comes from PYTHONPATH
 
-def main() -> None:
-    import torch.distributed as dist
-    from counting import Counts  # beside this file (sys.path[0]); the engine comes from PYTHONPATH
-
+try:
+    from engine.config import load_config
+    from engine.training import init_process_group, train
+except ImportError:  # BEFORE's engine (bench/distributed.py), whose packages export nothing
     from engine.config.loading import load_config
     from engine.run import init_process_group
     from engine.training.workflow import train
 
+
+def main() -> None:
     cfg = load_config(None, sys.argv[1:])
     init_process_group("gloo", timedelta(minutes=cfg.train.dist_timeout_minutes))
     counts = Counts().install()

@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config.loading import DEFAULT_CONFIG
-from engine.utils.errors import CT3DError
+from engine.config import DEFAULT_CONFIG
+from engine.utils import CT3DError
+from k8s.render import render
+from k8s.settings import load_pod_config
+from k8s.values import helm_values
 
 
 def script(cfg) -> str:
     """Apply the claims, the cache-fill Job, wait for it, then the training workload."""
-    from k8s.render import render
-
     k = cfg.k8s
     lines = ["#!/bin/sh", f"# ct3d {k.name}: claims, cache fill, then training", "set -eu"]
     steps = [("claims", None), ("cache", f"job/{k.name}-cache"), ("train", None)]
@@ -44,10 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     try:
-        from k8s.render import render
-        from k8s.settings import load_pod_config
-        from k8s.values import helm_values
-
         cfg = load_pod_config(args.config or DEFAULT_CONFIG, args.overrides)
         if args.action == "render":
             text = render(cfg, args.part)

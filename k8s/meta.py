@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine import __version__
-from engine.config.cluster import K8sConfig
+from engine.config import K8sConfig
 
 
 def labels(k: K8sConfig, component: str = "training") -> dict:

@@ -8,8 +8,7 @@ import json
 import re
 from typing import Any
 
-from engine.config.cluster import K8sConfig
-from engine.config.schema import Config
+from engine.config import Config, K8sConfig
 from k8s.meta import labels
 from k8s.settings import CACHE_DIR, CONFIG, CONFIG_DIR, DATA_DIR, OUTPUT_DIR, pod_environment
 from k8s.storage import claim_name

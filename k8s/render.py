@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import yaml
 
-from engine.config.schema import Config
+from engine.config import Config
 from k8s.settings import validate, volume_of
 from k8s.storage import claim, config_map
 from k8s.workloads import cache_fill, job, jobset, pytorchjob, sweep, trainjob

@@ -11,10 +11,8 @@ from contextlib import contextmanager
 
 from omegaconf import OmegaConf
 
-from engine.config.cluster import K8sConfig, VolumeClaimConfig
-from engine.config.loading import SECRET_KEYS, load_config, plain, to_yaml
-from engine.config.schema import Config
-from engine.utils.errors import CT3DError
+from engine.config import SECRET_KEYS, Config, K8sConfig, VolumeClaimConfig, load_config, plain, to_yaml
+from engine.utils import CT3DError
 
 CONFIG_DIR, CACHE_DIR, OUTPUT_DIR, DATA_DIR = "/etc/ct3d", "/cache", "/output", "/data"
 CONFIG = f"{CONFIG_DIR}/config.yaml"

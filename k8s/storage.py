@@ -8,8 +8,7 @@ import hashlib
 import json
 from typing import Any
 
-from engine.config.loading import plain
-from engine.config.schema import Config
+from engine.config import Config, plain
 from k8s.meta import metadata
 from k8s.settings import access_mode, training_config, volume_of
 

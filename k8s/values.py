@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from engine.config.schema import Config
+from engine.config import Config
 from k8s.pod import plain_dict, pod_resources
 from k8s.settings import access_mode, training_config, validate, volume_of
 from k8s.storage import claim_name

@@ -15,13 +15,9 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from engine.config.schema import PreprocessConfig
-from engine.data.datalist import IMAGE, LABEL, NAME, RELATIVE, WHERE, Problem
-from engine.data.keys import cache_key, shard_of_entry, source_hash, source_signature
-from engine.data.preprocess import (
-    preprocess,
-    preprocessing_transform,
-    source_of,
-)
+from engine.data.cache_keys import cache_key, shard_of_entry, source_hash, source_signature
+from engine.data.items import IMAGE, LABEL, NAME, RELATIVE, WHERE, Problem
+from engine.data.preprocess import preprocess, preprocessing_transform, source_of
 from engine.utils.errors import CT3DError
 from engine.utils.io import TMP_PREFIX, save_tensors
 from engine.utils.progress import tracked

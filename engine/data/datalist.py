@@ -11,24 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.schema import DataConfig
+from engine.data.items import IMAGE, LABEL, NAME, PATIENT, RELATIVE, VOLUME_SUFFIXES, WHERE, Problem, format_problems
 from engine.utils.errors import CT3DError
-
-IMAGE, LABEL, NAME = "image", "label", "name"  # the keys every item carries
-WHERE, PATIENT = "where", "patient"  # datalist file and row; patient id from data.patient_column
-RELATIVE = "relative"  # the image's path under data.image_root (when set): what names its disk cache entry
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # DICOM is found by content
-
-
-@dataclass
-class Problem:
-    """One bad row, volume or split, named by file and row."""
-
-    where: str
-    message: str
-    name: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
 
 
 @dataclass
@@ -174,11 +158,6 @@ def load_datalist(path: str | Path, data: DataConfig, json_key: str = "training"
     if not collect and len(problems) > found:
         raise CT3DError(f"{len(problems)} problem(s) in datalist {path}:\n  " + format_problems(problems))
     return Datalist(items=items, labels=names)
-
-
-def format_problems(problems: list[Problem], limit: int = 20) -> str:
-    shown = [str(p) for p in problems[:limit]]
-    return "\n  ".join(shown + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else []))
 
 
 def label_frequencies(items: list[dict]) -> list[float]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Callable
 
 from engine.config.schema import DataConfig
-from engine.data.datalist import NAME, Problem, load_datalist
+from engine.data.datalist import load_datalist
+from engine.data.items import NAME, Problem
 from engine.data.metadata import attach_metadata
 from engine.data.split import patient_of, side_draw
 

@@ -15,7 +15,7 @@ from monai.data.thread_buffer import ThreadBuffer
 
 from engine.config.schema import CacheConfig, LoaderConfig, PreprocessConfig
 from engine.data.cache import build_dataset, in_ram
-from engine.data.datalist import LABEL
+from engine.data.items import LABEL
 from engine.data.sharing import ShareSampler, deal, shard
 from engine.utils.errors import CT3DError
 

@@ -9,8 +9,7 @@ import math
 import re
 from pathlib import Path
 
-from engine.data.datalist import NAME, WHERE, Problem, format_problems
-from engine.data.preprocess import PIXDIM, RESCALE
+from engine.data.items import NAME, PIXDIM, RESCALE, WHERE, Problem, format_problems
 from engine.utils.errors import CT3DError
 
 COLUMNS = ("VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from engine.config.schema import CacheConfig, DataConfig, PreprocessConfig
 from engine.data.cache import verify_cache, volume_problems
-from engine.data.datalist import NAME, Problem, format_problems, load_datalist
+from engine.data.datalist import load_datalist
 from engine.data.demo import LABELS, generate
 from engine.data.held_out import carve_test, leakage_problems, load_test
+from engine.data.items import NAME, Problem, format_problems
 from engine.data.metadata import attach_metadata
 from engine.data.sharing import shard
 from engine.data.split import check_patient_pattern, patient_of, split, split_problems

@@ -21,14 +21,13 @@ from monai.transforms import (
 )
 
 from engine.config.schema import PreprocessConfig
-from engine.data.datalist import IMAGE, NAME, RELATIVE
+from engine.data.items import IMAGE, NAME, PIXDIM, RELATIVE, RESCALE
 from engine.data.sources import read_volume, to_meta_tensor
 from engine.utils.errors import CT3DError
 
 PREPROCESSING_VERSION = 3  # bump when preprocessing_transform changes what it computes
 # What checkpoints written before a preprocessing setting existed ran with (they lack the key).
 LEGACY_PREPROCESSING = {"anti_aliasing": False, "air_check": False}
-RESCALE, PIXDIM = "rescale", "pixdim"  # per-volume metadata (data.metadata): [slope, intercept], [x, y, z] mm
 AIR_HU = (-1100.0, -900.0)  # where a CT's air (its 1st percentile of values, padding left out) must sit
 FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))
 

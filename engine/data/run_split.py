@@ -10,7 +10,7 @@ from pathlib import Path
 
 from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
-from engine.data.datalist import LABEL, NAME
+from engine.data.items import LABEL, NAME
 from engine.data.prepare import Splits
 from engine.data.preprocess import LEGACY_PREPROCESSING
 from engine.data.split import patient_of

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.datalist import VOLUME_SUFFIXES, Problem
+from engine.data.items import VOLUME_SUFFIXES, Problem
 from engine.utils.errors import CT3DError
 
 LOCALIZER_WORDS = ("localizer", "localiser", "scout", "topogram", "surview", "scanogram")

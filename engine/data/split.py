@@ -9,7 +9,7 @@ import re
 from typing import Callable
 
 from engine.config.schema import DataConfig
-from engine.data.datalist import LABEL, NAME, PATIENT, WHERE, Problem
+from engine.data.items import LABEL, NAME, PATIENT, WHERE, Problem
 from engine.utils.errors import CT3DError
 
 

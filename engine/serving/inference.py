@@ -15,14 +15,8 @@ from monai.inferers import Inferer
 
 from engine.config.loading import restore
 from engine.config.schema import DataConfig, ModelConfig, PreprocessConfig
-from engine.data.datalist import (
-    IMAGE,
-    NAME,
-    VOLUME_SUFFIXES,
-    Problem,
-    could_be_series,
-    resolve_image,
-)
+from engine.data.datalist import could_be_series, resolve_image
+from engine.data.items import IMAGE, NAME, VOLUME_SUFFIXES, Problem
 from engine.data.metadata import attach_metadata
 from engine.data.prepare import write_skipped
 from engine.data.preprocess import LEGACY_PREPROCESSING, preprocess, preprocessing_transform

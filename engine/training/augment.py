@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from engine.config.schema import AugmentConfig
-from engine.data.datalist import IMAGE
+from engine.data.items import IMAGE
 
 
 def _rotations(angles: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.config.schema import MetricsConfig, ModelConfig, OutputConfig, TrainConfig
-from engine.data.datalist import IMAGE, LABEL
+from engine.data.items import IMAGE, LABEL
 from engine.training.handlers import ValidationMetrics
 from engine.training.models import create_model, load_pretrained
 from engine.training.preemption import steps_optimizer

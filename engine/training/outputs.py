@@ -11,7 +11,7 @@ import torch
 
 from engine.config.metric_registry import METRICS, table_names
 from engine.config.schema import MetricsConfig
-from engine.data.datalist import IMAGE, LABEL
+from engine.data.items import IMAGE, LABEL
 from engine.data.sharing import gathered_order
 from engine.data.split import patient_of
 from engine.results.calibration import apply_calibration, calibration_from

@@ -22,7 +22,8 @@ from monai.handlers import LrScheduleHandler
 from engine.config.loading import plain, to_yaml
 from engine.config.schema import Config
 from engine.data.cache import build_dataset, release_ram
-from engine.data.datalist import Problem, label_frequencies
+from engine.data.datalist import label_frequencies
+from engine.data.items import Problem
 from engine.data.loaders import make_datasets, make_loader
 from engine.data.prepare import Splits, disk_dir, prepare_data, write_skipped
 from engine.data.run_split import check_same_run, split_rows, write_split
@@ -92,14 +93,14 @@ def train(cfg: Config, attach=None) -> Path:
     amp_dtype = resolve_amp(cfg.train.amp, device)
     data = prepare_data_in_shares(cfg, progress=main)
     folder = run_folder(cfg.output, cfg.model)
-    resume_path = on_rank_0(  # every rank loads the file rank 0 chose (rank 0 may be writing)
-        lambda: resume_checkpoint(cfg.train.resume, folder / "checkpoints"))
-    # read once, memory-mapped: the check reads the metadata, the resume the rest
+    # every rank loads the file rank 0 chose (rank 0 may be writing), once, memory-mapped: the check reads the
+    # metadata, the resume the rest
+    resume_path = on_rank_0(lambda: resume_checkpoint(cfg.train.resume, folder / "checkpoints"))
     resume_state = None if resume_path is None else load_checkpoint(resume_path, mmap=True)
     if resume_state is not None:
         check_same_run(resume_state, resume_path, folder, data, str(cfg.data.task), cfg.preprocess,
                        cfg.data.patient_pattern)
-    if main:
+    if main:  # the config as resolved, split.csv, skipped.csv
         write_run_start(folder, cfg, data)
     train_ds, val_ds = make_datasets(data.train, data.val, cfg.preprocess, cfg.cache, cfg.train.seed,
                                      main and sys.stderr.isatty())  # progress bars: terminals only
@@ -157,9 +158,8 @@ def attach_handlers(cfg: Config, parts: Parts, folder: Path, data: Splits, rank:
     parts.table.attach(trainer, evaluator)
     parts.history.attach(trainer)  # after validation, before checkpoints: see History
     if cfg.train.early_stopping_patience:
-        to_save["early_stopping"] = early_stopping(trainer, evaluator, cfg.metrics.key, str(cfg.metrics.mode),
-                                                   cfg.train.early_stopping_patience,
-                                                   cfg.train.early_stopping_min_delta)
+        patience, delta, key = cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, cfg.metrics.key
+        to_save["early_stopping"] = early_stopping(trainer, evaluator, key, str(cfg.metrics.mode), patience, delta)
     if main and cfg.tracking.wandb.mode != "disabled":  # W&B logs the config as saved, secrets blanked
         parts.tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
         parts.tracker.attach(trainer, evaluator, parts.optimizer, parts.steps)

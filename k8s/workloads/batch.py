@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config.cluster import K8sConfig
+from engine.config import K8sConfig
 from k8s.meta import metadata
 from k8s.pod import template
 

@@ -3,7 +3,7 @@ a warm cache."""
 
 from __future__ import annotations
 
-from engine.config.schema import Config
+from engine.config import Config
 from k8s.pod import container_env, container_spec, mounts, pod_spec, volumes
 from k8s.settings import CONFIG
 from k8s.workloads.batch import batch_job, indexed_head

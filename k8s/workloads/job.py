@@ -4,8 +4,7 @@ rendezvous hosted by pod 0."""
 
 from __future__ import annotations
 
-from engine.config.cluster import K8sConfig
-from engine.config.schema import Config
+from engine.config import Config, K8sConfig
 from k8s.meta import metadata
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, volumes
 from k8s.workloads.batch import batch_job, indexed_head

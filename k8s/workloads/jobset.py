@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config.schema import Config
+from engine.config import Config
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, template, volumes
 from k8s.workloads.batch import failure_policy, job_metadata
 from k8s.workloads.torchrun import train_command

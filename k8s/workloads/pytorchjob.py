@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config.schema import Config
+from engine.config import Config
 from k8s.pod import container_env, container_spec, mounts, pod_resources, pod_spec, template, volumes
 from k8s.settings import JOIN_SECONDS
 from k8s.workloads.batch import job_metadata

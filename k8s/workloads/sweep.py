@@ -3,8 +3,7 @@ in the output claim."""
 
 from __future__ import annotations
 
-from engine.config.schema import Config
-from engine.config.space import check_space
+from engine.config import Config, check_space
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, volumes
 from k8s.settings import CONFIG
 from k8s.workloads.batch import batch_job, indexed_head

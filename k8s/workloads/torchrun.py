@@ -6,7 +6,7 @@ the join timeout, so a pod that starts before pod 0 (an image pull, a node from 
 
 from __future__ import annotations
 
-from engine.config.cluster import K8sConfig
+from engine.config import K8sConfig
 from k8s.settings import CONFIG, JOIN_SECONDS
 
 TRAIN = ["-m", "engine.run", "train", "--config", CONFIG]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config.schema import Config
+from engine.config import Config
 from k8s.meta import labels
 from k8s.pod import container_env, container_security, mounts, pod_resources, pod_spec, volumes
 from k8s.settings import JOIN_SECONDS

@@ -9,13 +9,19 @@ import torch
 
 from engine.config.loading import load_config
 from engine.config.schema import PreprocessConfig
+from engine.data import prepare
 from engine.data.cache import DiskCacheDataset, build_dataset, cache_folder, cache_key, source_hash, volume_problems
-from engine.data.prepare import cache, load_splits
+from engine.data.prepare import load_splits
 from engine.data.preprocess import preprocessing_transform
 from helpers import start, tiny_overrides
 from volumes import cache_entries, hu_volume, items_for, write_nifti
 
 SMALL = PreprocessConfig(spatial_size=[16, 16, 16])
+
+def cache(cfg, **options) -> dict:
+    """The `cache` command on a loaded config."""
+    return prepare.fill_cache(cfg.data, cfg.preprocess, cfg.cache, **options)
+
 
 
 def test_cache_key_depends_on_settings_our_code_and_monai_alone(monkeypatch):
@@ -26,7 +32,7 @@ def test_cache_key_depends_on_settings_our_code_and_monai_alone(monkeypatch):
 
     import monai
 
-    from engine.data import keys as cache
+    from engine.data import cache_keys as cache
 
     ct_rate = PreprocessConfig(spacing=[1.4, 1.4, 2.8], orientation="LPS", spatial_size=[256, 256, 128])
     keys = cache_key(PreprocessConfig()), cache_key(ct_rate)

@@ -6,13 +6,18 @@ import torch
 
 from engine.config.loading import load_config
 from engine.config.schema import PreprocessConfig
+from engine.data import prepare
 from engine.data.cache import DiskCacheDataset, cache_folder, source_hash
 from engine.data.demo import phantom
-from engine.data.prepare import check
 from engine.data.preprocess import preprocessing_transform
 from volumes import write_nifti
 
 P = PreprocessConfig(spacing=[1.5, 1.5, 3.0], spatial_size=[24, 24, 16])
+
+def check(cfg) -> int:
+    """The `check` command on a loaded config."""
+    return prepare.check(cfg.data, cfg.preprocess, cfg.cache, cfg.output.dir)
+
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import pytest
 
 from engine.config.loading import load_config
 from engine.config.schema import PreprocessConfig
+from engine.data import prepare
 from engine.data.cache import cache_folder, source_hash
-from engine.data.prepare import cache, check, load_splits
+from engine.data.prepare import load_splits
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
 from helpers import tiny_overrides
@@ -45,6 +46,16 @@ def bad_dataset(tmp_path: Path, tiny_demo: Path) -> tuple[Path, Path, dict]:
     expected = {"truncated": names[0], "not 3D": names[1], "constant": names[2], "NaN": names[3],
                 "missing": names[4], "label": names[5], "duplicate": names[6]}
     return tmp_path / "train.csv", tmp_path / "val.csv", expected
+
+def check(cfg) -> int:
+    """The `check` command on a loaded config."""
+    return prepare.check(cfg.data, cfg.preprocess, cfg.cache, cfg.output.dir)
+
+
+def cache(cfg, **options) -> dict:
+    """The `cache` command on a loaded config."""
+    return prepare.fill_cache(cfg.data, cfg.preprocess, cfg.cache, **options)
+
 
 
 def test_check_reports_every_problem_with_file_and_row(tmp_path, tiny_demo, capsys):

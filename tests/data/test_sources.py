@@ -6,11 +6,17 @@ import pytest
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from engine.config.loading import load_config
-from engine.data.prepare import check
+from engine.data import prepare
 from engine.data.sources import find_volumes, is_dicom, read_volume, resolve_series
 from engine.utils.errors import CT3DError
 from helpers import cli, tiny_overrides
 from volumes import recompress_with_itk, write_dicom_series, write_nifti
+
+
+def check(cfg) -> int:
+    """The `check` command on a loaded config."""
+    return prepare.check(cfg.data, cfg.preprocess, cfg.cache, cfg.output.dir)
+
 
 
 def hu_volume(shape=(16, 14, 6)) -> np.ndarray:

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from engine.data.keys import shard_of_entry, source_signature
+from engine.data.cache_keys import shard_of_entry, source_signature
 from engine.utils.io import temp_path_for
 
 

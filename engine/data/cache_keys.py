@@ -1,7 +1,7 @@
-"""What names a disk-cache entry: the folder from every setting that changes an entry (and our and MONAI's
-code versions), the entry from its source file's path under data.image_root, size and time and the metadata
-applied to it, and which `cache --verify` shard owns it. Small and pure, so mutation testing covers it
-(docs/testing.md)."""
+"""What names a disk-cache entry (cache keys; an item's keys are items.py): the folder from every setting that
+changes an entry (and our and MONAI's code versions), the entry from its source file's path under
+data.image_root, size and time and the metadata applied to it, and which `cache --verify` shard owns it. Small
+and pure, so mutation testing covers it (docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 
 from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
-from engine.data.datalist import IMAGE, RELATIVE
-from engine.data.preprocess import PIXDIM, PREPROCESSING_VERSION, RESCALE
+from engine.data.items import IMAGE, PIXDIM, RELATIVE, RESCALE
+from engine.data.preprocess import PREPROCESSING_VERSION
 from engine.utils.io import TMP_PREFIX
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
