@@ -37,11 +37,11 @@ def test_cli_config_error_imports_neither_torch_nor_monai():
     assert proc.stdout.split() == ["2", "False", "False"]
 
 
-def test_cli_help_lists_sections():
+def test_cli_help_lists_every_sections_keys():
     proc, _ = run_cli("--help")
     assert proc.returncode == 0
-    for section in ("data", "preprocess", "cache", "model", "train", "metrics", "output"):
-        assert f"\n  {section} " in proc.stdout
+    for section in ("data", "preprocess", "cache", "model", "train", "metrics", "output", "k8s"):
+        assert f"\n  {section}." in proc.stdout
 
 
 def test_cli_takes_command_config_and_overrides_in_any_order():
