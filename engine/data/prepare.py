@@ -16,15 +16,15 @@ from engine.config.schema import CacheConfig, DataConfig, PreprocessConfig
 from engine.data.cache import verify_cache, volume_problems
 from engine.data.datalist import load_datalist
 from engine.data.demo import LABELS, generate
-from engine.data.held_out import carve_test, leakage_problems, load_test
 from engine.data.items import NAME, Problem, format_problems
 from engine.data.metadata import attach_metadata
 from engine.data.sharing import shard
-from engine.data.split import check_patient_pattern, patient_of, split, split_problems
+from engine.data.split import carve_test, check_patient_pattern, leakage_problems, patient_of, split, split_problems
 from engine.utils.errors import CT3DError
 from engine.utils.io import check_writable, write_text
 
 log = logging.getLogger("ct3d")
+JSON_TEST_KEY = "test"  # a JSON datalist's list of held-out items (each with an image and a label)
 
 
 @dataclass
@@ -117,6 +117,16 @@ def prepare_data(data: DataConfig, preprocess: PreprocessConfig, cache: CacheCon
     bad = {p.name for p in unreadable}  # bad datalist rows were never made items
     return Splits([it for it in train_items if it[NAME] not in bad], [it for it in val_items if it[NAME] not in bad],
                   labels, problems, [it for it in test_items if it[NAME] not in bad])
+
+
+def load_test(data: DataConfig, carved: list[dict], problems: list[Problem] | None = None) -> list[dict]:
+    """The test items: data.test's datalist (its labels as the training datalist's), or the items
+    data.test_fraction `carved` out of the training datalist; with data.metadata, each with its rescale and
+    spacing."""
+    items = load_datalist(data.test, data, JSON_TEST_KEY, problems).items if data.test else carved
+    if items and data.metadata:
+        (items,) = attach_metadata(data.metadata, (items,), problems)
+    return items
 
 
 def stop_on(fatal: list[Problem], problems: list[Problem], on_error: str) -> None:

@@ -1,6 +1,8 @@
-"""Patients and the patient-wise split: the patient id of a volume, the stable train/validation split
-(a patient's side depends on its id and the seed alone; optional stratification), the folds of `cv`, and
-the problems a split can have (empty sides, a patient on both)."""
+"""Who goes where: the patient id of a volume, the stable train/validation split (a patient's side depends on
+its id and the seed alone; optional stratification), the folds of `cv`, the held-out test patients
+(data.test_fraction: never trained or validated on, scored once at the end: the figures to publish), and the
+problems a split can have (empty sides, a patient on both, a test patient seen in training). Each rank's share
+of a side is dealt by sharing.py."""
 
 from __future__ import annotations
 
@@ -137,3 +139,27 @@ def _stratify(items: list[dict], groups: dict[str, list[int]], draw: dict[str, f
                 moved = True
         if not moved:
             return
+
+
+def carve_test(items: list[dict], fraction: float, seed: int, patient: Callable[[dict], str]
+               ) -> tuple[list[dict], list[dict]]:
+    """(the rest, the test set): the patients whose draw, fixed by (patient, seed) alone and independent of the
+    validation draw, is below `fraction`; at least one patient each side when `fraction` > 0."""
+    if fraction <= 0:
+        return items, []
+    patients = sorted({patient(it) for it in items})
+    draw = {p: side_draw(p, f"test\0{seed}") for p in patients}
+    test = {p for p in patients if draw[p] < fraction} or {min(patients, key=draw.__getitem__)}
+    if len(test) == len(patients):
+        test.discard(max(patients, key=draw.__getitem__))
+    return [it for it in items if patient(it) not in test], [it for it in items if patient(it) in test]
+
+
+def leakage_problems(train: list[dict], val: list[dict], test: list[dict], pattern: str) -> list[Problem]:
+    """A test patient (or volume) also in training or validation: the test set would not be held out."""
+    seen = {patient_of(it, pattern) for it in train + val}
+    names = {it[NAME] for it in train + val}
+    shared = sorted({patient_of(it, pattern) for it in test if patient_of(it, pattern) in seen})
+    twice = sorted(it[NAME] for it in test if it[NAME] in names)
+    problems = [Problem("test split", f"patient {p} is also in training or validation") for p in shared[:20]]
+    return problems + [Problem("test split", f"volume {v} is also in training or validation") for v in twice[:20]]

@@ -8,9 +8,9 @@ import hashlib
 import pytest
 
 from engine.config.schema import DataConfig
-from engine.data.held_out import carve_test
 from engine.data.split import (
     _stratify,
+    carve_test,
     check_patient_pattern,
     fold_of,
     patient_of,

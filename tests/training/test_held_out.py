@@ -6,8 +6,8 @@ import json
 import pytest
 
 from engine.config.loading import load_config
-from engine.data.held_out import carve_test
 from engine.data.run_split import read_split
+from engine.data.split import carve_test
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
 from helpers import tiny_overrides
@@ -54,7 +54,7 @@ def test_a_test_datalist_that_shares_patients_with_training_is_refused(tmp_path,
 
 def test_a_test_datalist_is_its_json_test_list_bad_rows_are_collected_and_metadata_applies(tmp_path):
     from engine.config.schema import DataConfig
-    from engine.data.held_out import load_test
+    from engine.data.prepare import load_test
 
     for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
         (tmp_path / name).write_bytes(b"")
