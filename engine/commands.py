@@ -18,7 +18,7 @@ from engine.serving import commands as serving
 from engine.training import workflow
 from engine.training.build import setup_logging
 from engine.training.ranks import init_process_group
-from engine.utils.errors import CT3DError, Transient
+from engine.utils.errors import EXIT_USER_ERROR, CT3DError, Transient
 
 
 def dispatch(args: argparse.Namespace, cfg: Config) -> int:
@@ -42,7 +42,7 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "cache":
         counts = prepare.fill_cache(cfg.data, cfg.preprocess, cfg.cache, verify=args.verify,
                                     shard_of=parse_shard(args.shard))
-        return 1 if counts["problems"] else 0
+        return EXIT_USER_ERROR if counts["problems"] else 0  # bad volumes stay bad: a retry would not help
     {"evaluate": serving.evaluate, "predict": serving.predict, "export": serving.export}[args.command](cfg)
     return 0
 

@@ -11,10 +11,16 @@ rules can read:
   worker also leaves a file at CT3D_USER_ERROR_FILE (set here) and torchrun is stopped at once: its
   `--max-restarts` would otherwise start the failing workers again that many times (each a start-up of minutes
   on a cluster's data) before the pod could say 2;
+- 151 (NODE_FAULT) when a worker found this node unable to run it (no CUDA where the pod asked for a GPU):
+  retried, the node named in the worker's log;
 - 150 (RETRYABLE) for any other failure (a store it could not reach, restarts used up, a crashed worker), which
-  every kind retries: restartPolicy ExitCode treats 128-255 as retryable.
+  every kind retries: restartPolicy ExitCode treats 128-255 as retryable;
+- 3 (RETRIES_SPENT) before starting torchrun when this pod has been started more than CT3D_MAX_ATTEMPTS times:
+  each start adds one to the count in CT3D_ATTEMPTS_FILE (on the output claim, one per replica), so a kind whose
+  controller recreates failed pods without counting them (PyTorchJob's restartPolicy ExitCode) still stops.
 
-Our own: torchrun exits 1 on every failure, on SIGTERM too, so a pod's exit code says nothing of why."""
+Our own: torchrun exits 1 on every failure, on SIGTERM too, so a pod's exit code says nothing of why; and no
+controller counts a PyTorchJob's recreated pods."""
 
 from __future__ import annotations
 
@@ -24,9 +30,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-RETRYABLE = 150
-USER_ERROR = 2
+from engine.utils.errors import EXIT_NODE_FAULT as NODE_FAULT
+from engine.utils.errors import EXIT_RETRIES_SPENT as RETRIES_SPENT
+from engine.utils.errors import EXIT_RETRYABLE as RETRYABLE
+from engine.utils.errors import EXIT_USER_ERROR as USER_ERROR
+from engine.utils.io import write_text
+
+ATTEMPTS_FILE, MAX_ATTEMPTS = "CT3D_ATTEMPTS_FILE", "CT3D_MAX_ATTEMPTS"
 USER_ERROR_FILE = "CT3D_USER_ERROR_FILE"  # where a worker under this launcher says it stopped on a user error
 
 
@@ -47,13 +59,36 @@ def exit_code(returncode: int, signalled: int | None, worker: int | None) -> int
         return 0
     if signalled is not None:
         return 128 + signalled
-    if worker == USER_ERROR:
-        return USER_ERROR
+    if worker in (USER_ERROR, NODE_FAULT):
+        return worker
     return RETRYABLE
+
+
+def count_attempt(environ: dict) -> str | None:
+    """Adds this start to CT3D_ATTEMPTS_FILE's count (atomically); a message when the count passes
+    CT3D_MAX_ATTEMPTS (the pod must not start training again), None otherwise or without the two variables."""
+    path, limit = environ.get(ATTEMPTS_FILE), environ.get(MAX_ATTEMPTS)
+    if not path or not limit:
+        return None
+    try:
+        done = int(Path(path).read_text().strip() or 0)
+    except FileNotFoundError:
+        done = 0
+    except (OSError, ValueError):  # unreadable: count from here, never block a run on the counter itself
+        done = 0
+    write_text(Path(path), f"{done + 1}\n")
+    if done + 1 > int(limit):
+        return (f"ct3d launch: this pod was started {done + 1} times, more than {MAX_ATTEMPTS}={limit} "
+                f"({path}): not retrying; the logs of the earlier attempts say why they failed")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    spent = count_attempt(dict(os.environ))
+    if spent is not None:
+        print(spent, file=sys.stderr)
+        return RETRIES_SPENT
     with tempfile.TemporaryDirectory(prefix="ct3d-launch-") as tmp:
         error_file, user_error = os.path.join(tmp, "error.json"), os.path.join(tmp, "user-error")
         env = {**os.environ, "TORCHELASTIC_ERROR_FILE": error_file, USER_ERROR_FILE: user_error}

@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from engine.config.loading import DEFAULT_CONFIG, load_config
 from engine.config.reference import help_text
 from engine.launch import USER_ERROR_FILE
-from engine.utils.errors import CT3DError, Interrupted, Transient
+from engine.utils.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_NODE_FAULT,
+    EXIT_RETRYABLE,
+    EXIT_USER_ERROR,
+    CT3DError,
+    Interrupted,
+    NodeFault,
+    Transient,
+)
 
 COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "cv", "sweep")
 
@@ -54,11 +65,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+        try:
+            return run_command(argv)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return run_command(argv)
+
+
+def run_command(argv: list[str]) -> int:
+    """The command line's work, its exit code."""
     try:
         text = key_help(argv)
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if text is not None:
         print(text)
         return 0
@@ -73,20 +95,32 @@ def main(argv: list[str] | None = None) -> int:
         return commands.dispatch(args, cfg)
     except Interrupted as exc:
         print(f"ct3d: {exc}", file=sys.stderr)
-        return 143  # 128 + SIGTERM, as a process ended by the signal reports
-    except Transient as exc:
-        print(f"ct3d: error: {exc}", file=sys.stderr)
-        return 1  # not a user error: a Job, JobSet or PyTorchJob retries it
+        return EXIT_INTERRUPTED  # 128 + SIGTERM, as a process ended by the signal reports
     except CT3DError as exc:
         print(f"ct3d: error: {exc}", file=sys.stderr)
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: say why, for engine.launch (exit 2)
+        # a node fault and a transient failure are retried by every kind; a user error is the same every time
+        code = EXIT_NODE_FAULT if isinstance(exc, NodeFault) else EXIT_RETRYABLE if isinstance(
+            exc, Transient) else EXIT_USER_ERROR
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: say why, for engine.launch's exit code
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # torch: see above
 
             ErrorHandler().record_exception(exc)
-        if os.environ.get(USER_ERROR_FILE):  # engine.launch stops torchrun: no restart repeats a user error
+        if code == EXIT_USER_ERROR and os.environ.get(USER_ERROR_FILE):  # engine.launch stops torchrun at once
             with open(os.environ[USER_ERROR_FILE], "a") as f:
                 f.write(f"{exc}\n")
-        return 2
+        return code
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM outside the training loop (the loop notes it and checkpoints: checkpoint.Checkpoints): leave now,
+    exit 143. Installed first, so a pod preempted during start-up frees its GPU in seconds, and a Python process
+    that is a pod's PID 1 (which the kernel spares the signal's default action) stops at all. os._exit, not an
+    exception: one raised here can land inside an import (numpy left half-initialised: seen) or a library's
+    callback; every file we write is written atomically, so leaving loses nothing but the work in progress."""
+    sys.stderr.write("ct3d: stopped by SIGTERM outside the training loop (during start-up, or in the closing after "
+                     "the last checkpoint): run again to continue\n")
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def leave(code: int) -> int:

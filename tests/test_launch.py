@@ -44,3 +44,36 @@ def test_a_workers_user_error_file_stops_torchrun_at_once(tmp_path):
     assert time.time() - started < 10
     done = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     assert wait(done, str(tmp_path / "none")) == 3  # no file: torchrun's own code
+
+
+def test_a_node_fault_passes_through_and_every_code_sits_in_its_class():
+    from engine.utils.errors import EXIT_NODE_FAULT, EXIT_RETRIES_SPENT, EXIT_USER_ERROR
+
+    assert exit_code(1, None, EXIT_NODE_FAULT) == EXIT_NODE_FAULT == 151  # retried, told apart from a crash
+    assert 128 <= EXIT_NODE_FAULT <= 255 and EXIT_NODE_FAULT != RETRYABLE
+    assert 1 <= EXIT_RETRIES_SPENT <= 127 and 1 <= EXIT_USER_ERROR <= 127  # ExitCode policy: permanent
+
+
+def test_a_pod_recreated_past_its_attempts_stops_before_torchrun(tmp_path, monkeypatch):
+    """PyTorchJob's controller recreates a failed pod without counting it: each start of the launcher counts
+    itself on the output claim, and the start after CT3D_MAX_ATTEMPTS ends with 3 (permanent) at once."""
+    import subprocess
+
+    from engine import launch
+
+    counter = tmp_path / "claim" / ".attempts" / "worker-0"
+    monkeypatch.setenv("CT3D_ATTEMPTS_FILE", str(counter))
+    monkeypatch.setenv("CT3D_MAX_ATTEMPTS", "3")
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or (_ for _ in ()).throw(
+        RuntimeError("torchrun would start here")))
+    for attempt in (1, 2, 3):  # each recreation within the limit starts torchrun
+        try:
+            launch.main(["--nproc-per-node=1", "-m", "engine.run"])
+        except RuntimeError:
+            pass
+        assert counter.read_text() == f"{attempt}\n" and len(started) == attempt
+    assert launch.main(["--nproc-per-node=1", "-m", "engine.run"]) == 3  # the fourth: spent
+    assert len(started) == 3 and counter.read_text() == "4\n"
+    monkeypatch.delenv("CT3D_MAX_ATTEMPTS")
+    assert launch.count_attempt(dict(__import__("os").environ)) is None  # without a limit nothing is counted

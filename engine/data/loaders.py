@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 
 import ignite.distributed as idist
 import psutil
@@ -96,10 +97,18 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
     drop_last = shuffle and len(sampler) % batch_size == 1 and len(sampler) > 1
     workers = loader_workers(loader, dataset)
     kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                  pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0)
+                  pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0,
+                  worker_init_fn=ignore_sigterm if workers > 0 else None)
     if loader.num_workers is None and workers == 0:
         return thread_loader_class()(dataset, buffer_size=2, **kwargs)
     return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """A loader worker process ignores SIGTERM: torchrun and the kubelet signal the whole process group, which
+    holds the rank's workers, and a worker dying of it kills the rank (its SIGCHLD handler raises) before the
+    interruption checkpoint. The rank decides; it ends its workers when it leaves."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def thread_loader_class():

@@ -5,6 +5,7 @@ loaders.py. The wiring in workflow.py calls them."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,9 +17,10 @@ from engine.data.items import IMAGE, LABEL
 from engine.training.handlers import ValidationMetrics
 from engine.training.models import create_model, load_pretrained
 from engine.training.preemption import steps_optimizer
-from engine.utils.errors import CT3DError
+from engine.utils.errors import CT3DError, NodeFault
 
 log = logging.getLogger("ct3d")
+EXPECT_GPU = "CT3D_EXPECT_GPU"  # "1" where the manifest requested GPUs for this pod
 
 
 def setup_logging(main: bool = True) -> None:
@@ -34,7 +36,6 @@ def setup_torch(train: TrainConfig, rank: int = 0) -> None:
     """Threads; seeds from (seed, rank), so ranks draw different dropout masks; cuDNN autotuning for speed,
     or with train.deterministic deterministic kernels where they exist: on CUDA, ops that have none (3D
     max-pool backward, for one) warn instead of stopping the run."""
-    import os
 
     from monai.utils import set_determinism
 
@@ -51,8 +52,6 @@ def setup_torch(train: TrainConfig, rank: int = 0) -> None:
 def use_every_cpu() -> None:
     """Rank 0's closing work alone, after the others left: torchrun set one thread per worker (OMP_NUM_THREADS=1);
     now the bootstrap and Grad-CAM may use every CPU this process may run on."""
-    import os
-
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cpus > torch.get_num_threads():
         torch.set_num_threads(cpus)
@@ -60,9 +59,16 @@ def use_every_cpu() -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The training device. Where the pod asked for a GPU (CT3D_EXPECT_GPU=1, set by the manifests) and CUDA is
+    not there, the node is at fault, not the config: NodeFault (exit 151, retried), naming the node; under
+    torchrun this rank would otherwise pick gloo while the others pick NCCL and the group would hang."""
+    available = torch.cuda.is_available()
+    if not available and (name.startswith("cuda") or name == "auto") and os.environ.get(EXPECT_GPU) == "1":
+        raise NodeFault(f"node {os.environ.get('NODE_NAME', '(NODE_NAME not set)')}: the pod asked for a GPU but "
+                        f"CUDA is not available here (driver or device plugin fault?); retry on another node")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cuda" if available else "cpu")
+    if name.startswith("cuda") and not available:
         raise CT3DError(f"config error: train.device: {name!r} asked for, but no CUDA device is available")
     return torch.device(name)
 

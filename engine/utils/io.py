@@ -3,15 +3,21 @@ the new one, never half of one, and a crash leaves no file a later run would tak
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from engine.utils.errors import CT3DError
+from engine.utils.errors import CT3DError, Transient
+
+# storage that did not answer (a network filesystem's hiccup), not storage that refused: retried, then Transient
+TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.ENETDOWN, errno.ENETUNREACH,
+                    errno.EHOSTUNREACH, errno.ECONNRESET}
 
 TMP_PREFIX = ".tmp-"
 
@@ -87,21 +93,27 @@ STORAGE_FIXES = ("a block volume (EBS, Persistent Disk, Azure Disk): the pod's f
                  "driver's mountPermissions); otherwise set k8s.run_as_user to the share's owner")
 
 
-def check_writable(folder: str | Path, setting: str) -> None:
+def check_writable(folder: str | Path, setting: str, tries: int = 6, first_wait: float = 2.0) -> None:
     """Creates `folder` if needed and writes, syncs and removes a file in it; a CT3DError naming the folder,
     the setting and the fix for each kind of storage otherwise (a claim whose driver ignores fsGroup is
-    read-only to a non-root pod)."""
-    import os
-    import uuid
-
+    read-only to a non-root pod). Storage that does not answer (EIO, ESTALE, ETIMEDOUT: an NFS hiccup at a
+    gang restart) is tried `tries` times, waits doubling from `first_wait` s (about a minute in all), then is a
+    Transient failure (exit 150, retried), not a user error."""
     folder = Path(folder)
-    probe = folder / f"{TMP_PREFIX}write-probe-{uuid.uuid4().hex}"  # pods checking one claim at once: own names
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"ct3d")
-            os.fsync(f.fileno())
-        probe.unlink(missing_ok=True)
-    except OSError as exc:
-        raise CT3DError(f"{setting}: {folder} is not writable by this process (uid {os.getuid()}: "
-                        f"{exc.strerror or exc}). On Kubernetes, for {STORAGE_FIXES}") from None
+    for attempt in range(tries):
+        probe = folder / f"{TMP_PREFIX}write-probe-{uuid.uuid4().hex}"  # pods checking one claim at once: own names
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"ct3d")
+                os.fsync(f.fileno())
+            probe.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS:
+                raise CT3DError(f"{setting}: {folder} is not writable by this process (uid {os.getuid()}: "
+                                f"{exc.strerror or exc}). On Kubernetes, for {STORAGE_FIXES}") from None
+            if attempt == tries - 1:
+                raise Transient(f"{setting}: {folder} did not answer after {tries} tries ({exc.strerror or exc}): "
+                                f"the storage, not the config; the pod is retried") from None
+            time.sleep(first_wait * 2 ** attempt)

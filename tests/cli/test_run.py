@@ -182,8 +182,8 @@ def workers_of(proc: subprocess.Popen) -> dict:
 
     found = {}
     for p in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if "engine.run" in " ".join(p.cmdline()):
+        try:  # a rank's loader workers are its children, with its command line and RANK: a rank's parent has none
+            if "engine.run" in " ".join(p.cmdline()) and "RANK" not in p.parent().environ():
                 found[int(p.environ()["RANK"])] = p
         except (psutil.Error, KeyError):
             continue
@@ -198,17 +198,22 @@ def test_two_ranks_survive_a_killed_worker_then_sigterm_and_end_with_an_uninterr
     pod: what the kubelet signals) mid-epoch 2: both ranks stop at one iteration after rank 0 wrote last.pt holding
     both ranks' random states. The run resumed from it ends with the uninterrupted run's weights, and in it rank 1
     leaves at the final barrier, before rank 0's closing work ends. (One run through both interruptions: each
-    two-rank start costs seconds of imports per rank.)"""
+    two-rank start costs seconds of imports per rank.) The RAM cache is off and each rank reads the disk cache
+    through two loader worker processes, which torchrun's SIGTERM reaches too (it signals each worker's process
+    group): they must not die of it before their rank's interruption checkpoint."""
     import torch
 
     from engine.training.checkpoint import load_checkpoint
 
-    overrides = two_rank_overrides(tmp_path, two_rank_whole["demo"], "term")
+    overrides = [*two_rank_overrides(tmp_path, two_rank_whole["demo"], "term"), "cache.memory_rate=0",
+                 "loader.num_workers=2"]
     proc, lines = start_watched(torchrun("train", *overrides, restarts=2))
     wait_for_line(proc, lines, "epoch 1/3 iteration 3/")
     workers_of(proc)[1].kill()  # a lost node
     wait_for_line(proc, lines, "resumed from")  # the agent restarted both workers; they found the checkpoint
     wait_for_line(proc, lines, "epoch 2/3 iteration 3/")
+    loader_workers = [c for rank in workers_of(proc).values() for c in rank.children()]
+    assert len(loader_workers) >= 4  # two per rank (the validation loader's may have started too)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     text = "".join(lines)

@@ -40,3 +40,38 @@ def test_a_folder_that_takes_no_files_is_named_with_its_setting_and_the_fix_per_
     message = str(caught.value)
     assert message.startswith(f"output.dir: {blocked / 'runs'} is not writable")
     assert "fsGroup" in message and "EFS: an access point" in message and "NFS" in message
+
+
+def test_storage_that_does_not_answer_is_retried_then_transient_and_a_refusal_is_the_users(tmp_path, monkeypatch):
+    """EIO (an NFS hiccup at a gang restart) is tried again with growing waits and, if it lasts, is a Transient
+    failure (exit 150, retried); EACCES is the user's to fix at once (exit 2), without waiting."""
+    import builtins
+    import errno
+
+    import pytest
+
+    from engine.utils import io as io_module
+    from engine.utils.errors import CT3DError, Transient
+
+    calls, real_open = [], builtins.open
+
+    def failing(codes):
+        def fake(path, *args, **kwargs):
+            calls.append(path)
+            if len(calls) <= len(codes):
+                raise OSError(codes[len(calls) - 1], "storage says no")
+            return real_open(path, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(io_module, "open", failing([errno.EIO, errno.ESTALE]), raising=False)
+    io_module.check_writable(tmp_path / "out", "output.dir", tries=3, first_wait=0.001)
+    assert len(calls) == 3 and not list((tmp_path / "out").iterdir())  # the third try wrote and removed its probe
+    calls.clear()
+    monkeypatch.setattr(io_module, "open", failing([errno.EIO] * 5), raising=False)
+    with pytest.raises(Transient, match="output.dir.*3 tries"):
+        io_module.check_writable(tmp_path / "out", "output.dir", tries=3, first_wait=0.001)
+    calls.clear()
+    monkeypatch.setattr(io_module, "open", failing([errno.EACCES]), raising=False)
+    with pytest.raises(CT3DError, match="not writable") as refused:
+        io_module.check_writable(tmp_path / "out", "output.dir", tries=3, first_wait=0.001)
+    assert not isinstance(refused.value, Transient) and len(calls) == 1
