@@ -15,9 +15,10 @@ rules can read:
   retried, the node named in the worker's log;
 - 150 (RETRYABLE) for any other failure (a store it could not reach, restarts used up, a crashed worker), which
   every kind retries: restartPolicy ExitCode treats 128-255 as retryable;
-- 3 (RETRIES_SPENT) before starting torchrun when this pod has been started more than CT3D_MAX_ATTEMPTS times:
-  each start adds one to the count in CT3D_ATTEMPTS_FILE (on the output claim, one per replica), so a kind whose
-  controller recreates failed pods without counting them (PyTorchJob's restartPolicy ExitCode) still stops.
+- 3 (RETRIES_SPENT), from the pod's first step (`engine.run check`, before this launcher), when the pod has been
+  started more than CT3D_MAX_ATTEMPTS times: each start adds one to the count in CT3D_ATTEMPTS_FILE (on the
+  output claim, one per replica; count_attempt), so a kind whose controller recreates failed pods without
+  counting them (PyTorchJob's restartPolicy ExitCode) still stops, whatever step failed.
 
 Our own: torchrun exits 1 on every failure, on SIGTERM too, so a pod's exit code says nothing of why; and no
 controller counts a PyTorchJob's recreated pods."""
@@ -33,7 +34,6 @@ import tempfile
 from pathlib import Path
 
 from engine.utils.errors import EXIT_NODE_FAULT as NODE_FAULT
-from engine.utils.errors import EXIT_RETRIES_SPENT as RETRIES_SPENT
 from engine.utils.errors import EXIT_RETRYABLE as RETRYABLE
 from engine.utils.errors import EXIT_USER_ERROR as USER_ERROR
 from engine.utils.io import write_text
@@ -85,10 +85,6 @@ def count_attempt(environ: dict) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    spent = count_attempt(dict(os.environ))
-    if spent is not None:
-        print(spent, file=sys.stderr)
-        return RETRIES_SPENT
     with tempfile.TemporaryDirectory(prefix="ct3d-launch-") as tmp:
         error_file, user_error = os.path.join(tmp, "error.json"), os.path.join(tmp, "user-error")
         env = {**os.environ, "TORCHELASTIC_ERROR_FILE": error_file, USER_ERROR_FILE: user_error}

@@ -12,10 +12,11 @@ import threading
 
 from engine.config.loading import DEFAULT_CONFIG, load_config
 from engine.config.reference import help_text
-from engine.launch import USER_ERROR_FILE
+from engine.launch import USER_ERROR_FILE, count_attempt
 from engine.utils.errors import (
     EXIT_INTERRUPTED,
     EXIT_NODE_FAULT,
+    EXIT_RETRIES_SPENT,
     EXIT_RETRYABLE,
     EXIT_USER_ERROR,
     CT3DError,
@@ -85,6 +86,11 @@ def run_command(argv: list[str]) -> int:
         print(text)
         return 0
     args = parse_args(argv)
+    if args.command == "check":  # a pod's first step counts the pod's start (PyTorchJob: see engine.launch)
+        spent = count_attempt(dict(os.environ))
+        if spent is not None:
+            print(spent, file=sys.stderr)
+            return EXIT_RETRIES_SPENT
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, args.command)
         # After the config is valid: MONAI and torch take ~6 s to import (a config error or --help: 0.1 s).

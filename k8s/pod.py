@@ -47,10 +47,16 @@ def container_security() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def container_env(k: K8sConfig, indexed: bool) -> list[dict]:
+def container_env(k: K8sConfig, indexed: bool, trains: bool = False) -> list[dict]:
+    """The W&B key from its Secret, the fixed and the user's env, the node's name (a node fault, exit 151, names
+    it), and for the container that holds the pod's GPUs (`trains`) CT3D_EXPECT_GPU: CUDA missing there is the
+    node's fault (retried elsewhere), not a config error; the pod index when `indexed`."""
     env = [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": k.wandb_secret, "key": "api-key",
                                                                      "optional": True}}}]
     env += [{"name": name, "value": value} for name, value in pod_environment(k).items()]
+    env.append({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
+    if trains and k.gpus > 0:
+        env.append({"name": "CT3D_EXPECT_GPU", "value": "1"})
     if indexed:
         env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}})
     return env

@@ -21,6 +21,9 @@ KEEP = {"helm.sh/resource-policy": "keep"}  # `helm uninstall` leaves the claim 
 # so a survivor of a lost pod never publishes a new one and its replacement waits forever (torch 2.13: tested).
 FIXED_ENV = {"WANDB_DIR": OUTPUT_DIR, "PYTHONUNBUFFERED": "1", "CT3D_CACHE": CACHE_DIR, "CT3D_OUTPUT": OUTPUT_DIR,
              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# set by ct3d per pod or per kind (the node's and pod's names, the GPU promise, the attempts counter, the index)
+POD_ENV = ("WANDB_API_KEY", "NODE_NAME", "CT3D_EXPECT_GPU", "POD_NAME", "CT3D_ATTEMPTS_FILE", "CT3D_MAX_ATTEMPTS",
+           "JOB_COMPLETION_INDEX", "JOB_COMPLETIONS")
 JOIN_SECONDS = 1800  # c10d rendezvous join timeout: a lost node's replacement may take this long to start
 
 
@@ -80,12 +83,12 @@ def validate(cfg: Config) -> None:
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", k.name):  # a Service's, JobSet's or PyTorchJob's name
         raise CT3DError(f"config error: k8s.name: {k.name!r} must start with a letter (a DNS-1035 label: the "
                         f"Service, JobSet, TrainJob and PyTorchJob it names refuse a leading digit)")
-    if str(k.kind) == "trainjob":
+    if str(k.kind) == "trainjob" and k.trainjob_runtime:
         for key, value in (("priority_class", k.priority_class), ("runtime_class", k.runtime_class)):
             if value:
                 raise CT3DError(f"config error: k8s.{key}: a TrainJob cannot set it on its pods (the "
-                                f"ClusterTrainingRuntime {k.trainjob_runtime!r} does); set it there, or use "
-                                f"k8s.kind=jobset")
+                                f"ClusterTrainingRuntime {k.trainjob_runtime!r} does); set it there, leave "
+                                f"k8s.trainjob_runtime empty (ct3d's own runtime sets it), or use k8s.kind=jobset")
     for name, count in k.extra_resources.items():
         if not re.fullmatch(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?", name) or \
                 count < 1:
@@ -97,8 +100,8 @@ def validate(cfg: Config) -> None:
     for role in ("cache", "output"):
         access_mode(k, role)
     for key in k.env:
-        if key in (*FIXED_ENV, "WANDB_API_KEY", "JOB_COMPLETION_INDEX", "JOB_COMPLETIONS"):
-            raise CT3DError(f"config error: k8s.env.{key}: set by ct3d in every pod; leave it out")
+        if key in (*FIXED_ENV, *POD_ENV):
+            raise CT3DError(f"config error: k8s.env.{key}: set by ct3d in its pods; leave it out")
         if any(s in key.lower() for s in (*SECRET_KEYS, "secret")):
             raise CT3DError(f"config error: k8s.env.{key}: looks like a secret; manifests are not the place for "
                             f"one: put it in a Kubernetes Secret")

@@ -54,26 +54,19 @@ def test_a_node_fault_passes_through_and_every_code_sits_in_its_class():
     assert 1 <= EXIT_RETRIES_SPENT <= 127 and 1 <= EXIT_USER_ERROR <= 127  # ExitCode policy: permanent
 
 
-def test_a_pod_recreated_past_its_attempts_stops_before_torchrun(tmp_path, monkeypatch):
-    """PyTorchJob's controller recreates a failed pod without counting it: each start of the launcher counts
-    itself on the output claim, and the start after CT3D_MAX_ATTEMPTS ends with 3 (permanent) at once."""
-    import subprocess
-
-    from engine import launch
+def test_a_pod_recreated_past_its_attempts_stops_at_its_first_step(tmp_path, monkeypatch):
+    """PyTorchJob's controller recreates a failed pod without counting it: the pod's first step (`check`, before
+    the launcher) counts each start on the output claim, and the start after CT3D_MAX_ATTEMPTS ends with 3
+    (permanent) before the check or training run again, whatever step failed before."""
+    from engine import launch, run
 
     counter = tmp_path / "claim" / ".attempts" / "worker-0"
     monkeypatch.setenv("CT3D_ATTEMPTS_FILE", str(counter))
     monkeypatch.setenv("CT3D_MAX_ATTEMPTS", "3")
-    started = []
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a) or (_ for _ in ()).throw(
-        RuntimeError("torchrun would start here")))
-    for attempt in (1, 2, 3):  # each recreation within the limit starts torchrun
-        try:
-            launch.main(["--nproc-per-node=1", "-m", "engine.run"])
-        except RuntimeError:
-            pass
-        assert counter.read_text() == f"{attempt}\n" and len(started) == attempt
-    assert launch.main(["--nproc-per-node=1", "-m", "engine.run"]) == 3  # the fourth: spent
-    assert len(started) == 3 and counter.read_text() == "4\n"
+    bad = ["check", "--quick", "model.name=nope"]  # each attempt fails (here: its config)
+    for attempt in (1, 2, 3):
+        assert run.main(bad) == 2 and counter.read_text() == f"{attempt}\n"
+    assert run.main(bad) == 3 and counter.read_text() == "4\n"  # the fourth start: spent, nothing else ran
+    assert run.main(["model.name=nope"]) == 2 and counter.read_text() == "4\n"  # only the first step counts
     monkeypatch.delenv("CT3D_MAX_ATTEMPTS")
     assert launch.count_attempt(dict(__import__("os").environ)) is None  # without a limit nothing is counted

@@ -58,7 +58,9 @@ class K8sConfig:
     # per-pod extended resources besides the GPUs, requested and limited, e.g. {vpc.amazonaws.com/efa: 4} or
     # {rdma/ib: 1}: without them multi-node NCCL falls back to TCP
     extra_resources: Dict[str, int] = setting({})
-    trainjob_runtime: str = setting("torch-distributed", pattern=DNS_LABEL)  # kind trainjob: the ClusterTrainingRuntime
+    # kind trainjob: empty: ct3d's own ClusterTrainingRuntime, rendered with the run (gang restarts, exit 2 fails at
+    # once); a name: that ClusterTrainingRuntime (e.g. the stock torch-distributed, whose failure policy applies)
+    trainjob_runtime: str = setting("", pattern=DNS_LABEL)
     # the cache-fill pods' placement: CPU work, so none of the GPU pods' tolerations, priority or queue; a node
     # selector (e.g. {topology.kubernetes.io/zone: us-east-1a}) binds a zonal disk where the GPUs are
     cache_node_selector: Dict[str, str] = setting({})
@@ -70,12 +72,15 @@ class K8sConfig:
     data_claim: str = setting("", pattern=DNS_LABEL)  # an existing claim holding the data set, read-only at /data
     cache_pods: int = setting(1, ge=1)  # the cache-fill Indexed Job's pods (more than 1 need a ReadWriteMany cache)
     wandb_secret: str = setting("wandb", pattern=DNS_LABEL)  # Secret with key `api-key`; optional for the job
-    backoff_limit: int = setting(3, ge=0)  # failures per pod index (not node disruptions) before the Job fails
+    # failures per pod index (not node disruptions) before the Job fails; pytorchjob: each pod's starts are
+    # counted on the output claim and engine.launch ends with exit 3 after backoff_limit + 1
+    backoff_limit: int = setting(3, ge=0)
     # job and pytorchjob: torchrun's restarts of the worker group (a lost rank, a replaced pod); jobset and
-    # trainjob: the JobSet's restarts of the whole gang (torchrun restarts nothing there)
+    # trainjob on ct3d's runtime: the JobSet's restarts of the whole gang (torchrun restarts nothing there)
     max_restarts: int = setting(3, ge=0)
     termination_grace_seconds: int = setting(300, ge=30)  # SIGTERM to kill: time for the interruption checkpoint
-    active_deadline_seconds: int = setting(0, ge=0)  # 0: no deadline
+    # seconds the run may take (jobset: each attempt, as a gang restart starts the Job's clock again); 0: none
+    active_deadline_seconds: int = setting(0, ge=0)
     ttl_seconds_after_finished: int = setting(604800, ge=0)  # finished Jobs are deleted after this
     run_as_user: int = setting(1000, ge=1)  # pods run as this non-root user (0, root, is refused)
     master_port: int = setting(29500, ge=1, le=65535)  # torchrun's rendezvous port on pod 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 
 import ignite.distributed as idist
 import psutil
@@ -98,17 +97,18 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
     workers = loader_workers(loader, dataset)
     kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                   pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0,
-                  worker_init_fn=ignore_sigterm if workers > 0 else None)
+                  worker_init_fn=own_process_group if workers > 0 else None)
     if loader.num_workers is None and workers == 0:
         return thread_loader_class()(dataset, buffer_size=2, **kwargs)
     return torch.utils.data.DataLoader(dataset, **kwargs)
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """A loader worker process ignores SIGTERM: torchrun and the kubelet signal the whole process group, which
-    holds the rank's workers, and a worker dying of it kills the rank (its SIGCHLD handler raises) before the
-    interruption checkpoint. The rank decides; it ends its workers when it leaves."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def own_process_group(worker_id: int) -> None:
+    """A loader worker process leaves its rank's process group: torchrun signals each rank's whole group with
+    SIGTERM, and a worker dying of it kills the rank (its SIGCHLD handler raises) before the interruption
+    checkpoint. Out of the group, only its rank ends it (a signal to its pid: multiprocessing's terminate at exit
+    still works, which ignoring SIGTERM would turn into a hang), or notices its rank is gone and leaves."""
+    os.setpgid(0, 0)
 
 
 def thread_loader_class():

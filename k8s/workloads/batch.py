@@ -1,16 +1,19 @@
 """What the batch/v1 workloads share: Job metadata with the Kueue queue label, the Indexed head (a failed pod
-replaced at its index), the failure policy (node disruptions ignored, a user error's exit 2 fails the Job at
-once) and the Job around a pod template."""
+replaced at its index), the failure policy (node disruptions ignored, a user error's exit 2 or engine.launch's
+spent attempts, exit 3, fail the Job at once; 143, 150 and 151 count against the pod's retries) and the Job
+around a pod template."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from engine.config import K8sConfig
+from engine.utils import EXIT_RETRIES_SPENT, EXIT_USER_ERROR
 from k8s.meta import metadata
 from k8s.pod import template
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PERMANENT = [EXIT_USER_ERROR, EXIT_RETRIES_SPENT]  # the same on every attempt: never retried, by any kind
 
 
 def job_metadata(k: K8sConfig, name: str, component: str, queue: str | None = None) -> dict:
@@ -41,10 +44,12 @@ def batch_job(k: K8sConfig, name: str, component: str, head: dict, pod: dict, ch
             "spec": spec}
 
 
-def failure_policy(*containers: str) -> dict:
-    """Node disruptions (preemption, drain) do not count; a user error (exit 2: config or data) in any of
-    `containers` fails the Job at once instead of being retried."""
-    rules: list[dict] = [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
-    rules += [{"action": "FailJob", "onExitCodes": {"containerName": c, "operator": "In", "values": [2]}}
+def failure_policy(*containers: str, ignore_disruptions: bool = True) -> dict:
+    """Node disruptions (preemption, drain) do not count (unless `ignore_disruptions` is off); a permanent exit
+    (2: config or data; 3: attempts used up) in any of `containers` fails the Job at once instead of being
+    retried; any other exit (143, 150, 151, a crash) counts against the Job's backoff limit."""
+    disruption = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    rules: list[dict] = [disruption] if ignore_disruptions else []
+    rules += [{"action": "FailJob", "onExitCodes": {"containerName": c, "operator": "In", "values": list(PERMANENT)}}
               for c in containers]
     return {"rules": rules}

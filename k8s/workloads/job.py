@@ -17,7 +17,7 @@ def training_job(cfg: Config) -> dict:
     indexed = k.nodes > 1
     # several nodes: c10d rendezvous at pod 0, so a replaced pod rejoins and the group restarts from the checkpoint
     command = train_command(k, f"{k.name}-0.{k.name}.{k.namespace}.svc", k.max_restarts)
-    train = container_spec(k, "train", command, container_env(k, indexed), mounts(k), resources)
+    train = container_spec(k, "train", command, container_env(k, indexed, trains=True), mounts(k), resources)
     if indexed:
         train["ports"] = [{"name": "rendezvous", "containerPort": k.master_port}]
     pod = pod_spec(k, [train], volumes(cfg, shm), init=[check_container(k)])

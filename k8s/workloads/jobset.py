@@ -2,13 +2,14 @@
 replicated Job of `nodes` Indexed pods, DNS hostnames on (JobSet makes the headless Service), and a failure
 policy for the gang: any pod lost, preempted or failed recreates every pod together (RestartJobSet: a fresh
 rendezvous, no index failing for good while pod 0 is away; `k8s.max_restarts` of them, preemptions included),
-while a user error (exit 2 from the check container or a worker, engine.launch) fails it at once."""
+while a permanent exit (2: a user error from the check container or a worker, engine.launch; 3: attempts used
+up) fails it at once. ct3d's ClusterTrainingRuntime (runtime.py) runs TrainJobs under the same policy."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.config import Config
+from engine.config import Config, K8sConfig
 from k8s.pod import check_container, container_env, container_spec, mounts, pod_resources, pod_spec, template, volumes
 from k8s.workloads.batch import failure_policy, job_metadata
 from k8s.workloads.torchrun import train_command
@@ -16,11 +17,29 @@ from k8s.workloads.torchrun import train_command
 WORKERS = "workers"  # the replicated Job; pod hostnames <jobset>-workers-<job index>-<pod index>
 
 
+def gang_failure_policy(k: K8sConfig) -> dict:
+    """The JobSet's failurePolicy: a Job failed by its podFailurePolicy (a permanent exit) or by its deadline
+    fails the JobSet; any other Job failure (backoffLimit 0: one failed or disrupted pod) restarts every pod,
+    `k8s.max_restarts` times."""
+    return {"maxRestarts": k.max_restarts, "restartStrategy": "Recreate",
+            "rules": [{"name": "userError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
+                      # a Job's activeDeadlineSeconds runs per attempt (a restart recreates the Job, and its
+                      # clock): an attempt that overruns it ends the run instead of starting another
+                      {"name": "deadline", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]}]}
+
+
+def gang_job_policy(*containers: str) -> dict:
+    """The replicated Job's podFailurePolicy: a permanent exit in `containers` fails the Job with reason
+    PodFailurePolicy (which gang_failure_policy turns into FailJobSet); a disruption is not ignored: it fails the
+    Job (backoffLimit 0, BackoffLimitExceeded) and the gang restarts."""
+    return failure_policy(*containers, ignore_disruptions=False)
+
+
 def job_set(cfg: Config) -> dict:
     k = cfg.k8s
     resources, shm = pod_resources(k)
     command = train_command(k, f"{k.name}-{WORKERS}-0-0.{k.name}", 0)  # torchrun restarts nothing: the JobSet does
-    train = container_spec(k, "train", command, container_env(k, True), mounts(k), resources)
+    train = container_spec(k, "train", command, container_env(k, True, trains=True), mounts(k), resources)
     if k.nodes > 1:
         train["ports"] = [{"name": "rendezvous", "containerPort": k.master_port}]
     pod = pod_spec(k, [train], volumes(cfg, shm), init=[check_container(k)])
@@ -28,19 +47,12 @@ def job_set(cfg: Config) -> dict:
                            "backoffLimit": 0}  # a failed pod fails its Job, and the JobSet restarts the gang
     if k.active_deadline_seconds:
         job["activeDeadlineSeconds"] = k.active_deadline_seconds
-    # exit 2 fails the Job with reason PodFailurePolicy, which the JobSet's first rule turns into FailJobSet;
-    # a disruption is not ignored here: it fails the Job (BackoffLimitExceeded) and the gang restarts
-    job["podFailurePolicy"] = {"rules": failure_policy("check", "train")["rules"][1:]}
+    job["podFailurePolicy"] = gang_job_policy("check", "train")
     job["template"] = template(k, "training", pod)
     spec = {
         "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
         "successPolicy": {"operator": "All", "targetReplicatedJobs": [WORKERS]},
-        "failurePolicy": {"maxRestarts": k.max_restarts, "restartStrategy": "Recreate",
-                          "rules": [{"name": "userError", "action": "FailJobSet",
-                                     "onJobFailureReasons": ["PodFailurePolicy"]},
-                                    # k8s.active_deadline_seconds bounds the run, not each restart of it
-                                    {"name": "deadline", "action": "FailJobSet",
-                                     "onJobFailureReasons": ["DeadlineExceeded"]}]},
+        "failurePolicy": gang_failure_policy(k),
         "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
         "replicatedJobs": [{"name": WORKERS, "replicas": 1,
                             "template": {"metadata": {"labels": template(k, "training", {})["metadata"]["labels"]},

@@ -15,7 +15,7 @@ def sweep_job(cfg: Config) -> dict:
     k = cfg.k8s
     resources, shm = pod_resources(k)
     command = ["python", "-m", "engine.run", "sweep", "--config", CONFIG, "sweep.workers=1"]
-    container = container_spec(k, "sweep", command, container_env(k, True), mounts(k), resources)
+    container = container_spec(k, "sweep", command, container_env(k, True, trains=True), mounts(k), resources)
     pod = pod_spec(k, [container], volumes(cfg, shm), init=[check_container(k)])
     head = indexed_head(k, k.sweep_workers, max_failed=k.sweep_workers - 1)  # the study goes on without a lost worker
     return batch_job(k, f"{k.name}-sweep", "sweep", head, pod, ("check", "sweep"))

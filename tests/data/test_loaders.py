@@ -128,3 +128,28 @@ def test_ranks_read_the_ram_budget_at_one_moment_and_share_the_lowest_rate(monke
     loaders.make_datasets(items, items, cfg.preprocess, cfg.cache, cfg.train.seed, False)
     assert events == ["barrier", "measure", ("reduce", "MIN", 1.0)]
     assert rates == [0.25, 0.25]
+
+
+def test_loader_workers_leave_the_ranks_process_group_and_still_end_with_it():
+    """torchrun signals a rank's process group: its loader workers must be out of it (tests/cli/test_run.py's
+    two-rank SIGTERM run shows why), yet end when their process exits with them alive (multiprocessing
+    terminates them: a worker ignoring SIGTERM instead would hang the exit)."""
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT, TEXT
+
+    script = """
+import os, torch
+from engine.config.schema import LoaderConfig
+from engine.data.loaders import make_loader
+items = [{"image": torch.zeros(1), "label": torch.zeros(1)} for _ in range(8)]
+loader = make_loader(items, LoaderConfig(batch_size=2, num_workers=2), torch.device("cpu"), shuffle_seed=0)
+batches = iter(loader)
+next(batches), next(batches)  # one from each worker: both started
+workers = [w.pid for w in batches._workers]
+print(len(workers), sorted({os.getpgid(pid) for pid in workers} & {os.getpgid(0)}))
+"""  # and exits with the iterator and its workers alive
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, **TEXT, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["2", "[]"]  # two workers, none in the parent's process group

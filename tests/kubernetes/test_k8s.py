@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,27 +61,37 @@ SWEEP = ["k8s.sweep_workers=3", "sweep.space={train.lr: {type: log, low: 0.0001,
 PYTORCHJOB = [*MULTI, "k8s.kind=pytorchjob"]
 JOBSET = [*MULTI, "k8s.kind=jobset", "k8s.extra_resources={vpc.amazonaws.com/efa: 4}", "k8s.runtime_class=nvidia"]
 TRAINJOB = [*[o for o in MULTI if not o.startswith("k8s.priority_class")], "k8s.kind=trainjob"]
-CRDS = ("PyTorchJob", "JobSet", "TrainJob")
+CRDS = ("PyTorchJob", "JobSet", "TrainJob", "ClusterTrainingRuntime")
 
 
 def core_parts(obj: dict) -> list[dict]:
-    """The built-in objects in `obj` for the strict schemas: itself, or a JobSet's Job template as a batch/v1 Job
-    (a TrainJob's parts are the runtime's to assemble: its SDK model checks them)."""
-    if obj["kind"] == "JobSet":
+    """The built-in objects in `obj` for the strict schemas: itself, the Job templates of a JobSet or of a
+    ClusterTrainingRuntime's JobSet as batch/v1 Jobs, a PyTorchJob's pod templates as PodTemplates (a TrainJob's
+    parts are the runtime's to assemble: its SDK model checks them)."""
+    if obj["kind"] == "PyTorchJob":
+        return [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{obj['metadata']['name']}-{r}"},
+                 "template": spec["template"]} for r, spec in obj["spec"]["pytorchReplicaSpecs"].items()]
+    if obj["kind"] in ("JobSet", "ClusterTrainingRuntime"):
+        jobset = obj["spec"] if obj["kind"] == "JobSet" else obj["spec"]["template"]["spec"]
         return [{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": obj["metadata"]["name"],
-                                                                         **rj["template"]["metadata"]},
-                 "spec": rj["template"]["spec"]} for rj in obj["spec"]["replicatedJobs"]]
+                                                                         **rj["template"].get("metadata", {})},
+                 "spec": rj["template"]["spec"]} for rj in jobset["replicatedJobs"]]
     return [] if obj["kind"] in CRDS else [obj]
 
 
 def load_crd(obj: dict):
-    """A PyTorchJob, JobSet or TrainJob as its SDK's model (kubeflow-training; kubeflow-trainer-api for JobSet
-    v1alpha2 and TrainJob), checked to round-trip whole: nothing the model does not know is dropped."""
+    """A PyTorchJob, JobSet, TrainJob or ClusterTrainingRuntime as its SDK's model (kubeflow-training;
+    kubeflow-trainer-api for the others), checked to round-trip whole: nothing the model does not know is dropped."""
     if obj["kind"] == "PyTorchJob":
         return load_pytorchjob(obj)
-    from kubeflow_trainer_api.models import JobsetV1alpha2JobSet, TrainerV1alpha1TrainJob
+    from kubeflow_trainer_api.models import (
+        JobsetV1alpha2JobSet,
+        TrainerV1alpha1ClusterTrainingRuntime,
+        TrainerV1alpha1TrainJob,
+    )
 
-    model = {"JobSet": JobsetV1alpha2JobSet, "TrainJob": TrainerV1alpha1TrainJob}[obj["kind"]]
+    model = {"JobSet": JobsetV1alpha2JobSet, "TrainJob": TrainerV1alpha1TrainJob,
+             "ClusterTrainingRuntime": TrainerV1alpha1ClusterTrainingRuntime}[obj["kind"]]
     loaded = model.from_dict(obj)
 
     def without_default_protocol(node):  # the model fills a port's protocol with its default, TCP
@@ -344,7 +355,9 @@ def test_pytorchjob_loads_into_the_kubeflow_training_sdk_models():
     loaded = load_pytorchjob(job)
     assert loaded.spec.elastic_policy.rdzv_backend == "c10d" and loaded.spec.elastic_policy.max_replicas == 4
     worker = loaded.spec.pytorch_replica_specs["Worker"]
-    assert worker.replicas == 4 and worker.restart_policy == "ExitCode"
+    assert worker.replicas == 4 and worker.restart_policy == "ExitCode"  # 1-127 permanent: exits 2 and 3 end it
+    assert worker.template.spec.restart_policy == "Never"  # what the operator sets for ExitCode anyway
+    assert loaded.spec.run_policy.clean_pod_policy == "Running"  # a failed job leaves no pod holding GPUs
     assert worker.template.spec.containers[0].name == "pytorch"
     assert not worker.template.spec.init_containers  # the operator reads the exit code of `pytorch` only
     line = worker.template.spec.containers[0].command[2]
@@ -414,7 +427,8 @@ def chart_objects(cfg) -> list[dict]:
 def test_chart_lints_strict_and_renders_valid_manifests():
     proc = helm("lint", "--strict", "charts/ct3d")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for sets in ([], ["--set", "nodes=4", "--set", "gpus=8"], ["--set", "kind=pytorchjob", "--set", "nodes=2"]):
+    for sets in ([], ["--set", "nodes=4", "--set", "gpus=8"], ["--set", "kind=pytorchjob", "--set", "nodes=2"],
+                 ["--set", "kind=trainjob", "--set", "nodes=2"]):
         proc = helm("template", "ct3d-train", "charts/ct3d", *sets)
         assert proc.returncode == 0, proc.stderr
         for version in KUBE_VERSIONS:
@@ -431,7 +445,8 @@ def test_chart_schema_rejects_typos_and_wrong_types():
         assert proc.returncode != 0, bad
     proc = helm("template", "x", "charts/ct3d", "--set", "nodes=2", "--set", "output.accessMode=ReadWriteOnce")
     assert proc.returncode != 0 and "ReadWriteMany" in proc.stderr
-    for name in ("HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "CT3D_CACHE"):  # as the renderer refuses
+    for name in ("HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "CT3D_CACHE", "NODE_NAME",
+                 "CT3D_MAX_ATTEMPTS"):  # as the renderer refuses
         assert helm("template", "x", "charts/ct3d", "--set-string", f"env.{name}=v").returncode != 0, name
 
 
@@ -468,6 +483,7 @@ def settings(draw) -> list[str]:
     nodes = 1 if sweep else draw(st.integers(1, 4))
     gpus = draw(st.integers(0, 1)) if sweep else draw(st.integers(0, 8))
     kind = draw(st.sampled_from(["job", "jobset", "trainjob", "pytorchjob"]))
+    other_runtime = kind == "trainjob" and draw(st.booleans())  # not ct3d's: it sets no priority or runtime class
     out = [f"k8s.nodes={nodes}", f"k8s.gpus={gpus}", f"k8s.name={draw(DNS)}-run", f"k8s.namespace={draw(DNS)}",
            f"k8s.kind={kind}",
            f"k8s.image_pull_policy={draw(st.sampled_from(['IfNotPresent', 'Always']))}",
@@ -483,11 +499,11 @@ def settings(draw) -> list[str]:
         out.append(f"k8s.cache_pods={draw(st.integers(1, 4))}")
     optional = {
         "k8s.queue": DNS, "k8s.service_account": DNS, "k8s.data_claim": DNS,
-        **({} if kind == "trainjob" else {"k8s.priority_class": DNS, "k8s.runtime_class": DNS}),
+        **({} if other_runtime else {"k8s.priority_class": DNS, "k8s.runtime_class": DNS}),
         "k8s.extra_resources": st.sampled_from(["{vpc.amazonaws.com/efa: 4}", "{rdma/ib: 1, example.com/x: 2}"]),
         "k8s.cache_node_selector": st.dictionaries(DNS, DNS, min_size=1, max_size=2).map(_flow),
         "k8s.cache_tolerations": st.just("[{key: cpu-pool, operator: Exists, effect: NoSchedule}]"),
-        "k8s.cache_queue": DNS, "k8s.trainjob_runtime": DNS,
+        "k8s.cache_queue": DNS,
         "k8s.storage_class": DNS, "k8s.cpu": st.sampled_from(["4", "500m", "12"]),
         "k8s.memory": st.sampled_from(["16Gi", "100G"]), "k8s.shm_size": st.sampled_from(["1Gi", "512Mi"]),
         "k8s.image_pull_secrets": st.lists(DNS, min_size=1, max_size=2).map(lambda v: f"[{', '.join(v)}]"),
@@ -506,6 +522,8 @@ def settings(draw) -> list[str]:
     for key, strategy in optional.items():
         if draw(st.booleans()):
             out.append(f"{key}={draw(strategy)}")
+    if other_runtime:
+        out.append(f"k8s.trainjob_runtime={draw(DNS)}")
     return out
 
 
@@ -534,13 +552,18 @@ def test_chart_and_renderer_render_the_same_objects(overrides):
 
 
 PARITY_CASES = [[], MULTI, PYTORCHJOB, JOBSET, TRAINJOB, SWEEP,
-                ["k8s.gpus=2", "k8s.output.existing=true", "k8s.output.name=runs"]]
+                ["k8s.gpus=2", "k8s.output.existing=true", "k8s.output.name=runs"],
+                [*TRAINJOB, "k8s.priority_class=high", "k8s.runtime_class=nvidia", "k8s.max_restarts=7"],
+                [*TRAINJOB, "k8s.trainjob_runtime=torch-distributed"], [*PYTORCHJOB, "k8s.gpus=0"]]
 
 
 @needs_helm
 @pytest.mark.parametrize("overrides", PARITY_CASES)
-def test_chart_output_passes_strict_schemas_over_the_parity_cases(overrides):
-    text = yaml.safe_dump_all(chart_objects(load_config(ROOT / "configs" / "default.yaml", overrides)))
+def test_chart_output_is_the_renderers_and_passes_strict_schemas_over_the_parity_cases(overrides):
+    cfg = load_config(ROOT / "configs" / "default.yaml", overrides)
+    ours, theirs = render_objects(cfg), chart_objects(cfg)
+    assert comparable(ours) == comparable(theirs)
+    text = yaml.safe_dump_all(theirs)
     for version in KUBE_VERSIONS:
         result = validate(text, version)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -669,7 +692,7 @@ def test_a_config_error_in_a_pod_exits_2_from_the_container_the_fail_job_rule_na
     job, config_map = objs[-1], next(o for o in objs if o["kind"] == "ConfigMap")
     pod = job["spec"]["template"]["spec"]
     named = {r["onExitCodes"]["containerName"] for r in job["spec"]["podFailurePolicy"]["rules"][1:]
-             if r["action"] == "FailJob" and r["onExitCodes"]["values"] == [2]}
+             if r["action"] == "FailJob" and 2 in r["onExitCodes"]["values"]}
     config = tmp_path / "config.yaml"
     config.write_text(config_map["data"]["config.yaml"].replace("  epochs: ", "  epohcs: "))  # a typo in the pod
     for container in (pod["initContainers"][0], pod["containers"][0]):
@@ -698,7 +721,7 @@ def test_jobset_restarts_the_gang_fails_at_once_on_exit_2_and_runs_the_jobs_pod(
     job = job_set["spec"]["replicatedJobs"][0]["template"]["spec"]
     assert (job["completionMode"], job["completions"], job["parallelism"], job["backoffLimit"]) == ("Indexed", 4, 4, 0)
     assert [(r["action"], r["onExitCodes"]["containerName"], r["onExitCodes"]["values"])
-            for r in job["podFailurePolicy"]["rules"]] == [("FailJob", "check", [2]), ("FailJob", "train", [2])]
+            for r in job["podFailurePolicy"]["rules"]] == [("FailJob", "check", [2, 3]), ("FailJob", "train", [2, 3])]
     pod = job["template"]["spec"]
     line = pod["containers"][0]["command"][2]
     assert "--rdzv-endpoint=ctrate-r18-workers-0-0.ctrate-r18:29500" in line.split()
@@ -717,7 +740,7 @@ def test_trainjob_runs_our_image_and_command_on_the_runtime_with_our_claims_and_
     train_job = objs[-1]
     loaded = load_crd(train_job)
     assert train_job["metadata"]["labels"][QUEUE] == "team-a"
-    assert (loaded.spec.runtime_ref.name, loaded.spec.runtime_ref.kind) == ("torch-distributed",
+    assert (loaded.spec.runtime_ref.name, loaded.spec.runtime_ref.kind) == ("ct3d.ml.ctrate-r18",
                                                                              "ClusterTrainingRuntime")
     trainer = train_job["spec"]["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (4, 8, "ghcr.io/ct3d/ct3d:0.1.0")
@@ -734,7 +757,198 @@ def test_trainjob_runs_our_image_and_command_on_the_runtime_with_our_claims_and_
     for key in ("securityContext", "tolerations", "nodeSelector", "affinity", "serviceAccountName"):
         assert pod[key] == indexed[key], key
     with pytest.raises(CT3DError, match="k8s.priority_class: a TrainJob cannot set it"):
-        objects(*TRAINJOB, "k8s.priority_class=high")
+        objects(*TRAINJOB, "k8s.priority_class=high", "k8s.trainjob_runtime=torch-distributed")
+
+
+def test_trainjob_runs_on_ct3ds_runtime_a_gang_restarted_max_restarts_times_that_a_user_error_ends():
+    """The TrainJob names ct3d's ClusterTrainingRuntime, rendered before it (the Trainer refuses a TrainJob whose
+    runtime does not exist): the JobSet policy of kind jobset (maxRestarts = k8s.max_restarts, a Job failed by its
+    podFailurePolicy fails the set), its `node` Job with backoffLimit 0 and a FailJob rule on exits 2 and 3, and
+    the priority and runtime class a runtime patch cannot carry."""
+    objs = objects(*TRAINJOB, "k8s.max_restarts=5", "k8s.priority_class=high", "k8s.runtime_class=nvidia")
+    assert [o["kind"] for o in objs][-2:] == ["ClusterTrainingRuntime", "TrainJob"]
+    runtime, train_job = objs[-2:]
+    loaded = load_crd(runtime)
+    assert "namespace" not in runtime["metadata"]  # cluster-scoped: the run's namespace is in its name
+    assert train_job["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"] == "ct3d.ml.ctrate-r18"
+    assert loaded.spec.template.spec.failure_policy.max_restarts == 5 and loaded.spec.ml_policy.torch is not None
+    jobset = next(o for o in objects(*JOBSET, "k8s.max_restarts=5") if o["kind"] == "JobSet")
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"] == jobset["spec"]["failurePolicy"]
+    replicated, = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    patched = train_job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert replicated["name"] == patched["name"] == "node"  # the Job the patch places is the runtime's
+    assert replicated["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    job = replicated["template"]["spec"]
+    assert job["backoffLimit"] == 0
+    assert job["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "node", "operator": "In", "values": [2, 3]}}]}
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # a podFailurePolicy needs it; JobSet's default would be OnFailure
+    assert (pod["priorityClassName"], pod["runtimeClassName"]) == ("high", "nvidia")
+    assert [c["name"] for c in pod["containers"]] == [patched["template"]["spec"]["template"]["spec"]["containers"][0]
+                                                      ["name"]]
+    for version in KUBE_VERSIONS:  # its Job template passes the strict schemas
+        result = validate(yaml.safe_dump(runtime), version)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_trainjob_on_another_runtime_renders_none_of_ours_and_warns_that_its_policy_applies(capsys):
+    objs = objects(*TRAINJOB, "k8s.trainjob_runtime=torch-distributed")
+    assert "ClusterTrainingRuntime" not in [o["kind"] for o in objs]
+    assert objs[-1]["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    warning = capsys.readouterr().err
+    assert "warning: k8s.trainjob_runtime=torch-distributed" in warning
+    assert "k8s.max_restarts" in warning and "exit 2" in warning
+    objects(*TRAINJOB)
+    assert capsys.readouterr().err == ""
+
+
+def test_pytorchjob_counts_each_pods_starts_on_the_output_claim_so_its_retries_end():
+    """The operator recreates a pod that exited 128-255 under the same name, without counting it: the pod's first
+    step (`engine.run check`; tests/test_launch.py runs it) counts each pod's starts in a file of its own (named
+    by the pod, through the downward API) in the run folder on the output claim, and ends the pod with exit 3,
+    permanent, after backoff_limit + 1 of them."""
+    job = next(o for o in objects(*PYTORCHJOB, "k8s.backoff_limit=4") if o["kind"] == "PyTorchJob")
+    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    names = [e["name"] for e in container["env"]]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CT3D_MAX_ATTEMPTS"]["value"] == "5"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert names.index("POD_NAME") < names.index("CT3D_ATTEMPTS_FILE")  # $(VAR) expands only an earlier variable
+
+    def expanded(pod_name: str) -> str:  # the kubelet's $(VAR) expansion
+        return re.sub(r"\$\((\w+)\)", lambda m: {"POD_NAME": pod_name}[m.group(1)], env["CT3D_ATTEMPTS_FILE"]["value"])
+
+    first, second = expanded("ctrate-r18-worker-0"), expanded("ctrate-r18-worker-1")
+    assert first != second and first.startswith("/output/ctrate-r18/") and "$(" not in first
+    assert {"name": "output", "mountPath": "/output"} in container["volumeMounts"]
+    assert container["command"][-1].startswith("python -m engine.run check ")  # the first step, which counts
+
+
+def test_every_container_names_its_node_and_those_holding_gpus_expect_them():
+    """NODE_NAME (the node a fault, exit 151, names) in every container; CT3D_EXPECT_GPU=1 exactly where the
+    container holds the pod's GPUs (CUDA missing there is the node's fault, not a config error): never the check
+    or the cache fill, never without GPUs."""
+    def containers(objs: list[dict]) -> list[dict]:
+        pods = pods_of(objs) + [rj["template"]["spec"]["template"]["spec"] for o in objs if o["kind"] == "JobSet"
+                                for rj in o["spec"]["replicatedJobs"]]
+        found = [c for pod in pods for c in pod.get("initContainers", []) + pod["containers"]]
+        trainers = [o["spec"]["trainer"] for o in objs if o["kind"] == "TrainJob"]
+        return found + [{"name": "node", "env": t["env"], "resources": t["resourcesPerNode"]} for t in trainers]
+
+    expecting = 0
+    for overrides in ([], MULTI, SWEEP, PYTORCHJOB, JOBSET, TRAINJOB, ["k8s.gpus=0"], [*PYTORCHJOB, "k8s.gpus=0"],
+                      [*TRAINJOB, "k8s.gpus=0"]):
+        for c in containers(objects(*overrides)):
+            env = {e["name"]: e for e in c["env"]}
+            assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}, c["name"]
+            holds_gpus = "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+            assert ("CT3D_EXPECT_GPU" in env) == holds_gpus, (overrides, c["name"])
+            if holds_gpus:
+                assert env["CT3D_EXPECT_GPU"]["value"] == "1"
+                expecting += 1
+    assert expecting >= 6
+    with pytest.raises(CT3DError, match="k8s.env.NODE_NAME: set by ct3d"):
+        objects("k8s.env={NODE_NAME: here}")
+
+
+# ------------------------------------------------------------------ faults and exit codes, every kind
+EVICTED = "evicted"  # a pod with the DisruptionTarget condition (preemption, drain), its container exiting 143
+# What each kind does with a pod that ends so (docs/kubernetes.md, "Faults and exit codes"): a batch Job's
+# podFailurePolicy action (Count: against backoffLimit / backoffLimitPerIndex); a JobSet's (kind jobset, and
+# trainjob on ct3d's runtime) action on the Job that pod fails; PyTorchJob's restartPolicy ExitCode.
+FATES = {
+    #         job         cache fill  sweep       jobset           trainjob         pytorchjob
+    2:       ("FailJob", "FailJob", "FailJob", "FailJobSet", "FailJobSet", "permanent"),
+    3:       ("FailJob", "FailJob", "FailJob", "FailJobSet", "FailJobSet", "permanent"),
+    143:     ("Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
+    150:     ("Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
+    151:     ("Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
+    EVICTED: ("Ignore", "Ignore", "Ignore", "RestartJobSet", "RestartJobSet", "retried"),
+}
+FATE_KINDS = ("job", "cache fill", "sweep", "jobset", "trainjob", "pytorchjob")
+BUDGET = ["k8s.backoff_limit=4", "k8s.max_restarts=2"]
+
+
+def pod_failure_action(policy: dict, container: str, code: int, disrupted: bool) -> str:
+    """Kubernetes' podFailurePolicy on a pod whose `container` exited `code`: the first rule that matches (an exit
+    code of that container, or a condition the pod has) decides; none matching: Count."""
+    for rule in policy["rules"]:
+        on = rule.get("onExitCodes")
+        if on and on.get("containerName", container) == container and \
+                (code in on["values"]) == (on["operator"] == "In"):
+            return rule["action"]
+        if disrupted and {"type": "DisruptionTarget", "status": "True"} in rule.get("onPodConditions", []):
+            return rule["action"]
+    return "Count"
+
+
+def jobset_action(jobset: dict, job: dict, container: str, code: int, disrupted: bool) -> str:
+    """A JobSet's answer to one failed pod of `job`: the Job fails (its podFailurePolicy's FailJob: reason
+    PodFailurePolicy; Count with backoffLimit 0: BackoffLimitExceeded), and the first failurePolicy rule whose
+    reasons match decides (none: RestartJobSet, counted against maxRestarts)."""
+    action = pod_failure_action(job["podFailurePolicy"], container, code, disrupted)
+    assert action in ("FailJob", "Count") and job["backoffLimit"] == 0, action  # every failed pod fails the Job
+    reason = "PodFailurePolicy" if action == "FailJob" else "BackoffLimitExceeded"
+    for rule in jobset["failurePolicy"]["rules"]:
+        if not rule.get("onJobFailureReasons") or reason in rule["onJobFailureReasons"]:
+            return rule["action"]
+    return "RestartJobSet"
+
+
+def fates_of(kind: str, objs: list[dict], code: int | str) -> set[str]:
+    """What `kind` (rendered as `objs`) does when one of its pods' containers (each in turn) ends with `code`, and
+    a check that its retries end (the budget: BUDGET's backoff limit or restarts)."""
+    exit_code, disrupted = (143, True) if code == EVICTED else (code, False)
+    if kind in ("job", "cache fill", "sweep"):
+        component = {"job": "training", "cache fill": "cache-fill", "sweep": "sweep"}[kind]
+        job = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["labels"]["app.kubernetes.io/component"]
+                   == component)["spec"]
+        assert job.get("backoffLimitPerIndex", job.get("backoffLimit")) == 4
+        pod = job["template"]["spec"]
+        return {pod_failure_action(job["podFailurePolicy"], c["name"], exit_code, disrupted)
+                for c in pod.get("initContainers", []) + pod["containers"]}
+    if kind in ("jobset", "trainjob"):
+        jobset = next(o for o in objs if o["kind"] in ("JobSet", "ClusterTrainingRuntime"))["spec"]
+        jobset = jobset["template"]["spec"] if kind == "trainjob" else jobset
+        assert jobset["failurePolicy"]["maxRestarts"] == 2
+        job = jobset["replicatedJobs"][0]["template"]["spec"]
+        pod = job["template"]["spec"]
+        return {jobset_action(jobset, job, c["name"], exit_code, disrupted)
+                for c in pod.get("initContainers", []) + pod["containers"]}
+    worker = next(o for o in objs if o["kind"] == "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert worker["restartPolicy"] == "ExitCode"
+    env = {e["name"]: e.get("value") for e in worker["template"]["spec"]["containers"][0]["env"]}
+    assert env["CT3D_MAX_ATTEMPTS"] == "5"  # retried, until a pod's 5th start exits 3
+    return {"permanent" if 1 <= exit_code <= 127 else "retried"}
+
+
+def test_the_exit_code_table_is_the_engines():
+    from engine.utils import EXIT_INTERRUPTED, EXIT_NODE_FAULT, EXIT_RETRIES_SPENT, EXIT_RETRYABLE, EXIT_USER_ERROR
+
+    assert [EXIT_USER_ERROR, EXIT_RETRIES_SPENT, EXIT_INTERRUPTED, EXIT_RETRYABLE, EXIT_NODE_FAULT] == \
+        [code for code in FATES if code != EVICTED]
+
+
+@pytest.mark.parametrize("kind", FATE_KINDS)
+def test_every_kind_fails_at_once_on_2_and_3_and_retries_the_rest_within_its_budget(kind):
+    runs = {"job": MULTI, "cache fill": MULTI, "sweep": SWEEP, "jobset": JOBSET, "trainjob": TRAINJOB,
+            "pytorchjob": PYTORCHJOB}
+    objs = objects(*runs[kind], *BUDGET)
+    for code, fates in FATES.items():
+        assert fates_of(kind, objs, code) == {fates[FATE_KINDS.index(kind)]}, (kind, code)
+
+
+def test_the_fate_check_would_notice_a_rule_lost():
+    """The evaluator is not vacuous: without the FailJob rules exit 2 counts, and without the JobSet's userError
+    rule it restarts the gang."""
+    job = next(o for o in objects(*MULTI) if o["kind"] == "Job" and o["metadata"]["name"] == "ctrate-r18")["spec"]
+    assert pod_failure_action({"rules": job["podFailurePolicy"]["rules"][:1]}, "train", 2, False) == "Count"
+    jobset = next(o for o in objects(*JOBSET) if o["kind"] == "JobSet")["spec"]
+    inner = jobset["replicatedJobs"][0]["template"]["spec"]
+    assert jobset_action(jobset, inner, "train", 2, False) == "FailJobSet"
+    jobset["failurePolicy"]["rules"] = jobset["failurePolicy"]["rules"][1:]
+    assert jobset_action(jobset, inner, "train", 2, False) == "RestartJobSet"
 
 
 def test_names_that_a_service_or_jobset_refuses_are_refused_before_rendering():

@@ -61,6 +61,8 @@ metadata:
   {{- end }}
 {{- end -}}
 
+{{/* The containers' env: .indexed adds the pod index; .trains (the container holding the pod's GPUs) adds
+CT3D_EXPECT_GPU, so CUDA missing there is the node's fault (exit 151), not a config error. */}}
 {{- define "ct3d.env" -}}
 - name: WANDB_API_KEY
   valueFrom:
@@ -81,6 +83,14 @@ metadata:
 {{- range $k, $v := .root.Values.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
+{{- end }}
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+{{- if and .trains (gt (int .root.Values.gpus) 0) }}
+- name: CT3D_EXPECT_GPU
+  value: "1"
 {{- end }}
 {{- if .indexed }}
 - name: JOB_COMPLETION_INDEX
@@ -249,17 +259,35 @@ limits:
 {{- printf "exec python -m engine.launch --nnodes=%d %s --rdzv-backend=c10d --rdzv-endpoint=%s:%v --rdzv-id=%s --rdzv-conf=is_host=$(test \"$JOB_COMPLETION_INDEX\" = 0 && echo 1 || echo 0),join_timeout=1800,read_timeout=1800 %s %s -m engine.run train --config /etc/ct3d/config.yaml" (int $v.nodes) (index $flags 0) .host $v.masterPort (include "ct3d.name" .root) (index $flags 1) (index $flags 2) -}}
 {{- end -}}
 
+{{/* A batch/v1 Job's podFailurePolicy: node disruptions do not count (.ignoreDisruptions); a permanent exit
+(2: user error, 3: attempts used up) in one of .containers fails the Job; 143, 150, 151 count. */}}
 {{- define "ct3d.failurePolicy" -}}
 rules:
+  {{- if .ignoreDisruptions }}
   - action: Ignore
     onPodConditions:
       - type: DisruptionTarget
         status: "True"
-  {{- range . }}
+  {{- end }}
+  {{- range .containers }}
   - action: FailJob
     onExitCodes:
       containerName: {{ . }}
       operator: In
-      values: [2]
+      values: [2, 3]
   {{- end }}
+{{- end -}}
+
+{{/* The JobSet's failurePolicy (a kind jobset run's, and ct3d's ClusterTrainingRuntime's): a Job failed by its
+podFailurePolicy or its deadline (per attempt) fails the set; any other failure restarts the gang. */}}
+{{- define "ct3d.gangFailurePolicy" -}}
+maxRestarts: {{ .Values.maxRestarts }}
+restartStrategy: Recreate
+rules:
+  - name: userError
+    action: FailJobSet
+    onJobFailureReasons: [PodFailurePolicy]
+  - name: deadline
+    action: FailJobSet
+    onJobFailureReasons: [DeadlineExceeded]
 {{- end -}}

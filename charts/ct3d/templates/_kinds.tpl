@@ -29,7 +29,7 @@
 {{- end }}
 {{- end -}}
 
-{{/* k8s.kind=jobset: one replicated Job of .nodes Indexed pods; the gang restarts together, exit 2 fails it. */}}
+{{/* k8s.kind=jobset: one replicated Job of .nodes Indexed pods; the gang restarts together, exit 2 or 3 fails it. */}}
 {{- define "ct3d.jobset" -}}
 {{- $root := .root -}}
 {{- $nodes := .nodes -}}
@@ -45,15 +45,7 @@ spec:
     operator: All
     targetReplicatedJobs: [workers]
   failurePolicy:
-    maxRestarts: {{ $root.Values.maxRestarts }}
-    restartStrategy: Recreate
-    rules:
-      - name: userError
-        action: FailJobSet
-        onJobFailureReasons: [PodFailurePolicy]
-      - name: deadline
-        action: FailJobSet
-        onJobFailureReasons: [DeadlineExceeded]
+    {{- include "ct3d.gangFailurePolicy" $root | nindent 4 }}
   ttlSecondsAfterFinished: {{ $root.Values.ttlSecondsAfterFinished }}
   replicatedJobs:
     - name: workers
@@ -71,14 +63,7 @@ spec:
           activeDeadlineSeconds: {{ $root.Values.activeDeadlineSeconds }}
           {{- end }}
           podFailurePolicy:
-            rules:
-              {{- range (list "check" "train") }}
-              - action: FailJob
-                onExitCodes:
-                  containerName: {{ . }}
-                  operator: In
-                  values: [2]
-              {{- end }}
+            {{- include "ct3d.failurePolicy" (dict "containers" (list "check" "train") "ignoreDisruptions" false) | nindent 12 }}
           template:
             {{- include "ct3d.template" (dict "root" $root "component" "training") | nindent 12 }}
             spec:
@@ -92,7 +77,7 @@ spec:
                   command:
                     {{- include "ct3d.trainCommand" (dict "root" $root "restarts" 0 "host" (printf "%s-workers-0-0.%s" .name .name)) | nindent 20 }}
                   env:
-                    {{- include "ct3d.env" (dict "root" $root "indexed" true) | nindent 20 }}
+                    {{- include "ct3d.env" (dict "root" $root "indexed" true "trains" true) | nindent 20 }}
                   {{- if gt $nodes 1 }}
                   ports:
                     - name: rendezvous
@@ -107,6 +92,54 @@ spec:
                 {{- include "ct3d.volumes" (dict "root" $root "output" true "shm" true) | nindent 16 }}
 {{- end -}}
 
+{{/* The ClusterTrainingRuntime a TrainJob runs on: trainjobRuntime, or ct3d's own for this release (cluster-scoped:
+named by the namespace and the name). */}}
+{{- define "ct3d.runtimeName" -}}
+{{- .Values.trainjobRuntime | default (printf "ct3d.%s.%s" .Release.Namespace (include "ct3d.name" .)) -}}
+{{- end -}}
+
+{{/* ct3d's own ClusterTrainingRuntime (trainjobRuntime empty): a JobSet under the gang failure policy of kind
+jobset, one `node` Job (backoffLimit 0, a permanent exit fails it), the priority and runtime class. */}}
+{{- define "ct3d.trainingRuntime" -}}
+{{- $v := .Values -}}
+apiVersion: trainer.kubeflow.org/v1alpha1
+kind: ClusterTrainingRuntime
+metadata:
+  name: {{ include "ct3d.runtimeName" . }}
+  labels:
+    {{- include "ct3d.labels" (dict "root" . "component" "training-runtime") | nindent 4 }}
+spec:
+  mlPolicy:
+    numNodes: {{ int $v.nodes }}
+    torch: {}
+  template:
+    spec:
+      failurePolicy:
+        {{- include "ct3d.gangFailurePolicy" . | nindent 8 }}
+      replicatedJobs:
+        - name: node
+          template:
+            metadata:
+              labels:
+                trainer.kubeflow.org/trainjob-ancestor-step: trainer
+            spec:
+              backoffLimit: 0
+              podFailurePolicy:
+                {{- include "ct3d.failurePolicy" (dict "containers" (list "node") "ignoreDisruptions" false) | nindent 16 }}
+              template:
+                spec:
+                  restartPolicy: Never
+                  {{- with $v.priorityClassName }}
+                  priorityClassName: {{ . }}
+                  {{- end }}
+                  {{- with $v.runtimeClassName }}
+                  runtimeClassName: {{ . }}
+                  {{- end }}
+                  containers:
+                    - name: node
+                      image: {{ $v.image }}
+{{- end -}}
+
 {{/* k8s.kind=trainjob: Kubeflow Trainer v2's TrainJob on a ClusterTrainingRuntime; claims and placement as a
 runtime patch of its `node` pods. */}}
 {{- define "ct3d.trainjob" -}}
@@ -118,7 +151,7 @@ metadata:
   {{- include "ct3d.jobMetadata" (dict "root" $root "name" .name "component" "training") | nindent 2 }}
 spec:
   runtimeRef:
-    name: {{ $v.trainjobRuntime }}
+    name: {{ include "ct3d.runtimeName" $root }}
     kind: ClusterTrainingRuntime
     apiGroup: trainer.kubeflow.org
   trainer:
@@ -132,7 +165,7 @@ spec:
     resourcesPerNode:
       {{- include "ct3d.resources" $root | nindent 6 }}
     env:
-      {{- include "ct3d.env" (dict "root" $root "indexed" false) | nindent 6 }}
+      {{- include "ct3d.env" (dict "root" $root "indexed" false "trains" true) | nindent 6 }}
   {{- if $v.activeDeadlineSeconds }}
   activeDeadlineSeconds: {{ $v.activeDeadlineSeconds }}
   {{- end }}
@@ -151,7 +184,7 @@ spec:
                           {{- include "ct3d.labels" (dict "root" $root "component" "training") | nindent 26 }}
                       spec:
                         {{- $pod := include "ct3d.podCommon" (dict "root" $root) | fromYaml }}
-                        {{- $_ := unset $pod "restartPolicy" }}
+                        {{- $_ := unset (unset (unset $pod "restartPolicy") "priorityClassName") "runtimeClassName" }}
                         {{- toYaml $pod | nindent 24 }}
                         volumes:
                           {{- include "ct3d.volumes" (dict "root" $root "output" true "shm" true) | nindent 26 }}
