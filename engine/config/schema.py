@@ -125,6 +125,9 @@ class ModelConfig:
     patch_size: int = setting(16, ge=1)  # vit3d: a patch's edge in voxels
     dropout: float = setting(0.0, ge=0.0, le=0.99)  # dropout before the classifier
     pretrained: str = ""  # weights to start from: a ct3d checkpoint or a state dict (e.g. MedicalNet's)
+    # the share of the backbone's tensors (all but the head) model.pretrained must fill by name and shape; fewer is
+    # an error naming the counts (a file for another network would otherwise train from scratch, silently)
+    pretrained_min_loaded: float = setting(0.9, **PROBABILITY)
 
 
 @dataclass

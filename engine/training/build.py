@@ -15,7 +15,7 @@ import torch
 from engine.config.schema import MetricsConfig, ModelConfig, OutputConfig, TrainConfig
 from engine.data.items import IMAGE, LABEL
 from engine.training.handlers import ValidationMetrics
-from engine.training.models import create_model, load_pretrained
+from engine.training.models import HEADS, create_model, load_pretrained
 from engine.training.preemption import steps_optimizer
 from engine.utils.errors import CT3DError, NodeFault
 
@@ -129,7 +129,7 @@ def make_network(model: ModelConfig, outputs: int, spatial_size: list[int], devi
     then overrides it), on `device`."""
     net = create_model(model, outputs, spatial_size)
     if model.pretrained:
-        load_pretrained(net, model.pretrained)
+        load_pretrained(net, model.pretrained, HEADS[str(model.name)], model.pretrained_min_loaded)
     return to_device(net, device)
 
 

@@ -63,10 +63,12 @@ def create_model(model: ModelConfig, num_outputs: int, spatial_size: list[int] |
     raise CT3DError(f"config error: model.name: unknown model {model.name!r}")
 
 
-def load_pretrained(net: nn.Module, path: str) -> dict[str, list[str]]:
+def load_pretrained(net: nn.Module, path: str, head: str = "", min_loaded: float = 0.0) -> dict[str, list[str]]:
     """Copies into `net` every tensor of `path` whose name and shape match: a ct3d checkpoint, a plain state
     dict, or one under "state_dict" with DataParallel's "module." prefix (as MedicalNet ships its 3D
-    ResNets). Returns and logs what was loaded, skipped (absent here or another shape) and left new."""
+    ResNets). Returns and logs what was loaded, skipped (absent here or another shape) and left new. Fewer than
+    `min_loaded` of the backbone's tensors (those not under `head`) filled is a CT3DError naming the counts and
+    the first names on each side: a file for another network must not start a run from scratch in silence."""
     from monai.networks.utils import copy_model_state
 
     try:
@@ -83,6 +85,14 @@ def load_pretrained(net: nn.Module, path: str) -> dict[str, list[str]]:
     _, loaded, _ = copy_model_state(net, tensors, inplace=True)
     report = {"loaded": loaded, "skipped": [k for k in tensors if k not in loaded],
               "new": [k for k in net.state_dict() if k not in loaded]}
+    backbone = [k for k in net.state_dict() if not (head and k.startswith(head))]
+    filled = [k for k in backbone if k in set(loaded)]
+    if len(filled) < min_loaded * len(backbone):
+        raise CT3DError(f"config error: model.pretrained: {path} filled {len(filled)} of the {len(backbone)} "
+                        f"backbone tensors of this network by name and shape ({len(filled) / len(backbone):.0%}; "
+                        f"model.pretrained_min_loaded={min_loaded:g}): it holds weights for another network. "
+                        f"Unfilled here{_some([k for k in backbone if k not in set(filled)])}; unused in the file"
+                        f"{_some(report['skipped'])}")
     log.info("pretrained %s: %d tensors loaded, %d skipped (absent here or another shape)%s, %d new%s", path,
              len(report["loaded"]), len(report["skipped"]), _some(report["skipped"]), len(report["new"]),
              _some(report["new"]))

@@ -66,8 +66,12 @@ def test_torchscript_file_matches_pytorch(trained, tmp_path):
 
 
 def test_pretrained_weights_load_by_name_and_shape_and_report_counts(tmp_path, caplog):
+    import logging
+
     from engine.config.schema import ModelConfig
     from engine.training.models import create_model, load_pretrained
+
+    caplog.set_level(logging.INFO, logger="ct3d")  # whatever ran before in this process
 
     config = ModelConfig(name="resnet3d", variant="10", widen_factor=0.25)
     source = create_model(config, 4, [32, 32, 32])
