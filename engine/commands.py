@@ -8,7 +8,6 @@ import argparse
 from datetime import timedelta
 
 import ignite.distributed as idist
-import torch
 
 from engine.config.schema import Config
 from engine.data import prepare
@@ -16,7 +15,7 @@ from engine.data.sharing import parse_shard
 from engine.experiments import cv, sweep
 from engine.serving import commands as serving
 from engine.training import workflow
-from engine.training.build import setup_logging
+from engine.training.build import resolve_device, setup_logging
 from engine.training.ranks import init_process_group
 from engine.utils.errors import EXIT_USER_ERROR, CT3DError, Transient
 
@@ -54,7 +53,9 @@ def run_distributed(command: str, cfg: Config) -> int:
     one that fell behind."""
     if command != "train":
         raise CT3DError(f"{command} runs in one process; start it without torchrun")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # the device before the group: a node without the GPU its pod asked for stops here (NodeFault, exit 151)
+    # instead of joining with gloo while the other ranks use NCCL (a hang until the collectives' timeout)
+    backend = "nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo"
     init_process_group(backend, timedelta(minutes=cfg.train.dist_timeout_minutes))
     try:
         workflow.train(cfg)

@@ -36,7 +36,8 @@ from pathlib import Path
 from engine.utils.errors import EXIT_NODE_FAULT as NODE_FAULT
 from engine.utils.errors import EXIT_RETRYABLE as RETRYABLE
 from engine.utils.errors import EXIT_USER_ERROR as USER_ERROR
-from engine.utils.io import write_text
+from engine.utils.errors import CT3DError, Transient
+from engine.utils.io import TRANSIENT_ERRNOS, write_text
 
 ATTEMPTS_FILE, MAX_ATTEMPTS = "CT3D_ATTEMPTS_FILE", "CT3D_MAX_ATTEMPTS"
 USER_ERROR_FILE = "CT3D_USER_ERROR_FILE"  # where a worker under this launcher says it stopped on a user error
@@ -76,7 +77,13 @@ def count_attempt(environ: dict) -> str | None:
         done = 0
     except (OSError, ValueError):  # unreadable: count from here, never block a run on the counter itself
         done = 0
-    write_text(Path(path), f"{done + 1}\n")
+    try:
+        write_text(Path(path), f"{done + 1}\n")
+    except OSError as exc:  # the claim: one that did not answer is retried (150), one that refused is the user's
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise Transient(f"{ATTEMPTS_FILE}: {path} did not answer ({exc.strerror or exc})") from None
+        raise CT3DError(f"{ATTEMPTS_FILE}: cannot write {path} ({exc.strerror or exc}): the output claim must be "
+                        f"writable by the pod's user") from None
     if done + 1 > int(limit):
         return (f"ct3d launch: this pod was started {done + 1} times, more than {MAX_ATTEMPTS}={limit} "
                 f"({path}): not retrying; the logs of the earlier attempts say why they failed")

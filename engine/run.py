@@ -66,7 +66,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if threading.current_thread() is threading.main_thread():
+    # not under torchrun: a rank keeps the default action (it dies at once, in a C++ wait too; the launcher says 143)
+    if threading.current_thread() is threading.main_thread() and "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
         try:
             return run_command(argv)
@@ -86,12 +87,12 @@ def run_command(argv: list[str]) -> int:
         print(text)
         return 0
     args = parse_args(argv)
-    if args.command == "check":  # a pod's first step counts the pod's start (PyTorchJob: see engine.launch)
-        spent = count_attempt(dict(os.environ))
-        if spent is not None:
-            print(spent, file=sys.stderr)
-            return EXIT_RETRIES_SPENT
     try:
+        if args.command == "check":  # a pod's first step counts the pod's start (PyTorchJob: see engine.launch)
+            spent = count_attempt(dict(os.environ))
+            if spent is not None:
+                print(spent, file=sys.stderr)
+                return EXIT_RETRIES_SPENT
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, args.command)
         # After the config is valid: MONAI and torch take ~6 s to import (a config error or --help: 0.1 s).
         from engine import commands
@@ -123,9 +124,8 @@ def stop_on_sigterm(signum, frame) -> None:
     that is a pod's PID 1 (which the kernel spares the signal's default action) stops at all. os._exit, not an
     exception: one raised here can land inside an import (numpy left half-initialised: seen) or a library's
     callback; every file we write is written atomically, so leaving loses nothing but the work in progress."""
-    sys.stderr.write("ct3d: stopped by SIGTERM outside the training loop (during start-up, or in the closing after "
-                     "the last checkpoint): run again to continue\n")
-    sys.stderr.flush()
+    os.write(2, b"ct3d: stopped by SIGTERM outside the training loop (during start-up, or in the closing after "
+                b"the last checkpoint): run again to continue\n")  # not sys.stderr: it may be mid-write
     os._exit(EXIT_INTERRUPTED)
 
 

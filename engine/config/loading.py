@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config import metric_registry
-from engine.config.schema import MODEL_VARIANTS, Config, Mode
+from engine.config.schema import ENCODER_PREPROCESSING, MODEL_VARIANTS, Config, Mode
 from engine.utils.errors import CT3DError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"  # the demo; configs/default.yaml links here
@@ -71,6 +71,15 @@ def _check_together(cfg: Config, command: str) -> None:
     if cfg.model.variant not in MODEL_VARIANTS[name]:
         raise _error("model.variant",
                      f"{cfg.model.variant!r} is not one of {name}'s: {', '.join(MODEL_VARIANTS[name])}")
+    expected = ENCODER_PREPROCESSING.get(name)
+    if expected and cfg.model.preprocess_check:
+        for key, value in expected.items():
+            have = getattr(cfg.preprocess, key)
+            have = str(have) if not isinstance(value, list) else None if have is None else [float(v) for v in have]
+            if have != (value if not isinstance(value, list) else [float(v) for v in value]):
+                raise _error(f"preprocess.{key}", f"{have} differs from what model.name={name} was trained on "
+                                                  f"({value}); set it, or model.preprocess_check=false to train "
+                                                  f"on other inputs anyway")
     if cfg.preprocess.hu_window[0] >= cfg.preprocess.hu_window[1]:
         raise _error("preprocess.hu_window", "needs [low, high] with low < high")
     if cfg.data.task == "multiclass" and cfg.data.num_classes < 2:
@@ -82,9 +91,9 @@ def _check_together(cfg: Config, command: str) -> None:
         cfg.train.resume = "off"
     elif resume == "true":
         cfg.train.resume = "auto"
-    if cfg.metrics.key not in metric_registry.METRICS:
+    if cfg.metrics.key not in metric_registry.selectable():
         raise _error("metrics.key", f"{cfg.metrics.key!r} is not a validation metric; one of "
-                                    f"{', '.join(metric_registry.METRICS)}")
+                                    f"{', '.join(metric_registry.selectable())}")
     if cfg.metrics.mode == "auto":
         cfg.metrics.mode = Mode[metric_registry.direction(cfg.metrics.key)]
     try:

@@ -20,6 +20,7 @@ class Metric:
     thresholds: bool = False  # the figure depends on the decision thresholds (metrics.threshold_rule)
     format: str = ".4f"  # how tables print it
     table: bool = True  # in the closing table and the report's best/final table
+    selectable: bool = True  # may be metrics.key (pick best.pt, stop early); not a count such as auc_labels
     compute: Callable | None = None  # (probs, labels, decided) -> float; None: a built-in computed elsewhere
 
     def __post_init__(self):
@@ -48,7 +49,7 @@ def unregister(name: str) -> None:
 for _metric in (
     Metric("val_loss", "min"),
     Metric("auc_macro"),
-    Metric("auc_labels", table=False, format=".0f"),  # how many labels macro AUC averaged
+    Metric("auc_labels", table=False, format=".0f", selectable=False),  # how many labels macro AUC averaged
     Metric("auc_micro"),
     Metric("fbeta_macro", thresholds=True),
     Metric("fbeta_micro", thresholds=True),
@@ -74,6 +75,11 @@ def direction(name: str) -> str:
 def computed() -> list[Metric]:
     """The registered metrics with a `compute` of their own (added after the built-ins)."""
     return [m for m in METRICS.values() if m.compute is not None]
+
+
+def selectable() -> list[str]:
+    """The names metrics.key accepts."""
+    return [name for name, m in METRICS.items() if m.selectable]
 
 
 def table_names() -> list[str]:

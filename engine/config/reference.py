@@ -120,7 +120,7 @@ def keys(node=None, prefix: str = "") -> list[Key]:
             continue
         accepted = _accepted(hints[f.name], dict(f.metadata))
         if path == "metrics.key":
-            accepted = ", ".join(metric_registry.METRICS)
+            accepted = ", ".join(metric_registry.selectable())
         out.append(Key(path, _type_name(hints[f.name]), _text(value), accepted,
                        _meanings().get((type(node).__name__, f.name), "")))
     return out

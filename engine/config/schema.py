@@ -16,7 +16,8 @@ Layout = choice("Layout", "flat", "ct-rate")
 OnError = choice("OnError", "raise", "skip")
 Resize = choice("Resize", "resize", "crop_pad")
 Dtype = choice("Dtype", "float16", "float32")
-ModelName = choice("ModelName", "resnet3d", "densenet3d", "vit3d")
+ModelName = choice("ModelName", "resnet3d", "densenet3d", "vit3d", "merlin", "ctfm")
+Head = choice("Head", "linear", "mlp")
 Amp = choice("Amp", "auto", "bf16", "fp16", "off")
 Loss = choice("Loss", "bce", "focal")
 Mode = choice("Mode", "auto", "max", "min")
@@ -28,7 +29,15 @@ Tta = choice("Tta", "none", "flips")
 Pruner = choice("Pruner", "none", "median")
 
 MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "169", "201"),
-                  "vit3d": ("tiny", "small", "base")}
+                  "vit3d": ("tiny", "small", "base"), "merlin": ("resnet152",), "ctfm": ("segresencoder",)}
+# What each pretrained CT encoder was trained on (encoders.py builds them): preprocess keys and their values. A
+# config that differs is refused (model.preprocess_check=false allows it, and the run records that).
+ENCODER_PREPROCESSING = {
+    "merlin": {"orientation": "RAS", "spacing": [1.5, 1.5, 3.0], "hu_window": [-1000.0, 1000.0],
+               "scale_range": [0.0, 1.0], "spatial_size": [224, 224, 160], "resize": "crop_pad"},
+    "ctfm": {"orientation": "SPL", "spacing": [1.0, 1.0, 1.0], "hu_window": [-1024.0, 2048.0],
+             "scale_range": [0.0, 1.0], "spatial_size": [320, 320, 320], "resize": "crop_pad"},
+}
 
 
 
@@ -116,7 +125,9 @@ class LoaderConfig:
 
 @dataclass
 class ModelConfig:
-    name: ModelName = ModelName.resnet3d  # MONAI network: resnet3d, densenet3d or vit3d
+    # MONAI network: resnet3d, densenet3d, vit3d; or a pretrained CT encoder with a head: merlin (Stanford's Merlin
+    # image encoder, a 3D ResNet-152, 2048-d), ctfm (CT-FM's SegResEncoder, 512-d), weights from model.weights
+    name: ModelName = ModelName.resnet3d
     variant: str = ""  # resnet3d: 10/18/34/50, densenet3d: 121/169/201, vit3d: tiny/small/base; empty: the smallest
     in_channels: int = setting(1, ge=1)  # input channels (1 for CT)
     first_conv_stride: int = setting(2, ge=1)  # resnet3d: the stem's stride (MONAI's 1 is ~4x slower on CT volumes)
@@ -128,6 +139,13 @@ class ModelConfig:
     # the share of the backbone's tensors (all but the head) model.pretrained must fill by name and shape; fewer is
     # an error naming the counts (a file for another network would otherwise train from scratch, silently)
     pretrained_min_loaded: float = setting(0.9, **PROBABILITY)
+    # merlin / ctfm: the encoder's weights as published: a file (Merlin's .pt; CT-FM's model.safetensors beside its
+    # config.json) or the folder holding them; empty: random weights (tests, smoke runs). Its SHA-256 is recorded
+    weights: str = ""
+    # merlin / ctfm: refuse a preprocess section other than the encoder was trained on (false: allow, recorded)
+    preprocess_check: bool = True
+    freeze: bool = False  # merlin / ctfm: the encoder stays as loaded (eval mode, no gradients): a probe of its head
+    head: Head = Head.linear  # merlin / ctfm: linear, or mlp (one hidden layer of 512, GELU, dropout)
 
 
 @dataclass

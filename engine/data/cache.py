@@ -18,7 +18,7 @@ from engine.config.schema import PreprocessConfig
 from engine.data.cache_keys import cache_key, shard_of_entry, source_hash, source_signature
 from engine.data.items import IMAGE, LABEL, NAME, RELATIVE, WHERE, Problem
 from engine.data.preprocess import preprocess, preprocessing_transform, source_of
-from engine.utils.errors import CT3DError
+from engine.utils.errors import CT3DError, Transient
 from engine.utils.io import TMP_PREFIX, save_tensors
 from engine.utils.progress import tracked
 
@@ -132,6 +132,8 @@ def volume_problems(items: list[dict], p: PreprocessConfig, disk_dir: str | Path
                 preprocess(transform, source)
             elif not cache.entry_path(source).is_file():
                 cache.entry(source)
+        except Transient:
+            raise  # the storage, not this volume: the whole command is retried (exit 150)
         except CT3DError as exc:
             return Problem(item.get(WHERE, item[NAME]), str(exc), item[NAME])
         return None

@@ -23,7 +23,8 @@ from monai.transforms import (
 from engine.config.schema import PreprocessConfig
 from engine.data.items import IMAGE, NAME, PIXDIM, RELATIVE, RESCALE
 from engine.data.sources import read_volume, to_meta_tensor
-from engine.utils.errors import CT3DError
+from engine.utils.errors import CT3DError, Transient
+from engine.utils.io import TRANSIENT_ERRNOS
 
 PREPROCESSING_VERSION = 3  # bump when preprocessing_transform changes what it computes
 # What checkpoints written before a preprocessing setting existed ran with (they lack the key).
@@ -234,4 +235,6 @@ def preprocess(transform: Compose, item: dict) -> dict:
         root = _root_error(exc)
         if isinstance(root, CT3DError):
             raise root from None
+        if isinstance(root, OSError) and root.errno in TRANSIENT_ERRNOS:  # the storage, not the volume: retried
+            raise Transient(f"reading volume {item[IMAGE]}: the storage did not answer ({root})") from None
         raise CT3DError(f"cannot read volume {item[IMAGE]}: {type(root).__name__}: {root}") from None

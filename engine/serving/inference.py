@@ -42,7 +42,7 @@ def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module
                         "e.g. checkpoint=runs/x/checkpoints/best.pt")
     state = load_checkpoint(path)
     model = create_model(restore(ModelConfig, state["model_config"]), len(state["labels"]),
-                         state["preprocessing"]["spatial_size"])
+                         state["preprocessing"]["spatial_size"], state.get("encoder"))
     model.load_state_dict(state["model"])
     return to_device(model, device).eval(), state
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from engine.config.loading import plain
 from engine.config.schema import MetricsConfig, ModelConfig, OutputConfig, TrainConfig
 from engine.data.items import IMAGE, LABEL
+from engine.training.encoders import load_weights
 from engine.training.handlers import ValidationMetrics
 from engine.training.models import HEADS, create_model, load_pretrained
 from engine.training.preemption import steps_optimizer
@@ -128,9 +130,24 @@ def make_network(model: ModelConfig, outputs: int, spatial_size: list[int], devi
     """MONAI's network for `model`, started from `model.pretrained` when given (a resumed run's checkpoint
     then overrides it), on `device`."""
     net = create_model(model, outputs, spatial_size)
+    if model.weights and model.name in ("merlin", "ctfm"):
+        load_weights(net, model)
     if model.pretrained:
         load_pretrained(net, model.pretrained, HEADS[str(model.name)], model.pretrained_min_loaded)
     return to_device(net, device)
+
+
+def encoder_record(net: torch.nn.Module) -> dict:
+    """{"encoder": where a pretrained encoder's weights came from (file, SHA-256)} for summary.json; {} else."""
+    record = getattr(net, "weights", None)
+    return {"encoder": record} if record else {}
+
+
+def checkpoint_meta(labels: list[str], task: str, model: ModelConfig, preprocess, threshold: float,
+                    net: torch.nn.Module) -> dict:
+    """What every checkpoint carries beside the weights: how to rebuild, preprocess and read the network."""
+    return {"labels": labels, "task": task, "model_config": plain(model), "preprocessing": plain(preprocess),
+            "threshold": threshold, **encoder_record(net)}
 
 
 def to_device(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 
 import torch
+from monai.networks import nets
 from torch import nn
 
 from engine.config.schema import ModelConfig
+from engine.training.encoders import create_encoder_model
 from engine.utils.errors import CT3DError
 
 log = logging.getLogger("ct3d")
-HEADS = {"resnet3d": "fc", "densenet3d": "class_layers", "vit3d": "net.classification_head"}  # output layers
+HEADS = {"resnet3d": "fc", "densenet3d": "class_layers", "vit3d": "net.classification_head", "merlin": "head",
+         "ctfm": "head"}  # output layers
 
 VIT_SIZES = {  # hidden size, MLP size, layers, heads (the ViT-Ti/S/B shapes)
     "tiny": (192, 768, 12, 3),
@@ -32,10 +35,12 @@ class _FirstOutput(nn.Module):
         return self.net(x)[0]
 
 
-def create_model(model: ModelConfig, num_outputs: int, spatial_size: list[int] | tuple[int, ...]) -> nn.Module:
-    """A network that maps (B, in_channels, *spatial_size) to (B, num_outputs) logits."""
-    from monai.networks import nets
-
+def create_model(model: ModelConfig, num_outputs: int, spatial_size: list[int] | tuple[int, ...],
+                 encoder: dict | None = None) -> nn.Module:
+    """A network that maps (B, in_channels, *spatial_size) to (B, num_outputs) logits; `encoder`: a checkpoint's
+    record of a pretrained encoder (CT-FM's network settings)."""
+    if model.name in ("merlin", "ctfm"):
+        return create_encoder_model(model, num_outputs, (encoder or {}).get("config"))
     if model.name == "resnet3d":
         net = getattr(nets, f"resnet{model.variant}")(
             spatial_dims=3, n_input_channels=model.in_channels, num_classes=num_outputs,

@@ -19,7 +19,7 @@ import yaml
 from ignite.engine import Engine, Events
 from monai.handlers import LrScheduleHandler
 
-from engine.config.loading import plain, to_yaml
+from engine.config.loading import to_yaml
 from engine.config.schema import Config
 from engine.data.cache import build_dataset, release_ram
 from engine.data.datalist import label_frequencies
@@ -32,6 +32,8 @@ from engine.results.saliency import report_panels
 from engine.training.augment import DeviceAugmentation
 from engine.training.build import (
     attach_validation,
+    checkpoint_meta,
+    encoder_record,
     make_evaluator,
     make_loss,
     make_network,
@@ -130,7 +132,6 @@ def train(cfg: Config, attach=None) -> Path:
     if attach is not None:
         attach(trainer, evaluator)
     share_stop(trainer, evaluator)  # last: whatever stops the run (early stopping, a sweep's pruner), rank 0 decides
-
     log.info("training %s%s on %s for %d epochs (%d iterations each)%s", cfg.model.name, cfg.model.variant, device,
              cfg.train.epochs, len(train_loader), f", autocast {amp_dtype}" if amp_dtype else "")
     clock = [start, time.time()]  # the phases summary.json times: start-up, training, closing
@@ -164,16 +165,15 @@ def attach_handlers(cfg: Config, parts: Parts, folder: Path, data: Splits, rank:
         parts.tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
         parts.tracker.attach(trainer, evaluator, parts.optimizer, parts.steps)
         to_save["tracking"] = parts.tracker
-    meta = {"labels": data.labels, "task": str(cfg.data.task), "model_config": plain(cfg.model),
-            "preprocessing": plain(cfg.preprocess), "threshold": cfg.metrics.threshold}
+    meta = checkpoint_meta(data.labels, str(cfg.data.task), cfg.model, cfg.preprocess, cfg.metrics.threshold,
+                           parts.net)
     parts.checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
     parts.checkpoints.attach(trainer, parts.table, parts.steps)
 
 
 def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
-    """Under torchrun rank 0 reads the datalists (and writes the demo's phantoms) once and the other ranks receive
-    the items; each rank checks, and fills the disk cache with, its own share of the volumes (a rank waits for
-    the slowest share, never for one rank reading the whole data set); the ranks then pool what they found."""
+    """Under torchrun rank 0 reads the datalists (and writes the demo's phantoms) once, the others receive the items;
+    each rank checks and caches its own share of the volumes; the ranks then pool what they found."""
     rank, world = idist.get_rank(), idist.get_world_size()
     if world == 1:
         return prepare_data(cfg.data, cfg.preprocess, cfg.cache, progress)
@@ -233,7 +233,7 @@ def close_run(cfg: Config, parts: Parts, folder: Path, data: Splits, clock: list
                          "(best, bootstrap) are optimistic; publish the test block's",
         "key_metric": cfg.metrics.key, "best_epoch": table.best["epoch"], "best": table.best,
         "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
-        "epoch_seconds": parts.history.epoch_seconds,
+        "epoch_seconds": parts.history.epoch_seconds, **encoder_record(parts.net),
     }
     write_outputs(cfg, parts, folder, data, summary, clock, timing, finish)
 

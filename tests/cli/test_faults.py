@@ -24,13 +24,22 @@ def test_a_pod_that_asked_for_a_gpu_on_a_node_without_cuda_is_a_node_fault(tmp_p
     assert config.returncode == EXIT_USER_ERROR and "train.device" in config.stderr
 
 
+def sigterm_caught(pid: int) -> bool:
+    """The process has a handler for SIGTERM (bit 15 of /proc's SigCgt mask)."""
+    mask = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
 def test_sigterm_during_start_up_ends_the_run_within_seconds(tmp_path, tiny_demo):
     """A fresh interpreter (as a pod's PID 1 starts) told to stop while it imports torch and MONAI: no
     training loop holds the signal yet, so the process ends at once with 143 instead of holding its GPU for the
     pod's grace period."""
     proc = subprocess.Popen(command(*tiny_overrides(tmp_path, tiny_demo)), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **TEXT)
-    time.sleep(0.5)
+    deadline = time.time() + 30
+    while not sigterm_caught(proc.pid):  # the handler is in place (the first thing engine.run's main does)
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
     assert proc.poll() is None  # still starting: torch and MONAI take seconds to import
     signalled = time.time()
     proc.send_signal(signal.SIGTERM)

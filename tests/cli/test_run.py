@@ -195,7 +195,7 @@ def test_two_ranks_survive_a_killed_worker_then_sigterm_and_end_with_an_uninterr
                                                                                                   two_rank_whole):
     """A worker killed mid-epoch 1 (a lost node: no SIGTERM, no last words): torchrun's elastic agent restarts the
     group and both ranks resume from the last checkpoint (written mid-epoch). Then SIGTERM to torchrun (PID 1 in a
-    pod: what the kubelet signals) mid-epoch 2: both ranks stop at one iteration after rank 0 wrote last.pt holding
+    pod: what the kubelet signals) early in epoch 2: both ranks stop at one iteration after rank 0 wrote last.pt holding
     both ranks' random states. The run resumed from it ends with the uninterrupted run's weights, and in it rank 1
     leaves at the final barrier, before rank 0's closing work ends. (One run through both interruptions: each
     two-rank start costs seconds of imports per rank.) The RAM cache is off and each rank reads the disk cache
@@ -211,7 +211,7 @@ def test_two_ranks_survive_a_killed_worker_then_sigterm_and_end_with_an_uninterr
     wait_for_line(proc, lines, "epoch 1/3 iteration 3/")
     workers_of(proc)[1].kill()  # a lost node
     wait_for_line(proc, lines, "resumed from")  # the agent restarted both workers; they found the checkpoint
-    wait_for_line(proc, lines, "epoch 2/3 iteration 3/")
+    wait_for_line(proc, lines, "epoch 2/3 iteration 1/")  # early in the epoch: a busy machine's signal may lag
     loader_workers = [c for rank in workers_of(proc).values() for c in rank.children()]
     assert len(loader_workers) >= 4  # two per rank (the validation loader's may have started too)
     proc.send_signal(signal.SIGTERM)

@@ -32,7 +32,7 @@ def test_every_key_of_the_schema_is_listed_with_its_default_and_a_meaning():
         expected = '""' if value == "" else "null" if value is None else str(value).lower() if isinstance(
             value, bool) else str(value).replace("'", "")
         assert listed[path].default == expected, path
-    assert listed["model.name"].accepted == "resnet3d, densenet3d, vit3d"
+    assert listed["model.name"].accepted == "resnet3d, densenet3d, vit3d, merlin, ctfm"
     assert listed["train.lr"].accepted == "> 0"
     assert "auc_macro" in listed["metrics.key"].accepted
 

@@ -60,3 +60,5 @@ def test_an_unregistered_key_is_refused_naming_the_key_and_a_bad_direction_at_on
         load_config(None, ["data.demo.enabled=true", "metrics.key=wrong_cells"])
     with pytest.raises(ValueError, match="direction"):
         Metric("x", direction="up")
+    with pytest.raises(CT3DError, match="metrics.key.*auc_labels"):  # a count of labels, not a figure to maximise
+        load_config(None, ["data.demo.enabled=true", "metrics.key=auc_labels"])

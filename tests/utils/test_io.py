@@ -75,3 +75,33 @@ def test_storage_that_does_not_answer_is_retried_then_transient_and_a_refusal_is
     with pytest.raises(CT3DError, match="not writable") as refused:
         io_module.check_writable(tmp_path / "out", "output.dir", tries=3, first_wait=0.001)
     assert not isinstance(refused.value, Transient) and len(calls) == 1
+
+
+def test_a_volume_read_the_storage_did_not_answer_is_transient_and_a_bad_file_is_a_problem(tmp_path):
+    """Reading a volume: EIO / ESTALE from the storage is Transient (the command is retried, exit 150), not a bad
+    volume the cache-fill Job would fail on for good; a file that is not a volume stays a problem of its own."""
+    import errno
+
+    import pytest
+
+    from engine.config.schema import PreprocessConfig
+    from engine.data import cache
+    from engine.data.preprocess import preprocess
+    from engine.utils.errors import CT3DError, Transient
+
+    def stale(item):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    with pytest.raises(Transient, match="did not answer"):
+        preprocess(stale, {"image": "/claim/v.nii.gz"})
+
+    def broken(item):
+        raise ValueError("not a NIfTI file")
+
+    with pytest.raises(CT3DError, match="cannot read volume") as bad:
+        preprocess(broken, {"image": "/claim/v.nii.gz"})
+    assert not isinstance(bad.value, Transient)
+    (tmp_path / "v.nii.gz").write_bytes(b"x")
+    item = {"image": str(tmp_path / "v.nii.gz"), "name": "v.nii.gz", "label": [1.0]}
+    problems = cache.volume_problems([item], PreprocessConfig(spatial_size=[8, 8, 8]), None, 1)
+    assert len(problems) == 1 and problems[0].name == "v.nii.gz"

@@ -1,0 +1,108 @@
+"""Pretrained CT encoders (Merlin, CT-FM) from their published layouts, written here with random weights: the
+upstream key names, Merlin's three-channel stem, CT-FM's config.json and safetensors; trained frozen and
+unfrozen on the phantoms with the weights' SHA-256 recorded; refusals for wrong preprocessing and missing files."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.config.loading import load_config
+from engine.training.encoders import MERLIN_FILE, MERLIN_PREFIX, CtfmEncoder, MerlinEncoder, load_encoder
+from engine.training.workflow import train
+from engine.utils.errors import CT3DError
+from helpers import tiny_overrides
+
+SMALL_CTFM = {"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 2]}
+
+
+def merlin_upstream(folder, seed: int = 0) -> dict:
+    """A Merlin-layout file (the whole CLIP model's keys, the stem taking three channels) of random weights."""
+    torch.manual_seed(seed)
+    state = {MERLIN_PREFIX + k.removeprefix("i3_resnet."): v for k, v in MerlinEncoder().state_dict().items()}
+    state[MERLIN_PREFIX + "conv1.weight"] = torch.randn(64, 3, 3, 7, 7) * 0.05
+    state.update({"encode_text.text_encoder.embeddings.word_embeddings.weight": torch.randn(10, 8),
+                  "logit_scale": torch.tensor(2.0), MERLIN_PREFIX + "classifier.weight": torch.randn(16, 2048, 1, 1, 1),
+                  MERLIN_PREFIX + "contrastive_head.weight": torch.randn(512, 2048, 1, 1, 1)})
+    torch.save(state, folder / MERLIN_FILE)
+    return state
+
+
+def ctfm_upstream(folder, seed: int = 0) -> dict:
+    """CT-FM's folder as save_pretrained writes it: config.json and model.safetensors (the encoder's own keys)."""
+    torch.manual_seed(seed)
+    state = CtfmEncoder(SMALL_CTFM).encoder.state_dict()
+    (folder / "config.json").write_text(json.dumps(SMALL_CTFM))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return state
+
+
+@pytest.fixture(scope="module")
+def merlin_folder(tmp_path_factory):
+    """One Merlin-layout file for the module (a ResNet-152: seconds to make and write)."""
+    folder = tmp_path_factory.mktemp("merlin")
+    return folder, merlin_upstream(folder)
+
+
+def test_merlins_stem_sums_its_three_grey_channels_and_gives_the_upstream_first_layer(merlin_folder):
+    folder, upstream = merlin_folder
+    encoder = MerlinEncoder()
+    load_encoder(encoder, "merlin", folder / MERLIN_FILE)
+    x = torch.randn(1, 1, 12, 10, 8)  # (B, 1, x, y, z)
+    seen = x.permute(0, 1, 4, 2, 3)  # Merlin's I3ResNet: (B, 1, z, x, y), the grey channel three times
+    three = torch.nn.functional.conv3d(torch.cat([seen] * 3, 1), upstream[MERLIN_PREFIX + "conv1.weight"],
+                                       stride=(1, 2, 2), padding=(1, 3, 3))
+    ours = encoder.i3_resnet.conv1(seen)
+    assert torch.allclose(ours, three, atol=1e-5)
+    assert torch.equal(encoder.state_dict()["i3_resnet.layer4.2.conv3.weight"],
+                       upstream[MERLIN_PREFIX + "layer4.2.conv3.weight"])
+
+
+def test_a_file_missing_encoder_tensors_is_refused_naming_them(tmp_path):
+    upstream = ctfm_upstream(tmp_path)
+    del upstream["layers.1.blocks.0.conv1.weight"]
+    save_file({k: v.contiguous() for k, v in upstream.items()}, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(CT3DError, match="missing: encoder.layers.1.blocks.0.conv1.weight"):
+        load_encoder(CtfmEncoder(SMALL_CTFM), "ctfm", tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("name", ["ctfm", "merlin"])
+def test_an_encoder_trains_frozen_and_unfrozen_from_its_published_layout(tmp_path, tiny_demo, name, request):
+    if name == "ctfm":
+        weights = tmp_path / "weights"
+        weights.mkdir()
+        upstream = ctfm_upstream(weights)
+    else:
+        weights, upstream = request.getfixturevalue("merlin_folder")
+    file = weights / ("model.safetensors" if name == "ctfm" else MERLIN_FILE)
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    finals = {}
+    for freeze in (True, False):
+        folder = train(load_config(None, tiny_overrides(
+            tmp_path, tiny_demo, f"model.name={name}", f"model.weights={weights}", "model.preprocess_check=false",
+            f"model.freeze={str(freeze).lower()}", "train.epochs=1", "loader.batch_size=8",
+            f"output.name={name}-{freeze}")))
+        final = torch.load(folder / "checkpoints" / "final.pt", weights_only=True)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert final["encoder"]["sha256"] == summary["encoder"]["sha256"] == digest
+        finals[freeze] = final["model"]
+    key = "encoder.encoder.conv_init.weight" if name == "ctfm" else "encoder.i3_resnet.layer1.0.bn1.running_mean"
+    start = upstream["conv_init.weight"] if name == "ctfm" else upstream[MERLIN_PREFIX + "layer1.0.bn1.running_mean"]
+    assert torch.equal(finals[True][key], start)  # frozen: weights and BatchNorm statistics as loaded
+    assert not torch.equal(finals[False][key], start)  # unfrozen: the encoder trained too
+
+
+def test_preprocessing_other_than_the_encoders_is_refused_naming_key_value_and_expected():
+    with pytest.raises(CT3DError, match=r"preprocess.spacing: None differs from .*merlin.*\[1.5, 1.5, 3.0\]"):
+        load_config(None, ["data.demo.enabled=true", "model.name=merlin"])
+    cfg = load_config(None, ["data.demo.enabled=true", "model.name=merlin", "model.preprocess_check=false"])
+    assert cfg.model.preprocess_check is False  # allowed, and config.yaml records it
+
+
+def test_missing_weights_name_the_file_and_how_to_fetch_it(tmp_path):
+    from engine.training.encoders import weights_file
+
+    with pytest.raises(CT3DError, match="hf download stanfordmimi/Merlin"):
+        weights_file("merlin", str(tmp_path))
