@@ -106,3 +106,16 @@ def test_missing_weights_name_the_file_and_how_to_fetch_it(tmp_path):
 
     with pytest.raises(CT3DError, match="hf download stanfordmimi/Merlin"):
         weights_file("merlin", str(tmp_path))
+
+
+@pytest.mark.parametrize("name, spacing, window, size", [
+    ("merlin", [1.5, 1.5, 3.0], [-1000.0, 1000.0], [224, 224, 160]),  # Merlin's published transforms
+    ("ctfm", [1.0, 1.0, 1.0], [-1024.0, 2048.0], [320, 320, 320]),  # CT-FM's linear probe
+])
+def test_the_shipped_ct_rate_configs_preprocess_as_their_encoders_were_trained(name, spacing, window, size):
+    from helpers import ROOT
+
+    cfg = load_config(ROOT / "configs" / f"ct-rate-{name}.yaml", [])  # preprocess_check on: a mismatch stops here
+    assert cfg.model.name == name and cfg.model.preprocess_check and cfg.model.freeze
+    assert (cfg.preprocess.spacing, cfg.preprocess.hu_window, cfg.preprocess.spatial_size) == (spacing, window, size)
+    assert list(cfg.preprocess.scale_range) == [0.0, 1.0] and cfg.preprocess.resize == "crop_pad"
