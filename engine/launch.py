@@ -75,7 +75,11 @@ def count_attempt(environ: dict) -> str | None:
         done = int(Path(path).read_text().strip() or 0)
     except FileNotFoundError:
         done = 0
-    except (OSError, ValueError):  # unreadable: count from here, never block a run on the counter itself
+    except OSError as exc:  # storage that did not answer must not reset the count (the limit would never trip)
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise Transient(f"{ATTEMPTS_FILE}: {path} did not answer ({exc.strerror or exc})") from None
+        done = 0
+    except ValueError:  # unparsable: count from here, never block a run on the counter itself
         done = 0
     try:
         write_text(Path(path), f"{done + 1}\n")

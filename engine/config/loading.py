@@ -71,12 +71,24 @@ def _check_together(cfg: Config, command: str) -> None:
     if cfg.model.variant not in MODEL_VARIANTS[name]:
         raise _error("model.variant",
                      f"{cfg.model.variant!r} is not one of {name}'s: {', '.join(MODEL_VARIANTS[name])}")
+    if cfg.model.freeze and cfg.train.freeze_epochs:
+        raise _error("train.freeze_epochs", "model.freeze keeps the encoder frozen for the whole run; "
+                                            "train.freeze_epochs unfreezes it after N epochs: set one of them")
+    if cfg.model.freeze and name not in ENCODER_PREPROCESSING:
+        raise _error("model.freeze", f"freezes a pretrained encoder (merlin, ctfm); for {name}, "
+                                     f"train.freeze_epochs trains the head alone for the first epochs")
+    if cfg.model.weights and name not in ENCODER_PREPROCESSING:
+        raise _error("model.weights", f"a pretrained encoder's published weights (merlin, ctfm); for {name}, "
+                                      f"model.pretrained")
+    if cfg.model.weights and cfg.model.pretrained:
+        raise _error("model.pretrained", "model.weights already starts the encoder: one source of weights, so the "
+                                         "recorded SHA-256 is the one trained from")
     expected = ENCODER_PREPROCESSING.get(name)
     if expected and cfg.model.preprocess_check:
         for key, value in expected.items():
             have = getattr(cfg.preprocess, key)
             have = str(have) if not isinstance(value, list) else None if have is None else [float(v) for v in have]
-            if have != (value if not isinstance(value, list) else [float(v) for v in value]):
+            if have != (str(value) if not isinstance(value, list) else [float(v) for v in value]):
                 raise _error(f"preprocess.{key}", f"{have} differs from what model.name={name} was trained on "
                                                   f"({value}); set it, or model.preprocess_check=false to train "
                                                   f"on other inputs anyway")

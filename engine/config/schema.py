@@ -34,9 +34,11 @@ MODEL_VARIANTS = {"resnet3d": ("10", "18", "34", "50"), "densenet3d": ("121", "1
 # config that differs is refused (model.preprocess_check=false allows it, and the run records that).
 ENCODER_PREPROCESSING = {
     "merlin": {"orientation": "RAS", "spacing": [1.5, 1.5, 3.0], "hu_window": [-1000.0, 1000.0],
-               "scale_range": [0.0, 1.0], "spatial_size": [224, 224, 160], "resize": "crop_pad"},
+               "scale_range": [0.0, 1.0], "spatial_size": [224, 224, 160], "resize": "crop_pad",
+               "anti_aliasing": False},
     "ctfm": {"orientation": "SPL", "spacing": [1.0, 1.0, 1.0], "hu_window": [-1024.0, 2048.0],
-             "scale_range": [0.0, 1.0], "spatial_size": [320, 320, 320], "resize": "crop_pad"},
+             "scale_range": [0.0, 1.0], "spatial_size": [320, 320, 320], "resize": "crop_pad",
+             "anti_aliasing": False},
 }
 
 

@@ -28,7 +28,7 @@ from engine.results.saliency import input_space_maps, supports, write_maps
 from engine.training.build import to_device
 from engine.training.checkpoint import load_checkpoint
 from engine.training.models import create_model
-from engine.utils.errors import CT3DError
+from engine.utils.errors import CT3DError, Transient
 from engine.utils.io import write_text
 from engine.utils.progress import tracked
 
@@ -151,6 +151,8 @@ class Readable(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         try:
             return {"index": index, IMAGE: preprocess(self.transform, dict(self.items[index]))[IMAGE]}
+        except Transient:
+            raise  # the storage did not answer: the command is retried, no volume is written off
         except CT3DError as exc:
             return {"index": index, "error": str(exc)}
 
@@ -166,7 +168,8 @@ def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predi
     volume's own grid, named as its row in predictions.csv."""
     config = restore(ModelConfig, state["model_config"])
     if not supports(config):
-        raise CT3DError(f"saliency: Grad-CAM needs a convolutional network; {config.name} has none")
+        raise CT3DError(f"saliency: no Grad-CAM target layer for {config.name} (ViT has no convolutional map; the "
+                        f"pretrained encoders' maps are not drawn yet)")
     transform = preprocessing_transform(checkpoint_preprocessing(state), keep_meta=True)
     for item in items:
         if item[NAME] in predicted:

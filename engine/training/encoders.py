@@ -55,7 +55,8 @@ class CtfmEncoder(nn.Module):
         super().__init__()
         self.config = dict(config)
         self.encoder = SegResEncoder(**config)
-        self.features = int(config.get("init_filters", 32)) * 2 ** (len(config.get("blocks_down", (1,) * 5)) - 1)
+        # SegResEncoder's own defaults where config.json leaves them out: 32 filters, 4 levels
+        self.features = int(config.get("init_filters", 32)) * 2 ** (len(config.get("blocks_down", (1, 2, 2, 4))) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[-1].mean(dim=(2, 3, 4))
@@ -69,8 +70,8 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         self.encoder, self.frozen = encoder, freeze
         width = encoder.features
-        self.head = nn.Linear(width, outputs) if head == "linear" else nn.Sequential(
-            nn.Linear(width, 512), nn.GELU(), nn.Dropout(dropout), nn.Linear(512, outputs))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, outputs)) if head == "linear" else \
+            nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Dropout(dropout), nn.Linear(512, outputs))
         if freeze:
             self.encoder.requires_grad_(False)
         self.weights: dict = {}  # where the encoder's weights came from: file, sha256 (checkpoints record it)
@@ -113,7 +114,10 @@ def ctfm_config(weights: str) -> dict:
         return dict(CTFM_CONFIG)
     folder = Path(weights) if Path(weights).is_dir() else Path(weights).parent
     try:
-        return json.loads((folder / CTFM_FILES[0]).read_text())
+        config = json.loads((folder / CTFM_FILES[0]).read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        return config
     except (OSError, ValueError) as exc:
         raise CT3DError(f"config error: model.weights: {folder / CTFM_FILES[0]} (CT-FM's network settings) cannot "
                         f"be read ({exc})") from None
@@ -137,7 +141,14 @@ def merlin_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_encoder(encoder: nn.Module, name: str, path: Path) -> None:
     """Loads the published weights at `path` into `encoder`, strictly: a missing or unexpected tensor stops."""
-    state = merlin_state(path) if name == "merlin" else {f"encoder.{k}": v for k, v in load_file(str(path)).items()}
+    if name == "merlin":
+        state = merlin_state(path)
+    else:
+        try:
+            state = {f"encoder.{k}": v for k, v in load_file(str(path)).items()}
+        except Exception as exc:  # safetensors' own error type: a truncated file, or not safetensors at all
+            raise CT3DError(f"config error: model.weights: cannot read {path} as CT-FM's model.safetensors "
+                            f"({exc})") from None
     own = encoder.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -155,7 +166,11 @@ def create_encoder_model(model: ModelConfig, outputs: int, config: dict | None =
     """The encoder named by model.name, randomly initialised, with its head; CT-FM's network settings from
     `config` (a checkpoint's record) or else from model.weights' config.json."""
     name = str(model.name)
-    encoder = MerlinEncoder() if name == "merlin" else CtfmEncoder(config or ctfm_config(model.weights))
+    try:
+        encoder = MerlinEncoder() if name == "merlin" else CtfmEncoder(config or ctfm_config(model.weights))
+    except (TypeError, ValueError) as exc:  # config.json with keys or values SegResEncoder does not take
+        raise CT3DError(f"config error: model.weights: CT-FM's config.json does not describe a SegResEncoder "
+                        f"({exc})") from None
     return EncoderClassifier(encoder, outputs, str(model.head), model.dropout, model.freeze)
 
 

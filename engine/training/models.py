@@ -90,7 +90,8 @@ def load_pretrained(net: nn.Module, path: str, head: str = "", min_loaded: float
     _, loaded, _ = copy_model_state(net, tensors, inplace=True)
     report = {"loaded": loaded, "skipped": [k for k in tensors if k not in loaded],
               "new": [k for k in net.state_dict() if k not in loaded]}
-    backbone = [k for k in net.state_dict() if not (head and k.startswith(head))]
+    # counted: parameters and running statistics; a file saved without BatchNorm's step counters is whole
+    backbone = [k for k in net.state_dict() if not (head and k.startswith(head)) and "num_batches_tracked" not in k]
     filled = [k for k in backbone if k in set(loaded)]
     if len(filled) < min_loaded * len(backbone):
         raise CT3DError(f"config error: model.pretrained: {path} filled {len(filled)} of the {len(backbone)} "

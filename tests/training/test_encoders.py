@@ -60,6 +60,27 @@ def test_merlins_stem_sums_its_three_grey_channels_and_gives_the_upstream_first_
                        upstream[MERLIN_PREFIX + "layer4.2.conv3.weight"])
 
 
+def test_merlins_forward_is_i3resnets_on_the_permuted_volume_fed_three_times(merlin_folder):
+    """The whole encoder against Merlin's I3ResNet order of work, written out here: the volume (B, 1, x, y, z)
+    permuted to (B, 1, z, x, y), the grey channel stacked three times into the three-channel stem, then the
+    blocks and the global average pool; on a volume whose three sides differ, so a wrong permutation shows."""
+    folder, upstream = merlin_folder
+    encoder = MerlinEncoder().eval()
+    load_encoder(encoder, "merlin", folder / MERLIN_FILE)
+    net = encoder.i3_resnet
+    x = torch.randn(1, 1, 20, 16, 12)
+    with torch.no_grad():
+        seen = torch.cat([x.permute(0, 1, 4, 2, 3)] * 3, 1)
+        h = torch.nn.functional.conv3d(seen, upstream[MERLIN_PREFIX + "conv1.weight"], stride=(1, 2, 2),
+                                       padding=(1, 3, 3))
+        h = net.maxpool(net.act(net.bn1(h)))
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            h = layer(h)
+        reference = h.mean(dim=(2, 3, 4))
+        ours = encoder(x)
+    assert ours.shape == (1, 2048) and ((ours - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
 def test_a_file_missing_encoder_tensors_is_refused_naming_them(tmp_path):
     upstream = ctfm_upstream(tmp_path)
     del upstream["layers.1.blocks.0.conv1.weight"]
@@ -89,6 +110,13 @@ def test_an_encoder_trains_frozen_and_unfrozen_from_its_published_layout(tmp_pat
         summary = json.loads((folder / "summary.json").read_text())
         assert final["encoder"]["sha256"] == summary["encoder"]["sha256"] == digest
         finals[freeze] = final["model"]
+    if name == "ctfm":  # serving rebuilds the encoder from the checkpoint's record, without the weights folder
+        from engine.serving.inference import load_trained_model
+
+        for path in weights.iterdir():
+            path.unlink()
+        model, _ = load_trained_model(str(folder / "checkpoints" / "final.pt"), torch.device("cpu"))
+        assert all(torch.equal(model.state_dict()[k], finals[False][k]) for k in finals[False])
     key = "encoder.encoder.conv_init.weight" if name == "ctfm" else "encoder.i3_resnet.layer1.0.bn1.running_mean"
     start = upstream["conv_init.weight"] if name == "ctfm" else upstream[MERLIN_PREFIX + "layer1.0.bn1.running_mean"]
     assert torch.equal(finals[True][key], start)  # frozen: weights and BatchNorm statistics as loaded
@@ -120,3 +148,11 @@ def test_the_shipped_ct_rate_configs_preprocess_as_their_encoders_were_trained(n
     assert cfg.model.name == name and cfg.model.preprocess_check and cfg.model.freeze
     assert (cfg.preprocess.spacing, cfg.preprocess.hu_window, cfg.preprocess.spatial_size) == (spacing, window, size)
     assert list(cfg.preprocess.scale_range) == [0.0, 1.0] and cfg.preprocess.resize == "crop_pad"
+
+
+def test_freeze_is_for_an_encoder_and_not_with_freeze_epochs():
+    with pytest.raises(CT3DError, match="train.freeze_epochs.*set one"):
+        load_config(None, ["data.demo.enabled=true", "model.name=ctfm", "model.preprocess_check=false",
+                           "model.freeze=true", "train.freeze_epochs=2"])
+    with pytest.raises(CT3DError, match="model.freeze.*resnet3d"):
+        load_config(None, ["data.demo.enabled=true", "model.freeze=true"])

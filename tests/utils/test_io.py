@@ -101,6 +101,12 @@ def test_a_volume_read_the_storage_did_not_answer_is_transient_and_a_bad_file_is
     with pytest.raises(CT3DError, match="cannot read volume") as bad:
         preprocess(broken, {"image": "/claim/v.nii.gz"})
     assert not isinstance(bad.value, Transient)
+    import unittest.mock
+
+    item_ = {"image": str(tmp_path / "w.nii.gz"), "name": "w.nii.gz", "label": [1.0]}
+    with unittest.mock.patch.object(cache, "preprocess", lambda transform, item: preprocess(stale, item)):
+        with pytest.raises(Transient):  # the whole check stops to be retried: no volume is written off
+            cache.volume_problems([item_], PreprocessConfig(spatial_size=[8, 8, 8]), None, 1)
     (tmp_path / "v.nii.gz").write_bytes(b"x")
     item = {"image": str(tmp_path / "v.nii.gz"), "name": "v.nii.gz", "label": [1.0]}
     problems = cache.volume_problems([item], PreprocessConfig(spatial_size=[8, 8, 8]), None, 1)
