@@ -19,7 +19,7 @@ from engine.data.cache_keys import cache_key, shard_of_entry, source_hash, sourc
 from engine.data.items import IMAGE, LABEL, NAME, RELATIVE, WHERE, Problem
 from engine.data.preprocess import preprocess, preprocessing_transform, source_of
 from engine.utils.errors import CT3DError, Transient
-from engine.utils.io import TMP_PREFIX, save_tensors
+from engine.utils.io import TMP_PREFIX, TRANSIENT_ERRNOS, save_tensors
 from engine.utils.progress import tracked
 
 SOURCE = "source"  # cache entries record the path (under data.image_root when set), size and mtime they were built from
@@ -170,6 +170,12 @@ def verify_cache(items: list[dict], p: PreprocessConfig, disk_dir: str | Path, w
             entry = torch.load(path, weights_only=True)
             signature = list(entry[SOURCE])
             entry[IMAGE].shape  # noqa: B018 - a readable entry holds an image tensor
+        except OSError as exc:
+            if exc.errno in TRANSIENT_ERRNOS:  # the storage did not answer: the entry may be fine, keep it
+                raise Transient(f"cache --verify: {path} could not be read ({exc.strerror or exc}); retry") from None
+            path.unlink(missing_ok=True)
+            counts["corrupt"] += 1
+            continue
         except Exception:
             path.unlink(missing_ok=True)
             counts["corrupt"] += 1

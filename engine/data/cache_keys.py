@@ -13,7 +13,8 @@ from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
 from engine.data.items import IMAGE, PIXDIM, RELATIVE, RESCALE
 from engine.data.preprocess import PREPROCESSING_VERSION
-from engine.utils.io import TMP_PREFIX
+from engine.utils.errors import Transient
+from engine.utils.io import TMP_PREFIX, TRANSIENT_ERRNOS
 
 CACHE_FORMAT = 2  # bump when what a cache entry holds changes
 
@@ -31,13 +32,16 @@ def cache_key(p: PreprocessConfig) -> str:
 def source_signature(item: dict) -> list:
     """The volume's path (under data.image_root when the item has one, so another mount point of the same files
     names the same entry), size and modification time: a changed file is a new cache entry. A series named
-    inside a folder (`<folder>/<series>`) goes by its folder's size and time."""
+    inside a folder (`<folder>/<series>`) goes by its folder's size and time. Storage that does not answer is
+    Transient: a signature without size and time would name another entry (and verify would call this one stale)."""
     path = item[IMAGE]
     for candidate in (path, os.path.dirname(path)):
         try:
             stat = os.stat(candidate)
             return [item.get(RELATIVE, path), stat.st_size, stat.st_mtime_ns]
-        except OSError:
+        except OSError as exc:
+            if exc.errno in TRANSIENT_ERRNOS:
+                raise Transient(f"{candidate}: the storage did not answer ({exc.strerror or exc})") from None
             continue
     return [item.get(RELATIVE, path)]
 

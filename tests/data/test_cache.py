@@ -192,3 +192,29 @@ def test_two_verify_shards_at_once_split_the_entries_and_spare_a_live_writers_te
     assert owner["corrupt"] == 1 and owner["built"] == 1  # removed and rebuilt by the same shard
     os.replace(live, entries[1])  # the live writer finishes: its file was not taken away
     assert not dead.exists() and len(list(folder.glob("*.pt"))) == 24
+
+
+def test_verify_keeps_an_entry_the_storage_did_not_answer_for(tmp_path, tiny_demo, monkeypatch):
+    """`cache --verify` deletes entries it cannot load (corrupt); one whose read met EIO may be fine: it is kept,
+    and the command stops to be retried (exit 150)."""
+    import errno
+
+    from engine.data import cache as cache_module
+    from engine.utils.errors import Transient
+
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_demo), command="cache")
+    train_items, val_items, _ = load_splits(cfg.data)
+    items = (train_items + val_items)[:2]
+    cache_module.volume_problems(items, cfg.preprocess, cfg.cache.dir, 1)  # fills two entries
+    folder = cache_module.cache_folder(cfg.cache.dir, cfg.preprocess)
+    entries = sorted(p.name for p in folder.iterdir())
+    assert len(entries) == 2
+
+    def eio(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cache_module.torch, "load", eio)
+    with pytest.raises(Transient, match="could not be read"):
+        cache_module.verify_cache(items, cfg.preprocess, cfg.cache.dir, 1)
+    assert sorted(p.name for p in folder.iterdir()) == entries  # nothing deleted
+

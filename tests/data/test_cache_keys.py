@@ -35,3 +35,21 @@ def test_signature_of_a_file_a_series_in_a_folder_and_a_missing_source(tmp_path)
     gone = tmp_path / "gone" / "v.nii.gz"
     assert source_signature({"image": str(gone)}) == [str(gone)]
     assert source_signature({"image": str(gone), "relative": "gone/v.nii.gz"}) == ["gone/v.nii.gz"]
+
+
+def test_a_source_the_storage_does_not_answer_for_is_transient_not_renamed(tmp_path, monkeypatch):
+    """ESTALE on the stat: a signature without size and time would name another entry (and `cache --verify`
+    would delete this one as stale), so the command stops to be retried."""
+    import errno
+
+    import pytest
+
+    from engine.data import cache_keys
+    from engine.utils.errors import Transient
+
+    def stale(path):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(cache_keys.os, "stat", stale)
+    with pytest.raises(Transient, match="did not answer"):
+        source_signature({"image": str(tmp_path / "v.nii.gz")})
