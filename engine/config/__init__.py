@@ -2,7 +2,7 @@
 `key=value` overrides with every limit checked, and the sweep's search space checked the same way.
 May import: engine.utils."""
 
-import importlib
+from engine.utils.exports import lazy_exports
 
 # name -> the module that defines it, imported on first use (PEP 562), as in engine.data: importing the schema
 # alone (a data loader's worker, the benchmark's pipeline child) does not import omegaconf (~2.5 MB, ~0.2 s)
@@ -13,13 +13,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -3,10 +3,9 @@ metadata, the demo phantoms, finding and reading volumes, preprocessing, the dis
 before training, and each rank's share and loaders.
 May import: engine.config, engine.utils."""
 
-import importlib
+from engine.utils.exports import lazy_exports
 
-# name -> the module that defines it, imported on first use (PEP 562): importing one module of this package, or
-# `python -m engine.run --help`, does not import every sibling's torch and MONAI (`import monai` alone is ~6 s)
+# name -> the module that defines it, imported on first use (engine/utils/exports.py says why)
 _EXPORTS = {
     "generate": "demo", "phantom": "demo", "Labelled": "cache", "SOURCE": "cache", "build_dataset": "cache",
     "cache_folder": "cache", "source_hash": "cache_keys", "label_frequencies": "datalist", "load_splits": "prepare",
@@ -15,13 +14,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
