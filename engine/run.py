@@ -40,14 +40,22 @@ def key_help(argv: list[str]) -> str | None:
     return None
 
 
+class Parser(argparse.ArgumentParser):
+    """The key reference (it reads the schema's source) is put in the epilog only when help is printed, not on
+    every start."""
+
+    def format_help(self) -> str:
+        self.epilog = ("Override any key as section.key=value (e.g. train.epochs=3 model.name=densenet3d "
+                       "output.dir=/some/where). `--help PREFIX` shows the keys under PREFIX (e.g. --help model). "
+                       "Keys (type, default; accepted values), each with its meaning:\n" + help_text())
+        return super().format_help()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m engine.run",
         description="Train, evaluate or apply a 3D CT classifier. With no arguments: trains the demo model "
                     "on generated chest-CT phantoms.",
-        epilog="Override any key as section.key=value (e.g. train.epochs=3 model.name=densenet3d "
-               "output.dir=/some/where). `--help PREFIX` shows the keys under PREFIX (e.g. --help model). "
-               "Keys (type, default; accepted values), each with its meaning:\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml, the demo)")
