@@ -5,17 +5,19 @@ checks, so a config error or --help never waits for torch and MONAI."""
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import timedelta
 
 import ignite.distributed as idist
 
 from engine.config.schema import Config
 from engine.data import prepare
+from engine.data.prepare import disk_dir, load_splits
 from engine.data.sharing import parse_shard
 from engine.experiments import cv, sweep
 from engine.serving import commands as serving
-from engine.training import workflow
-from engine.training.build import resolve_device, setup_logging
+from engine.training import embeddings, workflow
+from engine.training.build import make_network, resolve_amp, resolve_device, setup_logging, setup_torch
 from engine.training.ranks import init_process_group
 from engine.utils.errors import EXIT_USER_ERROR, CT3DError, Transient
 
@@ -31,8 +33,8 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     if args.quick and args.command != "check":
         raise CT3DError(f"--quick is for the check command, not {args.command}")
-    if args.shard is not None and args.command != "cache":
-        raise CT3DError(f"--shard is for the cache command, not {args.command}")
+    if args.shard is not None and args.command not in ("cache", "embed"):
+        raise CT3DError(f"--shard is for the cache and embed commands, not {args.command}")
     if args.command == "check":
         if args.quick:
             prepare.check_lists(cfg.data, cfg.cache, cfg.output.dir)
@@ -42,8 +44,33 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
         counts = prepare.fill_cache(cfg.data, cfg.preprocess, cfg.cache, verify=args.verify,
                                     shard_of=parse_shard(args.shard))
         return EXIT_USER_ERROR if counts["problems"] else 0  # bad volumes stay bad: a retry would not help
+    if args.command == "embed":
+        counts = embed(cfg, parse_shard(args.shard))
+        print(f"ct3d embed: {counts['extracted']} volume(s) extracted, {counts['cached']} already cached, of "
+              f"{counts['owned']} this shard owns ({counts['volumes']} listed) -> {counts['folder']}"
+              + "".join(f"\n  {p}" for p in counts["problems"]))
+        return EXIT_USER_ERROR if counts["problems"] else 0  # bad volumes stay bad: a retry would not help
     {"evaluate": serving.evaluate, "predict": serving.predict, "export": serving.export}[args.command](cfg)
     return 0
+
+
+def embed(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
+    """`embed [--shard I/N]`, ahead of training a probe: the frozen encoder's embedding of every training and
+    validation volume this shard owns and the cache lacks; returns counts, each bad volume a Problem."""
+    if not embeddings.applies(cfg.model, cfg.augment, cfg.cache):
+        raise CT3DError("config error: embed: for the run that reads embeddings: model.name=merlin|ctfm, "
+                        "model.freeze=true, augment.enabled=false, cache.embeddings=true")
+    setup_torch(cfg.train)
+    device = resolve_device(cfg.train.device)
+    problems: list = []
+    train_items, val_items, labels = load_splits(cfg.data, problems)  # bad rows: counted below
+    net = make_network(cfg.model, len(labels), cfg.preprocess.spatial_size, device)
+    precision = resolve_amp(cfg.train.amp, device)
+    store = embeddings.open_cache(net, str(cfg.model.name), cfg.preprocess, cfg.cache, precision)
+    counts = embeddings.extract(net.encoder, store, train_items + val_items, cfg.preprocess, disk_dir(cfg.cache),
+                                device, precision, cfg.loader.val_batch_size or cfg.loader.batch_size,
+                                cfg.cache.workers, shard, progress=sys.stderr.isatty())
+    return {**counts, "folder": str(store.folder), "problems": problems + counts["problems"]}
 
 
 def run_distributed(command: str, cfg: Config) -> int:

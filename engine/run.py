@@ -1,4 +1,4 @@
-"""`python -m engine.run [train|evaluate|predict|export|check|cache|cv|sweep] [--config FILE] [key=value ...]`
+"""`python -m engine.run [train|evaluate|predict|export|check|cache|embed|cv|sweep] [--config FILE] [key=value ...]`
 
 Config errors are reported before MONAI or torch is imported, so they come back in well under 2 s."""
 
@@ -25,7 +25,7 @@ from engine.utils.errors import (
     Transient,
 )
 
-COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "cv", "sweep")
+COMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "embed", "cv", "sweep")
 
 
 def key_help(argv: list[str]) -> str | None:
@@ -60,8 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml, the demo)")
     parser.add_argument("--verify", action="store_true", help="cache: also find and rebuild corrupt or stale entries")
-    parser.add_argument("--shard", metavar="I/N", help="cache: fill the I-th of N disjoint shares (0-based); default "
-                        "from JOB_COMPLETION_INDEX and JOB_COMPLETIONS when set (a Kubernetes Indexed Job), else 0/1")
+    parser.add_argument("--shard", metavar="I/N", help="cache, embed: fill the I-th of N disjoint shares (0-based); "
+                        "default from JOB_COMPLETION_INDEX and JOB_COMPLETIONS when set (a Kubernetes Indexed Job), "
+                        "else 0/1")
     parser.add_argument("--quick", action="store_true", help="check: the config, the datalists and that every "
                         "volume is present, without reading volumes (exit 2 on a user error: a pod's first step)")
     parser.add_argument("words", nargs="*", metavar="[command] key=value",

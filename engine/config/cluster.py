@@ -71,6 +71,9 @@ class K8sConfig:
     output: VolumeClaimConfig = setting(VolumeClaimConfig(size="50Gi"))
     data_claim: str = setting("", pattern=DNS_LABEL)  # an existing claim holding the data set, read-only at /data
     cache_pods: int = setting(1, ge=1)  # the cache-fill Indexed Job's pods (more than 1 need a ReadWriteMany cache)
+    # > 0: an embed Indexed Job of this many pods, one GPU each (the training pods' placement), runs the frozen
+    # encoder once per volume (model.freeze, merlin / ctfm, augment off) so training starts on cached embeddings
+    embed_pods: int = setting(0, ge=0)
     wandb_secret: str = setting("wandb", pattern=DNS_LABEL)  # Secret with key `api-key`; optional for the job
     # failures per pod index (not node disruptions) before the Job fails; pytorchjob: each pod's starts are
     # counted on the output claim and engine.launch ends with exit 3 after backoff_limit + 1

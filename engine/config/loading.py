@@ -71,13 +71,17 @@ def _check_together(cfg: Config, command: str) -> None:
     if cfg.model.variant not in MODEL_VARIANTS[name]:
         raise _error("model.variant",
                      f"{cfg.model.variant!r} is not one of {name}'s: {', '.join(MODEL_VARIANTS[name])}")
+    if cfg.model.train_stages and (cfg.model.freeze or name not in ENCODER_PREPROCESSING):
+        raise _error("model.train_stages", "fine-tunes the last stages of a pretrained encoder (merlin, ctfm) that "
+                                           "model.freeze does not freeze")
     if cfg.model.freeze and cfg.train.freeze_epochs:
         raise _error("train.freeze_epochs", "model.freeze keeps the encoder frozen for the whole run; "
                                             "train.freeze_epochs unfreezes it after N epochs: set one of them")
     if cfg.model.freeze and name not in ENCODER_PREPROCESSING:
         raise _error("model.freeze", f"freezes a pretrained encoder (merlin, ctfm); for {name}, "
                                      f"train.freeze_epochs trains the head alone for the first epochs")
-    if cfg.model.weights and name not in ENCODER_PREPROCESSING:
+    serving = command in ("evaluate", "predict", "export")  # the checkpoint names the model; weights: its encoder's
+    if cfg.model.weights and name not in ENCODER_PREPROCESSING and not serving:
         raise _error("model.weights", f"a pretrained encoder's published weights (merlin, ctfm); for {name}, "
                                       f"model.pretrained")
     if cfg.model.weights and cfg.model.pretrained:

@@ -113,6 +113,9 @@ class CacheConfig:
     dir: str = ".ct3d/cache"  # the disk cache's root (a persistent volume on Kubernetes)
     memory_rate: float = setting(1.0, **PROBABILITY)  # fraction of each split kept in RAM (CacheDataset); 0: off
     workers: int = setting(2, ge=0)  # threads that fill the caches
+    # a frozen merlin / ctfm encoder, augment off: run once per volume, its head trained on dir/embeddings
+    embeddings: bool = True
+    embedding_dtype: Dtype = Dtype.float16  # how cached embeddings are stored (float32: bit-equal to the encoder's)
 
 
 @dataclass
@@ -142,12 +145,17 @@ class ModelConfig:
     # an error naming the counts (a file for another network would otherwise train from scratch, silently)
     pretrained_min_loaded: float = setting(0.9, **PROBABILITY)
     # merlin / ctfm: the encoder's weights as published: a file (Merlin's .pt; CT-FM's model.safetensors beside its
-    # config.json) or the folder holding them; empty: random weights (tests, smoke runs). Its SHA-256 is recorded
+    # config.json), the folder holding them, or a Hugging Face hub id (stanfordmimi/Merlin,
+    # project-lighter/ct_fm_feature_extractor: from the HF cache, offline with HF_HUB_OFFLINE=1); empty: random
+    # weights (tests, smoke runs). Its SHA-256, hub commit and licence are recorded
     weights: str = ""
     # merlin / ctfm: refuse a preprocess section other than the encoder was trained on (false: allow, recorded)
     preprocess_check: bool = True
     freeze: bool = False  # merlin / ctfm: the encoder stays as loaded (eval mode, no gradients): a probe of its head
     head: Head = Head.linear  # merlin / ctfm: linear, or mlp (one hidden layer of 512, GELU, dropout)
+    weights_revision: str = ""  # model.weights a hub id: its commit, branch or tag (empty: main); commit recorded
+    train_stages: int = setting(0, ge=0)  # merlin / ctfm unfrozen: train the last N stages, the rest as loaded; 0: all
+    encoder_lr: float = setting(0.0, ge=0)  # merlin / ctfm: the encoder's learning rate where it trains; 0: the head's
 
 
 @dataclass

@@ -76,6 +76,8 @@ def release_ram(dataset) -> None:
 
 def in_ram(dataset) -> bool:
     """Whether every item of a `build_dataset` result is served from the RAM cache (nothing read from disk)."""
+    if getattr(dataset, "in_ram", False) is True:  # a dataset held in RAM whole (cached embeddings)
+        return True
     images = getattr(dataset, "images", dataset)
     return isinstance(images, CacheDataset) and images.cache_num >= len(images)
 
@@ -85,6 +87,39 @@ class _Preprocessed(Dataset):
 
     def _transform(self, index: int):
         return preprocess(self.transform, dict(self.data[index]))
+
+
+class _Read(torch.utils.data.Dataset):
+    """Each volume from its disk cache entry when there is one, else preprocessed and not kept; a bad volume is
+    {"index", "problem"} instead of an error, so one bad file does not end a pass over thousands."""
+
+    def __init__(self, items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None):
+        self.sources, self.transform = [source_of(it) for it in items], preprocessing_transform(p)
+        self.cache = _disk_cache(p, disk_dir) if disk_dir is not None else None
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        source = self.sources[index]
+        path = self.cache.entry_path(source) if self.cache is not None else None
+        try:
+            if path is not None and path.is_file():
+                try:
+                    return {"index": index, IMAGE: torch.load(path, weights_only=True)[IMAGE]}
+                except Exception:  # a damaged entry: preprocess the source instead
+                    pass
+            return {"index": index, IMAGE: preprocess(self.transform, dict(source))[IMAGE]}
+        except Transient:
+            raise  # the storage, not this volume: the whole command is retried (exit 150)
+        except CT3DError as exc:
+            return {"index": index, "problem": str(exc)}
+
+
+def read_volumes(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None) -> torch.utils.data.Dataset:
+    """`items`' preprocessed volumes for one pass (the embedding cache's extraction): the disk cache is read where
+    it holds a volume, never filled."""
+    return _Read(items, p, disk_dir)
 
 
 def cache_folder(root: str | Path, p: PreprocessConfig) -> Path:

@@ -58,15 +58,8 @@ def make_datasets(train_items: list[dict], val_items: list[dict], preprocess: Pr
     about one copy of the data set, whatever its number of ranks. The budget is read by every rank at one moment
     (after a barrier, before any fills) and the lowest rate taken, so ranks that start filling early do not
     shrink a later one's."""
-    rank, world = idist.get_rank(), idist.get_world_size()
-    if len(train_items) < world:  # every rank decides alike: none is left waiting for the others
-        raise CT3DError(f"{len(train_items)} training volume(s) for {world} ranks: each rank needs at least one; "
-                        f"lower --nproc-per-node")
-    val_share = shard(val_items, rank, world)
-    if not val_share:  # fewer validation volumes than ranks: validate a stand-in the metrics leave out
-        val_share = [{**val_items[0], LABEL: [float("nan")] * len(val_items[0][LABEL])}]
-    rows = deal(len(train_items), world, seed)[rank]
-    shares = [train_items[i] for i in rows], val_share
+    world = idist.get_world_size()
+    rows, *shares = rank_shares(train_items, val_items, seed)
     if world > 1:  # every rank measures the node's memory at one moment, before any of them fills its cache
         idist.barrier()
     rate = ram_budget(cache.memory_rate, sum(map(len, shares)), preprocess)
@@ -77,6 +70,19 @@ def make_datasets(train_items: list[dict], val_items: list[dict], preprocess: Pr
                         for items in shares)
     train_ds.rows, train_ds.total = rows, len(train_items)
     return train_ds, val_ds
+
+
+def rank_shares(train_items: list[dict], val_items: list[dict], seed: int) -> tuple[list[int], list[dict], list[dict]]:
+    """This rank's training rows (of all), its training items and its validation items (see make_datasets)."""
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if len(train_items) < world:  # every rank decides alike: none is left waiting for the others
+        raise CT3DError(f"{len(train_items)} training volume(s) for {world} ranks: each rank needs at least one; "
+                        f"lower --nproc-per-node")
+    val_share = shard(val_items, rank, world)
+    if not val_share:  # fewer validation volumes than ranks: validate a stand-in the metrics leave out
+        val_share = [{**val_items[0], LABEL: [float("nan")] * len(val_items[0][LABEL])}]
+    rows = deal(len(train_items), world, seed)[rank]
+    return rows, [train_items[i] for i in rows], val_share
 
 
 def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_seed: int | None = None,

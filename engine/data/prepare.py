@@ -90,7 +90,8 @@ def disk_dir(cache: CacheConfig) -> str | None:
 
 def prepare_data(data: DataConfig, preprocess: PreprocessConfig, cache: CacheConfig, progress: bool = False,
                  strict: bool = True, share: tuple[int, int] = (0, 1),
-                 pool: Callable[[list[Problem]], list[Problem]] = list, once: Callable | None = None) -> Splits:
+                 pool: Callable[[list[Problem]], list[Problem]] = list, once: Callable | None = None,
+                 known: Callable[[dict], bool] | None = None) -> Splits:
     """Every check before training, every problem at once: datalist rows, split (empty, patient in both),
     and every volume not yet in the disk cache read once (filling it). With data.on_error=skip, bad rows
     and volumes are returned as problems and left out; split problems always stop the run. With
@@ -98,7 +99,8 @@ def prepare_data(data: DataConfig, preprocess: PreprocessConfig, cache: CacheCon
     Several processes share the volume checks: each reads its `share` (I, N) and `pool` returns every
     process's bad volumes from its own, so all leave out the same ones; `once(fn)` runs fn in one process and
     gives every process its result (torchrun: rank 0 reads the datalists and looks up every row's file, the
-    others receive the items)."""
+    others receive the items). `known(item)`: a volume read before and found good (a probe's cached embedding):
+    not read again."""
     def lists() -> tuple:
         found: list[Problem] = []
         train_items, val_items, labels, carved = _load_lists(data, found)
@@ -107,7 +109,7 @@ def prepare_data(data: DataConfig, preprocess: PreprocessConfig, cache: CacheCon
     train_items, val_items, labels, test_items, problems = once(lists) if once is not None else lists()
     fatal = split_problems(train_items, val_items, data.patient_pattern) + leakage_problems(
         train_items, val_items, test_items, data.patient_pattern)
-    mine = shard(train_items + val_items + test_items, *share)
+    mine = [it for it in shard(train_items + val_items + test_items, *share) if known is None or not known(it)]
     unreadable = pool(volume_problems(mine, preprocess, disk_dir(cache), cache.workers, progress))
     problems += unreadable
     if not strict:

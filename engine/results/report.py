@@ -257,6 +257,16 @@ def test_html(summary: dict) -> str:
             f"</table>")
 
 
+def encoder_html(summary: dict) -> str:
+    """A pretrained encoder's weights (summary.json's `encoder`): where from, hub commit, SHA-256, licence."""
+    record, e = summary.get("encoder") or {}, html.escape
+    at = f" at hub revision {record['revision']}" if record.get("revision") else ""
+    probe = " The head trained on its cached embeddings (frozen encoder)." if summary.get("embeddings") else ""
+    return (f"<p>Encoder {e(str(record.get('encoder')))}: weights {e(str(record.get('source') or record.get('file')))}"
+            f"{e(at)}, SHA-256 {e(str(record.get('sha256')))}, licence {e(str(record.get('licence') or 'unknown'))}."
+            f"{probe}</p>" if record else "")
+
+
 def _html(images: list[bytes], summary: dict, config_yaml: str, sections: list[tuple[str, bytes]]) -> str:
     fmt = format_value
 
@@ -278,6 +288,7 @@ device {html.escape(summary['device'])}, wall time {summary['wall_seconds']:.0f}
 Best epoch {summary['best_epoch']} by {summary['key_metric']}{stopped}. Validation is the selection set: the
 epoch, thresholds and calibration were chosen on it, so its figures are optimistic{
     '; the held-out test set below is not' if summary.get('test') else ' (no held-out test set: data.test)'}.</p>
+{encoder_html(summary)}
 {test_html(summary)}
 {figures}
 {statistics_html(summary)}

@@ -14,12 +14,25 @@ from engine.utils.io import atomic_write
 # A block whose grid is fine enough to localise a nodule: a quarter of the input's (16^3 at 64^3 with the
 # demo's stride-2 first conv). On the demo model ResNet's layer1 peaked within 3 voxels of a nodule in
 # 9-11 of 14 validation volumes, layer2 (8^3) in 7-8, layer3 in 1-2 (a random lung voxel: 3 in 14).
-TARGET_LAYERS = {"resnet3d": "layer1", "densenet3d": "features.denseblock1"}
+# The pretrained encoders at their native sizes: Merlin's layer3 (14 x 14 x 20 at 224 x 224 x 160), CT-FM's
+# next-to-last level (40^3 at 320^3 with its five).
+TARGET_LAYERS = {"resnet3d": "layer1", "densenet3d": "features.denseblock1", "merlin": "encoder.i3_resnet.layer3",
+                 "ctfm": "encoder.encoder.layers.-2.blocks"}
+# Merlin's encoder sees (z, x, y) (encoders.MerlinEncoder): its maps go back to the input's (x, y, z)
+MAP_AXES = {"merlin": (0, 1, 3, 4, 2)}
 
 
 def supports(model: ModelConfig) -> bool:
     """Grad-CAM needs a convolutional feature map: ViT's tokens have none."""
     return str(model.name) in TARGET_LAYERS
+
+
+def target_layer(net: torch.nn.Module, model: ModelConfig) -> torch.nn.Module:
+    """The block whose activations Grad-CAM weighs; a negative part counts from the end of its list."""
+    module = net
+    for part in TARGET_LAYERS[str(model.name)].split("."):
+        module = module[int(part)] if part.startswith("-") else getattr(module, part)
+    return module
 
 
 def unit_range(maps: torch.Tensor) -> torch.Tensor:
@@ -54,7 +67,7 @@ def grad_cams(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, pa
     (no weight gradients), `chunk` pairs at a time (`volumes_per_pass` volumes at a time below the layer, where the
     full-size feature maps are: the training batch size fits). `fast`: under bfloat16 autocast where the device has it
     natively (half the time on an AVX512-BF16 CPU; a map to look at needs no more precision)."""
-    layer = dict(net.named_modules())[TARGET_LAYERS[str(model.name)]]
+    layer, axes = target_layer(net, model), MAP_AXES.get(str(model.name))
     device = next(net.parameters()).device
     rows = sorted({row for row, _ in pairs})
     swap: dict = {}
@@ -90,6 +103,7 @@ def grad_cams(net: torch.nn.Module, model: ModelConfig, images: torch.Tensor, pa
                 grads, = torch.autograd.grad(picked.sum(), acts)
             weights = grads.float().flatten(2).mean(2).view(*grads.shape[:2], *[1] * (grads.dim() - 2))
             cam = torch.relu((weights * acts.detach().float()).sum(1, keepdim=True))
+            cam = cam.permute(*axes) if axes else cam
             mode = "trilinear" if cam.dim() == 5 else "bilinear"
             cam = torch.nn.functional.interpolate(cam, size=images.shape[2:], mode=mode, align_corners=False)
             maps.append(unit_range(cam) if each else cam)

@@ -54,7 +54,7 @@ def evaluate(cfg: Config) -> dict:
     patients = [patient_of(it, cfg.data.patient_pattern) for it in val_items]
     results = []
     for checkpoint in checkpoints:
-        model, state = load_trained_model(checkpoint, device)
+        model, state = load_trained_model(checkpoint, device, cfg.model.weights)
         if labels != state["labels"]:
             raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
         note = evaluation_split_note(Path(checkpoint), val_items, cfg.data.patient_pattern,
@@ -80,11 +80,11 @@ def predict(cfg: Config) -> Path:
     if len(cfg.checkpoints) > 1:
         if cfg.saliency:
             raise CT3DError("config error: saliency: Grad-CAM maps are per model; predict with one checkpoint")
-        model, state, thresholds = load_ensemble(list(cfg.checkpoints), device)
+        model, state, thresholds = load_ensemble(list(cfg.checkpoints), device, cfg.model.weights)
         calibration = None  # each member's is applied inside the ensemble
         log.info("ensemble of %d models: %s", len(cfg.checkpoints), ", ".join(cfg.checkpoints))
     else:
-        model, state = load_trained_model(cfg.checkpoint, device)
+        model, state = load_trained_model(cfg.checkpoint, device, cfg.model.weights)
         thresholds, calibration = decision_settings(state)
     items, skipped = list_inputs(cfg.input, cfg.data)
     loader = torch.utils.data.DataLoader(Readable(items, checkpoint_preprocessing(state)),
@@ -107,7 +107,7 @@ def predict(cfg: Config) -> Path:
 
 def export(cfg: Config) -> Path:
     """`export checkpoint=... format=onnx|torchscript`: output.dir/<output.name>/model.onnx (or model.pt)."""
-    model, state = load_trained_model(cfg.checkpoint, resolve_device("cpu"))
+    model, state = load_trained_model(cfg.checkpoint, resolve_device("cpu"), cfg.model.weights)
     fmt = str(cfg.format)
     path = output_folder(cfg.output, "export") / ("model.onnx" if fmt == "onnx" else "model.pt")
     try:

@@ -27,6 +27,7 @@ from engine.results.metrics import decisions, probabilities
 from engine.results.saliency import input_space_maps, supports, write_maps
 from engine.training.build import to_device
 from engine.training.checkpoint import load_checkpoint
+from engine.training.encoders import restore_encoder
 from engine.training.models import create_model
 from engine.utils.errors import CT3DError, Transient
 from engine.utils.io import write_text
@@ -35,14 +36,19 @@ from engine.utils.progress import tracked
 log = logging.getLogger("ct3d")
 
 
-def load_trained_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The network of a ct3d checkpoint, in eval mode, and the checkpoint's dict."""
+def load_trained_model(path: str, device: torch.device, weights: str = "") -> tuple[torch.nn.Module, dict]:
+    """The network of a ct3d checkpoint, in eval mode, and the checkpoint's dict. A head trained on a frozen
+    encoder has the encoder's weights loaded again from `weights` (model.weights), else from where the checkpoint
+    says they were, and checked against its SHA-256."""
     if not path:
         raise CT3DError("config error: checkpoint: give the checkpoint to load, "
                         "e.g. checkpoint=runs/x/checkpoints/best.pt")
     state = load_checkpoint(path)
-    model = create_model(restore(ModelConfig, state["model_config"]), len(state["labels"]),
-                         state["preprocessing"]["spatial_size"], state.get("encoder"))
+    model_config = restore(ModelConfig, state["model_config"])
+    model = create_model(model_config, len(state["labels"]), state["preprocessing"]["spatial_size"],
+                         state.get("encoder"))
+    if state.get("encoder") and not any(k.startswith("encoder.") for k in state["model"]):
+        restore_encoder(model, model_config, state["encoder"], weights)
     model.load_state_dict(state["model"])
     return to_device(model, device).eval(), state
 
@@ -73,10 +79,11 @@ class Ensemble(torch.nn.Module):
         return mean_probability([m(x) for m in self.members], self.calibrations, self.task)
 
 
-def load_ensemble(paths: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, list[float]]:
+def load_ensemble(paths: list[str], device: torch.device,
+                  weights: str = "") -> tuple[torch.nn.Module, dict, list[float]]:
     """The models of `paths` as one Ensemble, the first checkpoint's dict, and the members' mean threshold
     per label. They must share labels, task and preprocessing: any difference is an error naming it."""
-    models, states = zip(*(load_trained_model(path, device) for path in paths))
+    models, states = zip(*(load_trained_model(path, device, weights) for path in paths))
     first = states[0]
     for path, state in zip(paths[1:], states[1:]):
         for key in ("labels", "task", "preprocessing"):
@@ -168,8 +175,7 @@ def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predi
     volume's own grid, named as its row in predictions.csv."""
     config = restore(ModelConfig, state["model_config"])
     if not supports(config):
-        raise CT3DError(f"saliency: no Grad-CAM target layer for {config.name} (ViT has no convolutional map; the "
-                        f"pretrained encoders' maps are not drawn yet)")
+        raise CT3DError(f"saliency: no Grad-CAM target layer for {config.name} (ViT has no convolutional map)")
     transform = preprocessing_transform(checkpoint_preprocessing(state), keep_meta=True)
     for item in items:
         if item[NAME] in predicted:

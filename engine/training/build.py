@@ -159,8 +159,9 @@ def to_device(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return net.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else net
 
 
-def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch: int):
-    """The model to train (DDP-wrapped under torchrun), AdamW and a warmup-cosine schedule per iteration."""
+def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch: int, encoder_lr: float = 0.0):
+    """The model to train (DDP-wrapped under torchrun), AdamW and a warmup-cosine schedule per iteration; a
+    pretrained encoder's parameters at `encoder_lr` where given (the schedule scales every group alike)."""
     import ignite.distributed as idist
     from monai.optimizers import WarmupCosineSchedule
 
@@ -171,7 +172,11 @@ def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place below the root: same state dict
     # a frozen backbone leaves parameters without gradients, which DDP must be told to expect
     model = idist.auto_model(net, find_unused_parameters=train.freeze_epochs > 0) if distributed else net
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    encoder = getattr(net, "encoder", None) if encoder_lr else None
+    groups = model.parameters() if encoder is None else [
+        {"params": [p for n, p in net.named_parameters() if not n.startswith("encoder.")]},
+        {"params": list(encoder.parameters()), "lr": encoder_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     if distributed:
         optimizer = idist.auto_optim(optimizer)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=round(train.warmup_epochs * steps_per_epoch),

@@ -116,7 +116,8 @@ class FreezeBackbone:
     def __init__(self, net: nn.Module, model: ModelConfig, epochs: int):
         head = HEADS[str(model.name)]
         self.epochs = epochs
-        self.backbone = [p for n, p in net.named_parameters() if not n.startswith(head)]
+        # each parameter back to what it was after: an encoder's stages that model.train_stages keeps stay frozen
+        self.backbone = [(p, p.requires_grad) for n, p in net.named_parameters() if not n.startswith(head)]
         self.norms = [m for n, m in net.named_modules()
                       if not n.startswith(head) and isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.momentum = [m.momentum for m in self.norms]
@@ -128,7 +129,7 @@ class FreezeBackbone:
 
     def __call__(self, trainer) -> None:
         frozen = trainer.state.epoch <= self.epochs
-        for p in self.backbone:
-            p.requires_grad_(not frozen)
+        for p, trains in self.backbone:
+            p.requires_grad_(trains and not frozen)
         for m, momentum in zip(self.norms, self.momentum):
             m.momentum = 0.0 if frozen else momentum

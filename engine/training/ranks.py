@@ -3,13 +3,20 @@ Our own where torch and Ignite fall short: each says why."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from dataclasses import asdict
 from datetime import timedelta
+from typing import Callable
 
 import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 
+from engine.config.schema import CacheConfig, DataConfig, PreprocessConfig
+from engine.data.items import Problem
+from engine.data.prepare import Splits, prepare_data
 from engine.utils.errors import CT3DError
 
 
@@ -60,3 +67,25 @@ def on_rank_0(fn):
     if error is not None:
         raise CT3DError(error) if ours else RuntimeError(f"rank 0 failed: {error}")
     return result
+
+
+def prepare_data_in_shares(data: DataConfig, preprocess: PreprocessConfig, cache: CacheConfig, timeout: float,
+                           progress: bool, known: Callable[[dict], bool] | None = None) -> Splits:
+    """Under torchrun rank 0 reads the datalists (and writes the demo's phantoms) once, the others receive the items;
+    each rank checks and caches its own share of the volumes; the ranks then pool what they found."""
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if world == 1:
+        return prepare_data(data, preprocess, cache, progress, known=known)
+
+    def pool(mine: list) -> list:
+        # Where a cold cache makes ranks wait on the slowest: said in every pod's log before the wait, for NCCL's
+        # watchdog ends a timed-out collective with its own words (docs/architecture.md, "Timeouts").
+        logging.getLogger("ct3d.ranks").info(
+            "rank %d: checked (and cached) its share of the volumes; waiting for the other ranks at most "
+            "train.dist_timeout_minutes=%g: a rank still filling the cache by then ends the run. Fill the cache "
+            "first (python -m engine.run cache --shard I/N) or raise the timeout", rank, timeout)
+        every = idist.all_gather(json.dumps([asdict(p) for p in mine]))
+        return [Problem(**p) for text in every for p in json.loads(text)]
+
+    return prepare_data(data, preprocess, cache, progress, share=(rank, world), pool=pool,
+                        once=on_rank_0, known=known)

@@ -5,12 +5,11 @@ metrics.csv; then `close_run`: summary.json, the report and the test set's figur
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -23,12 +22,12 @@ from engine.config.loading import to_yaml
 from engine.config.schema import Config
 from engine.data.cache import build_dataset, release_ram
 from engine.data.datalist import label_frequencies
-from engine.data.items import Problem
 from engine.data.loaders import make_datasets, make_loader
-from engine.data.prepare import Splits, disk_dir, prepare_data, write_skipped
+from engine.data.prepare import Splits, disk_dir, write_skipped
 from engine.data.run_split import check_same_run, split_rows, write_split
 from engine.results.report import draw_panels, report_title, write_report
 from engine.results.saliency import report_panels
+from engine.training import embeddings
 from engine.training.augment import DeviceAugmentation
 from engine.training.build import (
     attach_validation,
@@ -57,7 +56,7 @@ from engine.training.outputs import (
     test_block,
     timed_call,
 )
-from engine.training.ranks import on_rank_0
+from engine.training.ranks import on_rank_0, prepare_data_in_shares
 from engine.training.state import RandomState, ScalerState, TrainerState
 from engine.training.steps import StepLog, early_stopping, run_to_end, share_stop
 from engine.training.tracking import WandbTracker
@@ -80,6 +79,7 @@ class Parts:
     scheduler: object
     datasets: tuple
     device: torch.device
+    embeddings: dict | None = None  # where the head's training features came from (a frozen encoder's cache)
     tracker: WandbTracker | None = None
     checkpoints: Checkpoints | None = None
 
@@ -93,7 +93,10 @@ def train(cfg: Config, attach=None) -> Path:
     setup_torch(cfg.train, rank)
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    data = prepare_data_in_shares(cfg, progress=main)
+    probe = embeddings.applies(cfg.model, cfg.augment, cfg.cache)  # the head alone, on cached encoder features
+    planned = embeddings.planned_cache(cfg.model, cfg.preprocess, cfg.cache, amp_dtype) if probe else None
+    data = prepare_data_in_shares(cfg.data, cfg.preprocess, cfg.cache, cfg.train.dist_timeout_minutes, main,
+                                  planned.holds if planned else None)  # embedded volumes need no second look
     folder = run_folder(cfg.output, cfg.model)
     # every rank loads the file rank 0 chose (rank 0 may be writing), once, memory-mapped: the check reads the
     # metadata, the resume the rest
@@ -104,17 +107,22 @@ def train(cfg: Config, attach=None) -> Path:
                        cfg.data.patient_pattern)
     if main:  # the config as resolved, split.csv, skipped.csv
         write_run_start(folder, cfg, data)
-    train_ds, val_ds = make_datasets(data.train, data.val, cfg.preprocess, cfg.cache, cfg.train.seed,
-                                     main and sys.stderr.isatty())  # progress bars: terminals only
+    net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
+    trained, bars, embedded = net, main and sys.stderr.isatty(), None  # progress bars: terminals only
+    if probe:
+        trained, (train_ds, val_ds, embedded) = net.head, embeddings.head_datasets(
+            net, str(cfg.model.name), data.train, data.val, cfg.preprocess, cfg.cache, device, amp_dtype,
+            cfg.loader.val_batch_size or cfg.loader.batch_size, cfg.train.seed, bars)
+    else:
+        train_ds, val_ds = make_datasets(data.train, data.val, cfg.preprocess, cfg.cache, cfg.train.seed, bars)
     per_rank = math.ceil(len(data.train) / idist.get_world_size())
     train_loader = make_loader(train_ds, cfg.loader, device, shuffle_seed=cfg.train.seed, per_rank=per_rank)
-    net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
-    model, optimizer, scheduler = make_optimization(net, cfg.train, len(train_loader))
+    model, optimizer, scheduler = make_optimization(trained, cfg.train, len(train_loader), cfg.model.encoder_lr)
     task, frequencies = str(cfg.data.task), label_frequencies(data.train)
     trainer = make_trainer(model, optimizer, make_loss(cfg.train, task, frequencies), train_loader, device,
                            amp_dtype, cfg.train)
     # The plain network: ranks validate different numbers of batches, and DDP's forward is a collective.
-    evaluator, validation = make_evaluator(net, make_loader(val_ds, cfg.loader, device), device, amp_dtype,
+    evaluator, validation = make_evaluator(trained, make_loader(val_ds, cfg.loader, device), device, amp_dtype,
                                            cfg.metrics, data.labels, task, make_loss(cfg.train, task, frequencies))
     history, steps = History(optimizer), StepLog(cfg.train.log_every, stop_on_nan=amp_dtype != torch.float16)
     table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, history, data.labels, validation,
@@ -123,7 +131,7 @@ def train(cfg: Config, attach=None) -> Path:
                "trainer": TrainerState(trainer), "metrics_table": table, "history": history, "rng": RandomState(),
                "calibration": validation, "steps": steps}
     parts = Parts(net, optimizer, trainer, evaluator, table, history, steps, to_save, scheduler,
-                  (train_ds, val_ds), device)
+                  (train_ds, val_ds), device, embedded)
     resume = Resume(resume_path, to_save, resume_state)
     resume.attach(trainer)
     total_steps = cfg.train.epochs * len(train_loader)  # a raised train.epochs extends a resumed schedule
@@ -171,27 +179,6 @@ def attach_handlers(cfg: Config, parts: Parts, folder: Path, data: Splits, rank:
     parts.checkpoints.attach(trainer, parts.table, parts.steps)
 
 
-def prepare_data_in_shares(cfg: Config, progress: bool) -> Splits:
-    """Under torchrun rank 0 reads the datalists (and writes the demo's phantoms) once, the others receive the items;
-    each rank checks and caches its own share of the volumes; the ranks then pool what they found."""
-    rank, world = idist.get_rank(), idist.get_world_size()
-    if world == 1:
-        return prepare_data(cfg.data, cfg.preprocess, cfg.cache, progress)
-
-    def pool(mine: list) -> list:
-        # Where a cold cache makes ranks wait on the slowest: said in every pod's log before the wait, for NCCL's
-        # watchdog ends a timed-out collective with its own words (docs/architecture.md, "Timeouts").
-        logging.getLogger("ct3d.ranks").info(
-            "rank %d: checked (and cached) its share of the volumes; waiting for the other ranks at most "
-            "train.dist_timeout_minutes=%g: a rank still filling the cache by then ends the run. Fill the cache "
-            "first (python -m engine.run cache --shard I/N) or raise the timeout", rank, cfg.train.dist_timeout_minutes)
-        every = idist.all_gather(json.dumps([asdict(p) for p in mine]))
-        return [Problem(**p) for text in every for p in json.loads(text)]
-
-    return prepare_data(cfg.data, cfg.preprocess, cfg.cache, progress, share=(rank, world), pool=pool,
-                        once=on_rank_0)
-
-
 def write_run_start(folder: Path, cfg: Config, data: Splits) -> None:
     write_text(folder / "config.yaml", to_yaml(cfg))
     write_split(folder, split_rows(data, cfg.data.patient_pattern))
@@ -234,6 +221,7 @@ def close_run(cfg: Config, parts: Parts, folder: Path, data: Splits, clock: list
         "key_metric": cfg.metrics.key, "best_epoch": table.best["epoch"], "best": table.best,
         "final": table.rows[-1], "stopped_early": bool(trainer.should_terminate),
         "epoch_seconds": parts.history.epoch_seconds, **encoder_record(parts.net),
+        **({"embeddings": parts.embeddings} if parts.embeddings else {}),
     }
     write_outputs(cfg, parts, folder, data, summary, clock, timing, finish)
 

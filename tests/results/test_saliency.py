@@ -105,3 +105,29 @@ def test_maps_share_one_scale_per_volume_and_keep_the_metadata_spacing(tmp_path)
     assert maps.shape == (20, 24, 28, 2) and 0.9 <= maps[..., 0].max() <= 1 + 1e-6  # peaks at 1 before resampling
     assert maps[..., 1].max() / maps[..., 0].max() == pytest.approx(0.01, rel=0.05)
     assert np.allclose(np.abs(np.diag(affine))[:3], [0.75, 0.75, 1.5], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["merlin", "ctfm"])
+def test_encoder_maps_are_grad_cam_of_the_encoders_block_on_the_inputs_own_axes(name):
+    """Grad-CAM written out (the block's activations weighted by the label's mean gradient, ReLU, upsampled) on a
+    volume whose three sides differ: Merlin's block sees (z, x, y), so its map is put back to (x, y, z) first."""
+    from engine.training.encoders import CtfmEncoder, EncoderClassifier, MerlinEncoder
+
+    torch.manual_seed(0)
+    small = {"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 2]}
+    encoder = MerlinEncoder() if name == "merlin" else CtfmEncoder(small)
+    net = EncoderClassifier(encoder, 3, "linear", 0.0, freeze=True).eval()
+    block = encoder.i3_resnet.layer3 if name == "merlin" else encoder.encoder.layers[1]["blocks"]
+    images = torch.randn(2, 1, 40, 32, 24)
+    kept = {}
+    handle = block.register_forward_hook(lambda _m, _a, out: kept.update(acts=out))
+    logits = net(images.requires_grad_(True))
+    handle.remove()
+    grads, = torch.autograd.grad(logits[1, 2], kept["acts"])
+    cam = torch.relu((grads[1:2].mean(dim=(2, 3, 4), keepdim=True) * kept["acts"][1:2]).sum(1, keepdim=True))
+    if name == "merlin":
+        cam = cam.permute(0, 1, 3, 4, 2)  # (z, x, y) -> (x, y, z)
+    want = unit_range(torch.nn.functional.interpolate(cam, size=(40, 32, 24), mode="trilinear", align_corners=False))
+    got = grad_cams(net, ModelConfig(name=name), images.detach(), [(1, 2)])
+    assert got.shape == (1, 1, 40, 32, 24) and supports(ModelConfig(name=name))
+    assert torch.allclose(got, want.detach(), atol=1e-5), float((got - want).abs().max())

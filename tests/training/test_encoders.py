@@ -4,12 +4,15 @@ unfrozen on the phantoms with the weights' SHA-256 recorded; refusals for wrong 
 
 import hashlib
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from engine.config.loading import load_config
+from engine.serving.inference import load_trained_model
 from engine.training.encoders import MERLIN_FILE, MERLIN_PREFIX, CtfmEncoder, MerlinEncoder, load_encoder
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
@@ -18,14 +21,33 @@ from helpers import tiny_overrides
 SMALL_CTFM = {"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 2]}
 
 
+# Merlin's published checkpoint's key names and shapes, taken from its upstream code (the file's "source" says how),
+# not from our MerlinEncoder: a MONAI rename or reshaping of a layer then fails here instead of loading nothing
+MERLIN_KEYS = json.loads((Path(__file__).parent / "merlin_keys.json").read_text())
+
+
+def upstream_tensor(key: str, shape: list[int]) -> torch.Tensor:
+    """Random values for one of Merlin's keys, each its own: convolutions at He scale by fan-out (torchvision's
+    initialisation), BatchNorm weights and statistics near 1 and 0, so 152 layers' activations stay finite."""
+    if key.endswith("num_batches_tracked"):
+        return torch.tensor(1000)
+    if key.endswith("running_var"):
+        return 1 + 0.1 * torch.rand(shape)
+    if len(shape) == 5:
+        return torch.randn(shape) * math.sqrt(2 / (shape[0] * math.prod(shape[2:])))
+    if len(shape) == 1 and key.endswith(".weight"):
+        return 1 + 0.1 * torch.randn(shape)
+    return 0.1 * torch.randn(shape) if len(shape) < 2 else 0.02 * torch.randn(shape)
+
+
 def merlin_upstream(folder, seed: int = 0) -> dict:
-    """A Merlin-layout file (the whole CLIP model's keys, the stem taking three channels) of random weights."""
+    """A Merlin-layout file of random weights: every key merlin_keys.json lists (the image encoder with its
+    three-channel stem, the heads, the text side's projection and logit_scale) and a stand-in for the text
+    encoder's (Clinical-Longformer's) many tensors."""
     torch.manual_seed(seed)
-    state = {MERLIN_PREFIX + k.removeprefix("i3_resnet."): v for k, v in MerlinEncoder().state_dict().items()}
-    state[MERLIN_PREFIX + "conv1.weight"] = torch.randn(64, 3, 3, 7, 7) * 0.05
-    state.update({"encode_text.text_encoder.embeddings.word_embeddings.weight": torch.randn(10, 8),
-                  "logit_scale": torch.tensor(2.0), MERLIN_PREFIX + "classifier.weight": torch.randn(16, 2048, 1, 1, 1),
-                  MERLIN_PREFIX + "contrastive_head.weight": torch.randn(512, 2048, 1, 1, 1)})
+    listed = {**MERLIN_KEYS["encoder"], **MERLIN_KEYS["heads"], **MERLIN_KEYS["text"]}
+    state = {key: upstream_tensor(key, shape) for key, shape in listed.items()}
+    state["encode_text.text_encoder.embeddings.word_embeddings.weight"] = torch.randn(10, 8)
     torch.save(state, folder / MERLIN_FILE)
     return state
 
@@ -44,6 +66,21 @@ def merlin_folder(tmp_path_factory):
     """One Merlin-layout file for the module (a ResNet-152: seconds to make and write)."""
     folder = tmp_path_factory.mktemp("merlin")
     return folder, merlin_upstream(folder)
+
+
+def test_every_published_merlin_encoder_key_loads_into_ours_by_name_and_shape(merlin_folder):
+    folder, upstream = merlin_folder
+    encoder = MerlinEncoder()
+    load_encoder(encoder, "merlin", folder / MERLIN_FILE)
+    ours, listed = encoder.state_dict(), MERLIN_KEYS["encoder"]
+    assert len(listed) == len(ours) == 930  # 155 convolutions (a weight each), 155 BatchNorms (5 tensors each)
+    stem = MERLIN_PREFIX + "conv1.weight"
+    for key, shape in listed.items():
+        mine = ours["i3_resnet." + key.removeprefix(MERLIN_PREFIX)]
+        if key == stem:  # the three grey channels in, summed into our one
+            assert shape == [64, 3, 3, 7, 7] and torch.equal(mine, upstream[key].sum(1, keepdim=True))
+        else:
+            assert list(mine.shape) == shape and torch.equal(mine, upstream[key]), key
 
 
 def test_merlins_stem_sums_its_three_grey_channels_and_gives_the_upstream_first_layer(merlin_folder):
@@ -110,9 +147,11 @@ def test_an_encoder_trains_frozen_and_unfrozen_from_its_published_layout(tmp_pat
         summary = json.loads((folder / "summary.json").read_text())
         assert final["encoder"]["sha256"] == summary["encoder"]["sha256"] == digest
         finals[freeze] = final["model"]
+        if freeze:  # the checkpoint holds the head alone; serving loads the encoder again from its weights file
+            assert not any(k.startswith("encoder.") for k in final["model"])
+            model, _ = load_trained_model(str(folder / "checkpoints" / "final.pt"), torch.device("cpu"))
+            finals[freeze] = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     if name == "ctfm":  # serving rebuilds the encoder from the checkpoint's record, without the weights folder
-        from engine.serving.inference import load_trained_model
-
         for path in weights.iterdir():
             path.unlink()
         model, _ = load_trained_model(str(folder / "checkpoints" / "final.pt"), torch.device("cpu"))
