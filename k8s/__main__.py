@@ -1,7 +1,8 @@
-"""`python -m k8s render --config FILE [--part claims|cache|train] [key=value ...]`: a YAML stream for
-`kubectl apply -f -` (all parts: the claims, the ConfigMap, the cache-fill Job, the training workload).
+"""`python -m k8s render --config FILE [--part claims|cache|embed|train] [key=value ...]`: a YAML stream for
+`kubectl apply -f -` (all parts: the claims, the ConfigMap, the cache-fill Job, the embed Job, the training
+workload).
 `python -m k8s script --config FILE [key=value ...]`: a shell script that applies them in order, waiting
-for the cache-fill Job to complete before the training starts.
+for the cache-fill Job, then the embed Job, to complete before the training starts.
 `python -m k8s values --config FILE [key=value ...]`: the same run as Helm values for charts/ct3d."""
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from k8s.values import helm_values
 
 
 def script(cfg) -> str:
-    """Apply the claims, the cache-fill Job, wait for it, then the training workload."""
+    """Apply the claims, the cache-fill Job, wait for it, the embed Job, wait for it, then the training workload."""
     k = cfg.k8s
-    lines = ["#!/bin/sh", f"# ct3d {k.name}: claims, cache fill, then training", "set -eu"]
-    steps = [("claims", None), ("cache", f"job/{k.name}-cache"), ("train", None)]
+    lines = ["#!/bin/sh", f"# ct3d {k.name}: claims, cache fill, embeddings, then training", "set -eu"]
+    steps = [("claims", None), ("cache", f"job/{k.name}-cache"), ("embed", f"job/{k.name}-embed"), ("train", None)]
+    absent = {"cache": not cfg.cache.disk, "embed": not k.embed_pods}  # the part would be the ConfigMap alone
     for part, wait in steps:
         text = render(cfg, part)
-        if not text.strip() or (part == "cache" and not cfg.cache.disk):
+        if not text.strip() or absent.get(part):
             continue
         lines += [f"kubectl apply -f - <<'CT3D_{part.upper()}'", text.rstrip("\n"), f"CT3D_{part.upper()}"]
         if wait:  # `kubectl wait --for=condition=complete` would wait out its timeout on a failed Job
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("render", "script", "values"))
     parser.add_argument("--config", help="ct3d YAML config (default: configs/default.yaml)")
-    parser.add_argument("--part", choices=("all", "claims", "cache", "train"), default="all",
-                        help="render: only these objects (claims once; cache, then train)")
+    parser.add_argument("--part", choices=("all", "claims", "cache", "embed", "train"), default="all",
+                        help="render: only these objects (claims once; cache, embed, then train)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     try:

@@ -30,16 +30,21 @@ def mebibytes(n: float) -> str:
     return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
 
 
-def pod_resources(k: K8sConfig) -> tuple[dict, str]:
+def pod_resources(k: K8sConfig, gpus: int | None = None) -> tuple[dict, str]:
     """(container resources, /dev/shm size): CPU and memory per GPU unless set; the memory-backed /dev/shm
-    counts against the memory limit, so the default memory adds it."""
-    per = max(1, k.gpus)
-    shm = k.shm_size or f"{k.shm_per_gpu * per}Gi"
-    memory = k.memory or mebibytes(k.memory_per_gpu * per * 2**30 + quantity_bytes(shm))
-    amounts: dict[str, Any] = {"cpu": k.cpu or str(k.cpu_per_gpu * per), "memory": memory}
-    if k.gpus > 0:
-        amounts["nvidia.com/gpu"] = k.gpus
-    amounts.update(sorted(k.extra_resources.items()))  # RDMA / EFA devices for NCCL
+    counts against the memory limit, so the default memory adds it. `gpus`: a pod of that many GPUs (an embed
+    pod's one), not a training pod: k.cpu, memory and shm_size size a pod of k.gpus, so they apply only where
+    the counts agree, and NCCL's extra_resources never (one process talks to no other)."""
+    count = k.gpus if gpus is None else gpus
+    fixed = count == k.gpus
+    per = max(1, count)
+    shm = (k.shm_size if fixed else "") or f"{k.shm_per_gpu * per}Gi"
+    memory = (k.memory if fixed else "") or mebibytes(k.memory_per_gpu * per * 2**30 + quantity_bytes(shm))
+    amounts: dict[str, Any] = {"cpu": (k.cpu if fixed else "") or str(k.cpu_per_gpu * per), "memory": memory}
+    if count > 0:
+        amounts["nvidia.com/gpu"] = count
+    if gpus is None:
+        amounts.update(sorted(k.extra_resources.items()))  # RDMA / EFA devices for NCCL
     return {"requests": dict(amounts), "limits": dict(amounts)}, shm
 
 def container_security() -> dict:
@@ -98,7 +103,7 @@ def volumes(cfg: Config, shm_size: str | None, output: bool = True) -> list[dict
 
 def pod_spec(k: K8sConfig, containers: list[dict], volumes: list[dict], init: list[dict] | None = None,
              restart: str = "Never", gpu_pod: bool = True) -> dict:
-    """The pod: a GPU pod (training, sweep) takes the GPU placement (priority, runtime class, node selector,
+    """The pod: a GPU pod (training, sweep, embed) takes the GPU placement (priority, runtime class, node selector,
     affinity, tolerations); the cache fill's CPU pods take theirs (k8s.cache_node_selector, cache_tolerations)."""
     pod: dict[str, Any] = {"restartPolicy": restart, "terminationGracePeriodSeconds": k.termination_grace_seconds}
     if k.service_account:

@@ -1,7 +1,7 @@
 """The config as the pods see it, checked before anything is rendered: the fixed paths and environment of
 every ct3d container, `${oc.env:...}` resolved with the pod's environment (never this machine's), the
 training config the ConfigMap carries, and what the schema's per-field limits cannot say (names, data on
-the data claim, access modes, secrets kept out)."""
+the data claim, access modes, secrets kept out, an embed stage only where training reads its embeddings)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ FIXED_ENV = {"WANDB_DIR": OUTPUT_DIR, "PYTHONUNBUFFERED": "1", "CT3D_CACHE": CAC
 POD_ENV = ("WANDB_API_KEY", "NODE_NAME", "CT3D_EXPECT_GPU", "POD_NAME", "CT3D_ATTEMPTS_FILE", "CT3D_MAX_ATTEMPTS",
            "JOB_COMPLETION_INDEX", "JOB_COMPLETIONS")
 JOIN_SECONDS = 1800  # c10d rendezvous join timeout: a lost node's replacement may take this long to start
+# the pretrained encoders model.freeze keeps frozen (unread_embeddings mirrors engine.training's embeddings.applies,
+# which k8s may not import; tests/kubernetes/test_embed.py keeps the two in step)
+ENCODERS = ("merlin", "ctfm")
 
 
 def pod_environment(k: K8sConfig) -> dict[str, str]:
@@ -69,6 +72,21 @@ def training_config(cfg: Config) -> str:
     del pod["k8s"]
     return to_yaml(pod)
 
+def unread_embeddings(cfg: Config) -> str:
+    """Why this run's training would not read cached embeddings, or "" when it would: only a frozen pretrained
+    encoder, on volumes that are not augmented, trains its head on them."""
+    name = str(cfg.model.name)
+    if name not in ENCODERS:
+        return f"model.name={name} is not a pretrained encoder ({', '.join(ENCODERS)})"
+    if not cfg.model.freeze:
+        return "model.freeze=false: training runs (and fine-tunes) the encoder on every volume"
+    if cfg.augment.enabled:
+        return "augment.enabled=true: each epoch augments the volumes anew, so training runs the encoder every time"
+    if not cfg.cache.embeddings:
+        return "cache.embeddings=false: training runs the encoder every epoch"
+    return ""
+
+
 def _data_paths(cfg: Config) -> list[tuple[str, str]]:
     d = cfg.data
     return [(f"data.{key}", str(value)) for key, value in (("train", d.train), ("val", d.val),
@@ -97,6 +115,10 @@ def validate(cfg: Config) -> None:
     if k.sweep_workers and (k.nodes > 1 or k.gpus > 1):
         raise CT3DError("config error: k8s.sweep_workers: each sweep worker trains its trials in one process on "
                         "at most one GPU; set k8s.nodes=1 and k8s.gpus=1 (or 0), and more workers instead")
+    if k.embed_pods and unread_embeddings(cfg):
+        raise CT3DError(f"config error: k8s.embed_pods: the embed stage fills the embeddings a frozen encoder's head "
+                        f"trains on, but {unread_embeddings(cfg)}; set k8s.embed_pods=0, or model.name=merlin or "
+                        f"ctfm with model.freeze=true and augment.enabled=false")
     for role in ("cache", "output"):
         access_mode(k, role)
     for key in k.env:
@@ -120,13 +142,13 @@ def validate(cfg: Config) -> None:
 def access_mode(k: K8sConfig, role: str) -> str:
     """The claim's access mode: auto picks ReadWriteOnce when one node mounts it, ReadWriteMany when pods on
     several nodes do; a one-node mode where several nodes need it is an error."""
-    shared = k.nodes > 1 or k.sweep_workers > 1 or (role == "cache" and k.cache_pods > 1)
+    shared = k.nodes > 1 or k.sweep_workers > 1 or (role == "cache" and max(k.cache_pods, k.embed_pods) > 1)
     mode = str(volume_of(k, role).access_mode)
     if mode == "auto":
         return "ReadWriteMany" if shared else "ReadWriteOnce"
     if shared and mode != "ReadWriteMany" and not volume_of(k, role).existing:
         why = (f"{k.nodes} nodes" if k.nodes > 1 else f"{k.sweep_workers} sweep workers" if k.sweep_workers > 1
-               else f"{k.cache_pods} cache pods")
+               else f"{k.cache_pods} cache pods" if k.cache_pods > 1 else f"{k.embed_pods} embed pods")
         raise CT3DError(f"config error: k8s.{role}.access_mode: {mode} lets one node mount the claim, but {why} "
                         f"share it: use ReadWriteMany (a StorageClass that offers it: EFS, Filestore, FSx for "
                         f"Lustre, CephFS, NFS) or auto")

@@ -24,6 +24,7 @@ def helm_values(cfg: Config) -> str:
                 "accessMode": access_mode(k, role)}
 
     resources, shm = pod_resources(k)
+    embed, embed_shm = pod_resources(k, gpus=min(k.gpus, 1))
     values = {
         "name": k.name, "kind": str(k.kind), "image": k.image, "imagePullPolicy": str(k.image_pull_policy),
         "imagePullSecrets": list(k.image_pull_secrets), "serviceAccountName": k.service_account,
@@ -40,6 +41,8 @@ def helm_values(cfg: Config) -> str:
         "extraResources": dict(k.extra_resources), "runtimeClassName": k.runtime_class,
         "trainjobRuntime": k.trainjob_runtime, "cacheNodeSelector": dict(k.cache_node_selector),
         "cacheTolerations": [plain_dict(t) for t in k.cache_tolerations], "cacheQueue": k.cache_queue,
+        "embedPods": k.embed_pods, "embedCpu": embed["limits"]["cpu"], "embedMemory": embed["limits"]["memory"],
+        "embedShmSize": embed_shm,
         "trainingConfig": training_config(cfg),
     }
     return yaml.dump(values, Dumper=_QuotingDumper, sort_keys=False)

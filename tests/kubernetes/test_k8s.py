@@ -62,6 +62,9 @@ PYTORCHJOB = [*MULTI, "k8s.kind=pytorchjob"]
 JOBSET = [*MULTI, "k8s.kind=jobset", "k8s.extra_resources={vpc.amazonaws.com/efa: 4}", "k8s.runtime_class=nvidia"]
 TRAINJOB = [*[o for o in MULTI if not o.startswith("k8s.priority_class")], "k8s.kind=trainjob"]
 CRDS = ("PyTorchJob", "JobSet", "TrainJob", "ClusterTrainingRuntime")
+# a frozen encoder's probe on unaugmented volumes (demo-sized: no preprocessing check), with an embed stage of 3 pods
+EMBED = ["model.name=merlin", "model.freeze=true", "model.preprocess_check=false", "augment.enabled=false",
+         "k8s.embed_pods=3"]
 
 
 def core_parts(obj: dict) -> list[dict]:
@@ -106,7 +109,7 @@ def load_crd(obj: dict):
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("overrides", [[], MULTI, ["k8s.gpus=4"], ["k8s.gpus=0", "k8s.cache.existing=true"], SWEEP,
-                                       PYTORCHJOB])
+                                       PYTORCHJOB, [*MULTI, *EMBED], [*EMBED, "k8s.gpus=0"]])
 def test_rendered_manifests_pass_strict_schema(overrides, version):
     proc = validate(render(load_config(ROOT / "configs" / "default.yaml", overrides)), version)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -150,7 +153,7 @@ def test_sweep_renders_an_indexed_job_of_workers_in_place_of_training():
         objects(*SWEEP, "k8s.gpus=2")
 
 
-@pytest.mark.parametrize("overrides", [[], MULTI, SWEEP, PYTORCHJOB])
+@pytest.mark.parametrize("overrides", [[], MULTI, SWEEP, PYTORCHJOB, [*MULTI, *EMBED]])
 def test_every_container_meets_restricted_pod_security(overrides):
     for pod in pods_of(objects(*overrides)):
         assert_restricted(pod)
@@ -440,7 +443,8 @@ def test_chart_lints_strict_and_renders_valid_manifests():
 
 @needs_helm
 def test_chart_schema_rejects_typos_and_wrong_types():
-    for bad in ("nodse=4", "nodes=0", "gpus=two", "cache.size=big", "kind=mpijob", "cache.accessMode=RWX"):
+    for bad in ("nodse=4", "nodes=0", "gpus=two", "cache.size=big", "kind=mpijob", "cache.accessMode=RWX",
+                "embedPod=2", "embedPods=-1", "embedMemory=lots"):
         proc = helm("template", "x", "charts/ct3d", "--set", bad)
         assert proc.returncode != 0, bad
     proc = helm("template", "x", "charts/ct3d", "--set", "nodes=2", "--set", "output.accessMode=ReadWriteOnce")
@@ -524,6 +528,9 @@ def settings(draw) -> list[str]:
             out.append(f"{key}={draw(strategy)}")
     if other_runtime:
         out.append(f"k8s.trainjob_runtime={draw(DNS)}")
+    if draw(st.booleans()):  # a frozen encoder's probe, with an embed stage
+        out += [f"model.name={draw(st.sampled_from(['merlin', 'ctfm']))}", *EMBED[1:-1],
+                f"k8s.embed_pods={draw(st.integers(1, 4))}"]
     return out
 
 
@@ -554,7 +561,10 @@ def test_chart_and_renderer_render_the_same_objects(overrides):
 PARITY_CASES = [[], MULTI, PYTORCHJOB, JOBSET, TRAINJOB, SWEEP,
                 ["k8s.gpus=2", "k8s.output.existing=true", "k8s.output.name=runs"],
                 [*TRAINJOB, "k8s.priority_class=high", "k8s.runtime_class=nvidia", "k8s.max_restarts=7"],
-                [*TRAINJOB, "k8s.trainjob_runtime=torch-distributed"], [*PYTORCHJOB, "k8s.gpus=0"]]
+                [*TRAINJOB, "k8s.trainjob_runtime=torch-distributed"], [*PYTORCHJOB, "k8s.gpus=0"],
+                [*MULTI, *EMBED, "k8s.extra_resources={rdma/ib: 1}", "k8s.runtime_class=nvidia"],
+                [*EMBED, "k8s.gpus=0", "k8s.embed_pods=1", "cache.disk=false"], [*JOBSET, *EMBED, "k8s.cpu=90"],
+                [*TRAINJOB, "k8s.image_pull_secrets=[n]", "k8s.service_account=y"]]  # YAML 1.1's booleans
 
 
 @needs_helm
@@ -827,8 +837,8 @@ def test_pytorchjob_counts_each_pods_starts_on_the_output_claim_so_its_retries_e
 
 def test_every_container_names_its_node_and_those_holding_gpus_expect_them():
     """NODE_NAME (the node a fault, exit 151, names) in every container; CT3D_EXPECT_GPU=1 exactly where the
-    container holds the pod's GPUs (CUDA missing there is the node's fault, not a config error): never the check
-    or the cache fill, never without GPUs."""
+    container holds the pod's GPUs (CUDA missing there is the node's fault, not a config error; an embed pod's one
+    GPU too): never the check or the cache fill, never without GPUs."""
     def containers(objs: list[dict]) -> list[dict]:
         pods = pods_of(objs) + [rj["template"]["spec"]["template"]["spec"] for o in objs if o["kind"] == "JobSet"
                                 for rj in o["spec"]["replicatedJobs"]]
@@ -838,7 +848,7 @@ def test_every_container_names_its_node_and_those_holding_gpus_expect_them():
 
     expecting = 0
     for overrides in ([], MULTI, SWEEP, PYTORCHJOB, JOBSET, TRAINJOB, ["k8s.gpus=0"], [*PYTORCHJOB, "k8s.gpus=0"],
-                      [*TRAINJOB, "k8s.gpus=0"]):
+                      [*TRAINJOB, "k8s.gpus=0"], [*JOBSET, *EMBED], [*EMBED, "k8s.gpus=0"]):
         for c in containers(objects(*overrides)):
             env = {e["name"]: e for e in c["env"]}
             assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}, c["name"]
@@ -847,7 +857,7 @@ def test_every_container_names_its_node_and_those_holding_gpus_expect_them():
             if holds_gpus:
                 assert env["CT3D_EXPECT_GPU"]["value"] == "1"
                 expecting += 1
-    assert expecting >= 6
+    assert expecting >= 8
     with pytest.raises(CT3DError, match="k8s.env.NODE_NAME: set by ct3d"):
         objects("k8s.env={NODE_NAME: here}")
 
@@ -858,15 +868,15 @@ EVICTED = "evicted"  # a pod with the DisruptionTarget condition (preemption, dr
 # podFailurePolicy action (Count: against backoffLimit / backoffLimitPerIndex); a JobSet's (kind jobset, and
 # trainjob on ct3d's runtime) action on the Job that pod fails; PyTorchJob's restartPolicy ExitCode.
 FATES = {
-    #         job         cache fill  sweep       jobset           trainjob         pytorchjob
-    2:       ("FailJob", "FailJob", "FailJob", "FailJobSet", "FailJobSet", "permanent"),
-    3:       ("FailJob", "FailJob", "FailJob", "FailJobSet", "FailJobSet", "permanent"),
-    143:     ("Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
-    150:     ("Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
-    151:     ("Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
-    EVICTED: ("Ignore", "Ignore", "Ignore", "RestartJobSet", "RestartJobSet", "retried"),
+    #         job         cache fill  embed      sweep       jobset           trainjob         pytorchjob
+    2:       ("FailJob", "FailJob", "FailJob", "FailJob", "FailJobSet", "FailJobSet", "permanent"),
+    3:       ("FailJob", "FailJob", "FailJob", "FailJob", "FailJobSet", "FailJobSet", "permanent"),
+    143:     ("Count", "Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
+    150:     ("Count", "Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
+    151:     ("Count", "Count", "Count", "Count", "RestartJobSet", "RestartJobSet", "retried"),
+    EVICTED: ("Ignore", "Ignore", "Ignore", "Ignore", "RestartJobSet", "RestartJobSet", "retried"),
 }
-FATE_KINDS = ("job", "cache fill", "sweep", "jobset", "trainjob", "pytorchjob")
+FATE_KINDS = ("job", "cache fill", "embed", "sweep", "jobset", "trainjob", "pytorchjob")
 BUDGET = ["k8s.backoff_limit=4", "k8s.max_restarts=2"]
 
 
@@ -900,8 +910,8 @@ def fates_of(kind: str, objs: list[dict], code: int | str) -> set[str]:
     """What `kind` (rendered as `objs`) does when one of its pods' containers (each in turn) ends with `code`, and
     a check that its retries end (the budget: BUDGET's backoff limit or restarts)."""
     exit_code, disrupted = (143, True) if code == EVICTED else (code, False)
-    if kind in ("job", "cache fill", "sweep"):
-        component = {"job": "training", "cache fill": "cache-fill", "sweep": "sweep"}[kind]
+    if kind in ("job", "cache fill", "embed", "sweep"):
+        component = {"job": "training", "cache fill": "cache-fill", "embed": "embed", "sweep": "sweep"}[kind]
         job = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["labels"]["app.kubernetes.io/component"]
                    == component)["spec"]
         assert job.get("backoffLimitPerIndex", job.get("backoffLimit")) == 4
@@ -932,8 +942,8 @@ def test_the_exit_code_table_is_the_engines():
 
 @pytest.mark.parametrize("kind", FATE_KINDS)
 def test_every_kind_fails_at_once_on_2_and_3_and_retries_the_rest_within_its_budget(kind):
-    runs = {"job": MULTI, "cache fill": MULTI, "sweep": SWEEP, "jobset": JOBSET, "trainjob": TRAINJOB,
-            "pytorchjob": PYTORCHJOB}
+    runs = {"job": MULTI, "cache fill": MULTI, "embed": [*MULTI, *EMBED], "sweep": SWEEP, "jobset": JOBSET,
+            "trainjob": TRAINJOB, "pytorchjob": PYTORCHJOB}
     objs = objects(*runs[kind], *BUDGET)
     for code, fates in FATES.items():
         assert fates_of(kind, objs, code) == {fates[FATE_KINDS.index(kind)]}, (kind, code)

@@ -22,7 +22,7 @@
 shared by several nodes fails the render. */}}
 {{- define "ct3d.accessMode" -}}
 {{- $v := .root.Values -}}
-{{- $shared := or (gt (int $v.nodes) 1) (gt (int ($v.sweepWorkers | default 0)) 1) (and (eq .role "cache") (gt (int ($v.cachePods | default 1)) 1)) -}}
+{{- $shared := or (gt (int $v.nodes) 1) (gt (int ($v.sweepWorkers | default 0)) 1) (and (eq .role "cache") (or (gt (int ($v.cachePods | default 1)) 1) (gt (int ($v.embedPods | default 0)) 1))) -}}
 {{- $mode := .claim.accessMode | default "auto" -}}
 {{- if eq $mode "auto" -}}
 {{- ternary "ReadWriteMany" "ReadWriteOnce" $shared -}}
@@ -131,6 +131,7 @@ securityContext:
 {{- end }}
 {{- end -}}
 
+{{/* .shmSize: the /dev/shm size when not .Values.shmSize (an embed pod's). */}}
 {{- define "ct3d.volumes" -}}
 - name: config
   configMap:
@@ -147,7 +148,7 @@ securityContext:
 - name: shm
   emptyDir:
     medium: Memory
-    sizeLimit: {{ .root.Values.shmSize }}
+    sizeLimit: {{ .shmSize | default .root.Values.shmSize }}
 {{- end }}
 {{- if .root.Values.dataClaim }}
 - name: data
@@ -164,8 +165,9 @@ pods (their own node selector and tolerations; no priority, runtime class or aff
 {{- $gpu := not .cpu -}}
 restartPolicy: {{ .restart | default "Never" }}
 terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+{{- /* names quoted: the trainjob kind reads this back with fromYaml, where a bare y or n is a boolean */}}
 {{- with $v.serviceAccountName }}
-serviceAccountName: {{ . }}
+serviceAccountName: {{ . | quote }}
 {{- end }}
 {{- if and $gpu $v.priorityClassName }}
 priorityClassName: {{ $v.priorityClassName }}
@@ -176,7 +178,7 @@ runtimeClassName: {{ $v.runtimeClassName }}
 {{- with $v.imagePullSecrets }}
 imagePullSecrets:
   {{- range . }}
-  - name: {{ . }}
+  - name: {{ . | quote }}
   {{- end }}
 {{- end }}
 securityContext:
