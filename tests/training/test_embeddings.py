@@ -30,13 +30,17 @@ def weights(tmp_path_factory):
     return folder
 
 
-def probe(tmp_path, tiny_demo, weights, *extra):
-    """A frozen CT-FM probe's config on the phantoms, nothing random but the head and the batch order."""
-    return load_config(None, tiny_overrides(
-        tmp_path, tiny_demo, "model.name=ctfm", f"model.weights={weights}", "model.preprocess_check=false",
+def probe_overrides(tmp_path, datalist, weights, *extra) -> list[str]:
+    """A frozen CT-FM probe on the phantoms, nothing random but the head and the batch order: its overrides."""
+    return tiny_overrides(
+        tmp_path, datalist, "model.name=ctfm", f"model.weights={weights}", "model.preprocess_check=false",
         "model.freeze=true", "augment.enabled=false", "train.epochs=2", "loader.batch_size=5",
         "data.val_fraction=0.5", "preprocess.spatial_size=[16,16,16]", "metrics.bootstrap=0", "model.dropout=0.2",
-        "cache.embedding_dtype=float32", *extra))
+        "cache.embedding_dtype=float32", *extra)
+
+
+def probe(tmp_path, tiny_demo, weights, *extra):
+    return load_config(None, probe_overrides(tmp_path, tiny_demo, weights, *extra))
 
 
 def shards(cache_dir):
@@ -118,6 +122,14 @@ def test_serving_rebuilds_encoder_and_head_and_verifies_the_encoders_digest(tmp_
     with pytest.raises(CT3DError, match="SHA-256"):
         load_trained_model(str(best), torch.device("cpu"), str(other))
 
+    from engine.serving.commands import export  # the whole network, encoder and head, as one file
+
+    path = export(load_config(None, [f"checkpoint={best}", "format=torchscript", f"output.dir={tmp_path}",
+                                     "output.name=exported"], command="export"))
+    image = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(path))(image), model(image), atol=1e-5)
+
 
 def test_embed_is_refused_where_the_run_would_not_read_embeddings(tmp_path, tiny_demo, weights):
     from engine.commands import embed
@@ -162,3 +174,19 @@ def test_the_folder_is_named_by_everything_that_changes_an_embedding_and_nothing
                        ("volume_cache_key", "other"), ("preprocessing", {"spacing": [1.5, 1.5, 3.0]}),
                        ("encoder", "merlin"), ("pooling", "max"), ("format", 2), ("network", None)):
         assert EmbeddingCache(tmp_path, {**base, key: value}).folder != folder, key
+
+
+def test_the_embed_command_names_a_bad_volume_and_exits_2_keeping_the_good_ones(tmp_path, tiny_demo, weights):
+    import shutil
+
+    from helpers import cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo.parent, data)
+    (data / "train_0_a_1.nii.gz").write_bytes(b"not a volume")
+    proc = cli("embed", *probe_overrides(tmp_path, data / "datalist.csv", weights))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ct3d embed: 23 volume(s) extracted, 0 already cached" in proc.stdout
+    assert "train_0_a_1.nii.gz" in proc.stdout and "Traceback" not in proc.stderr
+    again = cli("embed", *probe_overrides(tmp_path, data / "datalist.csv", weights))  # the good ones kept
+    assert again.returncode == 2 and "0 volume(s) extracted, 23 already cached" in again.stdout

@@ -137,8 +137,7 @@ def test_an_encoder_trains_frozen_and_unfrozen_from_its_published_layout(tmp_pat
     file = weights / ("model.safetensors" if name == "ctfm" else MERLIN_FILE)
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
     finals = {}
-    # Merlin unfrozen writes 1.4 GB checkpoints (ResNet-152 and AdamW's state): its fine-tuning path is CT-FM's
-    for freeze in (True, False) if name == "ctfm" else (True,):
+    for freeze in (True, False):  # Merlin unfrozen: ~15 s and 1.4 GB of checkpoints (ResNet-152, AdamW's state)
         folder = train(load_config(None, tiny_overrides(
             tmp_path, tiny_demo, f"model.name={name}", f"model.weights={weights}", "model.preprocess_check=false",
             f"model.freeze={str(freeze).lower()}", "train.epochs=1", "loader.batch_size=6", "data.val_fraction=0.5",
@@ -159,7 +158,7 @@ def test_an_encoder_trains_frozen_and_unfrozen_from_its_published_layout(tmp_pat
     key = "encoder.encoder.conv_init.weight" if name == "ctfm" else "encoder.i3_resnet.layer1.0.bn1.running_mean"
     start = upstream["conv_init.weight"] if name == "ctfm" else upstream[MERLIN_PREFIX + "layer1.0.bn1.running_mean"]
     assert torch.equal(finals[True][key], start)  # frozen: weights and BatchNorm statistics as loaded
-    assert False not in finals or not torch.equal(finals[False][key], start)  # unfrozen: the encoder trained too
+    assert not torch.equal(finals[False][key], start)  # unfrozen: the encoder trained too
 
 
 def test_preprocessing_other_than_the_encoders_is_refused_naming_key_value_and_expected():
