@@ -190,3 +190,22 @@ def test_the_embed_command_names_a_bad_volume_and_exits_2_keeping_the_good_ones(
     assert "train_0_a_1.nii.gz" in proc.stdout and "Traceback" not in proc.stderr
     again = cli("embed", *probe_overrides(tmp_path, data / "datalist.csv", weights))  # the good ones kept
     assert again.returncode == 2 and "0 volume(s) extracted, 23 already cached" in again.stdout
+
+
+def test_two_ranks_extract_half_each_and_train_the_head_on_all(tmp_path, tiny_demo, weights):
+    """torchrun with gloo: each rank embeds the volumes its shard owns, then both read the whole table."""
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT, TEXT, command
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           *command("train", *probe_overrides(tmp_path, tiny_demo, weights))[1:]], cwd=ROOT,
+                          env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, **TEXT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
+    assert summary["embeddings"]["extracted"] == 24 and summary["train_volumes"] == 14
+    tags = {path.name.split("-")[1] for path in shards(tmp_path / "cache")}
+    assert tags == {"0of2", "1of2"}  # both ranks wrote their own
+    assert set(torch.load(tmp_path / "runs" / "run" / "checkpoints" / "final.pt",
+                          weights_only=True)["model"]) == {"head.1.weight", "head.1.bias"}
