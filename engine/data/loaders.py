@@ -14,24 +14,14 @@ from monai.data import ThreadDataLoader
 from monai.data.thread_buffer import ThreadBuffer
 
 from engine.config.schema import CacheConfig, LoaderConfig, PreprocessConfig
+from engine.data.batches import RingCollate, ready
 from engine.data.cache import build_dataset, in_ram
 from engine.data.items import LABEL
 from engine.data.sharing import ShareSampler, deal, shard
 from engine.utils.errors import CT3DError
+from engine.utils.machine import available_cpus, memory_limit
 
 log = logging.getLogger("ct3d")
-
-
-def _cgroup_limit() -> float:
-    """The container's memory limit (cgroup v2 or v1), what a Kubernetes pod may use; infinite if none."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = open(path).read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            return float(text)
-    return float("inf")
 
 
 def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -> float:
@@ -40,7 +30,7 @@ def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -
     per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     need, available = volumes * per_volume * memory_rate * ranks, 0.8 * min(psutil.virtual_memory().available,
-                                                                          _cgroup_limit())
+                                                                          memory_limit())
     if need <= available:
         return memory_rate
     rate = memory_rate * available / need
@@ -104,7 +94,8 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
     kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                   pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0,
                   worker_init_fn=own_process_group if workers > 0 else None)
-    if loader.num_workers is None and workers == 0:
+    if loader.num_workers is None and workers == 0:  # collated into a ring of buffers (batches.py), pinned on CUDA
+        kwargs.update(collate_fn=RingCollate(device, slots=2 + 3), pin_memory=False)  # queue of 2, see RingCollate
         return thread_loader_class()(dataset, buffer_size=2, **kwargs)
     return torch.utils.data.DataLoader(dataset, **kwargs)
 
@@ -137,7 +128,8 @@ def thread_loader_class():
 
     class ThreadLoader(ThreadDataLoader):
         def __iter__(self):
-            yield from Buffer(torch.utils.data.DataLoader.__iter__(self), self.buffer_size, self.buffer_timeout)
+            for batch in Buffer(torch.utils.data.DataLoader.__iter__(self), self.buffer_size, self.buffer_timeout):
+                yield ready(batch)  # a batch copied to the GPU on the loader's stream: the step's stream waits
 
     return ThreadLoader
 
@@ -151,6 +143,5 @@ def loader_workers(loader: LoaderConfig, dataset) -> int:
         return loader.num_workers
     if in_ram(dataset):
         return 0
-    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cpus = len(available) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(4, cpus - 1))

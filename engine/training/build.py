@@ -20,6 +20,7 @@ from engine.training.handlers import ValidationMetrics
 from engine.training.models import HEADS, create_model, load_pretrained
 from engine.training.preemption import steps_optimizer
 from engine.utils.errors import CT3DError, NodeFault
+from engine.utils.machine import available_cpus
 
 log = logging.getLogger("ct3d")
 EXPECT_GPU = "CT3D_EXPECT_GPU"  # "1" where the manifest requested GPUs for this pod
@@ -43,6 +44,8 @@ def setup_torch(train: TrainConfig, rank: int = 0) -> None:
 
     if train.threads:
         torch.set_num_threads(train.threads)
+    elif available_cpus() < torch.get_num_threads():  # a pod's CPU quota, which torch's default does not see
+        torch.set_num_threads(available_cpus())
     set_determinism(seed=train.seed + 1_000_003 * rank)  # also pins cuDNN to deterministic: set below
     torch.backends.cudnn.deterministic = train.deterministic
     torch.backends.cudnn.benchmark = not train.deterministic
@@ -54,7 +57,7 @@ def setup_torch(train: TrainConfig, rank: int = 0) -> None:
 def use_every_cpu() -> None:
     """Rank 0's closing work alone, after the others left: torchrun set one thread per worker (OMP_NUM_THREADS=1);
     now the bootstrap and Grad-CAM may use every CPU this process may run on."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus()
     if cpus > torch.get_num_threads():
         torch.set_num_threads(cpus)
         log.info("closing work on rank 0 alone: %d CPU threads", cpus)
@@ -176,7 +179,8 @@ def make_optimization(net: torch.nn.Module, train: TrainConfig, steps_per_epoch:
     groups = model.parameters() if encoder is None else [
         {"params": [p for n, p in net.named_parameters() if not n.startswith("encoder.")]},
         {"params": list(encoder.parameters()), "lr": encoder_lr}]
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+    cuda = next(net.parameters()).device.type == "cuda"  # fused: one kernel per step, no .item() per parameter
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=cuda or None)
     if distributed:
         optimizer = idist.auto_optim(optimizer)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=round(train.warmup_epochs * steps_per_epoch),
@@ -202,7 +206,7 @@ def make_trainer(model, optimizer, loss_fn, loader, device: torch.device, amp_dt
         iteration_update=_iteration,
         device=device, max_epochs=train.epochs, train_data_loader=loader, network=model, optimizer=optimizer,
         loss_function=loss_fn.to(device), prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
-        decollate=False, accumulation_steps=train.accumulation_steps,
+        decollate=False, accumulation_steps=train.accumulation_steps, non_blocking=True,  # no host sync per copy
         optim_set_to_none=True,  # as a hand-written loop does: no memset of every gradient each step
         **_amp_arguments(amp_dtype),
     )
@@ -219,7 +223,7 @@ def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype
 
     evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
                                     prepare_batch=prepare_batch, inferer=inferer or make_inferer(device, amp_dtype),
-                                    decollate=False, **_amp_arguments(amp_dtype))
+                                    decollate=False, non_blocking=True, **_amp_arguments(amp_dtype))
     validation = ValidationMetrics(labels, task, loss_fn, metrics.threshold, metrics.beta, str(metrics.threshold_rule),
                                    metrics.calibrate, metrics.calibration_bins, fit=thresholds is None,
                                    thresholds=thresholds, calibration=calibration)

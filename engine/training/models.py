@@ -37,8 +37,13 @@ class _FirstOutput(nn.Module):
 
 def create_model(model: ModelConfig, num_outputs: int, spatial_size: list[int] | tuple[int, ...],
                  encoder: dict | None = None) -> nn.Module:
-    """A network that maps (B, in_channels, *spatial_size) to (B, num_outputs) logits; `encoder`: a checkpoint's
-    record of a pretrained encoder (CT-FM's network settings)."""
+    """A network that maps (B, in_channels, *spatial_size) to (B, num_outputs) logits, float32 ones under
+    autocast too (fp32_head); `encoder`: a checkpoint's record of a pretrained encoder (CT-FM's settings)."""
+    return fp32_head(_network(model, num_outputs, spatial_size, encoder), str(model.name))
+
+
+def _network(model: ModelConfig, num_outputs: int, spatial_size: list[int] | tuple[int, ...],
+             encoder: dict | None = None) -> nn.Module:
     if model.name in ("merlin", "ctfm"):
         return create_encoder_model(model, num_outputs, (encoder or {}).get("config"))
     if model.name == "resnet3d":
@@ -66,6 +71,28 @@ def create_model(model: ModelConfig, num_outputs: int, spatial_size: list[int] |
             num_classes=num_outputs, dropout_rate=model.dropout, post_activation=None, spatial_dims=3,
         ))
     raise CT3DError(f"config error: model.name: unknown model {model.name!r}")
+
+
+def fp32_head(net: nn.Module, name: str) -> nn.Module:
+    """The output layer computes in float32 under autocast, so logits keep float32's resolution: in bfloat16 (8
+    bits of mantissa) validation logits tie, and AUC and fitted thresholds move. Hooks, not a wrapper module:
+    the state dict's names stay."""
+    head = net.get_submodule(HEADS[name])
+
+    entered: list = []  # the autocast contexts this head's calls entered, most recent last
+
+    def before(_module, args):
+        entered.append(torch.autocast(args[0].device.type, enabled=False))
+        entered[-1].__enter__()
+        return tuple(a.float() if torch.is_tensor(a) else a for a in args)
+
+    def after(_module, _args, output):
+        entered.pop().__exit__(None, None, None)
+        return output
+
+    head.register_forward_pre_hook(before)
+    head.register_forward_hook(after, always_call=True)
+    return net
 
 
 def load_pretrained(net: nn.Module, path: str, head: str = "", min_loaded: float = 0.0) -> dict[str, list[str]]:

@@ -42,3 +42,24 @@ def test_vit_patch_must_divide_volume():
 def test_unknown_model_is_refused():
     with pytest.raises(CT3DError, match="model.name"):
         create_model(ModelConfig(name="unet"), 1, [32, 32, 32])
+
+
+@pytest.mark.parametrize("name, variant", [("resnet3d", "10"), ("densenet3d", "121"), ("vit3d", "tiny")])
+def test_logits_are_float32_under_bfloat16_autocast_from_a_float32_head(name, variant):
+    """Validation logits in bfloat16 tie (8 bits of mantissa): the head runs in float32 on the features autocast
+    made, whatever the network; outside autocast nothing changes."""
+    from engine.training.models import HEADS
+
+    torch.manual_seed(0)
+    net = create_model(ModelConfig(name=name, variant=variant, widen_factor=0.25, patch_size=8), 3, [32, 32, 32])
+    net.eval()
+    head, seen = net.get_submodule(HEADS[name]), {}
+    head.register_forward_pre_hook(lambda _m, args: seen.update(features=args[0]))
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(x)
+        assert torch.is_autocast_enabled("cpu")  # the head gave autocast back
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(logits, head(seen["features"].float()), atol=1e-6)  # float32 math on the features
+        assert torch.equal(net(x), net(x)) and net(x).dtype == torch.float32
