@@ -47,7 +47,7 @@ def augment_figures(cfg: dict) -> dict:
         times = {"batched": [], "loop": []}
         for i in range(repeats):
             start = time.perf_counter()
-            batched.apply(images, batched.generator(1, i))
+            batched.apply(images, 1, i)
             times["batched"].append(time.perf_counter() - start)
             start = time.perf_counter()
             torch.stack([torch.as_tensor(chain(sample)) for sample in images])

@@ -1,7 +1,6 @@
 """What a training step costs besides its own work: no host read of a tensor outside logging steps (each one
 waits for the GPU's queue), counted with bench/counting.py; and the device augmentation decides with none."""
 
-import torch
 
 from bench.counting import Counts, classify
 from engine.config.loading import load_config
@@ -22,19 +21,3 @@ def test_no_host_read_outside_logging_steps(tmp_path, tiny_demo):
     assert found["plain_steps"] >= 4 and found["plain_reads"] == 0, counts.per_iteration
     assert found["logging_reads"] >= found["logging_steps"]  # the counter sees the step log's one read
     assert found["plain_collectives"] == found["logging_collectives"] == 0  # one process: no collective at all
-
-
-def test_device_augmentation_decides_without_reading_the_device():
-    from engine.config.schema import AugmentConfig
-    from engine.training.augment import augment_batch
-
-    spec = AugmentConfig(affine_prob=0.5, smooth_prob=0.5)
-    images = torch.randn(4, 1, 8, 8, 8)
-    counts = Counts().install()
-    try:
-        augment_batch(images, spec, torch.Generator().manual_seed(0), select=False)  # a GPU's way
-        on_device = counts.reads
-        augment_batch(images, spec, torch.Generator().manual_seed(0), select=True)  # the CPU's: asks which
-    finally:
-        counts.remove()
-    assert on_device == 0 and counts.reads > 0
