@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import ignite.distributed as idist
 import psutil
@@ -35,9 +36,24 @@ def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -
         return memory_rate
     rate = memory_rate * available / need
     log.warning("RAM cache: %d volumes x %.1f MB x %d rank(s) on this node need %.1f GB, more than 80%% of the "
-                "%.1f GB available: caching %.0f%% of them in RAM (cache.memory_rate %.2f), the rest from disk",
-                volumes, per_volume / 1e6, ranks, need / 1e9, available / 0.8 / 1e9, 100 * rate, rate)
+                "%.1f GB available: caching %.0f%% of them in RAM (cache.memory_rate %.2f), the rest from disk; "
+                "%.1f GB more for this pod would hold them all", volumes, per_volume / 1e6, ranks, need / 1e9,
+                available / 0.8 / 1e9, 100 * rate, rate, (need - available) / 0.8 / 1e9)
     return rate
+
+
+def shortfall(rate: float, memory_rate: float, train_volumes: int, preprocess: PreprocessConfig) -> str | None:
+    """The run-wide line when the RAM cache holds less than 98% of what cache.memory_rate asked for: how many
+    training volumes each epoch reads from the disk cache instead, and how much that is (the claim's bandwidth
+    every epoch, worker processes' CPU); None when it holds (nearly) all."""
+    if memory_rate <= 0 or rate >= 0.98 * memory_rate:
+        return None
+    per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
+    uncached = round(train_volumes * (1 - rate))
+    return (f"RAM cache holds {rate:.0%} of the data set ({train_volumes - uncached} of {train_volumes} training "
+            f"volumes): every epoch reads {uncached} volumes, {uncached * per_volume / 1e9:.1f} GB, from the disk "
+            f"cache through worker processes. More pod memory (the warning above says how much) or fewer ranks per "
+            f"node keeps the whole share in RAM (docs/training.md, Caches)")
 
 
 def make_datasets(train_items: list[dict], val_items: list[dict], preprocess: PreprocessConfig, cache: CacheConfig,
@@ -55,9 +71,14 @@ def make_datasets(train_items: list[dict], val_items: list[dict], preprocess: Pr
     rate = ram_budget(cache.memory_rate, sum(map(len, shares)), preprocess)
     if world > 1:  # and all take the lowest rate: one budget for the run, whatever each rank read
         rate = float(idist.all_reduce(float(rate), op="MIN"))
-    disk = cache.dir if cache.disk else None
+    short = shortfall(rate, cache.memory_rate, len(train_items), preprocess)
+    if short and idist.get_rank() == 0:
+        log.warning(short)
+    disk, start = cache.dir if cache.disk else None, time.monotonic()
     train_ds, val_ds = (build_dataset(items, preprocess, disk, rate, cache.workers, progress)
                         for items in shares)
+    if rate > 0:  # a restarted pod pays this again before its first step
+        log.info("RAM cache: this rank's %d volumes filled in %.0f s", sum(map(len, shares)), time.monotonic() - start)
     train_ds.rows, train_ds.total = rows, len(train_items)
     return train_ds, val_ds
 

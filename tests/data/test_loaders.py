@@ -162,3 +162,15 @@ print(len(workers), sorted({os.getpgid(pid) for pid in workers} & {os.getpgid(0)
               for pid in pids):  # ... and gone with their parent
         assert time.time() < deadline, pids
         time.sleep(0.05)
+
+
+def test_a_run_below_98_percent_of_its_ram_rate_says_what_it_reads_from_disk_each_epoch():
+    from engine.config.schema import PreprocessConfig
+    from engine.data.loaders import shortfall
+
+    p = PreprocessConfig(spatial_size=[256, 256, 128])  # 16.8 MB a volume in float16
+    assert shortfall(1.0, 1.0, 1000, p) is None and shortfall(0.985, 1.0, 1000, p) is None
+    assert shortfall(0.5, 0.0, 1000, p) is None  # RAM cache off: nothing asked for
+    line = shortfall(0.2, 1.0, 1000, p)
+    assert "holds 20% of the data set (200 of 1000 training volumes)" in line
+    assert f"reads 800 volumes, {800 * 256 * 256 * 128 * 2 / 1e9:.1f} GB, from the disk cache" in line
