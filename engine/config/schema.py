@@ -18,6 +18,7 @@ Resize = choice("Resize", "resize", "crop_pad")
 Dtype = choice("Dtype", "float16", "float32")
 ModelName = choice("ModelName", "resnet3d", "densenet3d", "vit3d", "merlin", "ctfm")
 Head = choice("Head", "linear", "mlp")
+Switch = choice("Switch", "auto", "on", "off")
 Amp = choice("Amp", "auto", "bf16", "fp16", "off")
 Loss = choice("Loss", "bce", "focal")
 Mode = choice("Mode", "auto", "max", "min")
@@ -40,7 +41,6 @@ ENCODER_PREPROCESSING = {
              "scale_range": [0.0, 1.0], "spatial_size": [320, 320, 320], "resize": "crop_pad",
              "anti_aliasing": False},
 }
-
 
 
 @dataclass
@@ -98,9 +98,7 @@ class PreprocessConfig:
     scale_range: List[float] = setting([-1.0, 1.0], length=2)  # the HU window maps linearly onto [low, high]
     spatial_size: List[int] = setting([64, 64, 64], length=3, ge=1)  # x, y, z after orientation
     resize: Resize = Resize.resize  # resize: interpolate to spatial_size; crop_pad: centre crop or pad
-    # smooth before shrinking an axis (no effect where it grows), in the spacing step and in resize alike: a
-    # Gaussian that brings the source's resolution to the new voxel's width
-    anti_aliasing: bool = True
+    anti_aliasing: bool = True  # Gaussian before shrinking an axis (spacing and resize) to the new voxel's width
     # with a window reaching air (hu_window starts at or below -900): the volume's air must sit near -1000 HU, which
     # stops raw scanner values and a double rescale; false for volumes with no air in view
     air_check: bool = True
@@ -156,6 +154,7 @@ class ModelConfig:
     weights_revision: str = ""  # model.weights a hub id: its commit, branch or tag (empty: main); commit recorded
     train_stages: int = setting(0, ge=0)  # merlin / ctfm unfrozen: train the last N stages, the rest as loaded; 0: all
     encoder_lr: float = setting(0.0, ge=0)  # merlin / ctfm: the encoder's learning rate where it trains; 0: the head's
+    channels_last: Switch = Switch.auto  # 3D conv weights channels-last; auto: on CPUs (oneDNN: 11-15% faster)
 
 
 @dataclass

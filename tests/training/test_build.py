@@ -116,3 +116,16 @@ def test_sync_batchnorm_needs_cuda_under_torchrun(monkeypatch):
     monkeypatch.setattr(idist, "get_world_size", lambda: 2)
     with pytest.raises(CT3DError, match="train.sync_bn"):
         make_optimization(net, TrainConfig(sync_bn=True), 4)
+
+
+@pytest.mark.parametrize("setting, cpu_layout", [("auto", True), ("on", True), ("off", False)])
+def test_model_channels_last_sets_the_3d_weights_layout(setting, cpu_layout):
+    import torch
+
+    from engine.config.schema import ModelConfig
+    from engine.training.build import make_network
+
+    model = ModelConfig(variant="10", widen_factor=0.25, channels_last=setting)
+    net = make_network(model, 2, [16, 16, 16], torch.device("cpu"))
+    weight = net.layer1[0].conv1.weight  # more than one input channel: the layouts differ
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) == cpu_layout
