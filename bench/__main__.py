@@ -1,8 +1,9 @@
-"""`python -m bench [--smoke] [--out FILE]`: data pipeline, engine overhead, memory, data path and start-up,
-measured as ratios within one run on this machine; prints a table and rewrites bench/RESULTS.md. Each family
-is one module that measures and formats its own rows (pipeline, overhead, memory, augment, data_path, startup,
-phases, field_of_view, distributed); report.py writes the table and the file. `python -m bench gpu` is the GPU's
-own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
+"""`python -m bench [--smoke] [--only FAMILIES] [--out FILE]`: data pipeline, engine overhead, memory, data path,
+start-up and the pretrained encoders, measured as ratios within one run on this machine; prints a table and
+rewrites bench/RESULTS.md (with --only: merges those families' rows into it). Each family is one module that
+measures and formats its own rows (pipeline, overhead, memory, augment, data_path, startup, phases, field_of_view,
+distributed, encoders and encoder_workflow); report.py writes the table and the file. `python -m bench gpu` is
+the GPU's own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,13 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             phase_model=("model.variant=18", "model.widen_factor=1.0", "model.first_conv_stride=2"),
             gradcam_volumes=2, gradcam_maps=4, fov_shape=(512, 512, 300), fov_spacing=(0.7, 0.7, 1.0), fov_repeats=3,
             steps_volumes=60, steps_before=True, restart_volumes=2000, restart_repeats=3, restart_before=True,
-            restart_warm=True, restart_model=("model.variant=18", "model.widen_factor=1.0"))
+            restart_warm=True, restart_model=("model.variant=18", "model.widen_factor=1.0"),
+            # encoders: timed on this CPU at a reduced size (half Merlin's native 224x224x160 per axis, CT-FM's 320^3
+            # by a fifth per axis), the counts at native; the workflow: a small CT-FM probe on the phantoms
+            enc_sizes={"merlin": (112, 112, 80), "ctfm": (64, 64, 64)}, enc_extract_batch=2,
+            enc_finetune_batch={"merlin": 1, "ctfm": 1}, enc_steps=2, enc_repeats=3, enc_rows=47_000,
+            enc_flow_volumes=40, enc_flow_size=96, enc_flow_epochs=(4, 2),
+            enc_flow_ctfm={"spatial_dims": 3, "in_channels": 1, "init_filters": 8, "blocks_down": [1, 2, 2, 4, 4]})
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              ranks=1,  # torchrun's runs with one worker: the smoke checks the benchmark's code makes every figure
@@ -46,6 +53,10 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
              fov_spacing=(2.8, 2.8, 4.0), fov_repeats=1, fov_shrink=4, phase_memory_apart=False,
              steps_volumes=20, steps_before=False, restart_volumes=20, restart_repeats=1, restart_before=False,
              restart_warm=False, restart_model=("model.variant=10", "model.widen_factor=0.25"),
+             enc_sizes={"merlin": (32, 32, 32), "ctfm": (32, 32, 32)}, enc_extract_batch=1,
+             enc_finetune_batch={"merlin": 2, "ctfm": 2}, enc_steps=1, enc_repeats=1, enc_rows=4_700,
+             enc_flow_volumes=8, enc_flow_size=16, enc_flow_epochs=(2, 2),
+             enc_flow_ctfm={"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 2]},
              pss_every=0.25,  # seconds between PSS samples (full: 20 ms, the phases 100 ms); the smoke's, coarser
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
@@ -59,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return gpu(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks every figure is produced")
-    parser.add_argument("--out", help="where the results go (default: bench/RESULTS.md; with --only, none)")
-    parser.add_argument("--only", help="comma-separated families (prints their rows; RESULTS.md only with --out)")
+    parser.add_argument("--out", help="where the results go (default: bench/RESULTS.md)")
+    parser.add_argument("--only", help="comma-separated families: their rows replace theirs in the results file, "
+                                       "the other families' rows kept")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -73,8 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     # the families here, not at the top: each imports torch and MONAI (~6 s, ~400 MB), which `--help` and the
     # pipeline child above (whose peak PSS is a measured figure) must not
-    from bench import augment, data_path, distributed, field_of_view, memory, overhead, phases, pipeline, startup
-    from bench.report import markdown, write_results
+    from bench import (
+        augment,
+        data_path,
+        distributed,
+        encoder_workflow,
+        encoders,
+        field_of_view,
+        memory,
+        overhead,
+        phases,
+        pipeline,
+        startup,
+    )
+    from bench.report import markdown, merge_results, write_results
 
     families = {"pipeline": pipeline.bench_pipeline, "engine": overhead.bench_engine, "memory": memory.bench_memory,
                 "ranks": memory.bench_ranks, "augment": lambda c, w: augment.augment_figures(c),
@@ -82,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 "layout": lambda c, w: overhead.bench_layout(c), "loaders": memory.bench_loaders,
                 "phases": phases.bench_phases, "gradcam": lambda c, w: phases.bench_grad_cam(c),
                 "startup": lambda c, w: startup.bench_startup(c), "field_of_view": field_of_view.bench_field_of_view,
-                "steps": distributed.bench_steps, "restart": distributed.bench_restart}
-    table = [pipeline, overhead, memory, augment, data_path, startup, phases, field_of_view, distributed]  # row order
+                "steps": distributed.bench_steps, "restart": distributed.bench_restart,
+                "encoders": lambda c, w: {**encoders.bench_encoders(c, w), **encoder_workflow.bench_workflow(c, w)}}
+    table = [pipeline, overhead, memory, augment, data_path, startup, phases, field_of_view, distributed, encoders,
+             encoder_workflow]  # row order
     chosen = args.only.split(",") if args.only else list(families)
     if unknown := set(chosen) - set(families):
         parser.error(f"--only: unknown {sorted(unknown)}; families: {', '.join(families)}")
@@ -94,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             figures.update(families[name](cfg, Path(tmp)))
             print(f"bench: {name} took {time.time() - began:.1f} s", file=sys.stderr, flush=True)
     text = markdown(figures, table, cfg, args.smoke, time.time() - start)
-    out = args.out or (None if args.only else ROOT / "bench" / "RESULTS.md")
-    print(write_results(out, text) if out else text)
+    out = Path(args.out) if args.out else ROOT / "bench" / "RESULTS.md"
+    if args.only:
+        merge_results(out, figures, table, chosen, cfg, args.smoke, time.time() - start)
+        print(text)
+    else:
+        print(write_results(out, text))
     return 0
 
 

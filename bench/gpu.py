@@ -2,9 +2,10 @@
 training samples/s, how busy the GPU is, achieved TFLOP/s against its bf16 peak and peak memory, for
 ResNet-18 and -50 under bf16 autocast with channels-last 3D on and off, cuDNN autotuning on and off and
 torch.compile on and off; then whether the engine's loaders feed it (RAM cache with its thread loader, disk
-cache with worker processes reading files dropped from the page cache) against the GPU's own step rate.
-Writes bench/RESULTS-gpu.md; on a machine without CUDA it says so and exits 0. Each configuration that fails
-is reported as failed; configurations left when the time budget (7 minutes) runs out are reported skipped."""
+cache with worker processes reading files dropped from the page cache) against the GPU's own step rate; then
+the pretrained CT encoders at their native inputs (bench/encoders.py). Writes bench/RESULTS-gpu.md; on a machine
+without CUDA it says so and exits 0. Each configuration that fails is reported as failed; configurations left
+when the time budget (7 minutes) runs out are reported skipped."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import ROOT
+from bench.encoders import encoder_figures
+from bench.encoders import table as encoder_table
 from bench.report import write_results
 from engine.config import LoaderConfig, ModelConfig, PreprocessConfig, load_config
 from engine.data import SOURCE, build_dataset, cache_folder, loader_workers, make_loader, source_hash
@@ -35,11 +38,16 @@ BF16_PEAK = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 7
 STEPS = [("18", False, True, False), ("18", True, True, False), ("50", False, True, False), ("50", True, True, False),
          ("18", False, False, False), ("18", False, True, True), ("50", False, True, True), ("18", True, True, True)]
 FULL = dict(size=None, batch=None, warmup=3, steps=12, loader_volumes=64, loader_epochs=2, compile=True,
-            variants=("18", "50"), widen=1.0)
+            variants=("18", "50"), widen=1.0,
+            # the encoders at native size (configs/ct-rate-*.yaml), extraction at its loader.val_batch_size
+            enc_sizes=None, enc_extract_batch=None, enc_finetune_batch={"merlin": 2, "ctfm": 1}, enc_steps=5,
+            enc_repeats=3, enc_rows=47_000)
 # widen 0.25 in the smoke: the code path at 1/16 of the weights (bf16 autocast is emulated on a CPU without
 # AVX-512: ResNet-18 at full width took ~45 s of the smoke's CPU on an AVX2 EPYC)
 SMOKE = dict(size=[16, 16, 16], batch=2, warmup=1, steps=1, loader_volumes=4, loader_epochs=1, compile=False,
-             variants=("18",), widen=0.25)
+             variants=("18",), widen=0.25, enc_sizes={"merlin": (32, 32, 32), "ctfm": (32, 32, 32)},
+             enc_extract_batch=1, enc_finetune_batch={"merlin": 2, "ctfm": 2}, enc_steps=1, enc_repeats=1,
+             enc_rows=4_700)
 
 
 def peak_tflops(name: str) -> float | None:
@@ -198,7 +206,9 @@ def measure(device, cfg: dict, work: Path) -> dict:
     loaders = {}
     if plain is not None and time.time() - start < BUDGET_SECONDS + 60:
         loaders = loader_figures(work, size, batch, device, cfg, statistics.median(plain["seconds_per_step_all"]))
-    return {"size": size, "batch": batch, "rows": rows, "loaders": loaders, "seconds": time.time() - start}
+    encoder_rows = encoder_figures(cfg, str(device), cfg["enc_sizes"], in_process=True)
+    return {"size": size, "batch": batch, "rows": rows, "loaders": loaders, "encoders": encoder_rows,
+            "seconds": time.time() - start}
 
 
 def markdown(result: dict, device_name: str, peak: float | None) -> str:
@@ -240,6 +250,11 @@ dropped from the page cache before each epoch:
 | loader | alone (samples/s) | feeding the GPU (samples/s) | GPU busy |
 |---|---|---|---|
 {feed}
+
+The pretrained CT encoders (bench/encoders.py) at their native inputs, bf16 autocast: extraction, a fine-tune step,
+and a head epoch from a 47,000 x D float16 embedding table against a frozen-encoder epoch over the same volumes:
+
+{encoder_table(result["encoders"])}
 """
 
 

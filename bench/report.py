@@ -15,6 +15,7 @@ import torch
 
 from bench.rows import Row
 
+TABLE, RAW = "| figure | measured | target | |", "| name | value |"  # the two tables' header rows
 HAND_MEASURED = "## Measured by hand"  # figures no benchmark makes (make demo, make test); the README links to them
 READING = ("Ratios are medians of alternating runs; the spread is their min-max (for the pipeline rows: slowest over "
            "fastest epoch and back), and a row is met only when the whole spread is on the target's side. Rows "
@@ -39,16 +40,16 @@ def notes(f: dict, families: list[ModuleType]) -> str:
     return " ".join(["Notes:", READING, *said])
 
 
+def raw_value(v) -> str:
+    if isinstance(v, list):
+        return ", ".join(f"{x:.4g}" for x in v)
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 def markdown(f: dict, families: list[ModuleType], cfg: dict, smoke: bool, seconds: float) -> str:
     table = "\n".join(f"| {name} | {value} | {target} | {status} |" for name, value, target, status
                       in results(f, families))
-
-    def fmt(v) -> str:
-        if isinstance(v, list):
-            return ", ".join(f"{x:.4g}" for x in v)
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    raw = "\n".join(f"| {k} | {fmt(v)} |" for k, v in f.items())
+    raw = "\n".join(f"| {k} | {raw_value(v)} |" for k, v in f.items())
     source = "x".join(map(str, cfg["source"]))
     sizes = (f"pipeline: {cfg['volumes']} volumes of {source} int16 NIfTI in HU, preprocessed to "
              f"{'x'.join(map(str, cfg['target']))} float16; memory: the same volumes kept at {source} float16; "
@@ -62,7 +63,7 @@ def markdown(f: dict, families: list[ModuleType], cfg: dict, smoke: bool, second
 - Machine: {machine()}
 - Sizes: {sizes}
 
-| figure | measured | target | |
+{TABLE}
 |---|---|---|---|
 {table}
 
@@ -70,7 +71,7 @@ def markdown(f: dict, families: list[ModuleType], cfg: dict, smoke: bool, second
 
 Raw figures (seconds per epoch, bytes):
 
-| name | value |
+{RAW}
 |---|---|
 {raw}
 """
@@ -95,3 +96,39 @@ def write_results(path: str | Path, text: str) -> str:
         text = text.rstrip() + "\n\n" + kept.rstrip("\n") + "\n"
     path.write_text(text)
     return text
+
+
+def merge_results(path: str | Path, f: dict, families: list[ModuleType], chosen: list[str], cfg: dict, smoke: bool,
+                  seconds: float) -> str:
+    """`--only`: the chosen families' rows into the results file at `path`, the other families' rows kept. A row
+    replaces the old row of the same figure, else joins the end of the table; raw figures likewise, by name; a line
+    under the header says what was measured when (the date, machine, sizes and notes above are the last full
+    run's). Without a results file to merge into, the whole file is written. Returns what it wrote."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    if TABLE not in old.splitlines():
+        return write_results(path, markdown(f, families, cfg, smoke, seconds))
+    lines = _merged(old.splitlines(), TABLE, [(f"| {r[0]} | ", "| " + " | ".join(r) + " |") for r in
+                                              results(f, families)])
+    lines = _merged(lines, RAW, [(f"| {k} | ", f"| {k} | {raw_value(v)} |") for k, v in f.items()])
+    label = f"- Updated by `python -m bench --only {','.join(chosen)}`"
+    stamp = f"{label}: {date.today().isoformat()}, took {seconds:.0f} s; {machine()}"
+    lines = [line for line in lines if not line.startswith(label + ":")]
+    at = max(i for i, line in enumerate(lines[:lines.index(TABLE)]) if line.startswith("- ")) + 1
+    path.write_text("\n".join([*lines[:at], stamp, *lines[at:]]) + "\n")
+    return path.read_text()
+
+
+def _merged(lines: list[str], header: str, new: list[tuple[str, str]]) -> list[str]:
+    """The table under `header` with each (prefix, line) of `new` replacing the row that starts with its prefix,
+    or appended to it."""
+    start = lines.index(header) + 2  # below the header and its |---| line
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = lines[start:end]
+    for prefix, line in new:
+        at = next((i for i, old in enumerate(rows) if old.startswith(prefix)), None)
+        if at is None:
+            rows.append(line)
+        else:
+            rows[at] = line
+    return [*lines[:start], *rows, *lines[end:]]

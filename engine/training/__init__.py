@@ -8,7 +8,7 @@ from engine.utils.exports import lazy_exports
 # name -> the module that defines it, imported on first use (engine/utils/exports.py says why)
 _EXPORTS = {
     "DeviceAugmentation": "augment", "make_loss": "build", "to_device": "build", "save_checkpoint": "checkpoint",
-    "create_model": "models", "init_process_group": "ranks", "train": "workflow",
+    "Embedded": "embeddings", "create_model": "models", "init_process_group": "ranks", "train": "workflow",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -7,6 +7,14 @@ import pytest
 from helpers import ROOT, TEXT
 
 HAND = "## Measured by hand\n\n| command | measured |\n|---|---|\n| `make demo` | 77 s |\n"
+ENCODER_ROWS = ("Merlin encoder, 117.3 M parameters: forward GFLOPs per volume at its native 224x224x160",
+                "CT-FM encoder, 77.8 M parameters: forward GFLOPs per volume at its native 320x320x320",
+                "Merlin at 32x32x32 (reduced: native 224x224x160) on this CPU: extraction",
+                "CT-FM at 32x32x32 (reduced: native 320x320x320) on this CPU: fine-tune step",
+                "Merlin: head epoch from a 4,700 x 2048 float16 embedding table",
+                "CT-FM: head epoch from a 4,700 x 512 float16 embedding table", "a frozen CT-FM probe")
+ENCODER_FIGURES = ("enc_merlin_gflops", "enc_ctfm_gflops", "enc_merlin_params", "enc_ctfm_finetune_peak_bytes",
+                   "enc_merlin_head_rows_seen", "enc_ctfm_head_steps", "enc_flow_filled")
 
 
 @pytest.mark.slow
@@ -20,12 +28,13 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
     for figure in ("RAM cache vs tutorial Dataset, 0 workers", "warm disk cache (new process) vs tutorial, 2 workers",
                    "memory-copy floor, 0 workers", "vs a hand-written loop doing the same",
                    "engine epoch without W&B", "peak PSS", "data path:", "roofline:",
-                   "--help", "config error", "CT-RATE preprocessing", "lungs kept", "the old 192 mm crop"):
+                   "--help", "config error", "CT-RATE preprocessing", "lungs kept", "the old 192 mm crop",
+                   *ENCODER_ROWS):
         assert figure in text, figure
     for name in ("tutorial_w0", "cold_w0", "disk_w0", "ram_w0", "tutorial_w2", "cold_w2", "disk_w2", "ram_w2",
                  "memcpy_floor", "engine_epoch", "engine_epoch_no_wandb", "hand_epoch", "engine_ratio",
                  "baseline_pss", "cached_pss", "cache_bytes", "data_path_w0_samples_per_s", "step_gflops",
-                 "matmul_gflops", "help_seconds", "config_error_seconds"):
+                 "matmul_gflops", "help_seconds", "config_error_seconds", *ENCODER_FIGURES):
         assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
     assert re.search(r"\| (met|MISSED) \|", text) and "Machine:" in text
     assert text.endswith(f"\n\n{HAND}") and "| old | table |" not in text
@@ -34,6 +43,72 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
         cells = [c.strip() for c in line.split("|")]
         if len(cells) == 6 and cells[4] in ("met", "MISSED", "reported"):
             assert (cells[3] == "") == (cells[4] == "reported"), line
+
+
+@pytest.mark.slow
+def test_encoders_smoke_makes_every_figure_and_merges_into_the_results_file(tmp_path):
+    """`--only encoders` at smoke size: every encoder row and raw figure, the second frozen run extracting nothing
+    (the log line in its row), merged into an existing results file whose other rows, header and hand-measured
+    section stay."""
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n- Date: 2026-01-01\n\n| figure | measured | target | |\n|---|---|---|---|\n"
+                   "| kept row | 1.0x | | reported |\n\nNotes: kept.\n\n| name | value |\n|---|---|\n| kept | 1 |\n\n"
+                   f"{HAND}")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "encoders", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, **TEXT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for figure in ENCODER_ROWS:
+        assert re.search(re.escape(figure) + r".*\| (met|MISSED|reported) \|", text), figure
+    for name in ENCODER_FIGURES:
+        assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
+    assert "embeddings: all 8 volumes cached: no extraction" in text and "| enc_flow_filled | 8 |" in text
+    assert "| kept row | 1.0x | | reported |" in text and "| kept | 1 |" in text and "Notes: kept." in text
+    assert text.endswith(f"\n\n{HAND}") and "- Updated by `python -m bench --only encoders`" in text
+
+
+def test_only_merges_rows_by_figure_and_raw_figures_by_name(tmp_path):
+    """An --only rerun replaces its own rows and raw figures and the line saying when; every other line stays."""
+    from types import SimpleNamespace
+
+    from bench.report import merge_results
+
+    family = SimpleNamespace(rows=lambda f: [("mine", f"{f['mine']}x", "", "reported"), ("new", "2x", "", "reported")])
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n- Date: 2026-01-01\n- Sizes: full\n\n| figure | measured | target | |\n"
+                   "|---|---|---|---|\n| other | 3x |  | reported |\n| mine | 1x |  | reported |\n| mine too | 4x |  | "
+                   "reported |\n\nNotes: kept.\n\n| name | value |\n|---|---|\n| mine | 1 |\n| theirs | 5 |\n\n"
+                   f"{HAND}")
+    for value in (7, 8):  # twice: the second replaces the first's rows and its line
+        text = merge_results(out, {"mine": value}, [family], ["mine"], {}, False, 1.0)
+    table = text.split("| figure | measured | target | |\n|---|---|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert table == ["| other | 3x |  | reported |", "| mine | 8x |  | reported |", "| mine too | 4x |  | reported |",
+                     "| new | 2x |  | reported |"]
+    assert "| mine | 8 |\n| theirs | 5 |\n\n" in text and "Notes: kept." in text and text.endswith(f"\n\n{HAND}")
+    assert text.count("- Updated by `python -m bench --only mine`: ") == 1
+    assert text.index("- Sizes: full\n- Updated by") < text.index("| figure |")
+
+
+def test_encoder_headline_is_missed_below_target_or_when_the_head_did_less_than_its_work():
+    """The headline is met only when the whole spread clears 100x and the head epoch saw every row and was no
+    faster than half its floor (a head loop skipping batches would make the ratio look good)."""
+    from bench.encoders import headline
+
+    good = {"enc_merlin_rows": 47_000, "enc_merlin_features": 2048, "enc_merlin_head_batch": 64,
+            "enc_merlin_extract_batch": 2, "enc_merlin_head_steps": 735, "enc_merlin_head_rows_seen": 47_000,
+            "enc_merlin_extract_seconds_all": [3.0, 3.2], "enc_merlin_head_epoch_all": [1.5, 1.7],
+            "enc_merlin_head_floor_all": [0.5, 0.6]}
+    good["enc_merlin_ratio_all"] = [(47_000 * s + h) / h for s, h in zip(good["enc_merlin_extract_seconds_all"],
+                                                                       good["enc_merlin_head_epoch_all"])]
+
+    def status(**change):
+        f = {**good, **change}
+        return headline(f, "merlin", "Merlin", "here")[3]
+
+    assert status() == "met"
+    assert status(enc_merlin_ratio_all=[90.0, 150.0]) == "MISSED"  # the spread crosses the target
+    assert status(enc_merlin_head_rows_seen=23_500) == "MISSED"  # half the table
+    assert status(enc_merlin_head_epoch_all=[0.2, 1.7]) == "MISSED"  # under half its floor
 
 
 def test_rows_without_a_target_are_never_met_and_targets_inside_the_noise_are_missed():
@@ -79,6 +154,8 @@ def test_gpu_benchmark_says_there_is_no_gpu_and_its_smoke_runs_on_the_cpu(tmp_pa
                 "ResNet-18, channels-last 3D, cudnn.benchmark on", "cudnn.benchmark off", "ram cache (0 worker",
                 "disk cache ("):
         assert re.search(re.escape(row) + r".*\| [0-9.]+ \|", text), row
+    for row in ENCODER_ROWS[:-1]:  # the encoders at smoke size, on the device it was given (no workflow row)
+        assert re.search(re.escape(row) + r".*\| (met|MISSED|reported) \|", text), row
 
 
 def test_memory_rows_have_a_lower_bound_an_empty_cache_fails():
