@@ -66,9 +66,10 @@ class ValidationMetrics:
         self._logits, self._labels = [], []
 
     def update(self, engine: Engine) -> None:
+        """Kept where they are (the GPU): a copy to the host per batch would wait for the device each time."""
         out = engine.state.output
-        self._logits.append(out["pred"].detach().float().cpu())
-        self._labels.append(out["label"].detach().float().cpu())
+        self._logits.append(out["pred"].detach().float())
+        self._labels.append(out["label"].detach().float())
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All ranks' logits and labels, every sample once (ranks hold unequal, unpadded shares; a rank
@@ -76,9 +77,9 @@ class ValidationMetrics:
         logits, labels = (torch.cat(parts) if parts else torch.zeros(0, len(self.names))
                           for parts in (self._logits, self._labels))
         if idist.get_world_size() == 1:
-            return logits, labels
+            return logits.cpu(), labels.cpu()  # once per validation
         shapes = [[int(n), logits.shape[1]] for n in idist.all_gather(torch.tensor([logits.shape[0]])).tolist()]
-        logits, labels = (torch.cat(idist.all_gather_tensors_with_shapes(t, shapes)) for t in (logits, labels))
+        logits, labels = (torch.cat(idist.all_gather_tensors_with_shapes(t, shapes)).cpu() for t in (logits, labels))
         real = ~labels.isnan().any(dim=1)
         return logits[real], labels[real]
 
