@@ -120,8 +120,8 @@ class CacheConfig:
 class LoaderConfig:
     batch_size: int = setting(8, ge=1)  # volumes per training step and rank
     val_batch_size: int = setting(0, ge=0)  # 0: same as batch_size
-    # null: none when this rank's share sits wholly in the RAM cache (a thread prefetches batches: MONAI's
-    # ThreadDataLoader), else worker processes (up to 4 per rank) that read the disk cache
+    # null: none when the RAM cache holds any of this rank's share (a thread collates batches, MONAI's
+    # ThreadDataLoader; threads read what RAM lacks), else worker processes (up to 4 per rank) read the disk cache
     num_workers: Optional[int] = setting(None, ge=0)
     pin_memory: bool = True  # only used when training on CUDA
 

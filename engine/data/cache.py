@@ -65,6 +65,22 @@ class Labelled(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return {IMAGE: self.images[index][IMAGE], LABEL: torch.tensor(self.items[index][LABEL])}
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's items (DataLoader asks for them at once): those in the RAM cache as they are, the rest read
+        from the disk cache by `readers` threads together (file reads release the GIL), so a share that does not
+        wholly fit in RAM stays on the thread path instead of moving to worker processes."""
+        if not self.readers:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="ct3d-read")
+        return list(self._pool.map(self.__getitem__, indices))
+
+    readers = 0  # threads that read a batch's items not in the RAM cache (loaders.make_loader sets it)
+    _pool = None
+
+    def __getstate__(self) -> dict:  # worker processes get the dataset without the threads
+        return {**self.__dict__, "_pool": None}
+
 
 def release_ram(dataset) -> None:
     """Empties a `build_dataset` result's RAM cache (MONAI's set_data on no items): a run's closing work needs
@@ -72,6 +88,12 @@ def release_ram(dataset) -> None:
     images = getattr(dataset, "images", dataset)
     if isinstance(images, CacheDataset):
         images.set_data([])
+
+
+def cached_share(dataset) -> float:
+    """The share of a `build_dataset` result's items in the RAM cache (0 without one)."""
+    images = getattr(dataset, "images", dataset)
+    return images.cache_num / max(1, len(images)) if isinstance(images, CacheDataset) else 0.0
 
 
 def in_ram(dataset) -> bool:

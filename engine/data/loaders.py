@@ -16,7 +16,7 @@ from monai.data.thread_buffer import ThreadBuffer
 
 from engine.config.schema import CacheConfig, LoaderConfig, PreprocessConfig
 from engine.data.batches import RingCollate, ready
-from engine.data.cache import build_dataset, in_ram
+from engine.data.cache import build_dataset, cached_share, in_ram
 from engine.data.items import LABEL
 from engine.data.sharing import ShareSampler, deal, shard
 from engine.utils.errors import CT3DError
@@ -52,7 +52,7 @@ def shortfall(rate: float, memory_rate: float, train_volumes: int, preprocess: P
     uncached = round(train_volumes * (1 - rate))
     return (f"RAM cache holds {rate:.0%} of the data set ({train_volumes - uncached} of {train_volumes} training "
             f"volumes): every epoch reads {uncached} volumes, {uncached * per_volume / 1e9:.1f} GB, from the disk "
-            f"cache through worker processes. More pod memory (the warning above says how much) or fewer ranks per "
+            f"cache (reader threads). More pod memory (the warning above says how much) or fewer ranks per "
             f"node keeps the whole share in RAM (docs/training.md, Caches)")
 
 
@@ -112,6 +112,8 @@ def make_loader(dataset, loader: LoaderConfig, device: torch.device, shuffle_see
     # A last training batch of one sample breaks BatchNorm: drop it (the sampler reshuffles each epoch).
     drop_last = shuffle and len(sampler) % batch_size == 1 and len(sampler) > 1
     workers = loader_workers(loader, dataset)
+    if loader.num_workers is None and workers == 0 and not in_ram(dataset):  # partly in RAM: reader threads
+        dataset.readers = spare_cpus()
     kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                   pin_memory=loader.pin_memory and device.type == "cuda", persistent_workers=workers > 0,
                   worker_init_fn=own_process_group if workers > 0 else None)
@@ -156,13 +158,18 @@ def thread_loader_class():
 
 
 def loader_workers(loader: LoaderConfig, dataset) -> int:
-    """`loader.num_workers`, or when unset: 0 for a dataset wholly in the RAM cache (worker processes would
-    only copy it: 2 workers took +0.9 GB peak PSS and 1.43x the epoch time on a 48-volume ResNet-18 run,
-    bench/RESULTS.md), else one per spare CPU of this rank, at most 4, to read and decode the disk cache
-    while the model trains."""
+    """`loader.num_workers`, or when unset: 0 for a dataset wholly or partly in the RAM cache (worker processes
+    would only copy it: 2 workers took +0.9 GB peak PSS and 1.43x the epoch time on a 48-volume ResNet-18 run,
+    bench/RESULTS.md; what is not in RAM is read by threads, see Labelled.__getitems__), else one per spare CPU of
+    this rank, at most 4, to read and decode the disk cache while the model trains."""
     if loader.num_workers is not None:
         return loader.num_workers
-    if in_ram(dataset):
+    if in_ram(dataset) or cached_share(dataset) > 0:  # partly: the thread path, its rest read by threads
         return 0
+    return spare_cpus()
+
+
+def spare_cpus() -> int:
+    """One per CPU of this rank's share of the pod but one (the training loop's), at least 1, at most 4."""
     cpus = available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(4, cpus - 1))

@@ -56,3 +56,51 @@ def test_the_thread_loader_keeps_each_batch_intact_while_the_step_and_the_next_u
         time.sleep(0.002)  # the loader's thread runs ahead meanwhile
         previous = (batch, expected)
     assert len({id(s.buffer) for ring in loader.collate_fn.rings.values() for s in ring.slots}) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_batches_reach_the_device_without_a_host_sync_and_intact():
+    """The ring's pinned buffers, the side stream's copy and the step stream's wait: no host synchronisation from
+    the loader to the trainer's prepare_batch (CUDA's sync debug mode raises on one), the values as collated."""
+    from engine.training.build import prepare_batch
+
+    data, device = Volumes(24), torch.device("cuda")
+    loader = make_loader(data, LoaderConfig(batch_size=4, num_workers=None), device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        seen = []
+        for batch in loader:
+            image, label = prepare_batch(batch, device, non_blocking=True)
+            seen.append((image * 2).sum(dim=(1, 2, 3, 4)))  # work on the compute stream, read back below
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = [torch.stack(data.images[i:i + 4]).float().mul(2).sum(dim=(1, 2, 3, 4)) for i in range(0, 24, 4)]
+    assert all(torch.allclose(s.cpu(), e) for s, e in zip(seen, expected))
+
+
+def test_a_share_partly_in_ram_stays_on_the_thread_path_and_threads_read_the_rest(tmp_path, tiny_demo, monkeypatch):
+    import threading
+
+    from engine.config.loading import load_config
+    from engine.data.cache import build_dataset
+    from engine.data.loaders import loader_workers
+    from engine.data.prepare import load_splits
+
+    monkeypatch.setattr("engine.data.loaders.spare_cpus", lambda: 3)
+    cfg = load_config(None, [f"data.train={tiny_demo}", f"cache.dir={tmp_path}", "preprocess.spatial_size=[16,16,16]"])
+    items = load_splits(cfg.data)[0][:12]
+    dataset = build_dataset(items, cfg.preprocess, tmp_path, 0.5, 1)  # the first 6 in RAM, 6 from the disk cache
+    assert loader_workers(LoaderConfig(), dataset) == 0
+    expected = torch.stack([dataset[i][IMAGE] for i in range(12)])
+    readers = set()
+    read = type(dataset.images.data).__getitem__
+
+    def seen(self, index):
+        readers.add(threading.current_thread().name)
+        return read(self, index)
+
+    monkeypatch.setattr(type(dataset.images.data), "__getitem__", seen)
+    loader = make_loader(dataset, LoaderConfig(batch_size=4, num_workers=None), torch.device("cpu"))
+    got = torch.cat([batch[IMAGE] for batch in loader])
+    assert torch.equal(got, expected)
+    assert dataset.readers == 3 and readers and all(name.startswith("ct3d-read") for name in readers)

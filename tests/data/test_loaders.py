@@ -70,7 +70,7 @@ def test_fewer_volumes_than_ranks_training_refused_validation_stands_in(monkeypa
     assert len(val.items) == 1 and math.isnan(val.items[0]["label"][0])  # a stand-in the metrics drop
 
 
-def test_loader_threads_when_the_ram_cache_holds_the_share_and_workers_when_it_does_not():
+def test_loader_threads_when_the_ram_cache_holds_any_of_the_share_and_workers_when_it_holds_none():
     from monai.data import CacheDataset, ThreadDataLoader
 
     from engine.config.schema import LoaderConfig
@@ -88,8 +88,10 @@ def test_loader_threads_when_the_ram_cache_holds_the_share_and_workers_when_it_d
     assert isinstance(loader, ThreadDataLoader) and loader.num_workers == 0
     seen = sorted(float(v) for batch in loader for v in batch["image"][:, 0, 0, 0, 0])
     assert seen == [0, 1, 2, 3, 4, 5]  # every sample once, through the prefetch thread
-    partly = make_loader(dataset(0.5), auto, cpu, shuffle_seed=0)
-    assert not isinstance(partly, ThreadDataLoader) and 1 <= partly.num_workers <= 4
+    partly = make_loader(dataset(0.5), auto, cpu, shuffle_seed=0)  # the thread path, its rest read by threads
+    assert isinstance(partly, ThreadDataLoader) and partly.num_workers == 0 and partly.dataset.readers >= 1
+    disk = make_loader(dataset(0.0), auto, cpu, shuffle_seed=0)  # nothing in RAM: worker processes decode
+    assert not isinstance(disk, ThreadDataLoader) and 1 <= disk.num_workers <= 4
     fixed = make_loader(dataset(1.0), LoaderConfig(batch_size=2, num_workers=2), cpu, shuffle_seed=0)
     assert not isinstance(fixed, ThreadDataLoader) and fixed.num_workers == 2
 
