@@ -65,7 +65,8 @@ def fit_platt(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 100)
     """Per label, the scale a and intercept b minimising the negative log-likelihood of sigmoid(a z + b) against
     Platt's targets ((N+ + 1) / (N+ + 2) for positives, 1 / (N- + 2) for negatives, which keep a and b finite
     when the classes are separated): Newton's method on the convex two-parameter likelihood, each step halved
-    until the likelihood does not rise. A label with one class keeps a = 1, b = 0."""
+    until the likelihood does not rise. The slope is kept >= 0 (a label the model ranks backwards gets its base
+    rate, never a reversal). A label with one class keeps a = 1, b = 0."""
     z, y = logits.double().detach(), labels.double()
     pos, neg = y.sum(0), (1 - y).sum(0)
     t = torch.where(y > 0.5, (pos + 1) / (pos + 2), 1 / (neg + 2))
@@ -86,6 +87,11 @@ def fit_platt(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 100)
         a, b = a - step * d_a, b - step * d_b
         if float(torch.maximum((step * d_a).abs(), (step * d_b).abs()).max()) < 1e-10:
             break
+    # A slope <= 0 would reverse (or flatten) the label's ranking: intercept-only instead, the b whose sigmoid is
+    # the targets' mean (the likelihood's optimum at a = 0, in closed form)
+    reversed_ = a <= 0
+    mean = t.mean(0).clamp(1e-12, 1 - 1e-12)
+    a, b = torch.where(reversed_, torch.zeros_like(a), a), torch.where(reversed_, torch.log(mean / (1 - mean)), b)
     fit = (pos > 0) & (neg > 0)
     return ([float(v) if ok else 1.0 for v, ok in zip(a, fit)], [float(v) if ok else 0.0 for v, ok in zip(b, fit)])
 

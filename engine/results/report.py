@@ -58,10 +58,11 @@ def _label_legend(ax, names: list[str], where: str) -> None:
         ax.legend(fontsize="small", loc=where)
 
 
-def _roc(ax, probs, labels, names, **_):
+def _roc(ax, probs, labels, names, ranked=None, **_):  # ranked: the raw outputs, which the AUCs reported rank
+    ranked = probs if ranked is None else ranked.float()
     for j, name in enumerate(names):
         if labels[:, j].min() != labels[:, j].max():
-            ax.plot(*roc_curve(probs[:, j], labels[:, j]), label=name)
+            ax.plot(*roc_curve(ranked[:, j], labels[:, j]), label=name)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(title="ROC curves (best epoch)", xlabel="false positive rate", ylabel="true positive rate")
     _label_legend(ax, names, "lower right")
@@ -116,7 +117,7 @@ def png_bytes(fig, dpi: int = 90, tight: bool = True) -> bytes:
 
 def draw_panels(rows: list[dict], lr_history: list[tuple[int, float]], probs: torch.Tensor, labels: torch.Tensor,
                 names: list[str], task: str, thresholds: list[float], beta: float, best: dict, bins: int = 10,
-                title: str = "", dpi: int = 90) -> tuple[list[bytes], bytes]:
+                title: str = "", dpi: int = 90, ranked: torch.Tensor | None = None) -> tuple[list[bytes], bytes]:
     """(each panel as a PNG, the page of all of them under `title` as a PNG): one figure drawn once, two
     panels to a row, each panel's PNG cut from it (a figure per panel cost a third more in matplotlib's
     fixed work per figure). Fixed margins, the bar panels' left one wide enough for the longest label:
@@ -126,7 +127,7 @@ def draw_panels(rows: list[dict], lr_history: list[tuple[int, float]], probs: to
     from matplotlib.figure import Figure
 
     data = dict(rows=rows, lr_history=lr_history, probs=probs.float(), labels=labels.float(), names=names,
-                task=task, thresholds=list(thresholds), beta=beta, best=best, bins=bins)
+                task=task, thresholds=list(thresholds), beta=beta, best=best, bins=bins, ranked=ranked)
     bars = max(4.0, 0.35 * len(names) + 1.5)
     layout = [((_losses, _scores), 4.5), ((_lr, _roc), 4.5), ((_auc_bars, _confusion_bars), bars),
               ((_reliability,), 4.5)]  # (panels of a row, its height in inches), in PANELS' order
@@ -260,8 +261,8 @@ def test_html(summary: dict) -> str:
 def encoder_html(summary: dict) -> str:
     """A pretrained encoder's weights (summary.json's `encoder`): where from, hub commit, SHA-256, licence."""
     record, e = summary.get("encoder") or {}, html.escape
-    at = f" at hub revision {record['revision']}" if record.get("revision") else ""
-    probe = " The head trained on its cached embeddings (frozen encoder)." if summary.get("embeddings") else ""
+    at, probe = f" at hub revision {record.get('revision')}" if record.get("revision") else "", \
+        " The head trained on its cached embeddings (frozen encoder)." if summary.get("embeddings") else ""
     return (f"<p>Encoder {e(str(record.get('encoder')))}: weights {e(str(record.get('source') or record.get('file')))}"
             f"{e(at)}, SHA-256 {e(str(record.get('sha256')))}, licence {e(str(record.get('licence') or 'unknown'))}."
             f"{probe}</p>" if record else "")

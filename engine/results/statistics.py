@@ -178,12 +178,14 @@ def per_label_calibration(calibration: dict | None, names: list[str]) -> dict:
 
 
 def run_statistics(probs: torch.Tensor, labels: torch.Tensor, patients: list[str], names: list[str], task: str,
-                   thresholds: list[float], calibration: dict | None, metrics) -> dict:
+                   thresholds: list[float], calibration: dict | None, metrics,
+                   ranked: torch.Tensor | None = None) -> dict:
     """The figures a run or an evaluation reports beside its point estimates, for summary.json and
     evaluation.json: the decision thresholds and calibration used (per label scale and intercept: probability
     = sigmoid(logit * scale + intercept); multiclass: one shared scale), expected calibration error per label,
     the labels macro AUC left out (one class only), and patient-level bootstrap intervals
-    (`metrics`: the config's MetricsConfig)."""
+    (`metrics`: the config's MetricsConfig). `probs` are calibrated (decisions, ECE); AUC intervals rank `ranked`,
+    the uncalibrated probabilities, where given."""
     ece = expected_calibration_error(probs, labels, metrics.calibration_bins)
     single = [n for j, n in enumerate(names) if labels.shape[0] and labels[:, j].min() == labels[:, j].max()]
     out = {
@@ -193,6 +195,7 @@ def run_statistics(probs: torch.Tensor, labels: torch.Tensor, patients: list[str
         "auc_macro_labels": len(names) - len(single), "auc_left_out": single,
     }
     if metrics.bootstrap and probs.shape[0]:
-        out["bootstrap"] = bootstrap_intervals(probs, labels, decisions(probs, task, thresholds), patients, names,
+        out["bootstrap"] = bootstrap_intervals(probs if ranked is None else ranked, labels,
+                                               decisions(probs, task, thresholds), patients, names,
                                                metrics.beta, metrics.bootstrap, metrics.bootstrap_seed)
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from engine.config.schema import MetricsConfig
+from engine.results.metrics import probabilities
 from engine.results.statistics import paired_comparison, run_statistics
 from engine.serving.inference import decision_settings, with_tta
 from engine.training.build import make_evaluator, make_inferer
@@ -28,11 +29,12 @@ def evaluate_checkpoint(checkpoint: str, model: torch.nn.Module, state: dict, da
         calibration=None if tta != "none" else calibration,  # with TTA each view is calibrated inside the inferer
         inferer=with_tta(make_inferer(device, amp), state["task"], tta, calibration))
     evaluator.run()
+    ranked = probabilities(validation.last_logits, state["task"])  # AUC and paired differences rank raw outputs
     return {"checkpoint": str(checkpoint), "epoch": state["trainer"]["epoch"], "volumes": len(val_items),
             "data": note, "labels": labels, "tta": tta, "metrics": dict(evaluator.state.metrics),
             **run_statistics(validation.last_probs, validation.last_labels, patients, labels, state["task"],
-                             thresholds, calibration, metrics),
-            "probs": validation.last_probs, "targets": validation.last_labels}
+                             thresholds, calibration, metrics, ranked=ranked),
+            "probs": ranked, "targets": validation.last_labels}
 
 
 def report_comparison(first: dict, second: dict, patients: list[str], resamples: int, seed: int,

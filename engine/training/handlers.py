@@ -25,7 +25,7 @@ from engine.results.calibration import (
     fit_calibration,
     tune_thresholds,
 )
-from engine.results.metrics import classification_metrics, probabilities
+from engine.results.metrics import classification_metrics, decisions, probabilities
 from engine.utils.io import write_text
 
 log = logging.getLogger("ct3d")
@@ -109,7 +109,9 @@ class ValidationMetrics:
         probs = probabilities(apply_calibration(logits, calibration), self.task)
         if self.fit:
             thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
-        metrics = classification_metrics(probs, labels, self.names, self.task, thresholds, self.beta)
+        # rank figures (AUC) from the raw outputs: a calibration that flattens a label must not change its ranking
+        metrics = classification_metrics(probabilities(logits, self.task), labels, self.names, self.task, thresholds,
+                                         self.beta, decided=decisions(probs, self.task, thresholds))
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
         ece = expected_calibration_error(probs, labels, self.bins)
         metrics["ece_macro"] = sum(ece) / len(ece)

@@ -15,7 +15,7 @@ from engine.data.items import IMAGE, LABEL
 from engine.data.sharing import gathered_order
 from engine.data.split import patient_of
 from engine.results.calibration import apply_calibration, calibration_from
-from engine.results.metrics import classification_metrics, probabilities
+from engine.results.metrics import classification_metrics, decisions, probabilities
 from engine.results.statistics import run_statistics
 from engine.training.build import make_inferer
 
@@ -37,7 +37,8 @@ def best_statistics(best: dict, val_items: list[dict], labels: list[str], task: 
     patients = [patient_of(val_items[i], patient_pattern) for i in order]
     return {"threshold_rule": str(metrics.threshold_rule),
             **run_statistics(best["probs"], best["labels"], patients, labels, task,
-                             best_thresholds(best, labels, metrics.threshold), calibration_from(best), metrics)}
+                             best_thresholds(best, labels, metrics.threshold), calibration_from(best), metrics,
+                             ranked=probabilities(best["logits"], task) if "logits" in best else None)}
 
 
 def in_gathered_order(items: list[dict], best: dict, world: int) -> list[dict]:
@@ -67,11 +68,12 @@ def test_block(net: torch.nn.Module, dataset, items: list[dict], labels: list[st
     thresholds = best_thresholds(best, labels, metrics.threshold)
     calibration = calibration_from(best)
     probs = probabilities(apply_calibration(torch.cat(logits), calibration), task)
-    target = torch.cat(targets)
+    raw, target = probabilities(torch.cat(logits), task), torch.cat(targets)  # raw: AUC's ranking
     patients = [patient_of(it, patient_pattern) for it in items]
     return {"volumes": len(items), "patients": len(set(patients)),
-            "metrics": classification_metrics(probs, target, labels, task, thresholds, metrics.beta),
-            **run_statistics(probs, target, patients, labels, task, thresholds, calibration, metrics)}
+            "metrics": classification_metrics(raw, target, labels, task, thresholds, metrics.beta,
+                                              decided=decisions(probs, task, thresholds)),
+            **run_statistics(probs, target, patients, labels, task, thresholds, calibration, metrics, ranked=raw)}
 
 
 def summary_table(summary: dict, labels: list[str]) -> str:
@@ -92,10 +94,10 @@ def summary_table(summary: dict, labels: list[str]) -> str:
     return "\n".join(f"{r[0]:<{width}}" + "".join(f"  {cell:>8}" for cell in r[1:]) for r in rows)
 
 
-def timed_call(parts: dict, name: str, fn, *args):
-    """fn(*args), its wall time in seconds in parts[name]."""
+def timed_call(parts: dict, name: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), its wall time in seconds in parts[name]."""
     start = time.perf_counter()
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         parts[name] = round(time.perf_counter() - start, 3)

@@ -25,6 +25,7 @@ from engine.data.datalist import label_frequencies
 from engine.data.loaders import make_datasets, make_loader
 from engine.data.prepare import Splits, disk_dir, write_skipped
 from engine.data.run_split import check_same_run, split_rows, write_split
+from engine.results.metrics import probabilities
 from engine.results.report import draw_panels, report_title, write_report
 from engine.results.saliency import report_panels
 from engine.training import embeddings
@@ -242,7 +243,8 @@ def write_outputs(cfg: Config, parts: Parts, folder: Path, data: Splits, summary
             panels, page = timed_call(timing, "report panels", draw_panels, table.rows, parts.history.lr_history,
                                       best["probs"], best["labels"], labels, task,
                                       list(summary["thresholds"].values()), cfg.metrics.beta, summary["best"],
-                                      summary["calibration"]["bins"], report_title(summary))
+                                      summary["calibration"]["bins"], report_title(summary),
+                                      ranked=probabilities(best["logits"], task) if "logits" in best else None)
     finally:
         if finish_checkpoints is not None:
             timed_call(timing, "checkpoints", finish_checkpoints)
