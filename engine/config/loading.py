@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import typing
 from enum import Enum
@@ -51,6 +52,9 @@ def _check_limits(node: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _check_limits(value, f"{key}.")
             continue
+        numbers = value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):  # NaN passes every comparison
+            raise _error(key, f"must be a finite number, got {value}")
         if value is None or not limit:
             continue
         if "length" in limit and len(value) != limit["length"]:

@@ -226,7 +226,8 @@ def verify_cache(items: list[dict], p: PreprocessConfig, disk_dir: str | Path, w
         try:
             entry = torch.load(path, weights_only=True)
             signature = list(entry[SOURCE])
-            entry[IMAGE].shape  # noqa: B018 - a readable entry holds an image tensor
+            if not torch.isfinite(entry[IMAGE]).all():  # written before entries were checked: never train on it
+                raise ValueError("non-finite voxels")
         except OSError as exc:
             if exc.errno in TRANSIENT_ERRNOS:  # the storage did not answer: the entry may be fine, keep it
                 raise Transient(f"cache --verify: {path} could not be read ({exc.strerror or exc}); retry") from None

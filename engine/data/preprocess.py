@@ -110,8 +110,9 @@ class CheckVolumed(MapTransform):
             shape = tuple(image.shape)
             if len(shape) != 4 or shape[0] != 1:
                 raise CT3DError(f"{name}: expected one 3D volume, got array of shape {shape[1:]}")
-            if torch.isnan(image).any():
-                raise CT3DError(f"{name}: volume holds NaN voxels")
+            if not torch.isfinite(image).all():
+                bad = int((~torch.isfinite(image)).sum())
+                raise CT3DError(f"{name}: volume holds {bad} NaN or infinite voxel(s)")
             low = float(image.min())
             if low == float(image.max()):
                 raise CT3DError(f"{name}: every voxel has the same value ({low})")
@@ -228,9 +229,11 @@ def _root_error(exc: BaseException) -> BaseException:
 
 
 def preprocess(transform: Compose, item: dict) -> dict:
-    """Runs `transform` on one item; any failure becomes a CT3DError naming the volume."""
+    """Runs `transform` on one item; any failure becomes a CT3DError naming the volume. What is cached is checked
+    too: a tensor with a NaN or infinite voxel (resampling spreads one inf over hundreds of voxels) or constant
+    after the transforms (a header spacing in metres resampled to one voxel's value) is refused."""
     try:
-        return transform(item)
+        out = transform(item)
     except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
         root = _root_error(exc)
         if isinstance(root, CT3DError):
@@ -238,3 +241,11 @@ def preprocess(transform: Compose, item: dict) -> dict:
         if isinstance(root, OSError) and root.errno in TRANSIENT_ERRNOS:  # the storage, not the volume: retried
             raise Transient(f"reading volume {item[IMAGE]}: the storage did not answer ({root})") from None
         raise CT3DError(f"cannot read volume {item[IMAGE]}: {type(root).__name__}: {root}") from None
+    image = torch.as_tensor(out[IMAGE])
+    if not torch.isfinite(image).all():
+        raise CT3DError(f"volume {item[IMAGE]}: {int((~torch.isfinite(image)).sum())} NaN or infinite voxel(s) after "
+                        f"preprocessing (an inf or NaN in the file); fix or leave out the volume")
+    if image.numel() and float(image.amin()) == float(image.amax()):
+        raise CT3DError(f"volume {item[IMAGE]}: every voxel is {float(image.amin()):g} after preprocessing (a header "
+                        f"spacing in metres, or a field of view outside the volume?)")
+    return out

@@ -146,3 +146,35 @@ def test_shards_are_disjoint_and_cover_the_list_and_come_from_the_indexed_job(mo
     for bad in ("4/4", "x", "1/0"):
         with pytest.raises(CT3DError, match="--shard"):
             parse_shard(bad)
+
+
+def test_an_infinite_voxel_is_refused_naming_the_volume_and_verify_drops_a_nan_entry(tmp_path, tiny_demo):
+    """One inf voxel: resampling (preprocess.spacing) would spread it over hundreds of NaN voxels in the cached
+    tensor and training would stop on a NaN loss naming no volume. An entry cached before the check is dropped."""
+    import nibabel as nib
+    import torch
+
+    from engine.data.cache import cache_folder
+
+    lines = tiny_demo.read_text().splitlines()
+    rows = lines[1:]
+    name = rows[0].split(",")[0]
+    for row in rows:
+        (tmp_path / row.split(",")[0]).write_bytes((tiny_demo.parent / row.split(",")[0]).read_bytes())
+    volume = nib.load(str(tmp_path / name))
+    data = volume.get_fdata().astype(np.float32)
+    data[10, 10, 10] = np.inf
+    nib.save(nib.Nifti1Image(data, volume.affine), str(tmp_path / name))
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, tiny_overrides(tmp_path, tmp_path / "train.csv", "preprocess.spacing=[3.0,3.0,3.0]",
+                                           "data.on_error=skip"), command="check")
+    assert check(cfg) == 1
+    counts = cache(cfg)
+    assert counts["problems"] == 1 and name in counts["problem_list"][0] and "infinite" in counts["problem_list"][0]
+    folder = cache_folder(cfg.cache.dir, cfg.preprocess)
+    entry_path = sorted(folder.glob("*.pt"))[0]
+    entry = torch.load(entry_path, weights_only=True)
+    entry["image"][0, 0, 0, 0] = float("nan")  # as an older version would have cached it
+    torch.save(entry, entry_path)
+    verified = cache(cfg, verify=True)
+    assert verified["corrupt"] == 1 and verified["built"] == 1  # dropped, then built again from its (good) source
