@@ -11,8 +11,9 @@ import re
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -153,13 +154,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path is not None:
             if not Path(path).is_file():
                 raise CT3DError(f"config error: --config {path}: no such file")
-            layers.append(_one_as_list(OmegaConf.load(path)))
+            layers.append(_one_as_list(_parsed(f"--config {path}", lambda: OmegaConf.load(path))))
         for item in overrides:
             if "=" not in item:
                 raise CT3DError(f"config error: {item!r}: overrides are key=value (e.g. train.epochs=3)")
         # in one merge, in order, onto a copy of the schema: each merge copies the whole config (~20 ms a key
         # here), and building the schema's node took 0.1 s
-        merged = OmegaConf.merge(_schema(), *layers, *(_one_as_list(OmegaConf.from_dotlist([i])) for i in overrides))
+        merged = OmegaConf.merge(_schema(), *layers, *(_one_as_list(_parsed(f"override {i!r}", functools.partial(
+            OmegaConf.from_dotlist, [i]))) for i in overrides))
         OmegaConf.resolve(merged)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -167,6 +169,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     _check_limits(cfg)
     _check_together(cfg, command)
     return cfg
+
+
+def _parsed(what: str, parse: Callable[[], Any]) -> Any:
+    """parse(), a YAML syntax error (line and column as PyYAML gives them) or text that is not UTF-8 as one line
+    naming the file or override."""
+    try:
+        return parse()
+    except yaml.YAMLError as exc:
+        raise CT3DError(f"config error: {what}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start:exc.start + 1]
+        raise CT3DError(f"config error: {what}: not UTF-8 (byte {exc.start}: {byte!r}); save it as UTF-8") from None
 
 
 ONE_OR_MANY = ("data.metadata",)  # list settings that also take one value (as they did before they were lists)

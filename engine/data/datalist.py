@@ -59,9 +59,21 @@ def _label_vector(raw, data: DataConfig, n_outputs: int) -> list[float]:
 
 
 def _read_csv(path: Path, data: DataConfig) -> tuple[list[tuple[int, str, object, str]], list[str]]:
-    with open(path, newline="") as f:
+    """The rows of a CSV datalist: UTF-8, with or without the byte-order mark Excel writes."""
+    try:
+        return _csv_rows(path, data)
+    except UnicodeDecodeError as exc:
+        raise CT3DError(f"{path}: not UTF-8 at byte {exc.start} ({exc.object[exc.start:exc.start + 1]!r}); save it "
+                        f"as UTF-8 (Excel: \"CSV UTF-8\")") from None
+
+
+def _csv_rows(path: Path, data: DataConfig) -> tuple[list[tuple[int, str, object, str]], list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise CT3DError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more than once in the header")
         if data.image_column not in columns:
             raise CT3DError(f"{path}: no image column {data.image_column!r} (columns: {', '.join(columns)}); "
                             f"set data.image_column")
@@ -78,6 +90,10 @@ def _read_csv(path: Path, data: DataConfig) -> tuple[list[tuple[int, str, object
             raise CT3DError(f"{path}: no label columns besides {data.image_column!r}")
         rows = []
         for line, row in enumerate(reader, start=2):  # line 1 is the header
+            if None in row or None in row.values():  # more fields than the header, or fewer
+                raise CT3DError(f"{path} row {line}: {len(columns) + len(row.get(None) or [])} fields where the "
+                                f"header has {len(columns)}" if None in row else
+                                f"{path} row {line}: fewer fields than the header's {len(columns)}")
             raw = [row[c] for c in label_cols]
             patient = (row[data.patient_column] or "").strip() if data.patient_column else ""
             rows.append((line, (row[data.image_column] or "").strip(), raw if data.task != "multiclass" else raw[0],
@@ -89,11 +105,19 @@ def _read_csv(path: Path, data: DataConfig) -> tuple[list[tuple[int, str, object
 
 def _read_json(path: Path, data: DataConfig, json_key: str) -> list[tuple[int, str, object, str]]:
     try:
-        lists = json.loads(path.read_text())
+        lists = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise CT3DError(f"{path}: not UTF-8 at byte {exc.start}; save it as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise CT3DError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(lists, dict):
+        raise CT3DError(f"{path}: a MONAI JSON datalist is an object of lists ({{\"{json_key}\": [...]}}), "
+                        f"not a {type(lists).__name__}")
     if json_key not in lists:
-        raise CT3DError(f"{path}: no {json_key!r} list (keys: {', '.join(lists)})")
+        raise CT3DError(f"{path}: no {json_key!r} list (keys: {', '.join(map(str, lists))})")
+    if not isinstance(lists[json_key], list):
+        raise CT3DError(f"{path}: {json_key!r} is a {type(lists[json_key]).__name__}, not a list of "
+                        f"{{\"image\": ..., \"label\": ...}} entries")
     rows = []
     for index, entry in enumerate(lists[json_key]):
         if not isinstance(entry, dict) or IMAGE not in entry or LABEL not in entry:
