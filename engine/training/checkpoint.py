@@ -67,7 +67,7 @@ def copy_checkpoint(source: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _progress(state: dict) -> tuple:
+def progress_of(state: dict) -> tuple:
     """Where training stood when `state` was taken (epoch and iteration): equal progress, equal state."""
     trainer = state.get("trainer", {})
     return trainer.get("epoch"), trainer.get("iteration")
@@ -212,7 +212,7 @@ class Checkpoints:
         it, so best.pt and last.pt of one epoch cost one write). Every rank calls it; only `write` writes."""
         state = self.state()  # on every rank: a part may gather from all of them
         paths = [self.folder / f"{name}.pt" for name in names]
-        self._saved = (paths[0] if self.write else None, _progress(state))
+        self._saved = (paths[0] if self.write else None, progress_of(state))
         if not self.write:
             return []
         state = _snapshot(state)
@@ -240,7 +240,7 @@ class Checkpoints:
         answer on every rank)."""
         _, progress = self._saved
         trainer = self.to_save.get("trainer")
-        return progress != () and progress == _progress({"trainer": trainer.state_dict() if trainer else {}})
+        return progress != () and progress == progress_of({"trainer": trainer.state_dict() if trainer else {}})
 
     def save_final(self) -> Path | None:
         """final.pt after the last epoch: a link to the file that epoch's own save wrote when training has not

@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 
-from engine.training.checkpoint import Checkpoints, Resume
+from engine.training.checkpoint import Checkpoints, Resume, load_checkpoint, progress_of
 from engine.training.handlers import MetricsTable
 from engine.training.ranks import on_rank_0
 from engine.utils.errors import CT3DError, Interrupted
@@ -155,5 +155,18 @@ def run_to_end(trainer: Engine, checkpoints: Checkpoints, table: MetricsTable, r
         raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")
     # every rank takes the same branch (save_final gathers from all): rank 0's view of the disk decides
     final = folder / "checkpoints" / "final.pt"
-    finished = trainer.state.epoch == resume.epoch and on_rank_0(final.is_file)
+    at = (trainer.state.epoch, trainer.state.iteration)
+    # finished before this start, and final.pt holds that very state (an extension stopped in its last validation
+    # leaves an older final.pt: written again, so final.pt and summary.json describe the same model)
+    finished = trainer.state.epoch == resume.epoch and on_rank_0(lambda: final_holds(final, at))
     return checkpoints.wait if finished else checkpoints.save_final
+
+
+def final_holds(final: Path, progress: tuple) -> bool:
+    """Whether `final` exists and was taken at `progress` (epoch, iteration)."""
+    if not final.is_file():
+        return False
+    try:
+        return progress_of(load_checkpoint(final, mmap=True)) == tuple(progress)
+    except Exception:  # unreadable: written again
+        return False

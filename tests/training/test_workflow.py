@@ -321,3 +321,26 @@ def test_clock_checkpoints_make_a_killed_run_lose_minutes_not_an_epoch(tmp_path,
     train(load_config(None, overrides))
     assert all(torch.equal(final_weights(whole)[k], v) for k, v in final_weights(tmp_path / "runs" / "clock").items())
     assert train_losses(tmp_path / "runs" / "clock") == train_losses(whole)
+
+
+def test_a_finished_run_started_again_rewrites_a_final_pt_older_than_its_last_state(tmp_path, tiny_demo):
+    """An extension (train.epochs raised) stopped in its last validation leaves the previous final.pt; the next
+    start finds training finished and must not keep it: final.pt, summary.json and the report describe one model."""
+    import shutil
+
+    import torch
+
+    from engine.config.loading import load_config
+    from engine.training.workflow import train
+
+    def run(epochs: int):
+        return train(load_config(None, tiny_overrides(tmp_path, tiny_demo, f"train.epochs={epochs}",
+                                                      "metrics.bootstrap=0")))
+
+    final = run(1) / "checkpoints" / "final.pt"
+    shutil.copyfile(final, tmp_path / "epoch1.pt")
+    run(2)
+    final.unlink()
+    shutil.copyfile(tmp_path / "epoch1.pt", final)  # what the interrupted extension left behind
+    run(2)  # finished already: nothing to train
+    assert torch.load(final, weights_only=True)["trainer"]["epoch"] == 2
