@@ -61,12 +61,20 @@ def split_differences(saved: dict[str, dict], rows: list[dict]) -> list[str]:
     return found
 
 
+# model settings a resumed run may change: where weights are read from, and checks and layouts that leave the
+# network as it is; any other difference is another model (its checkpoint would not load, or mean something else)
+MODEL_FREE = ("pretrained", "pretrained_min_loaded", "weights", "weights_revision", "preprocess_check", "channels_last")
+
+
 def check_same_run(state: dict, checkpoint: Path, folder: Path, data: Splits, task: str,
-                   preprocess: PreprocessConfig, patient_pattern: str) -> None:
-    """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels and preprocessing it was
-    trained with: stop naming every difference otherwise (the run would validate on volumes it trained on,
-    or mix models)."""
+                   preprocess: PreprocessConfig, patient_pattern: str, model: dict | None = None) -> None:
+    """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels, preprocessing and `model`
+    (plain model settings) it was trained with: stop naming every difference otherwise (the run would validate
+    on volumes it trained on, or mix models)."""
     found = []
+    saved = state.get("model_config") or {}
+    found += [f"model.{k}: the checkpoint has {saved.get(k)!r}, the config {v!r}" for k, v in (model or {}).items()
+              if k not in MODEL_FREE and k in saved and saved[k] != v]
     if state["labels"] != data.labels:
         found.append(f"labels: the checkpoint has {state['labels']}, the data {data.labels}")
     if state["task"] != task:

@@ -18,7 +18,7 @@ import yaml
 from ignite.engine import Engine, Events
 from monai.handlers import LrScheduleHandler
 
-from engine.config.loading import to_yaml
+from engine.config.loading import plain, to_yaml
 from engine.config.schema import Config
 from engine.data.cache import build_dataset, release_ram
 from engine.data.datalist import label_frequencies
@@ -105,7 +105,7 @@ def train(cfg: Config, attach=None) -> Path:
     resume_state = None if resume_path is None else load_checkpoint(resume_path, mmap=True)
     if resume_state is not None:
         check_same_run(resume_state, resume_path, folder, data, str(cfg.data.task), cfg.preprocess,
-                       cfg.data.patient_pattern)
+                       cfg.data.patient_pattern, plain(cfg.model))
     if main:  # the config as resolved, split.csv, skipped.csv
         write_run_start(folder, cfg, data)
     net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP

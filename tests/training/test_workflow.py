@@ -344,3 +344,16 @@ def test_a_finished_run_started_again_rewrites_a_final_pt_older_than_its_last_st
     shutil.copyfile(tmp_path / "epoch1.pt", final)  # what the interrupted extension left behind
     run(2)  # finished already: nothing to train
     assert torch.load(final, weights_only=True)["trainer"]["epoch"] == 2
+
+
+def test_resuming_a_run_with_another_model_is_refused_naming_it_and_leaves_its_config(tmp_path, tiny_demo):
+    from engine.config.loading import load_config
+    from engine.training.workflow import train
+    from engine.utils.errors import CT3DError
+
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "metrics.bootstrap=0")))
+    saved = (folder / "config.yaml").read_text()
+    with pytest.raises(CT3DError, match=r"model.variant: the checkpoint has '10', the config '18'"):
+        train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "metrics.bootstrap=0", "model.variant=18",
+                                               "train.epochs=2")))
+    assert (folder / "config.yaml").read_text() == saved  # the run's record is not rewritten by a refused start
