@@ -162,10 +162,11 @@ def check_lists(data: DataConfig, cache: CacheConfig, output_dir: str) -> int:
     return len(problems)
 
 
-def writable_folders(cache: CacheConfig, output_dir: str) -> None:
-    """The disk cache (when on) and the output folder take files: checked by writing one (a pod's claim whose
-    storage driver ignores fsGroup would only fail at the first checkpoint, hours in)."""
-    if cache.disk:
+def writable_folders(cache: CacheConfig, output_dir: str, embeddings: bool = False) -> None:
+    """The disk cache (when on, or when it keeps a probe's `embeddings`) and the output folder take files: checked
+    by writing one (a pod's claim whose storage driver ignores fsGroup would only fail at the first checkpoint,
+    hours in)."""
+    if cache.disk or embeddings:
         check_writable(cache.dir, "cache.dir")
     check_writable(output_dir, "output.dir")
 

@@ -23,7 +23,7 @@ from engine.config.schema import Config
 from engine.data.cache import build_dataset, release_ram
 from engine.data.datalist import label_frequencies
 from engine.data.loaders import make_datasets, make_loader
-from engine.data.prepare import Splits, disk_dir, write_skipped
+from engine.data.prepare import Splits, disk_dir, writable_folders, write_skipped
 from engine.data.run_split import check_same_run, split_rows, write_split
 from engine.results.metrics import probabilities
 from engine.results.report import draw_panels, report_title, write_report
@@ -95,6 +95,7 @@ def train(cfg: Config, attach=None) -> Path:
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     probe = embeddings.applies(cfg.model, cfg.augment, cfg.cache)  # the head alone, on cached encoder features
+    writable_folders(cfg.cache, cfg.output.dir, probe)  # before any volume is read, not at the first checkpoint
     planned = embeddings.planned_cache(cfg.model, cfg.preprocess, cfg.cache, amp_dtype) if probe else None
     data = prepare_data_in_shares(cfg.data, cfg.preprocess, cfg.cache, cfg.train.dist_timeout_minutes, main,
                                   planned.holds if planned else None)  # embedded volumes need no second look

@@ -357,3 +357,17 @@ def test_resuming_a_run_with_another_model_is_refused_naming_it_and_leaves_its_c
         train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "metrics.bootstrap=0", "model.variant=18",
                                                "train.epochs=2")))
     assert (folder / "config.yaml").read_text() == saved  # the run's record is not rewritten by a refused start
+
+
+def test_an_unwritable_output_folder_stops_training_before_any_volume_is_read(tmp_path, tiny_demo, monkeypatch):
+    from engine.config.loading import load_config
+    from engine.training.workflow import train
+    from engine.utils.errors import CT3DError
+
+    def unread(*_):
+        raise AssertionError("a volume was read")
+
+    monkeypatch.setattr("engine.data.cache.preprocess", unread)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(CT3DError, match="output.dir: .*a-file/runs is not writable"):
+        train(load_config(None, tiny_overrides(tmp_path, tiny_demo, f"output.dir={tmp_path / 'a-file' / 'runs'}")))
