@@ -2,8 +2,8 @@
 start-up and the pretrained encoders, measured as ratios within one run on this machine; prints a table and
 rewrites bench/RESULTS.md (with --only: merges those families' rows into it). Each family is one module that
 measures and formats its own rows (pipeline, overhead, memory, augment, data_path, startup, phases, field_of_view,
-distributed, encoders and encoder_workflow); report.py writes the table and the file. `python -m bench gpu` is
-the GPU's own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
+distributed, encoders, encoder_workflow and feeding); report.py writes the table and the file. `python -m bench
+gpu` is the GPU's own benchmark (gpu.py, bench/RESULTS-gpu.md)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ FULL = dict(volumes=24, source=(256, 256, 128), target=(96, 96, 96), epochs=5, t
             enc_sizes={"merlin": (112, 112, 80), "ctfm": (64, 64, 64)}, enc_extract_batch=2,
             enc_finetune_batch={"merlin": 1, "ctfm": 1}, enc_steps=2, enc_repeats=3, enc_rows=47_000,
             enc_flow_volumes=40, enc_flow_size=96, enc_flow_epochs=(4, 2),
-            enc_flow_ctfm={"spatial_dims": 3, "in_channels": 1, "init_filters": 8, "blocks_down": [1, 2, 2, 4, 4]})
+            enc_flow_ctfm={"spatial_dims": 3, "in_channels": 1, "init_filters": 8, "blocks_down": [1, 2, 2, 4, 4]},
+            feed_shape=(256, 256, 128), feed_volumes=16, feed_batch=4, feed_epochs=3, feed_repeats=7)
 SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, train_volumes=8, train_size=16,
              engine_epochs=3, engine_repeats=1, startup_runs=1, rank_volumes=8, rank_size=16,
              ranks=1,  # torchrun's runs with one worker: the smoke checks the benchmark's code makes every figure
@@ -57,6 +58,7 @@ SMOKE = dict(volumes=4, source=(32, 32, 16), target=(16, 16, 16), epochs=2, trai
              enc_finetune_batch={"merlin": 2, "ctfm": 2}, enc_steps=1, enc_repeats=1, enc_rows=4_700,
              enc_flow_volumes=8, enc_flow_size=16, enc_flow_epochs=(2, 2),
              enc_flow_ctfm={"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 2]},
+             feed_shape=(32, 32, 16), feed_volumes=8, feed_batch=4, feed_epochs=1, feed_repeats=2,
              pss_every=0.25,  # seconds between PSS samples (full: 20 ms, the phases 100 ms); the smoke's, coarser
              in_process=True)  # pipeline and memory children run in this process: the smoke checks the figures,
 #                                not what a new process costs (each costs seconds of imports)
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed,
         encoder_workflow,
         encoders,
+        feeding,
         field_of_view,
         memory,
         overhead,
@@ -107,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 "phases": phases.bench_phases, "gradcam": lambda c, w: phases.bench_grad_cam(c),
                 "startup": lambda c, w: startup.bench_startup(c), "field_of_view": field_of_view.bench_field_of_view,
                 "steps": distributed.bench_steps, "restart": distributed.bench_restart,
-                "encoders": lambda c, w: {**encoders.bench_encoders(c, w), **encoder_workflow.bench_workflow(c, w)}}
+                "encoders": lambda c, w: {**encoders.bench_encoders(c, w), **encoder_workflow.bench_workflow(c, w)},
+                "feeding": feeding.bench_feeding}
     table = [pipeline, overhead, memory, augment, data_path, startup, phases, field_of_view, distributed, encoders,
-             encoder_workflow]  # row order
+             encoder_workflow, feeding]  # row order
     chosen = args.only.split(",") if args.only else list(families)
     if unknown := set(chosen) - set(families):
         parser.error(f"--only: unknown {sorted(unknown)}; families: {', '.join(families)}")

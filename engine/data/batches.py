@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -60,7 +61,8 @@ class RingCollate:
         images = [torch.as_tensor(s[IMAGE]) for s in samples]
         labels = default_collate([s[LABEL] for s in samples])
         slot = self.buffer((len(images), *images[0].shape), images[0].dtype)
-        torch.stack(images, out=slot.buffer)
+        for row, image in zip(slot.buffer, images):  # NumPy's copy: one thread, no OpenMP team spinning after it
+            np.copyto(row.numpy(), image.numpy())  # (torch.stack(out=) cost 2-4x the copy on a busy 2-core node)
         if not self.cuda:
             return {IMAGE: slot.buffer, LABEL: labels}
         with torch.cuda.stream(self.stream):  # overlaps the step computing on the default stream

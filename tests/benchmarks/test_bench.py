@@ -15,6 +15,11 @@ ENCODER_ROWS = ("Merlin encoder, 117.3 M parameters: forward GFLOPs per volume a
                 "CT-FM: head epoch from a 4,700 x 512 float16 embedding table", "a frozen CT-FM probe")
 ENCODER_FIGURES = ("enc_merlin_gflops", "enc_ctfm_gflops", "enc_merlin_params", "enc_ctfm_finetune_peak_bytes",
                    "enc_merlin_head_rows_seen", "enc_ctfm_head_steps", "enc_flow_filled")
+FEEDING_ROWS = ("ring vs default_collate, libgomp's default wait", "ring vs default_collate, OMP_WAIT_POLICY=passive",
+                "minor page faults per volume, ring vs default_collate", "memory-copy floor: one",
+                "CPU cores per H100 to feed ResNet-18 at 560 volumes/s")
+FEEDING_FIGURES = tuple(f"feed_{wait}_{name}" for wait in ("default", "passive") for name in
+                        ("new_cpu_ms", "old_cpu_ms", "new_faults", "old_faults", "floor_ms"))
 
 
 @pytest.mark.slow
@@ -29,12 +34,12 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
                    "memory-copy floor, 0 workers", "vs a hand-written loop doing the same",
                    "engine epoch without W&B", "peak PSS", "data path:", "roofline:",
                    "--help", "config error", "CT-RATE preprocessing", "lungs kept", "the old 192 mm crop",
-                   *ENCODER_ROWS):
+                   *ENCODER_ROWS, *FEEDING_ROWS):
         assert figure in text, figure
     for name in ("tutorial_w0", "cold_w0", "disk_w0", "ram_w0", "tutorial_w2", "cold_w2", "disk_w2", "ram_w2",
                  "memcpy_floor", "engine_epoch", "engine_epoch_no_wandb", "hand_epoch", "engine_ratio",
                  "baseline_pss", "cached_pss", "cache_bytes", "data_path_w0_samples_per_s", "step_gflops",
-                 "matmul_gflops", "help_seconds", "config_error_seconds", *ENCODER_FIGURES):
+                 "matmul_gflops", "help_seconds", "config_error_seconds", *ENCODER_FIGURES, *FEEDING_FIGURES):
         assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
     assert re.search(r"\| (met|MISSED) \|", text) and "Machine:" in text
     assert text.endswith(f"\n\n{HAND}") and "| old | table |" not in text
@@ -65,6 +70,49 @@ def test_encoders_smoke_makes_every_figure_and_merges_into_the_results_file(tmp_
     assert "embeddings: all 8 volumes cached: no extraction" in text and "| enc_flow_filled | 8 |" in text
     assert "| kept row | 1.0x | | reported |" in text and "| kept | 1 |" in text and "Notes: kept." in text
     assert text.endswith(f"\n\n{HAND}") and "- Updated by `python -m bench --only encoders`" in text
+
+
+def test_feeding_smoke_makes_every_figure_and_merges_into_the_results_file(tmp_path):
+    """`--only feeding` at smoke size (in this process: a new one would only add its imports): every feeding row
+    with a status and every raw figure, merged into a results file whose other rows stay."""
+    from bench.__main__ import main
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n- Date: 2026-01-01\n\n| figure | measured | target | |\n|---|---|---|---|\n"
+                   "| kept row | 1.0x | | reported |\n\n| name | value |\n|---|---|\n| kept | 1 |\n\n" f"{HAND}")
+    assert main(["--smoke", "--only", "feeding", "--out", str(out)]) == 0
+    text = out.read_text()
+    for figure in FEEDING_ROWS:
+        assert re.search(re.escape(figure) + r".*\| (met|MISSED|reported) \|", text), figure
+    for name in FEEDING_FIGURES:
+        assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
+    assert "no CUDA here: no pinned buffers" in text or "CUDA: the ring's buffers pinned" in text
+    assert "| kept row | 1.0x | | reported |" in text and "| kept | 1 |" in text and text.endswith(f"\n\n{HAND}")
+
+
+def test_feeding_rows_fail_a_slow_ring_and_a_measurement_too_good_to_be_true():
+    """The CPU rows are met only inside [the memory-copy floor, 2.5 ms], the projection at <= 2 cores and above the
+    floor, the faults row only when the old path's faults were counted (a counter reading nothing reads 0 for both)."""
+    from bench.feeding import rows as feeding_rows
+
+    good = {"feed_cuda": 0, "feed_shape": "256x256x128", "feed_batch": 4, "feed_volumes": 16, "feed_torch_threads": 2,
+            "feed_volume_bytes": 16777216}
+    for wait in ("default", "passive"):
+        good.update({f"feed_{wait}_new_cpu_ms_all": [1.8, 2.0], f"feed_{wait}_old_cpu_ms_all": [11.0, 12.0],
+                     f"feed_{wait}_new_faults_all": [0.06, 0.5], f"feed_{wait}_old_faults_all": [4096.0, 4096.3],
+                     f"feed_{wait}_floor_ms_all": [1.1, 1.3]})
+
+    def status(**change):
+        return [r[3] for r in feeding_rows({**good, **change})]
+
+    assert status() == ["met", "met", "met", "reported", "met"]
+    assert status(feed_default_new_cpu_ms_all=[1.8, 3.0])[0] == "MISSED"  # the spread crosses 2.5 ms
+    too_good = status(feed_default_new_cpu_ms_all=[0.2, 0.3], feed_passive_new_cpu_ms_all=[0.2, 0.3])
+    assert too_good == ["MISSED", "MISSED", "met", "reported", "MISSED"]  # under the copy every batch needs
+    assert status(feed_default_old_faults_all=[0.0, 0.0])[2] == "MISSED"  # the counter saw nothing
+    assert status(feed_default_new_faults_all=[0.1, 12.0])[2] == "MISSED"
+    assert status(feed_default_new_cpu_ms_all=[2.0, 3.7])[4] == "MISSED"  # 560 x 3.7 ms = 2.07 cores
+    assert feeding_rows({}) == []  # --only left the family out
 
 
 def test_only_merges_rows_by_figure_and_raw_figures_by_name(tmp_path):
