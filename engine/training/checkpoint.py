@@ -110,7 +110,13 @@ def resume_checkpoint(resume: str, folder: Path) -> Path | None:
     if resume == "off":
         return None
     if resume == "auto":
-        return find_latest_checkpoint(folder)
+        found = find_latest_checkpoint(folder)
+        present = [name for name in CHECKPOINT_NAMES if (Path(folder) / name).is_file()]
+        if found is None and present:  # starting over would replace the run's metrics, summary and report
+            raise CT3DError(f"train.resume=auto: {folder} holds {', '.join(present)} but none is readable (damaged, "
+                            f"or not a ct3d checkpoint); give train.resume a good checkpoint, or start over with "
+                            f"train.resume=off or another output.name")
+        return found
     if not Path(resume).is_file():
         raise CT3DError(f"config error: train.resume: {resume!r} is not auto, off or an existing checkpoint")
     return Path(resume)

@@ -25,6 +25,19 @@ def test_find_latest_checkpoint_skips_unreadable_and_temp_files(tmp_path):
     assert find_latest_checkpoint(tmp_path) == tmp_path / "best.pt"
 
 
+def test_a_run_folder_whose_checkpoints_are_all_unreadable_is_not_started_over_in_silence(tmp_path):
+    """Starting from scratch would replace the run's metrics.csv, summary.json and report with a new run's."""
+    from engine.training.checkpoint import resume_checkpoint
+    from engine.utils.errors import CT3DError
+
+    assert resume_checkpoint("auto", tmp_path) is None  # a new run: nothing to resume, nothing to say
+    (tmp_path / "last.pt").write_bytes(b"corrupt")
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(CT3DError, match=r"holds last.pt, best.pt but none is readable.*train.resume=off"):
+        resume_checkpoint("auto", tmp_path)
+    assert resume_checkpoint("off", tmp_path) is None
+
+
 def test_failed_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(2)}, "trainer": {"epoch": 1, "iteration": 1},
