@@ -7,11 +7,12 @@ of a side is dealt by sharing.py."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Callable
 
 from engine.config.schema import DataConfig
-from engine.data.items import LABEL, NAME, PATIENT, WHERE, Problem
+from engine.data.items import IMAGE, LABEL, NAME, PATIENT, WHERE, Problem
 from engine.utils.errors import CT3DError
 
 
@@ -34,6 +35,24 @@ def split_problems(train: list[dict], val: list[dict], pattern: str) -> list[Pro
         if patient in train_patients:
             problems.append(Problem(it.get(WHERE, it[NAME]), f"patient {patient!r} is in validation ({it[NAME]}) "
                                     f"and in training ({train_patients[patient][NAME]})"))
+    return problems + same_files(train + val)
+
+
+def file_identity(item: dict) -> str:
+    """The volume's file with links, `..` and relative spellings resolved: one file listed two ways is one file."""
+    return os.path.realpath(item[IMAGE])
+
+
+def same_files(items: list[dict]) -> list[Problem]:
+    """Rows naming one file under two spellings (absolute and relative, a link, `..`): trained on twice, or
+    trained and validated on alike."""
+    first: dict[str, dict] = {}
+    problems = []
+    for it in (it for it in items if IMAGE in it):
+        other = first.setdefault(file_identity(it), it)
+        if other is not it:
+            problems.append(Problem(it.get(WHERE, it[NAME]), f"{it[NAME]} is the same file as {other[NAME]} "
+                                    f"({other.get(WHERE, '')}): {file_identity(it)}"))
     return problems
 
 
@@ -158,8 +177,8 @@ def carve_test(items: list[dict], fraction: float, seed: int, patient: Callable[
 def leakage_problems(train: list[dict], val: list[dict], test: list[dict], pattern: str) -> list[Problem]:
     """A test patient (or volume) also in training or validation: the test set would not be held out."""
     seen = {patient_of(it, pattern) for it in train + val}
-    names = {it[NAME] for it in train + val}
+    names, files = {it[NAME] for it in train + val}, {file_identity(it) for it in train + val if IMAGE in it}
     shared = sorted({patient_of(it, pattern) for it in test if patient_of(it, pattern) in seen})
-    twice = sorted(it[NAME] for it in test if it[NAME] in names)
+    twice = sorted(it[NAME] for it in test if it[NAME] in names or IMAGE in it and file_identity(it) in files)
     problems = [Problem("test split", f"patient {p} is also in training or validation") for p in shared[:20]]
     return problems + [Problem("test split", f"volume {v} is also in training or validation") for v in twice[:20]]

@@ -55,3 +55,31 @@ def test_patient_pattern_that_matches_no_volume_is_an_error(tmp_path):
         load_splits(DataConfig(train=str(path)))
     train, val = load_splits(DataConfig(train=str(path), patient_pattern=""))[:2]  # each volume its own patient
     assert len(train) + len(val) == 6
+
+
+def test_one_file_under_two_spellings_is_caught_in_training_validation_and_test(tmp_path):
+    """Absolute in one list, relative with `..` in the other, or through a link: one file, trained on and
+    validated on (or trained twice, or in the held-out test set too)."""
+    import os
+
+    from engine.data.items import IMAGE, NAME, WHERE
+    from engine.data.split import leakage_problems, split_problems
+
+    (tmp_path / "scans").mkdir()
+    volume = tmp_path / "scans" / "a.nii.gz"
+    volume.write_bytes(b"x")
+    os.symlink(volume, tmp_path / "link.nii.gz")
+
+    def item(name: str, path: str, where: str) -> dict:
+        return {IMAGE: path, NAME: name, WHERE: where, "label": [1.0]}
+
+    train = [item("p1_a", str(volume), "train.csv row 2"), item("p2_a", str(tmp_path / "other.nii.gz"), "row 3")]
+    val = [item("p3_a", str(tmp_path / "scans" / ".." / "scans" / "a.nii.gz"), "val.csv row 2")]
+    problems = split_problems(train, val, r"^(p\d+)_")
+    assert len(problems) == 1 and "p3_a is the same file as p1_a (train.csv row 2)" in str(problems[0])
+    twice = split_problems([*train, item("p4_a", str(tmp_path / "link.nii.gz"), "row 4")], [val[0]], r"^(p\d+)_")
+    assert sum("p4_a is the same file as p1_a" in str(p) for p in twice) == 1
+    test = [item("p9_a", str(tmp_path / "link.nii.gz"), "test.csv row 2")]
+    assert any("volume p9_a is also in training or validation" in str(p)
+               for p in leakage_problems(train, [], test, r"^(p\d+)_"))
+    assert split_problems(train, [item("p5_a", str(tmp_path / "new.nii.gz"), "v")], r"^(p\d+)_") == []
