@@ -1,6 +1,6 @@
-"""`python -m k8s render --config FILE [--part claims|cache|embed|train] [key=value ...]`: a YAML stream for
+"""`python -m k8s render --config FILE [--part claims|cache|embed|train|bench] [key=value ...]`: a YAML stream for
 `kubectl apply -f -` (all parts: the claims, the ConfigMap, the cache-fill Job, the embed Job, the training
-workload).
+workload; bench, never in all: a one-GPU Job running `python -m bench gpu`, its results on the output claim).
 `python -m k8s script --config FILE [key=value ...]`: a shell script that applies them in order, waiting
 for the cache-fill Job, then the embed Job, to complete before the training starts.
 `python -m k8s values --config FILE [key=value ...]`: the same run as Helm values for charts/ct3d."""
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("render", "script", "values"))
     parser.add_argument("--config", help="ct3d YAML config (default: configs/default.yaml)")
-    parser.add_argument("--part", choices=("all", "claims", "cache", "embed", "train"), default="all",
-                        help="render: only these objects (claims once; cache, embed, then train)")
+    parser.add_argument("--part", choices=("all", "claims", "cache", "embed", "train", "bench"), default="all",
+                        help="render: only these objects (claims once; cache, embed, then train; bench on its own)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     try:

@@ -52,16 +52,28 @@ def container_security() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def container_env(k: K8sConfig, indexed: bool, trains: bool = False) -> list[dict]:
+def rank_threads(k: K8sConfig, gpus: int | None = None) -> int:
+    """OMP_NUM_THREADS of a container that trains: its pod's CPU (pod_resources; `gpus` as there) per rank, one rank
+    per GPU, at least 1. Torch and OpenMP in a container count the node's CPUs, not the pod's CPU limit: 8 ranks on
+    a 192-CPU node would each start 192 threads on a 48-CPU share and thrash; and torchrun, unset, gives each
+    worker 1."""
+    ranks = max(1, k.gpus if gpus is None else gpus)
+    return max(1, int(quantity_bytes(pod_resources(k, gpus)[0]["limits"]["cpu"]) // ranks))
+
+
+def container_env(k: K8sConfig, indexed: bool, trains: bool = False, gpus: int | None = None) -> list[dict]:
     """The W&B key from its Secret, the fixed and the user's env, the node's name (a node fault, exit 151, names
-    it), and for the container that holds the pod's GPUs (`trains`) CT3D_EXPECT_GPU: CUDA missing there is the
-    node's fault (retried elsewhere), not a config error; the pod index when `indexed`."""
+    it), and for the container that holds the pod's GPUs (`trains`; `gpus` of them where not k.gpus)
+    CT3D_EXPECT_GPU: CUDA missing there is the node's fault (retried elsewhere), not a config error, and
+    OMP_NUM_THREADS (rank_threads) unless k8s.env sets it; the pod index when `indexed`."""
     env = [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": k.wandb_secret, "key": "api-key",
                                                                      "optional": True}}}]
     env += [{"name": name, "value": value} for name, value in pod_environment(k).items()]
     env.append({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
-    if trains and k.gpus > 0:
+    if trains and (k.gpus if gpus is None else gpus) > 0:
         env.append({"name": "CT3D_EXPECT_GPU", "value": "1"})
+    if trains and "OMP_NUM_THREADS" not in k.env:
+        env.append({"name": "OMP_NUM_THREADS", "value": str(rank_threads(k, gpus))})
     if indexed:
         env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}})
     return env

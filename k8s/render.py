@@ -12,7 +12,7 @@ import yaml
 from engine.config import Config
 from k8s.settings import validate, volume_of
 from k8s.storage import claim, config_map
-from k8s.workloads import cache_fill, embed, job, jobset, pytorchjob, sweep, trainjob
+from k8s.workloads import bench, cache_fill, embed, job, jobset, pytorchjob, sweep, trainjob
 
 WORKLOADS = {"job": job.objects, "jobset": jobset.objects, "trainjob": trainjob.objects,  # by k8s.kind
              "pytorchjob": pytorchjob.objects}
@@ -22,7 +22,7 @@ def render_objects(cfg: Config, part: str = "all") -> list[dict]:
     """`part`: claims (the PVCs, kept when a run is deleted), cache (the ConfigMap and the cache-fill Job),
     embed (the ConfigMap and, with k8s.embed_pods, the embed Job), train (the ConfigMap, a headless Service for
     several nodes and the training workload, or with k8s.sweep_workers the sweep Job), or all of them in that
-    order."""
+    order; or bench (the one-GPU `bench gpu` Job, never part of all)."""
     k = cfg.k8s
     validate(cfg)
     claims = [claim(cfg, role) for role in ("cache", "output") if not volume_of(k, role).existing]
@@ -31,7 +31,8 @@ def render_objects(cfg: Config, part: str = "all") -> list[dict]:
     embedding = [embed.embed_job(cfg)] if k.embed_pods else []  # validate: only where training reads them
     train = sweep.objects(cfg) if k.sweep_workers else WORKLOADS[str(k.kind)](cfg)
     parts = {"claims": claims, "cache": [settings, *cache], "embed": [settings, *embedding],
-             "train": [settings, *train], "all": [*claims, settings, *cache, *embedding, *train]}
+             "train": [settings, *train], "all": [*claims, settings, *cache, *embedding, *train],
+             "bench": [bench.bench_job(cfg)]}
     return parts[part]
 
 

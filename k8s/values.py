@@ -25,6 +25,7 @@ def helm_values(cfg: Config) -> str:
 
     resources, shm = pod_resources(k)
     embed, embed_shm = pod_resources(k, gpus=min(k.gpus, 1))
+    bench, bench_shm = pod_resources(k, gpus=1)  # `render --part bench`'s pod; the chart renders it with bench: true
     values = {
         "name": k.name, "kind": str(k.kind), "image": k.image, "imagePullPolicy": str(k.image_pull_policy),
         "imagePullSecrets": list(k.image_pull_secrets), "serviceAccountName": k.service_account,
@@ -42,7 +43,8 @@ def helm_values(cfg: Config) -> str:
         "trainjobRuntime": k.trainjob_runtime, "cacheNodeSelector": dict(k.cache_node_selector),
         "cacheTolerations": [plain_dict(t) for t in k.cache_tolerations], "cacheQueue": k.cache_queue,
         "embedPods": k.embed_pods, "embedCpu": embed["limits"]["cpu"], "embedMemory": embed["limits"]["memory"],
-        "embedShmSize": embed_shm,
+        "embedShmSize": embed_shm, "bench": False, "benchCpu": bench["limits"]["cpu"],
+        "benchMemory": bench["limits"]["memory"], "benchShmSize": bench_shm,
         "trainingConfig": training_config(cfg),
     }
     return yaml.dump(values, Dumper=_QuotingDumper, sort_keys=False)

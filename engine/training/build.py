@@ -55,8 +55,9 @@ def setup_torch(train: TrainConfig, rank: int = 0) -> None:
 
 
 def use_every_cpu() -> None:
-    """Rank 0's closing work alone, after the others left: torchrun set one thread per worker (OMP_NUM_THREADS=1);
-    now the bootstrap and Grad-CAM may use every CPU this process may run on."""
+    """Rank 0's closing work alone, after the others left: each rank ran with its share of the CPUs (torchrun's
+    OMP_NUM_THREADS=1, or the pod's CPU per GPU the manifests set); now the bootstrap and Grad-CAM may use every CPU
+    this process may run on."""
     cpus = available_cpus()
     if cpus > torch.get_num_threads():
         torch.set_num_threads(cpus)

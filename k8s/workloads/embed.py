@@ -20,8 +20,9 @@ def embed_job(cfg: Config) -> dict:
     """k8s.embed_pods pods of one GPU each (none where the training has none), with the cache fill's claims (the
     data read-only, the cache claim for the embeddings; no output claim) and /dev/shm for the loader's workers."""
     k = cfg.k8s
-    resources, shm = pod_resources(k, gpus=min(k.gpus, 1))
-    container = container_spec(k, "embed", embed_command(k.embed_pods), container_env(k, True, trains=True),
+    gpus = min(k.gpus, 1)
+    resources, shm = pod_resources(k, gpus=gpus)
+    container = container_spec(k, "embed", embed_command(k.embed_pods), container_env(k, True, trains=True, gpus=gpus),
                                mounts(k, output=False), resources)
     pod = pod_spec(k, [container], volumes(cfg, shm, output=False))  # GPU pods: the training's placement and queue
     # no deadline, as the cache fill's: k8s.active_deadline_seconds bounds the training

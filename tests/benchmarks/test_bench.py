@@ -197,11 +197,18 @@ def test_gpu_benchmark_says_there_is_no_gpu_and_its_smoke_runs_on_the_cpu(tmp_pa
     assert main(["gpu", "--smoke", "--device", "cpu", "--out", str(out)]) == 0
     text = out.read_text()
     assert text.endswith(f"\n\n{HAND}") and "| old | table |" not in text  # the rerun kept the hand-measured part
-    assert "failed" not in text and "skipped" not in text
+    assert "failed" not in text and "dropped (" not in text  # the smoke has no time budget: every row runs
+    assert "Dropped for time (least important first): none" in text
     for row in ("ResNet-18, default layout, cudnn.benchmark on, torch.compile off",
                 "ResNet-18, channels-last 3D, cudnn.benchmark on", "cudnn.benchmark off", "ram cache (0 worker",
                 "disk cache ("):
         assert re.search(re.escape(row) + r".*\| [0-9.]+ \|", text), row
+    for batch in (2, 4):  # the smoke's batches (4, 8, 16 on a GPU): the hand loop's row and the engine's beside it,
+        #                   with no GPU busy figure without a GPU's profiler kernel time
+        assert re.search(rf"torch.compile off \| {batch} \| [0-9.]+ \| - \|", text), batch
+        assert re.search(rf"\n\| {batch} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| - \|\n", text), batch
+    ran = re.findall(r"^\| (.+?) \| [0-9]+ \| [0-9]+ \|$", text, re.M)  # the cost table: rows in the order they ran
+    assert ran[0].startswith("ResNet-18, default layout") and ran[1].startswith("the engine's loaders feeding")
     for row in ENCODER_ROWS[:-1]:  # the encoders at smoke size, on the device it was given (no workflow row)
         assert re.search(re.escape(row) + r".*\| (met|MISSED|reported) \|", text), row
 

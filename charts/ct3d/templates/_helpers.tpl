@@ -61,9 +61,24 @@ metadata:
   {{- end }}
 {{- end -}}
 
-{{/* The containers' env: .indexed adds the pod index; .trains (the container holding the pod's GPUs) adds
-CT3D_EXPECT_GPU, so CUDA missing there is the node's fault (exit 151), not a config error. */}}
+{{/* OMP_NUM_THREADS of a container that trains: .cpu (a quantity) per rank, .ranks of them (at least 1), at least
+1; torch and OpenMP in a container count the node's CPUs, not the pod's limit (as in k8s/pod.py's rank_threads). */}}
+{{- define "ct3d.rankThreads" -}}
+{{- $cpu := toString .cpu -}}
+{{- $cores := 0.0 -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- $cores = divf (trimSuffix "m" $cpu) 1000 -}}
+{{- else -}}
+{{- $cores = float64 $cpu -}}
+{{- end -}}
+{{- max 1 (int (floor (divf $cores (max 1 (int .ranks))))) -}}
+{{- end -}}
+
+{{/* The containers' env: .indexed adds the pod index; .trains (the container holding the pod's GPUs: .gpus of
+them, .cpu its CPU, where not the training pod's) adds CT3D_EXPECT_GPU, so CUDA missing there is the node's fault
+(exit 151), not a config error, and OMP_NUM_THREADS (ct3d.rankThreads) unless .Values.env sets it. */}}
 {{- define "ct3d.env" -}}
+{{- $gpus := ternary .gpus .root.Values.gpus (hasKey . "gpus") -}}
 - name: WANDB_API_KEY
   valueFrom:
     secretKeyRef:
@@ -88,9 +103,13 @@ CT3D_EXPECT_GPU, so CUDA missing there is the node's fault (exit 151), not a con
   valueFrom:
     fieldRef:
       fieldPath: spec.nodeName
-{{- if and .trains (gt (int .root.Values.gpus) 0) }}
+{{- if and .trains (gt (int $gpus) 0) }}
 - name: CT3D_EXPECT_GPU
   value: "1"
+{{- end }}
+{{- if and .trains (not (hasKey (.root.Values.env | default dict) "OMP_NUM_THREADS")) }}
+- name: OMP_NUM_THREADS
+  value: {{ include "ct3d.rankThreads" (dict "cpu" (.cpu | default .root.Values.cpu) "ranks" $gpus) | quote }}
 {{- end }}
 {{- if .indexed }}
 - name: JOB_COMPLETION_INDEX
