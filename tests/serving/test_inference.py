@@ -153,8 +153,9 @@ def test_predict_one_volume_and_datalist_agree(trained, tmp_path, tiny_demo):
     first = list(csv.DictReader(open(one)))[0]
     rows = {r["VolumeName"]: r for r in csv.DictReader(open(many))}
     assert len(rows) == 24
-    for label in LABELS:
-        assert float(first[label]) == pytest.approx(float(rows[name][label]), abs=1e-5)
+    for label in LABELS:  # one volume alone or in a batch of 8: oneDNN's convolutions differ by batch in the
+        # float32 rounding (1.2e-5 seen with AVX2 kernels); a wrong volume or label would differ by far more
+        assert float(first[label]) == pytest.approx(float(rows[name][label]), abs=1e-4)
 
 
 def test_checkpoint_needing_pickle_is_refused(tmp_path, capfd):
