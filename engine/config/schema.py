@@ -181,6 +181,7 @@ class TrainConfig:
     checkpoint_minutes: float = setting(10.0, ge=0)  # also write last.pt mid-epoch this often; 0: epoch ends only
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over every rank's batch (2-4 volumes per GPU)
     freeze_epochs: int = setting(0, ge=0)  # train the head alone (backbone and its BatchNorm statistics frozen)
+    compile: bool = False  # torch.compile the trained network (MONAI's trainer does it; needs a C compiler)
 
 
 @dataclass

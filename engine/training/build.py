@@ -210,6 +210,7 @@ def make_trainer(model, optimizer, loss_fn, loader, device: torch.device, amp_dt
         loss_function=loss_fn.to(device), prepare_batch=prepare_batch, inferer=make_inferer(device, amp_dtype),
         decollate=False, accumulation_steps=train.accumulation_steps, non_blocking=True,  # no host sync per copy
         optim_set_to_none=True,  # as a hand-written loop does: no memset of every gradient each step
+        compile=train.compile,  # the network forward (and so backward) compiled by torch.compile
         **_amp_arguments(amp_dtype),
     )
 

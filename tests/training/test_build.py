@@ -129,3 +129,26 @@ def test_model_channels_last_sets_the_3d_weights_layout(setting, cpu_layout):
     net = make_network(model, 2, [16, 16, 16], torch.device("cpu"))
     weight = net.layer1[0].conv1.weight  # more than one input channel: the layouts differ
     assert weight.is_contiguous(memory_format=torch.channels_last_3d) == cpu_layout
+
+
+def test_train_compile_trains_through_torch_compile(tmp_path, tiny_demo, monkeypatch):
+    """MONAI's trainer compiles the network; here with TorchDynamo's eager backend (the default, inductor, spends
+    a minute compiling on a CPU): the step runs through torch.compile, and the checkpoint holds the plain network."""
+    import torch
+
+    from engine.config.loading import load_config
+    from engine.training.workflow import train
+    from helpers import tiny_overrides
+
+    compiled = []
+    real = torch.compile
+
+    def eager(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager)
+    folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.compile=true", "metrics.bootstrap=0")))
+    assert compiled == ["ResNet"]
+    state = torch.load(folder / "checkpoints" / "final.pt", weights_only=True)["model"]
+    assert "conv1.weight" in state and not any(k.startswith("_orig_mod") for k in state)
