@@ -91,6 +91,9 @@ def _release_hint(rescaled: bool) -> str:
             f"turns soft tissue into air). Volumes in HU with no air in view: preprocess.air_check=false")
 
 
+VOXEL_MM = (0.05, 20.0)  # plausible CT voxel sizes (a micro-CT's to a thick slab's); others are header units
+
+
 class CheckVolumed(MapTransform):
     """Fails with the file's name when a loaded image is not one 3D volume, holds NaN, or is constant; and,
     when `air_check` (the HU window reaches air, at or below AIR_HU's top), when its air (air_level) is not
@@ -113,6 +116,13 @@ class CheckVolumed(MapTransform):
             if not torch.isfinite(image).all():
                 bad = int((~torch.isfinite(image)).sum())
                 raise CT3DError(f"{name}: volume holds {bad} NaN or infinite voxel(s)")
+            affine = getattr(image, "affine", None)
+            if affine is not None:  # a spacing in metres (0.002) would be resampled to one voxel's value
+                voxel = [float(v) for v in torch.as_tensor(affine, dtype=torch.float64)[:3, :3].norm(dim=0)]
+                if not all(VOXEL_MM[0] <= v <= VOXEL_MM[1] for v in voxel):
+                    raise CT3DError(f"{name}: voxel size {' x '.join(f'{v:g}' for v in voxel)} mm is outside "
+                                    f"{VOXEL_MM[0]:g}-{VOXEL_MM[1]:g} mm: a header in other units (metres?) or "
+                                    f"without spacing; fix the header, or give the spacing in data.metadata")
             low = float(image.min())
             if low == float(image.max()):
                 raise CT3DError(f"{name}: every voxel has the same value ({low})")

@@ -178,3 +178,17 @@ def test_an_infinite_voxel_is_refused_naming_the_volume_and_verify_drops_a_nan_e
     torch.save(entry, entry_path)
     verified = cache(cfg, verify=True)
     assert verified["corrupt"] == 1 and verified["built"] == 1  # dropped, then built again from its (good) source
+
+
+def test_a_header_spacing_in_metres_is_refused_naming_the_volume(tmp_path):
+    """0.002 (metres) resampled to 1.5 mm would cache one voxel's value everywhere, a constant volume."""
+    from engine.data.preprocess import preprocess, preprocessing_transform
+
+    volume = np.full((32, 32, 32), -1000, np.int16)
+    volume[8:24, 8:24, 8:24] = 40
+    path = write_nifti(tmp_path / "metres.nii.gz", volume, spacing=(0.002, 0.002, 0.002))
+    cfg = load_config(None, ["data.demo.enabled=true", "preprocess.spacing=[1.5,1.5,1.5]"])
+    with pytest.raises(CT3DError, match=r"metres.nii.gz: voxel size 0.002 x 0.002 x 0.002 mm is outside 0.05-20 mm"):
+        preprocess(preprocessing_transform(cfg.preprocess), {"image": str(path), "name": "metres.nii.gz"})
+    ok = write_nifti(tmp_path / "mm.nii.gz", volume, spacing=(2.0, 2.0, 2.0))
+    preprocess(preprocessing_transform(cfg.preprocess), {"image": str(ok), "name": "mm.nii.gz"})
