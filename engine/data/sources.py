@@ -158,7 +158,9 @@ def find_volumes(root: Path) -> tuple[list[dict], list[Problem]]:
         for name in sorted(files):
             path = here / name
             rel = path.relative_to(root).as_posix()
-            if name.lower().endswith(VOLUME_SUFFIXES):
+            if not path.is_file():  # a named pipe, socket or device: reading it could wait forever
+                skipped.append(Problem(str(path), "not a regular file (a pipe, socket or device)", rel))
+            elif name.lower().endswith(VOLUME_SUFFIXES):
                 items.append({"image": str(path), "name": rel})
             elif is_dicom(path):
                 loose.append(path)

@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 
-from engine.training.checkpoint import Checkpoints, Resume, load_checkpoint, progress_of
+from engine.training.checkpoint import Checkpoints, Resume, find_latest_checkpoint, load_checkpoint, progress_of
 from engine.training.handlers import MetricsTable
 from engine.training.ranks import on_rank_0
 from engine.utils.errors import CT3DError, Interrupted
@@ -146,10 +146,11 @@ def run_to_end(trainer: Engine, checkpoints: Checkpoints, table: MetricsTable, r
                           f"{folder / 'checkpoints' / 'last.pt'} holds it: run again to continue")
     if steps.diverged:
         checkpoints.wait()
+        kept = find_latest_checkpoint(folder / "checkpoints")  # none yet when it diverged in the first epoch
+        where = f"The last good state is {kept}" if kept else "No checkpoint was written before it"
         raise CT3DError(f"training stopped at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}: "
-                        f"the loss became NaN or infinite (mean of the last reduce: {steps.running_loss:g}). The last "
-                        f"good state is {folder / 'checkpoints' / 'last.pt'}; try a lower train.lr, train.amp=off, "
-                        f"or check the data")
+                        f"the loss became NaN or infinite (mean of the last reduce: {steps.running_loss:g}). {where}; "
+                        f"try a lower train.lr, train.amp=off, or check the data")
     if not table.rows:
         checkpoints.wait()
         raise CT3DError(f"run {folder}: no validation was recorded; nothing to summarise")

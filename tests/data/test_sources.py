@@ -103,3 +103,15 @@ def test_no_decoder_plugin_warning_at_start_up(tmp_path):
                "data.patient_pattern=''", fresh=True)  # fresh: a warning while MONAI is imported counts too
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nvimgcodec" not in (proc.stdout + proc.stderr).lower()
+
+
+def test_a_named_pipe_in_a_predict_folder_is_listed_not_read(tmp_path):
+    """Opening a FIFO to read it waits for a writer: predict would hang."""
+    import os
+
+    from engine.data.sources import find_volumes
+
+    (tmp_path / "scans").mkdir()
+    os.mkfifo(tmp_path / "scans" / "pipe.nii.gz")
+    items, skipped = find_volumes(tmp_path / "scans")
+    assert items == [] and [p.name for p in skipped] == ["pipe.nii.gz"] and "not a regular file" in str(skipped[0])

@@ -371,3 +371,12 @@ def test_an_unwritable_output_folder_stops_training_before_any_volume_is_read(tm
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(CT3DError, match="output.dir: .*a-file/runs is not writable"):
         train(load_config(None, tiny_overrides(tmp_path, tiny_demo, f"output.dir={tmp_path / 'a-file' / 'runs'}")))
+
+
+def test_a_nan_loss_in_the_first_epoch_names_no_checkpoint_that_does_not_exist(tmp_path, tiny_demo, monkeypatch):
+    from engine.training import workflow
+
+    monkeypatch.setattr(workflow, "make_loss", lambda *args: NanAfter(calls=1))
+    with pytest.raises(CT3DError, match=r"No checkpoint was written before it") as raised:
+        train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2", "train.log_every=2")))
+    assert "last.pt" not in str(raised.value)
