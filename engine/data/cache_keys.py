@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from stat import S_ISDIR
 
 from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
@@ -31,19 +32,35 @@ def cache_key(p: PreprocessConfig) -> str:
 
 def source_signature(item: dict) -> list:
     """The volume's path (under data.image_root when the item has one, so another mount point of the same files
-    names the same entry), size and modification time: a changed file is a new cache entry. A series named
-    inside a folder (`<folder>/<series>`) goes by its folder's size and time. Storage that does not answer is
-    Transient: a signature without size and time would name another entry (and verify would call this one stale)."""
+    names the same entry), size and modification time: a changed file is a new cache entry. A series (a folder,
+    or one named inside it: `<folder>/<series>`) goes by its files' total size and newest time. Storage that does
+    not answer is Transient: a signature without size and time would name another entry (and verify would call
+    this one stale)."""
     path = item[IMAGE]
     for candidate in (path, os.path.dirname(path)):
         try:
-            stat = os.stat(candidate)
-            return [item.get(RELATIVE, path), stat.st_size, stat.st_mtime_ns]
+            return [item.get(RELATIVE, path), *_size_and_time(candidate)]
         except OSError as exc:
             if exc.errno in TRANSIENT_ERRNOS:
                 raise Transient(f"{candidate}: the storage did not answer ({exc.strerror or exc})") from None
             continue
     return [item.get(RELATIVE, path)]
+
+
+def _size_and_time(path: str) -> tuple[int, int]:
+    """A file's size and modification time; a folder's (a DICOM series) its files' total size and the newest time
+    of it and them: a series rewritten in place under the same file names changes neither the folder's size nor
+    its time, only its files'."""
+    stat = os.stat(path)
+    if not S_ISDIR(stat.st_mode):
+        return stat.st_size, stat.st_mtime_ns
+    size, newest = 0, stat.st_mtime_ns
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_file():
+                member = entry.stat()
+                size, newest = size + member.st_size, max(newest, member.st_mtime_ns)
+    return size, newest
 
 
 def source_hash(item: dict) -> bytes:

@@ -29,9 +29,17 @@ def test_signature_of_a_file_a_series_in_a_folder_and_a_missing_source(tmp_path)
     assert source_signature({"image": str(volume), "relative": "v.nii.gz"}) == ["v.nii.gz", 5, stat.st_mtime_ns]
     folder = tmp_path / "study"
     folder.mkdir()
-    series = folder / "CHEST 1.0"  # a series named inside its folder: the folder's size and time
-    folder_stat = os.stat(folder)
-    assert source_signature({"image": str(series)}) == [str(series), folder_stat.st_size, folder_stat.st_mtime_ns]
+    series = folder / "CHEST 1.0"  # a series named inside its folder: its files' total size and newest time
+    (folder / "1.dcm").write_bytes(b"abc")
+    (folder / "2.dcm").write_bytes(b"defgh")
+    newest = max(os.stat(p).st_mtime_ns for p in (folder, folder / "1.dcm", folder / "2.dcm"))
+    assert source_signature({"image": str(series)}) == [str(series), 8, newest]
+    before, folder_time = source_signature({"image": str(series)}), os.stat(folder).st_mtime_ns
+    (folder / "2.dcm").write_bytes(b"other")  # rewritten in place: same names, same size, the folder's time kept
+    os.utime(folder / "2.dcm", ns=(newest + 10**9, newest + 10**9))
+    os.utime(folder, ns=(folder_time, folder_time))
+    assert os.stat(folder).st_mtime_ns == folder_time and source_signature({"image": str(series)}) != before
+    assert source_signature({"image": str(folder)})[1:] == source_signature({"image": str(series)})[1:]
     gone = tmp_path / "gone" / "v.nii.gz"
     assert source_signature({"image": str(gone)}) == [str(gone)]
     assert source_signature({"image": str(gone), "relative": "gone/v.nii.gz"}) == ["gone/v.nii.gz"]
