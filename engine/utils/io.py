@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from contextlib import contextmanager
@@ -45,13 +46,32 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_full(exc, path)
         raise
     try:
         _fsync(path.parent, directory=True)
     except OSError:  # some filesystems refuse fsync on a directory; the rename is done
         pass
+
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write (torch.save says only "file write failed") is a full disk
+
+
+def _raise_if_full(exc: BaseException, path: Path) -> None:
+    """A write that failed on a full filesystem, as one line with the path and the space left: Transient (exit 150,
+    the pod is retried once space is made). The file there before, if any, is untouched (the write was to a
+    temporary file)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    full = isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+    if full or (isinstance(exc, (OSError, RuntimeError)) and free < LOW_SPACE):
+        raise Transient(f"{path}: no space left on its filesystem ({free / 2**20:.1f} MiB free) while writing it; "
+                        f"free space or enlarge the volume. Files written before are intact") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

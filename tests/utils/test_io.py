@@ -1,5 +1,6 @@
 """Atomic tensor files written without the zip CRC-32, and why that loses nothing."""
 
+import pytest
 import torch
 
 from engine.utils.io import save_tensors
@@ -111,3 +112,33 @@ def test_a_volume_read_the_storage_did_not_answer_is_transient_and_a_bad_file_is
     item = {"image": str(tmp_path / "v.nii.gz"), "name": "v.nii.gz", "label": [1.0]}
     problems = cache.volume_problems([item], PreprocessConfig(spatial_size=[8, 8, 8]), None, 1)
     assert len(problems) == 1 and problems[0].name == "v.nii.gz"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root); skipped where it cannot be mounted."""
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_is_one_transient_line_naming_the_path_and_keeps_what_was_there(small_disk):
+    import torch
+
+    from engine.utils.errors import Transient
+    from engine.utils.io import save_tensors, write_text
+
+    save_tensors({"w": torch.ones(10)}, small_disk / "last.pt")
+    write_text(small_disk / "summary.json", "{}")
+    with pytest.raises(Transient, match=r"last.pt: no space left on its filesystem \(.* MiB free\)"):
+        save_tensors({"w": torch.ones(2**20)}, small_disk / "last.pt")  # 4 MiB: does not fit
+    with pytest.raises(Transient, match="summary.json: no space left"):
+        write_text(small_disk / "summary.json", "x" * 2**21)
+    assert torch.equal(torch.load(small_disk / "last.pt", weights_only=True)["w"], torch.ones(10))
+    assert (small_disk / "summary.json").read_text() == "{}"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.pt", "summary.json"]  # no temporary file left
