@@ -8,6 +8,8 @@ import csv
 import io
 from pathlib import Path
 
+import yaml
+
 from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
 from engine.data.items import LABEL, NAME
@@ -66,12 +68,24 @@ def split_differences(saved: dict[str, dict], rows: list[dict]) -> list[str]:
 MODEL_FREE = ("pretrained", "pretrained_min_loaded", "weights", "weights_revision", "preprocess_check", "channels_last")
 
 
+# training settings a resumed run may change (more epochs, other logging, checkpoint or early-stopping cadence);
+# any other is restored from the checkpoint (the optimizer's learning rate, the scaler) or would mix two runs
+TRAIN_FREE = ("epochs", "resume", "device", "threads", "log_every", "checkpoint_minutes", "dist_timeout_minutes",
+              "val_every", "early_stopping_patience", "early_stopping_min_delta")
+
+
 def check_same_run(state: dict, checkpoint: Path, folder: Path, data: Splits, task: str,
-                   preprocess: PreprocessConfig, patient_pattern: str, model: dict | None = None) -> None:
-    """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels, preprocessing and `model`
-    (plain model settings) it was trained with: stop naming every difference otherwise (the run would validate
-    on volumes it trained on, or mix models)."""
+                   preprocess: PreprocessConfig, patient_pattern: str, model: dict | None = None,
+                   train: dict | None = None) -> None:
+    """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels, preprocessing, `model` and
+    `train` settings (plain sections) it was trained with, the latter as the run's config.yaml records them: stop
+    naming every difference otherwise (the run would validate on volumes it trained on, mix models, or record a
+    learning rate its optimizer's restored state does not use)."""
     found = []
+    if train is not None and (folder / "config.yaml").is_file():
+        recorded = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train") or {}
+        found += [f"train.{k}: the run has {recorded[k]!r}, the config {v!r}" for k, v in train.items()
+                  if k not in TRAIN_FREE and k in recorded and recorded[k] != v]
     saved = state.get("model_config") or {}
     found += [f"model.{k}: the checkpoint has {saved.get(k)!r}, the config {v!r}" for k, v in (model or {}).items()
               if k not in MODEL_FREE and k in saved and saved[k] != v]

@@ -380,3 +380,20 @@ def test_a_nan_loss_in_the_first_epoch_names_no_checkpoint_that_does_not_exist(t
     with pytest.raises(CT3DError, match=r"No checkpoint was written before it") as raised:
         train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2", "train.log_every=2")))
     assert "last.pt" not in str(raised.value)
+
+
+def test_resuming_with_another_learning_rate_is_refused_and_more_epochs_are_not(tmp_path, tiny_demo):
+    """The optimizer's restored state keeps the run's learning rate: a new train.lr would be recorded in
+    config.yaml and not used."""
+    from engine.config.loading import load_config
+    from engine.training.workflow import train
+    from engine.utils.errors import CT3DError
+
+    def run(*extra: str):
+        return train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "metrics.bootstrap=0", *extra)))
+
+    folder = run("train.lr=0.001")
+    with pytest.raises(CT3DError, match=r"train.lr: the run has 0.001, the config 0.01"):
+        run("train.lr=0.01", "train.epochs=2")
+    run("train.lr=0.001", "train.epochs=2", "train.log_every=5")  # an extension, logged more often: allowed
+    assert torch.load(folder / "checkpoints" / "final.pt", weights_only=True)["trainer"]["epoch"] == 2
