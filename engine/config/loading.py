@@ -121,8 +121,10 @@ def _check_together(cfg: Config, command: str) -> None:
         re.compile(cfg.data.patient_pattern)
     except re.error as exc:
         raise _error("data.patient_pattern", f"not a regular expression ({exc})") from None
-    if command not in ("predict", "export") and not (cfg.data.train or cfg.data.demo.enabled):
-        raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true")
+    outside = command == "evaluate" and cfg.data.val  # scoring another data set: the run recorded its training set
+    if command not in ("predict", "export") and not (cfg.data.train or cfg.data.demo.enabled or outside):
+        raise _error("data.train", "no datalist: set data.train=PATH or data.demo.enabled=true"
+                     + (" (evaluate: or data.val=PATH, the volumes to score)" if command == "evaluate" else ""))
     if cfg.data.folds == 1:
         raise _error("data.folds", "needs 2 or more folds (0: one train/validation split)")
     if cfg.data.folds and cfg.data.fold >= cfg.data.folds:

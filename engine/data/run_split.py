@@ -104,6 +104,19 @@ def check_same_run(state: dict, checkpoint: Path, folder: Path, data: Splits, ta
                         "or train.resume=off)")
 
 
+def trained_frequencies(checkpoint: Path) -> list[float]:
+    """The share of positives per label among the volumes the checkpoint's run trained on, from its split.csv
+    (what its loss's pos_weight was made of): evaluating on an outside data set needs no data.train."""
+    path = Path(checkpoint).resolve().parent.parent / SPLIT_FILE
+    if not path.is_file():
+        raise CT3DError(f"evaluate: no {SPLIT_FILE} beside {checkpoint} to tell what its run trained on; give "
+                        f"data.train (the run's training datalist)")
+    rows = [row["labels"] for row in read_split(path).values() if row["split"] == "train"]
+    if not rows:
+        raise CT3DError(f"evaluate: {path} lists no training volume; give data.train")
+    return [sum(row[j] == "1" for row in rows) / len(rows) for j in range(len(rows[0]))]
+
+
 def _label_text(item: dict) -> str:
     return "".join(str(int(v)) for v in item[LABEL])
 

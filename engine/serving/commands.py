@@ -12,10 +12,10 @@ import torch
 
 from engine.config.schema import Config, OutputConfig
 from engine.data.cache import build_dataset
-from engine.data.datalist import label_frequencies
+from engine.data.datalist import label_frequencies, load_datalist
 from engine.data.loaders import loader_workers, make_loader
 from engine.data.prepare import disk_dir, load_splits
-from engine.data.run_split import evaluation_split_note
+from engine.data.run_split import evaluation_split_note, trained_frequencies
 from engine.data.split import patient_of
 from engine.serving.evaluation import evaluate_checkpoint, report_comparison, report_evaluation
 from engine.serving.export import export_model
@@ -50,7 +50,11 @@ def evaluate(cfg: Config) -> dict:
     checkpoints = list(cfg.checkpoints) if len(cfg.checkpoints) == 2 else [cfg.checkpoint]
     device = resolve_device(cfg.train.device)
     amp = resolve_amp(cfg.train.amp, device)
-    train_items, val_items, labels = load_splits(cfg.data)
+    if cfg.data.train or cfg.data.demo.enabled:
+        train_items, val_items, labels = load_splits(cfg.data)
+    else:  # an outside data set in data.val: what the run trained on comes from its split.csv
+        listed = load_datalist(cfg.data.val, cfg.data, cfg.data.json_val_key)
+        train_items, val_items, labels = [], listed.items, listed.labels
     patients = [patient_of(it, cfg.data.patient_pattern) for it in val_items]
     results = []
     for checkpoint in checkpoints:
@@ -61,7 +65,8 @@ def evaluate(cfg: Config) -> dict:
                                      cfg.infer.allow_trained_patients)
         dataset = build_dataset(val_items, checkpoint_preprocessing(state), disk_dir(cfg.cache),
                                 cfg.cache.memory_rate, cfg.cache.workers)
-        loss = make_loss(cfg.train, state["task"], label_frequencies(train_items))
+        frequencies = label_frequencies(train_items) if train_items else trained_frequencies(Path(checkpoint))
+        loss = make_loss(cfg.train, state["task"], frequencies)
         results.append(evaluate_checkpoint(checkpoint, model, state, dataset, val_items, patients, note,
                                            make_loader(dataset, cfg.loader, device), device, amp, loss, cfg.metrics,
                                            str(cfg.infer.tta)))

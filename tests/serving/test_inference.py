@@ -251,3 +251,24 @@ def test_evaluate_compares_two_checkpoints_on_the_same_volumes(trained, tmp_path
     assert macro["second"] == pytest.approx(second["metrics"]["auc_macro"], abs=1e-6)
     low, high = macro["interval"]
     assert low <= macro["difference"] <= high and comparison["method"] == "BCa"
+
+
+def test_evaluate_needs_only_the_checkpoint_and_the_data_to_score(trained, tmp_path, tiny_demo):
+    """An outside data set: no data.train. The loss's pos_weight (val_loss) and the leakage check come from the
+    run's split.csv; on the run's own validation volumes, listed alone, the figures are the best epoch's."""
+    folder, overrides, _ = trained
+    summary = json.loads((folder / "summary.json").read_text())
+    validation = {r["volume"] for r in csv.DictReader(open(folder / "split.csv")) if r["split"] == "validation"}
+    lines = tiny_demo.read_text().splitlines()
+    rows = [line for line in lines[1:] if line.split(",")[0] in validation]
+    (tmp_path / "outside.csv").write_text("\n".join([lines[0], *rows]))
+    for line in lines[1:]:
+        name = line.split(",")[0]
+        if name in validation:
+            (tmp_path / name).symlink_to(tiny_demo.parent / name)
+    keep = [o for o in overrides if not o.startswith("data.train=")]
+    cfg = load_config(None, [*keep, f"checkpoint={folder / 'checkpoints' / 'best.pt'}",
+                             f"data.val={tmp_path / 'outside.csv'}", "output.name=outside"], command="evaluate")
+    metrics = evaluate(cfg)
+    for key in ("auc_macro", "val_loss", "fbeta_macro"):
+        assert metrics[key] == pytest.approx(summary["best"][key], abs=1e-4), key
