@@ -141,6 +141,24 @@ def make_network(model: ModelConfig, outputs: int, spatial_size: list[int], devi
     return to_device(net, device, str(model.channels_last))
 
 
+def check_checkpoint_space(model: ModelConfig, spatial_size: list[int], output_dir: str) -> None:
+    """Room in output.dir for a checkpoint of this network (weights and AdamW's two moments, float32) while the
+    previous one is kept (written beside it, then renamed): refused before any volume is read, not hours in.
+    The network is built on the meta device: no memory, no time."""
+    import shutil
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in create_model(model, 1, spatial_size).parameters())
+    need, folder = 3 * 4 * params, Path(output_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < 2 * need:
+        raise CT3DError(f"output.dir: {output_dir} has {free / 2**30:.2f} GiB free; a checkpoint of this "
+                        f"{model.name} ({params / 1e6:.1f} M parameters, with AdamW's state) takes "
+                        f"{need / 2**30:.2f} GiB and one is written beside the last: free space or use another folder")
+
+
 def encoder_record(net: torch.nn.Module) -> dict:
     """{"encoder": where a pretrained encoder's weights came from (file, SHA-256)} for summary.json; {} else."""
     record = getattr(net, "weights", None)

@@ -32,6 +32,7 @@ from engine.training import embeddings
 from engine.training.augment import DeviceAugmentation
 from engine.training.build import (
     attach_validation,
+    check_checkpoint_space,
     checkpoint_meta,
     encoder_record,
     make_evaluator,
@@ -96,6 +97,7 @@ def train(cfg: Config, attach=None) -> Path:
     amp_dtype = resolve_amp(cfg.train.amp, device)
     probe = embeddings.applies(cfg.model, cfg.augment, cfg.cache)  # the head alone, on cached encoder features
     writable_folders(cfg.cache, cfg.output.dir, probe)  # before any volume is read, not at the first checkpoint
+    check_checkpoint_space(cfg.model, cfg.preprocess.spatial_size, cfg.output.dir)
     planned = embeddings.planned_cache(cfg.model, cfg.preprocess, cfg.cache, amp_dtype) if probe else None
     data = prepare_data_in_shares(cfg.data, cfg.preprocess, cfg.cache, cfg.train.dist_timeout_minutes, main,
                                   planned.holds if planned else None)  # embedded volumes need no second look

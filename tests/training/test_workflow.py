@@ -397,3 +397,21 @@ def test_resuming_with_another_learning_rate_is_refused_and_more_epochs_are_not(
         run("train.lr=0.01", "train.epochs=2")
     run("train.lr=0.001", "train.epochs=2", "train.log_every=5")  # an extension, logged more often: allowed
     assert torch.load(folder / "checkpoints" / "final.pt", weights_only=True)["trainer"]["epoch"] == 2
+
+
+def test_too_little_room_for_a_checkpoint_stops_before_any_volume_is_read(tmp_path, tiny_demo, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from engine.config.loading import load_config
+    from engine.training.workflow import train
+    from engine.utils.errors import CT3DError
+
+    def unread(*_):
+        raise AssertionError("a volume was read")
+
+    monkeypatch.setattr("engine.data.cache.preprocess", unread)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 10**4, 10**4))  # 10 kB free
+    with pytest.raises(CT3DError, match=r"output.dir: .* has 0.00 GiB free; a checkpoint of this resnet3d"):
+        train(load_config(None, tiny_overrides(tmp_path, tiny_demo)))
