@@ -46,6 +46,12 @@ def macro_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.amax(0) != labels.amin(0)
 
 
+def macro_mean(values: list[float], labels: torch.Tensor) -> float:
+    """The mean of per-label `values` over the labels every macro figure averages (macro_labels): a label with
+    one class in the data has no calibration error to speak of, nor an AUC."""
+    return _mean_over(values, macro_labels(labels))
+
+
 def _mean_over(values: list[float], keep: torch.Tensor) -> float:
     chosen = [v for v, k in zip(values, keep.tolist()) if k]
     return sum(chosen) / len(chosen) if chosen else float("nan")

@@ -15,7 +15,7 @@ from statistics import NormalDist
 import torch
 
 from engine.results.calibration import expected_calibration_error
-from engine.results.metrics import decisions, macro_labels
+from engine.results.metrics import decisions, macro_labels, macro_mean
 
 FEW_POSITIVE_PATIENTS = 10  # below this, a label's interval is flagged: it rests on a handful of patients
 
@@ -190,7 +190,7 @@ def run_statistics(probs: torch.Tensor, labels: torch.Tensor, patients: list[str
     single = [n for j, n in enumerate(names) if labels.shape[0] and labels[:, j].min() == labels[:, j].max()]
     out = {
         "thresholds": dict(zip(names, thresholds)),
-        "calibration": {"bins": metrics.calibration_bins, "ece_macro": sum(ece) / len(ece),
+        "calibration": {"bins": metrics.calibration_bins, "ece_macro": macro_mean(ece, labels),
                         "ece": dict(zip(names, ece)), **per_label_calibration(calibration, names)},
         "auc_macro_labels": len(names) - len(single), "auc_left_out": single,
     }

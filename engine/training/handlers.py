@@ -25,7 +25,7 @@ from engine.results.calibration import (
     fit_calibration,
     tune_thresholds,
 )
-from engine.results.metrics import classification_metrics, decisions, probabilities
+from engine.results.metrics import classification_metrics, decisions, macro_mean, probabilities
 from engine.utils.io import write_text
 
 log = logging.getLogger("ct3d")
@@ -114,7 +114,7 @@ class ValidationMetrics:
                                          self.beta, decided=decisions(probs, self.task, thresholds))
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
         ece = expected_calibration_error(probs, labels, self.bins)
-        metrics["ece_macro"] = sum(ece) / len(ece)
+        metrics["ece_macro"] = macro_mean(ece, labels)
         return metrics, list(thresholds), calibration, ece, probs
 
     def state_dict(self) -> dict:

@@ -42,3 +42,27 @@ def test_the_slope_is_never_negative_and_a_backwards_label_gets_its_base_rate():
     pos, n = float(labels[:, 1].sum()), labels.shape[0]
     mean = (pos * (pos + 1) / (pos + 2) + (n - pos) / (n - pos + 2)) / n  # Platt's targets' mean: the a = 0 optimum
     assert abs(bias[1] - math.log(mean / (1 - mean))) < 1e-9
+
+
+def test_ece_macro_averages_only_labels_with_both_classes():
+    """A label with one class has nothing to calibrate against: its ECE would pull the macro figure (issue 40).
+    The expected value is the mean of the two-class labels' ECE, each written out here over equal-width bins."""
+    probs = torch.tensor([[0.85, 0.22, 0.65], [0.75, 0.33, 0.55], [0.25, 0.12, 0.95], [0.15, 0.44, 0.85]])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])  # third: one class
+
+    def ece(p, y, bins=10):
+        total = 0.0
+        for b in range(bins):
+            inside = [(pi, yi) for pi, yi in zip(p, y) if b / bins <= pi < (b + 1) / bins]  # no value on an edge
+            if inside:
+                total += len(inside) * abs(sum(pi for pi, _ in inside) / len(inside) - sum(yi for _, yi in inside)
+                                           / len(inside))
+        return total / len(p)
+
+    expected = (ece(probs[:, 0].tolist(), labels[:, 0].tolist()) + ece(probs[:, 1].tolist(), labels[:, 1].tolist())) / 2
+    handler = ValidationMetrics(["a", "b", "c"], "multilabel", torch.nn.BCEWithLogitsLoss(), 0.5, 1.0, "fixed",
+                                False, 10)
+    engine = Engine(lambda e, b: {"pred": torch.logit(b[0]), "label": b[1]})
+    handler.attach(engine)
+    engine.run([(probs, labels)], max_epochs=1)
+    assert abs(engine.state.metrics["ece_macro"] - expected) < 1e-6
