@@ -170,12 +170,16 @@ def pruning(trial, metric: str, reason: dict):
     from ignite.engine import Events
 
     def attach(trainer, evaluator) -> None:
+        reported: list[float] = []  # this trial's values so far: the pruner compares the best of them
+
         def report(engine) -> None:
             from optuna.exceptions import UpdateFinishedTrialError
+            from optuna.study import StudyDirection
 
             value = engine.state.metrics.get(metric)
             if value is None or math.isnan(value):
                 return
+            reported.append(value)
             try:
                 trial.report(value, step=trainer.state.epoch)
             except UpdateFinishedTrialError:  # marked lost (a silent heartbeat) and retried elsewhere: stop
@@ -185,8 +189,9 @@ def pruning(trial, metric: str, reason: dict):
             if trial.should_prune():
                 median = median_at(trial.study, trainer.state.epoch, trial.number)
                 compared = f" ({median:.4f})" if median is not None else ""
-                reason["text"] = (f"pruned at epoch {trainer.state.epoch}: {metric} {value:.4f} is worse than the "
-                                  f"median of the completed trials at that epoch{compared}")
+                best = (max if trial.study.direction == StudyDirection.MAXIMIZE else min)(reported)
+                reason["text"] = (f"pruned at epoch {trainer.state.epoch}: {metric}'s best so far, {best:.4f}, is "
+                                  f"worse than the median of the completed trials at that epoch{compared}")
                 trial.set_user_attr("pruned", reason["text"])
                 log.info("sweep: trial %d %s", trial.number, reason["text"])
                 trainer.terminate()

@@ -73,13 +73,19 @@ def test_a_real_two_trial_sweep_prunes_the_clearly_worse_trial(tmp_path, tiny_de
     pruned_rows = list(csv.DictReader(open(study / second["run"].split("/", 1)[1] / "metrics.csv")))
     assert [int(r["epoch"]) for r in pruned_rows] == [1, 2]  # stopped: never trained epochs 3 and 4
     assert float(pruned_rows[1]["val_loss"]) > rows[2]
+    best = min(float(r["val_loss"]) for r in pruned_rows)  # what Optuna's median pruner compares, not epoch 2's
+    assert f"val_loss's best so far, {best:.4f}, is worse" in second["note"]
 
 
 def test_pruned_trial_stops_training_and_records_why(tmp_path, tiny_demo):
+    from optuna.study import StudyDirection
+
     from engine.experiments.sweep import pruning
     from engine.training.workflow import train
 
     class Study:  # no completed trial to compare with
+        direction = StudyDirection.MINIMIZE
+
         def get_trials(self, deepcopy=False, states=()):
             return []
 
@@ -99,7 +105,7 @@ def test_pruned_trial_stops_training_and_records_why(tmp_path, tiny_demo):
     folder = train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=3")),
                    attach=pruning(trial, "val_loss", reason))
     assert [step for step, _ in trial.reported] == [1]  # stopped after the first validation
-    assert trial.attrs["pruned"].startswith("pruned at epoch 1: val_loss")
+    assert trial.attrs["pruned"].startswith(f"pruned at epoch 1: val_loss's best so far, {trial.reported[0][1]:.4f}")
     assert json.loads((folder / "summary.json").read_text())["final"]["epoch"] == 1
 
 
