@@ -43,6 +43,8 @@ class RingCollate:
             raise ValueError(f"slots: at least 2 (one collated while one is used), got {slots}")
         self.device, self.slots, self.rings = torch.device(device), slots, {}
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # the rank's device, whatever thread collates
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def buffer(self, shape: tuple, dtype: torch.dtype) -> _Slot:
@@ -65,6 +67,7 @@ class RingCollate:
             np.copyto(row.numpy(), image.numpy())  # (torch.stack(out=) cost 2-4x the copy on a busy 2-core node)
         if not self.cuda:
             return {IMAGE: slot.buffer, LABEL: labels}
+        torch.cuda.set_device(self.device)  # the loader's thread: else leaving the stream context makes GPU 0 current
         with torch.cuda.stream(self.stream):  # overlaps the step computing on the default stream
             batch = {IMAGE: slot.buffer.to(self.device, non_blocking=True),
                      LABEL: labels.pin_memory().to(self.device, non_blocking=True)}

@@ -71,7 +71,8 @@ MODEL_FREE = ("pretrained", "pretrained_min_loaded", "weights", "weights_revisio
 # training settings a resumed run may change (more epochs, other logging, checkpoint or early-stopping cadence);
 # any other is restored from the checkpoint (the optimizer's learning rate, the scaler) or would mix two runs
 TRAIN_FREE = ("epochs", "resume", "device", "threads", "log_every", "checkpoint_minutes", "dist_timeout_minutes",
-              "val_every", "early_stopping_patience", "early_stopping_min_delta")
+              "val_every", "early_stopping_patience", "early_stopping_min_delta", "compile", "deterministic",
+              "seed")  # the seed: the checkpoint's sampler state refuses it mid-epoch (TrainerState), not at an end
 
 
 def check_same_run(state: dict, checkpoint: Path, folder: Path, data: Splits, task: str,

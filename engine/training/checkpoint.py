@@ -51,7 +51,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return state
 
 
-SHAREABLE = ("model", "labels", "task", "model_config", "preprocessing", "threshold", "calibration", "format")
+SHAREABLE = ("model", "labels", "task", "model_config", "preprocessing", "threshold", "calibration", "format",
+             "encoder")  # a probe's head names its encoder by SHA-256: without it the file would not load
 
 
 def copy_checkpoint(source: Path, path: Path) -> None:

@@ -275,10 +275,26 @@ def restore_encoder(net: EncoderClassifier, model: ModelConfig, record: dict, we
         raise CT3DError("config error: model.weights: the checkpoint names its frozen encoder by SHA-256 only; "
                         "give model.weights (the encoder's weights file or folder)")
     model.weights = source
-    if not weights:  # the commit the checkpoint's encoder came from, not the hub's newest
-        model.weights_revision = record.get("revision", "")
+    # the commit the checkpoint's encoder came from (not the hub's newest); none for a local file given here
+    model.weights_revision = record.get("revision", "") if is_hub_id(source) else ""
     loaded = load_weights(net, model)
     if loaded["sha256"] != record.get("sha256"):
         raise CT3DError(f"config error: model.weights: {loaded['file']} has SHA-256 {loaded['sha256'][:16]}..., "
                         f"the checkpoint's head was trained on an encoder of SHA-256 "
                         f"{str(record.get('sha256'))[:16]}... ({record.get('file')}): give that file")
+
+
+def check_same_encoder(state: dict, net: nn.Module, probe: bool) -> None:
+    """A resumed run's encoder must be its checkpoint's (by SHA-256: a head trained on one encoder must not go on
+    training on another), and a probe (head on cached embeddings) must stay one, and the other way round (the
+    optimizer's state covers the head alone, or the whole network)."""
+    if not isinstance(net, EncoderClassifier):
+        return
+    then, now = (state.get("encoder") or {}).get("sha256"), net.weights.get("sha256")
+    if then != now:
+        raise CT3DError(f"cannot resume: the checkpoint's encoder has weights of SHA-256 {str(then)[:16]}..., this "
+                        f"start's model.weights {str(now)[:16]}...: give the run's weights, or start a new run")
+    if "probe" in state and state["probe"] != probe:
+        how = "trained its head on cached embeddings" if state["probe"] else "ran the encoder every epoch"
+        raise CT3DError(f"cannot resume: the run {how}; this start would not (model.freeze, augment.enabled and "
+                        f"cache.embeddings decide): restore them, or start a new run")

@@ -48,6 +48,7 @@ from engine.training.build import (
     use_every_cpu,
 )
 from engine.training.checkpoint import Checkpoints, Resume, load_checkpoint, resume_checkpoint
+from engine.training.encoders import check_same_encoder
 from engine.training.handlers import History, MetricsTable, Progress, SyncBuffers
 from engine.training.models import FreezeBackbone
 from engine.training.outputs import (
@@ -112,6 +113,8 @@ def train(cfg: Config, attach=None) -> Path:
     if main:  # the config as resolved, split.csv, skipped.csv
         write_run_start(folder, cfg, data)
     net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP
+    if resume_state is not None:
+        check_same_encoder(resume_state, net, probe)
     trained, bars, embedded = net, main and sys.stderr.isatty(), None  # progress bars: terminals only
     if probe:
         trained, (train_ds, val_ds, embedded) = net.head, embeddings.head_datasets(
@@ -177,8 +180,8 @@ def attach_handlers(cfg: Config, parts: Parts, folder: Path, data: Splits, rank:
         parts.tracker = WandbTracker(cfg.tracking.wandb, folder, yaml.safe_load(to_yaml(cfg)), folder.name)
         parts.tracker.attach(trainer, evaluator, parts.optimizer, parts.steps)
         to_save["tracking"] = parts.tracker
-    meta = checkpoint_meta(data.labels, str(cfg.data.task), cfg.model, cfg.preprocess, cfg.metrics.threshold,
-                           parts.net)
+    meta = {**checkpoint_meta(data.labels, str(cfg.data.task), cfg.model, cfg.preprocess, cfg.metrics.threshold,
+                              parts.net), "probe": parts.embeddings is not None}
     parts.checkpoints = Checkpoints(folder / "checkpoints", to_save, meta, main, cfg.train.checkpoint_minutes)
     parts.checkpoints.attach(trainer, parts.table, parts.steps)
 

@@ -209,3 +209,32 @@ def test_two_ranks_extract_half_each_and_train_the_head_on_all(tmp_path, tiny_de
     assert tags == {"0of2", "1of2"}  # both ranks wrote their own
     assert set(torch.load(tmp_path / "runs" / "run" / "checkpoints" / "final.pt",
                           weights_only=True)["model"]) == {"head.1.weight", "head.1.bias"}
+
+
+def test_a_probe_resumed_with_other_encoder_weights_or_not_as_a_probe_is_refused(tmp_path, tiny_demo, weights):
+    """The head was trained on one encoder: going on with another (or switching between cached embeddings and
+    the encoder every epoch, which the optimizer's state cannot follow) is refused, naming why."""
+    train(probe(tmp_path, tiny_demo, weights, "train.epochs=1"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(SMALL_CTFM))
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights / "model.safetensors"))
+    save_file({k: (v + 1 if v.is_floating_point() else v).contiguous() for k, v in state.items()},
+              str(other / "model.safetensors"))
+    with pytest.raises(CT3DError, match="the checkpoint's encoder has weights of SHA-256"):
+        train(probe(tmp_path, tiny_demo, other, "train.epochs=2"))
+    with pytest.raises(CT3DError, match="trained its head on cached embeddings; this start would not"):
+        train(probe(tmp_path, tiny_demo, weights, "train.epochs=2", "cache.embeddings=false"))
+
+
+def test_a_probes_weights_only_file_loads_with_its_encoder(tmp_path, tiny_demo, weights):
+    """W&B's best-weights.pt (write_weights_only) keeps the encoder's record: serving loads it again."""
+    from engine.serving.inference import load_trained_model
+    from engine.training.checkpoint import write_weights_only
+
+    folder = train(probe(tmp_path, tiny_demo, weights, "train.epochs=1"))
+    shared = write_weights_only(folder / "checkpoints" / "best.pt", tmp_path / "best-weights.pt")
+    model, state = load_trained_model(str(shared), torch.device("cpu"))
+    assert state["encoder"]["sha256"] and set(state["model"]) == {"head.1.weight", "head.1.bias"}
