@@ -71,11 +71,13 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: f
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str], task: str,
                            threshold: float | list[float] = 0.5, beta: float = 1.0,
-                           decided: torch.Tensor | None = None) -> dict[str, float]:
+                           decided: torch.Tensor | None = None,
+                           calibrated: torch.Tensor | None = None) -> dict[str, float]:
     """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC and macro F-beta
     average the labels with both classes present (`macro_labels`); `auc_labels` says how many that was.
     `decided`: 0/1 decisions to use instead of thresholding `probs`. Metrics added to the registry with a
-    `compute` of their own follow the built-ins."""
+    `compute` of their own follow the built-ins, given `calibrated` probabilities where `probs` are the raw
+    ones AUC ranks."""
     probs, labels = probs.float().cpu(), labels.float().cpu()
     per_label_auc = [_auc(probs[:, j], labels[:, j]) for j in range(labels.shape[1])]
     keep = macro_labels(labels)
@@ -98,7 +100,8 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: lis
     if task == "multiclass":  # micro accuracy over one-hot cells counts true negatives; report top-1
         out["accuracy"] = float((probs.argmax(1) == labels.argmax(1)).float().mean())
     for metric in computed():
-        out[metric.name] = float(metric.compute(probs, labels, decided))
+        out[metric.name] = float(metric.compute(probs if calibrated is None else calibrated.float().cpu(), labels,
+                                                decided))
     for name, auc, fb in zip(names, per_label_auc, fbeta):
         out[f"auc/{name}"] = auc
         out[f"fbeta/{name}"] = fb

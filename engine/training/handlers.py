@@ -111,7 +111,7 @@ class ValidationMetrics:
             thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
         # rank figures (AUC) from the raw outputs: a calibration that flattens a label must not change its ranking
         metrics = classification_metrics(probabilities(logits, self.task), labels, self.names, self.task, thresholds,
-                                         self.beta, decided=decisions(probs, self.task, thresholds))
+                                         self.beta, decided=decisions(probs, self.task, thresholds), calibrated=probs)
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
         ece = expected_calibration_error(probs, labels, self.bins)
         metrics["ece_macro"] = macro_mean(ece, labels)

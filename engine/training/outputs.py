@@ -72,7 +72,7 @@ def test_block(net: torch.nn.Module, dataset, items: list[dict], labels: list[st
     patients = [patient_of(it, patient_pattern) for it in items]
     return {"volumes": len(items), "patients": len(set(patients)),
             "metrics": classification_metrics(raw, target, labels, task, thresholds, metrics.beta,
-                                              decided=decisions(probs, task, thresholds)),
+                                              decided=decisions(probs, task, thresholds), calibrated=probs),
             **run_statistics(probs, target, patients, labels, task, thresholds, calibration, metrics, ranked=raw)}
 
 
