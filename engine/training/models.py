@@ -4,6 +4,7 @@ the head alone for the first epochs."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 from monai.networks import nets
@@ -79,15 +80,17 @@ def fp32_head(net: nn.Module, name: str) -> nn.Module:
     the state dict's names stay."""
     head = net.get_submodule(HEADS[name])
 
-    entered: list = []  # the autocast contexts this head's calls entered, most recent last
+    local = threading.local()  # per thread: the autocast contexts this head's calls entered, most recent last
 
     def before(_module, args):
-        entered.append(torch.autocast(args[0].device.type, enabled=False))
-        entered[-1].__enter__()
+        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        local.entered = getattr(local, "entered", [])
+        local.entered.append(torch.autocast(device, enabled=False))
+        local.entered[-1].__enter__()
         return tuple(a.float() if torch.is_tensor(a) else a for a in args)
 
     def after(_module, _args, output):
-        entered.pop().__exit__(None, None, None)
+        local.entered.pop().__exit__(None, None, None)
         return output
 
     head.register_forward_pre_hook(before)
