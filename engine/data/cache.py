@@ -113,7 +113,8 @@ class _Preprocessed(Dataset):
 
 class _Read(torch.utils.data.Dataset):
     """Each volume from its disk cache entry when there is one, else preprocessed and not kept; a bad volume is
-    {"index", "problem"} instead of an error, so one bad file does not end a pass over thousands."""
+    {"index", "error"} instead of an exception, so one bad file does not end a pass over thousands (predict,
+    the embedding cache's extraction)."""
 
     def __init__(self, items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None):
         self.sources, self.transform = [source_of(it) for it in items], preprocessing_transform(p)
@@ -135,13 +136,21 @@ class _Read(torch.utils.data.Dataset):
         except Transient:
             raise  # the storage, not this volume: the whole command is retried (exit 150)
         except CT3DError as exc:
-            return {"index": index, "problem": str(exc)}
+            return {"index": index, "error": str(exc)}
 
 
-def read_volumes(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None) -> torch.utils.data.Dataset:
-    """`items`' preprocessed volumes for one pass (the embedding cache's extraction): the disk cache is read where
-    it holds a volume, never filled."""
+def read_volumes(items: list[dict], p: PreprocessConfig, disk_dir: str | Path | None = None
+                 ) -> torch.utils.data.Dataset:
+    """`items`' preprocessed volumes for one pass (predict, the embedding cache's extraction): the disk cache (if
+    `disk_dir`) is read where it holds a volume, never filled. Batch them with `collate_readable`."""
     return _Read(items, p, disk_dir)
+
+
+def collate_readable(samples: list[dict]) -> tuple[list[dict], dict | None]:
+    """A read_volumes batch: (the samples that could not be read, {"index", IMAGE} of the others or None)."""
+    good = [s for s in samples if "error" not in s]
+    batch = {"index": [s["index"] for s in good], IMAGE: torch.stack([s[IMAGE] for s in good])} if good else None
+    return [s for s in samples if "error" in s], batch
 
 
 def cache_folder(root: str | Path, p: PreprocessConfig) -> Path:

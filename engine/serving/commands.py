@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.config.schema import Config, OutputConfig
-from engine.data.cache import build_dataset
+from engine.data.cache import build_dataset, collate_readable, read_volumes
 from engine.data.datalist import label_frequencies, load_datalist
 from engine.data.loaders import loader_workers, make_loader
 from engine.data.prepare import disk_dir, load_splits
@@ -20,9 +20,7 @@ from engine.data.split import patient_of
 from engine.serving.evaluation import evaluate_checkpoint, report_comparison, report_evaluation
 from engine.serving.export import export_model
 from engine.serving.inference import (
-    Readable,
     checkpoint_preprocessing,
-    collate_readable,
     decision_settings,
     list_inputs,
     load_ensemble,
@@ -92,7 +90,7 @@ def predict(cfg: Config) -> Path:
         model, state = load_trained_model(cfg.checkpoint, device, cfg.model.weights)
         thresholds, calibration = decision_settings(state)
     items, skipped = list_inputs(cfg.input, cfg.data)
-    loader = torch.utils.data.DataLoader(Readable(items, checkpoint_preprocessing(state)),
+    loader = torch.utils.data.DataLoader(read_volumes(items, checkpoint_preprocessing(state)),
                                          batch_size=cfg.loader.val_batch_size or cfg.loader.batch_size,
                                          num_workers=loader_workers(cfg.loader, None), collate_fn=collate_readable)
     tta = str(cfg.infer.tta)

@@ -19,7 +19,7 @@ from engine.data.datalist import could_be_series, resolve_image
 from engine.data.items import IMAGE, NAME, VOLUME_SUFFIXES, Problem
 from engine.data.metadata import attach_metadata
 from engine.data.prepare import write_skipped
-from engine.data.preprocess import LEGACY_PREPROCESSING, preprocess, preprocessing_transform
+from engine.data.preprocess import LEGACY_PREPROCESSING, preprocessing_transform
 from engine.data.sources import find_volumes
 from engine.results.averaging import flipped_views, mean_probability, mean_thresholds
 from engine.results.calibration import apply_calibration, calibration_from
@@ -29,7 +29,7 @@ from engine.training.build import to_device
 from engine.training.checkpoint import load_checkpoint
 from engine.training.encoders import restore_encoder
 from engine.training.models import create_model
-from engine.utils.errors import CT3DError, Transient
+from engine.utils.errors import CT3DError
 from engine.utils.io import write_text
 from engine.utils.progress import tracked
 
@@ -144,30 +144,6 @@ def list_inputs(source: str, data: DataConfig) -> tuple[list[dict], list[Problem
     if data.metadata:  # raw scanner values: each volume's rescale and spacing (a volume without: skipped)
         (items,) = attach_metadata(data.metadata, (items,), skipped)
     return items, skipped
-
-
-class Readable(torch.utils.data.Dataset):
-    """Preprocessed volumes for prediction; one that cannot be read becomes a reason, not a crash."""
-
-    def __init__(self, items: list[dict], p: PreprocessConfig):
-        self.items, self.transform = items, preprocessing_transform(p)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return {"index": index, IMAGE: preprocess(self.transform, dict(self.items[index]))[IMAGE]}
-        except Transient:
-            raise  # the storage did not answer: the command is retried, no volume is written off
-        except CT3DError as exc:
-            return {"index": index, "error": str(exc)}
-
-
-def collate_readable(samples: list[dict]) -> tuple[list[dict], dict | None]:
-    good = [s for s in samples if "error" not in s]
-    batch = {"index": [s["index"] for s in good], IMAGE: torch.stack([s[IMAGE] for s in good])} if good else None
-    return [s for s in samples if "error" in s], batch
 
 
 def write_saliency(model: torch.nn.Module, state: dict, items: list[dict], predicted: set[str], folder: Path) -> None:

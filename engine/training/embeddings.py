@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 
 from engine.config.loading import plain
 from engine.config.schema import ENCODER_PREPROCESSING, AugmentConfig, CacheConfig, ModelConfig, PreprocessConfig
-from engine.data.cache import read_volumes
+from engine.data.cache import collate_readable, read_volumes
 from engine.data.cache_keys import cache_key, shard_of_entry, source_hash
 from engine.data.items import IMAGE, LABEL, NAME, WHERE, Problem
 from engine.data.loaders import own_process_group, rank_shares
@@ -35,7 +35,7 @@ from engine.data.prepare import disk_dir
 from engine.data.preprocess import source_of
 from engine.training.encoders import CtfmEncoder, MerlinEncoder, ctfm_config, sha256, weights_file
 from engine.utils.errors import CT3DError, Transient
-from engine.utils.io import TMP_PREFIX, TRANSIENT_ERRNOS, atomic_write, write_json
+from engine.utils.io import TRANSIENT_ERRNOS, atomic_write, write_json
 from engine.utils.progress import tracked
 
 log = logging.getLogger("ct3d")
@@ -171,10 +171,6 @@ class EmbeddingCache:
         return out
 
 
-def _samples(batch: list[dict]) -> list[dict]:
-    return batch  # the loader's collate: volumes and problems side by side, stacked by `extract`
-
-
 def extract(encoder: torch.nn.Module, cache: EmbeddingCache, items: list[dict], p: PreprocessConfig,
             disk_dir: str | None, device: torch.device, precision: torch.dtype | None, batch_size: int,
             workers: int, shard: tuple[int, int] = (0, 1), progress: bool = False) -> dict:
@@ -185,26 +181,25 @@ def extract(encoder: torch.nn.Module, cache: EmbeddingCache, items: list[dict], 
     index, count = shard
     names = {entry_name(it): it for it in items}
     mine = {n: it for n, it in names.items() if shard_of_entry(n, count) == index}
-    todo = [it for n, it in mine.items() if n not in cache.where()]
+    todo = [(n, it) for n, it in mine.items() if n not in cache.where()]  # (entry name, item)
     counts = {"volumes": len(names), "owned": len(mine), "cached": len(mine) - len(todo), "extracted": 0,
               "problems": []}
     if not todo:
         return counts
-    loader = torch.utils.data.DataLoader(read_volumes(todo, p, disk_dir), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_samples,
+    loader = torch.utils.data.DataLoader(read_volumes([it for _, it in todo], p, disk_dir), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate_readable,
                                          worker_init_fn=own_process_group if workers else None)
     tag, done, rows, started = f"{index}of{count}", [], [], time.monotonic()
     encoder = encoder.eval()
     with torch.inference_mode():
-        for batch in tracked(loader, len(loader), "extracting embeddings") if progress else loader:
-            counts["problems"] += [Problem(todo[s["index"]].get(WHERE, todo[s["index"]][NAME]), s["problem"],
-                                           todo[s["index"]][NAME]) for s in batch if "problem" in s]
-            good = [s for s in batch if "problem" not in s]
-            if good:
-                x = torch.stack([s[IMAGE] for s in good]).to(device).float()
+        for errors, batch in tracked(loader, len(loader), "extracting embeddings") if progress else loader:
+            for e in errors:
+                item = todo[e["index"]][1]
+                counts["problems"].append(Problem(item.get(WHERE, item[NAME]), e["error"], item[NAME]))
+            if batch is not None:
                 with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                    rows.append(encoder(x).float().cpu())
-                done += [entry_name(todo[s["index"]]) for s in good]
+                    rows.append(encoder(batch[IMAGE].to(device).float()).float().cpu())
+                done += [todo[i][0] for i in batch["index"]]
             if len(done) >= PER_SHARD or (done and time.monotonic() - started > SHARD_SECONDS):
                 cache.write(done, torch.cat(rows), tag)
                 counts["extracted"] += len(done)
@@ -231,19 +226,6 @@ class Embedded(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {IMAGE: self.table[index], LABEL: torch.tensor(self.items[index][LABEL])}
-
-
-def clean_temporary(cache: EmbeddingCache, older_than: float = 3600.0) -> int:
-    """Removes shards' temporary files left by writers that died over `older_than` seconds ago."""
-    removed = 0
-    for path in cache.folder.glob(f"{TMP_PREFIX}*"):
-        try:
-            if time.time() - path.stat().st_mtime > older_than:
-                path.unlink(missing_ok=True)
-                removed += 1
-        except FileNotFoundError:
-            continue
-    return removed
 
 
 def head_datasets(net: torch.nn.Module, name: str, train_items: list[dict], val_items: list[dict], p: PreprocessConfig,
