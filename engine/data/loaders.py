@@ -25,10 +25,15 @@ from engine.utils.machine import available_cpus, memory_limit
 log = logging.getLogger("ct3d")
 
 
+def volume_bytes(preprocess: PreprocessConfig) -> int:
+    """One preprocessed volume in the caches: spatial_size voxels of preprocess.dtype."""
+    return math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
+
+
 def ram_budget(memory_rate: float, volumes: int, preprocess: PreprocessConfig) -> float:
     """The RAM cache rate that fits: every rank on this node (LOCAL_WORLD_SIZE) caches its share; above 80%
     of the memory available the rate is lowered (and the log says so), the rest read from the disk cache."""
-    per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
+    per_volume = volume_bytes(preprocess)
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     need, available = volumes * per_volume * memory_rate * ranks, 0.8 * min(psutil.virtual_memory().available,
                                                                           memory_limit())
@@ -48,7 +53,7 @@ def shortfall(rate: float, memory_rate: float, train_volumes: int, preprocess: P
     every epoch, worker processes' CPU); None when it holds (nearly) all."""
     if memory_rate <= 0 or rate >= 0.98 * memory_rate:
         return None
-    per_volume = math.prod(preprocess.spatial_size) * (2 if preprocess.dtype == "float16" else 4)
+    per_volume = volume_bytes(preprocess)
     uncached = round(train_volumes * (1 - rate))
     return (f"RAM cache holds {rate:.0%} of the data set ({train_volumes - uncached} of {train_volumes} training "
             f"volumes): every epoch reads {uncached} volumes, {uncached * per_volume / 1e9:.1f} GB, from the disk "

@@ -17,11 +17,12 @@ from engine.config.loading import to_yaml
 from engine.config.schema import Config
 from engine.data.run_split import SPLIT_FILE, read_split
 from engine.data.sharing import gathered_order
-from engine.results.metrics import classification_metrics, decisions, probabilities
+from engine.results.metrics import classification_metrics, decisions
 from engine.results.report import format_value as fmt
 from engine.results.report import img_tag, png_bytes, roc_curve
 from engine.results.statistics import bootstrap_intervals
 from engine.training.checkpoint import load_checkpoint
+from engine.training.outputs import ranked_outputs
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
 from engine.utils.io import atomic_write, write_json, write_text
@@ -105,7 +106,8 @@ def fold_outputs(run: Path) -> dict:
     val = [row for row in read_split(run / SPLIT_FILE).values() if row["split"] == "validation"]
     rows = [val[i] for i in gathered_order(len(val), best["ranks"])]
     thresholds = best.get("thresholds") or [state["threshold"]] * len(state["labels"])
-    raw = probabilities(best["logits"], state["task"]) if "logits" in best else best["probs"]
+    raw = ranked_outputs(best, state["task"])
+    raw = best["probs"] if raw is None else raw
     return {"probs": raw, "labels": best["labels"], "labels_names": state["labels"],
             "decisions": decisions(best["probs"], state["task"], thresholds), "task": state["task"],
             "volumes": [r["volume"] for r in rows], "patients": [r["patient"] for r in rows]}

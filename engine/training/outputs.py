@@ -38,7 +38,13 @@ def best_statistics(best: dict, val_items: list[dict], labels: list[str], task: 
     return {"threshold_rule": str(metrics.threshold_rule),
             **run_statistics(best["probs"], best["labels"], patients, labels, task,
                              best_thresholds(best, labels, metrics.threshold), calibration_from(best), metrics,
-                             ranked=probabilities(best["logits"], task) if "logits" in best else None)}
+                             ranked=ranked_outputs(best, task))}
+
+
+def ranked_outputs(best: dict, task: str) -> torch.Tensor | None:
+    """The best validation's uncalibrated probabilities, which AUC and ROC rank; None for a checkpoint from before
+    the logits were kept (its calibrated probabilities stand in)."""
+    return probabilities(best["logits"], task) if "logits" in best else None
 
 
 def in_gathered_order(items: list[dict], best: dict, world: int) -> list[dict]:

@@ -25,7 +25,6 @@ from engine.data.datalist import label_frequencies
 from engine.data.loaders import make_datasets, make_loader
 from engine.data.prepare import Splits, disk_dir, writable_folders, write_skipped
 from engine.data.run_split import check_same_run, split_rows, write_split
-from engine.results.metrics import probabilities
 from engine.results.report import draw_panels, report_title, write_report
 from engine.results.saliency import report_panels
 from engine.training import embeddings
@@ -55,6 +54,7 @@ from engine.training.outputs import (
     best_statistics,
     best_thresholds,
     in_gathered_order,
+    ranked_outputs,
     summary_table,
     test_block,
     timed_call,
@@ -250,7 +250,7 @@ def write_outputs(cfg: Config, parts: Parts, folder: Path, data: Splits, summary
                                       best["probs"], best["labels"], labels, task,
                                       list(summary["thresholds"].values()), cfg.metrics.beta, summary["best"],
                                       summary["calibration"]["bins"], report_title(summary),
-                                      ranked=probabilities(best["logits"], task) if "logits" in best else None)
+                                      ranked=ranked_outputs(best, task))
     finally:
         if finish_checkpoints is not None:
             timed_call(timing, "checkpoints", finish_checkpoints)
