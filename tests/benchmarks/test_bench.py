@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,26 +51,39 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
             assert (cells[3] == "") == (cells[4] == "reported"), line
 
 
+def results_to_merge_into(tmp_path) -> Path:
+    """A results file with a row, a note, a raw figure and the hand-measured section that `--only` must keep."""
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n- Date: 2026-01-01\n\n| figure | measured | target | |\n|---|---|---|---|\n"
+                   "| kept row | 1.0x | | reported |\n\nNotes: kept.\n\n| name | value |\n|---|---|\n| kept | 1 |\n\n"
+                   f"{HAND}")
+    return out
+
+
+def merged_rows_and_figures(out: Path, rows: tuple, figures: tuple) -> str:
+    """The merged file's text, after checking each of a family's rows has a status and each raw figure a number,
+    and the rows, figures and hand-measured section that were there before are kept."""
+    text = out.read_text()
+    for figure in rows:
+        assert re.search(re.escape(figure) + r".*\| (met|MISSED|reported) \|", text), figure
+    for name in figures:
+        assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
+    assert "| kept row | 1.0x | | reported |" in text and "| kept | 1 |" in text and text.endswith(f"\n\n{HAND}")
+    return text
+
+
 @pytest.mark.slow
 def test_encoders_smoke_makes_every_figure_and_merges_into_the_results_file(tmp_path):
     """`--only encoders` at smoke size: every encoder row and raw figure, the second frozen run extracting nothing
     (the log line in its row), merged into an existing results file whose other rows, header and hand-measured
     section stay."""
-    out = tmp_path / "RESULTS.md"
-    out.write_text("# Benchmark results\n\n- Date: 2026-01-01\n\n| figure | measured | target | |\n|---|---|---|---|\n"
-                   "| kept row | 1.0x | | reported |\n\nNotes: kept.\n\n| name | value |\n|---|---|\n| kept | 1 |\n\n"
-                   f"{HAND}")
+    out = results_to_merge_into(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "encoders", "--out", str(out)],
                           cwd=ROOT, capture_output=True, **TEXT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    for figure in ENCODER_ROWS:
-        assert re.search(re.escape(figure) + r".*\| (met|MISSED|reported) \|", text), figure
-    for name in ENCODER_FIGURES:
-        assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
+    text = merged_rows_and_figures(out, ENCODER_ROWS, ENCODER_FIGURES)
     assert "embeddings: all 8 volumes cached: no extraction" in text and "| enc_flow_filled | 8 |" in text
-    assert "| kept row | 1.0x | | reported |" in text and "| kept | 1 |" in text and "Notes: kept." in text
-    assert text.endswith(f"\n\n{HAND}") and "- Updated by `python -m bench --only encoders`" in text
+    assert "Notes: kept." in text and "- Updated by `python -m bench --only encoders`" in text
 
 
 def test_feeding_smoke_makes_every_figure_and_merges_into_the_results_file(tmp_path):
@@ -77,17 +91,10 @@ def test_feeding_smoke_makes_every_figure_and_merges_into_the_results_file(tmp_p
     with a status and every raw figure, merged into a results file whose other rows stay."""
     from bench.__main__ import main
 
-    out = tmp_path / "RESULTS.md"
-    out.write_text("# Benchmark results\n\n- Date: 2026-01-01\n\n| figure | measured | target | |\n|---|---|---|---|\n"
-                   "| kept row | 1.0x | | reported |\n\n| name | value |\n|---|---|\n| kept | 1 |\n\n" f"{HAND}")
+    out = results_to_merge_into(tmp_path)
     assert main(["--smoke", "--only", "feeding", "--out", str(out)]) == 0
-    text = out.read_text()
-    for figure in FEEDING_ROWS:
-        assert re.search(re.escape(figure) + r".*\| (met|MISSED|reported) \|", text), figure
-    for name in FEEDING_FIGURES:
-        assert re.search(rf"\| {name} \| [0-9.e+-]+ \|", text), name
+    text = merged_rows_and_figures(out, FEEDING_ROWS, FEEDING_FIGURES)
     assert "no CUDA here: no pinned buffers" in text or "CUDA: the ring's buffers pinned" in text
-    assert "| kept row | 1.0x | | reported |" in text and "| kept | 1 |" in text and text.endswith(f"\n\n{HAND}")
 
 
 def test_feeding_rows_fail_a_slow_ring_and_a_measurement_too_good_to_be_true():
