@@ -100,18 +100,18 @@ class EncoderClassifier(nn.Module):
         if train_stages > len(stages):
             raise CT3DError(f"config error: model.train_stages: {train_stages}, but this encoder has "
                             f"{len(stages)} stages")
-        trained = [] if freeze else stages[len(stages) - train_stages:] if train_stages else [encoder]
-        self.kept = [m for m in encoder.modules() if not any(_within(m, t) for t in trained)
-                     and not any(_within(t, m) for t in trained)]  # modules no trained stage holds nor is
+        self.trained = [] if freeze else stages[len(stages) - train_stages:] if train_stages else [encoder]
         encoder.requires_grad_(False)
-        for stage in trained:
+        for stage in self.trained:
             stage.requires_grad_(True)
         self.weights: dict = {}  # where the encoder's weights came from: file, sha256 (checkpoints record it)
 
     def train(self, mode: bool = True) -> EncoderClassifier:
         super().train(mode)
-        for module in self.kept:
-            module.eval()
+        if self.trained != [self.encoder]:  # the rest of the encoder as loaded: its BatchNorm statistics kept
+            self.encoder.eval()
+            for stage in self.trained:
+                stage.train(mode)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,10 +137,6 @@ class EncoderClassifier(nn.Module):
             raise CT3DError("a head-only checkpoint (its frozen encoder named by SHA-256) needs the encoder's "
                             "weights loaded first: give model.weights")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def _within(module: nn.Module, outer: nn.Module) -> bool:
-    return any(m is module for m in outer.modules())
 
 
 def sha256(path: Path) -> str:
