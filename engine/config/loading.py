@@ -18,7 +18,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config import metric_registry
-from engine.config.schema import ENCODER_PREPROCESSING, MODEL_VARIANTS, Config, Mode
+from engine.config.schema import ENCODER_PREPROCESSING, MODEL_VARIANTS, Config
+from engine.config.scoring import Mode
 from engine.utils.errors import CT3DError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"  # the demo; configs/default.yaml links here

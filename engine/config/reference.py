@@ -16,13 +16,13 @@ from enum import Enum
 from functools import cache
 from pathlib import Path
 
-from engine.config import cluster, metric_registry, schema
+from engine.config import cluster, metric_registry, schema, scoring
 from engine.config.schema import Config
 
 HERE = Path(__file__).parent
 PAGE_HEAD = """# Configuration reference
 
-Generated from the config schema (`engine/config/schema.py`, `engine/config/cluster.py`) by
+Generated from the config schema (`engine/config/schema.py`, `scoring.py`, `cluster.py`) by
 `python -m engine.config.reference docs/configuration.md`; `make test` fails when this page is stale.
 `python -m engine.run --help PREFIX` prints the same, e.g. `--help model` or `--help train.lr`.
 Set a key in a YAML file (`section: {key: value}`) or on the command line as `section.key=value`.
@@ -66,7 +66,8 @@ def meanings_in(source: str) -> dict[tuple[str, str], str]:
 
 @cache
 def _meanings() -> dict[tuple[str, str], str]:
-    return {**meanings_in((HERE / "schema.py").read_text()), **meanings_in((HERE / "cluster.py").read_text())}
+    return {k: v for name in ("schema.py", "scoring.py", "cluster.py")
+            for k, v in meanings_in((HERE / name).read_text()).items()}
 
 
 def _type_name(hint) -> str:
@@ -111,7 +112,7 @@ def _accepted(hint, limits: dict) -> str:
 def keys(node=None, prefix: str = "") -> list[Key]:
     """Every key under `node` (a schema dataclass instance; the whole Config by default), in schema order."""
     node = Config() if node is None else node
-    hints = typing.get_type_hints(type(node), vars(schema) | vars(cluster))
+    hints = typing.get_type_hints(type(node), vars(schema) | vars(scoring) | vars(cluster))
     out = []
     for f in dataclasses.fields(node):
         value, path = getattr(node, f.name), f"{prefix}{f.name}"

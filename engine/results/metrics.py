@@ -39,17 +39,33 @@ def roc_points(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return p[last_of_tie], tp[last_of_tie], fp[last_of_tie]
 
 
-def macro_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(C,) bool: the labels every macro figure averages, those with both classes in the data."""
+def positive_patients(labels: torch.Tensor, patients: list[str] | None = None) -> torch.Tensor:
+    """(C,) per label, how many patients have a positive volume (`patients`: one id per row; None: each row its own
+    patient)."""
+    if patients is None:
+        return (labels > 0.5).sum(0)
+    if len(patients) != labels.shape[0]:
+        raise ValueError(f"patients: expected one per row ({labels.shape[0]}), got {len(patients)}")
+    ids = {p: i for i, p in enumerate(dict.fromkeys(patients))}
+    of_row = torch.tensor([ids[p] for p in patients], dtype=torch.long)
+    per_patient = torch.zeros(len(ids), labels.shape[1]).index_add_(0, of_row, (labels > 0.5).float())
+    return (per_patient > 0).sum(0)
+
+
+def macro_labels(labels: torch.Tensor, patients: list[str] | None = None, min_positive: int = 1) -> torch.Tensor:
+    """(C,) bool: the labels every macro figure averages: both classes in the data and at least `min_positive`
+    positive patients (`patients`: one id per row; None counts rows). A label below it still has its own figure,
+    but one positive patient more or less swings it by tenths: averaged in, it would carry the macro's interval
+    with it (docs/statistics.md)."""
     if not labels.shape[0]:
         return torch.zeros(labels.shape[1], dtype=torch.bool)
-    return labels.amax(0) != labels.amin(0)
+    return (labels.amax(0) != labels.amin(0)) & (positive_patients(labels, patients) >= min_positive)
 
 
-def macro_mean(values: list[float], labels: torch.Tensor) -> float:
-    """The mean of per-label `values` over the labels every macro figure averages (macro_labels): a label with
-    one class in the data has no calibration error to speak of, nor an AUC."""
-    return _mean_over(values, macro_labels(labels))
+def macro_mean(values: list[float], labels: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+    """The mean of per-label `values` over the labels every macro figure averages (`keep`; macro_labels(labels)
+    by default): a label with one class in the data has no calibration error to speak of, nor an AUC."""
+    return _mean_over(values, macro_labels(labels) if keep is None else keep)
 
 
 def _mean_over(values: list[float], keep: torch.Tensor) -> float:
@@ -72,20 +88,23 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: f
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str], task: str,
                            threshold: float | list[float] = 0.5, beta: float = 1.0,
                            decided: torch.Tensor | None = None,
-                           calibrated: torch.Tensor | None = None) -> dict[str, float]:
+                           calibrated: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> dict[str, float]:
     """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC and macro F-beta
     average the labels with both classes present (`macro_labels`); `auc_labels` says how many that was.
     `decided`: 0/1 decisions to use instead of thresholding `probs`. Metrics added to the registry with a
     `compute` of their own follow the built-ins, given `calibrated` probabilities where `probs` are the raw
-    ones AUC ranks."""
+    ones AUC ranks. `keep`: the labels the macro figures average (macro_labels with the run's patients and
+    metrics.min_positive_patients); by default those with both classes. F-beta of a label with no positive is
+    undefined (NaN, shown n/a): recall has nothing to count."""
     probs, labels = probs.float().cpu(), labels.float().cpu()
     per_label_auc = [_auc(probs[:, j], labels[:, j]) for j in range(labels.shape[1])]
-    keep = macro_labels(labels)
+    keep = macro_labels(labels) if keep is None else keep.bool().cpu()
     # decisions made elsewhere: cross-validation decides each fold at its own thresholds
     decided = decisions(probs, task, threshold) if decided is None else decided.float().cpu()
     cm = get_confusion_matrix(decided, labels).sum(dim=0)
     cm_all = cm.sum(dim=0)
-    fbeta = compute_f_beta_score(cm, beta).flatten().tolist()
+    fbeta = [f if positive else float("nan")
+             for f, positive in zip(compute_f_beta_score(cm, beta).flatten().tolist(), (labels.amax(0) > 0.5).tolist())]
     out = {
         "auc_macro": _mean_over(per_label_auc, keep),
         "auc_labels": float(keep.sum()),
