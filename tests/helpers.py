@@ -22,7 +22,7 @@ def tiny_overrides(tmp_path: Path, datalist: Path, *extra: str) -> list[str]:
         f"data.train={datalist}", "data.demo.enabled=false", "preprocess.spatial_size=[32,32,32]",
         f"cache.dir={tmp_path / 'cache'}", f"output.dir={tmp_path / 'runs'}", "output.name=run",
         "loader.batch_size=4", "train.epochs=1", "model.widen_factor=0.25", "cache.workers=1",
-        "tracking.wandb.mode=disabled", "report.panels=false", *extra,
+        "tracking.wandb.mode=disabled", "report.panels=false", "metrics.min_positive_patients=1", *extra,
     ]
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from engine.config.loading import plain
 from engine.config.schema import PreprocessConfig
-from engine.data.items import LABEL, NAME
+from engine.data.items import LABEL, NAME, PATIENT
 from engine.data.prepare import Splits
 from engine.data.preprocess import LEGACY_PREPROCESSING
 from engine.data.split import patient_of
@@ -149,8 +149,40 @@ def evaluation_split_note(checkpoint: Path, items: list[dict], patient_pattern: 
                         f"{_examples(relabelled)}")
     val = {v for v, row in saved.items() if row["split"] == "validation"}
     names = {it[NAME] for it in items}
+    selected = SELECTION_NOTE.format(len(names & val), len(names)) if names & val else ""
     if names == val:
-        return "the run's own validation split"
+        return "the run's own validation split" + selected
     outside = len(names - val)
-    return f"another datalist: {outside} of {len(names)} volumes are not in the run's split" if outside else \
-        f"{len(names)} of the run's {len(val)} validation volumes"
+    return (f"another datalist: {outside} of {len(names)} volumes are not in the run's split" if outside else
+            f"{len(names)} of the run's {len(val)} validation volumes") + selected
+
+
+SELECTION_NOTE = ("; selection set: {} of {} volumes were in the run's validation split, where its best epoch, "
+                  "thresholds and calibration were chosen, so figures on them are optimistic")
+
+
+def selection_volumes(checkpoint: Path, items: list[dict]) -> list[str]:
+    """The volumes of `items` in the validation split of `checkpoint`'s run (its split.csv): the set its best epoch,
+    thresholds and calibration were selected on; [] without a split.csv."""
+    path = Path(checkpoint).resolve().parent.parent / SPLIT_FILE
+    if not path.is_file():
+        return []
+    val = {v for v, row in read_split(path).items() if row["split"] == "validation"}
+    return [it[NAME] for it in items if it[NAME] in val]
+
+
+def check_patient_column(checkpoint: Path, items: list[dict], allow: bool) -> str:
+    """The run of `checkpoint` grouped volumes by a patient column (its config.yaml's data.patient_column): volumes
+    to evaluate without patient ids would fall back to names, and patient-level intervals and the trained-patient
+    check would count each volume as a patient. Stops unless `allow`; returns what evaluation.json records."""
+    path = Path(checkpoint).resolve().parent.parent / "config.yaml"
+    column = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("patient_column") \
+        if path.is_file() else ""
+    if not column or any(it.get(PATIENT) for it in items):
+        return ""
+    if not allow:
+        raise CT3DError(f"evaluate: {checkpoint}'s run grouped volumes by the patient column {column!r} "
+                        f"({path}), and these volumes have no patient ids: give data.patient_column={column} with a "
+                        f"datalist that has it, or infer.allow_missing_patient_column=true to group by "
+                        f"data.patient_pattern on the names (recorded)")
+    return f"no patient column (the run used {column!r}): patients from data.patient_pattern on the names"

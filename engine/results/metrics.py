@@ -87,8 +87,8 @@ def confusion(probs: torch.Tensor, labels: torch.Tensor, task: str, threshold: f
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, names: list[str], task: str,
                            threshold: float | list[float] = 0.5, beta: float = 1.0,
-                           decided: torch.Tensor | None = None,
-                           calibrated: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> dict[str, float]:
+                           decided: torch.Tensor | None = None, calibrated: torch.Tensor | None = None,
+                           keep: torch.Tensor | None = None) -> dict[str, float]:
     """Every validation metric from (N, C) probabilities and (N, C) 0/1 labels. Macro AUC and macro F-beta
     average the labels with both classes present (`macro_labels`); `auc_labels` says how many that was.
     `decided`: 0/1 decisions to use instead of thresholding `probs`. Metrics added to the registry with a

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from engine.config.metric_registry import table_names
 from engine.results.calibration import expected_calibration_error, reliability
 from engine.results.images import png
 from engine.results.metrics import confusion, roc_points
+from engine.results.tables import encoder_html, format_value, statistics_html, test_html
 from engine.utils.io import atomic_write, write_text
 
 
@@ -182,90 +182,6 @@ SALIENCY_NOTE = ("<p>Grad-CAM heat maps (MONAI) for each label at the best epoch
                  "shows axial, coronal and sagittal slices through the map's peak; red is where the evidence "
                  "for the label lay. A map that lights the body's edge, the table or air points at a shortcut, "
                  "not a finding.</p>")
-
-
-def format_value(v) -> str:
-    """A metric for a table: 4 decimals, n/a for None or NaN."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def statistics_html(summary: dict) -> str:
-    """The best epoch's figures with their bootstrap intervals, how macro AUC was averaged, and each
-    label's threshold, calibration (scale and intercept) and calibration error."""
-    if "thresholds" not in summary:
-        return ""
-    fmt = format_value
-    best, names = summary["best"], summary["labels"]
-    boot = summary.get("bootstrap")
-    intervals = boot["intervals"] if boot else {}
-    keys = ["auc_macro", "fbeta_macro"] + [f"{m}/{n}" for n in names for m in ("auc", "fbeta")]
-    few = (boot or {}).get("few_positive_patients") or {}
-
-    def flag(key: str) -> str:
-        name = key.split("/", 1)[-1]
-        return f" (only {few[name]} positive patients)" if "/" in key and name in few else ""
-
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(best.get(k))}</td><td>"
-                   + ("n/a" if k not in intervals else f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}{flag(k)}")
-                   + "</td></tr>" for k in keys)
-    degenerate = (boot or {}).get("degenerate", {}).get("auc_macro", 0)
-    head = (f"<p>95% intervals for the population's value: bias-corrected and accelerated (BCa) bootstrap over "
-            f"{boot['patients']} validation patients ({boot['resamples']} resamples, each patient's volumes kept "
-            f"together). Every resample averages the same labels for the macro figures; {degenerate} resamples in "
-            f"which one of them had a single class were left out. These are figures of the selection set: the "
-            f"epoch, thresholds and calibration were chosen on it, so they are optimistic. A wide interval means "
-            f"the validation set is too small to tell models apart.</p>" if boot else
-            "<p>No intervals (metrics.bootstrap=0).</p>")
-    left_out = summary.get("auc_left_out") or []
-    head += (f"<p>Macro AUC averages {summary['auc_macro_labels']} of {len(names)} labels"
-             + (f"; left out (one class only in validation): {html.escape(', '.join(left_out))}" if left_out else "")
-             + ".</p>")
-    calibration = summary["calibration"]
-    ece, scale, intercept = calibration["ece"], calibration.get("scale") or {}, calibration.get("intercept") or {}
-    per_label = "".join(f"<tr><td>{html.escape(n)}</td><td>{fmt(summary['thresholds'][n])}</td>"
-                        f"<td>{fmt(scale.get(n))}</td><td>{fmt(intercept.get(n))}</td><td>{fmt(ece[n])}</td></tr>"
-                        for n in names)
-    rule = summary.get("threshold_rule", "fixed")
-    note = ("" if rule == "fixed" else f" Thresholds tuned on this validation set ({rule}): F-beta here is "
-            "optimistic; evaluate on held-out data for an unbiased figure.")
-    return (f"<h2>Best epoch with 95% intervals (selection set)</h2>{head}<table><tr><th>metric</th><th>value</th>"
-            f"<th>95% interval"
-            f"</th></tr>{rows}</table><h2>Decisions and calibration</h2><p>Threshold rule: {html.escape(rule)}."
-            f"{note} Calibration (metrics.calibrate; n/a: not calibrated): probability = sigmoid(logit x scale + "
-            f"intercept), fitted on this validation set (Platt scaling; the intercept undoes the shift pos_weight "
-            f"gives every logit; multiclass: one shared scale, a temperature). ECE: expected calibration error over "
-            f"{calibration['bins']} probability bins (0 is perfectly calibrated; see the reliability panel)."
-            f"</p><table><tr><th>label</th><th>threshold</th><th>scale</th><th>intercept</th><th>ECE</th></tr>"
-            f"{per_label}</table>")
-
-
-def test_html(summary: dict) -> str:
-    """The held-out test set's figures (the ones to publish) with their BCa intervals; nothing without one."""
-    test = summary.get("test")
-    if not test:
-        return ""
-    fmt, intervals = format_value, (test.get("bootstrap") or {}).get("intervals", {})
-    keys = [k for k in table_names() if k in test["metrics"]] + [f"auc/{n}" for n in summary["labels"]]
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(test['metrics'].get(k))}</td><td>"
-                   + (f"{fmt(intervals[k][0])} to {fmt(intervals[k][1])}" if k in intervals else "n/a")
-                   + "</td></tr>" for k in keys)
-    return (f"<h2>Held-out test set: the figures to publish</h2><p>{test['volumes']} volumes of {test['patients']} "
-            f"patients that training never looked at, scored once with the best epoch's network, thresholds and "
-            f"calibration (chosen on validation). Intervals: 95% BCa bootstrap over the test patients, for the "
-            f"population's value.</p><table><tr><th>metric</th><th>value</th><th>95% interval</th></tr>{rows}"
-            f"</table>")
-
-
-def encoder_html(summary: dict) -> str:
-    """A pretrained encoder's weights (summary.json's `encoder`): where from, hub commit, SHA-256, licence."""
-    record, e = summary.get("encoder") or {}, html.escape
-    at, probe = f" at hub revision {record.get('revision')}" if record.get("revision") else "", \
-        " The head trained on its cached embeddings (frozen encoder)." if summary.get("embeddings") else ""
-    return (f"<p>Encoder {e(str(record.get('encoder')))}: weights {e(str(record.get('source') or record.get('file')))}"
-            f"{e(at)}, SHA-256 {e(str(record.get('sha256')))}, licence {e(str(record.get('licence') or 'unknown'))}."
-            f"{probe}</p>" if record else "")
 
 
 def _html(images: list[bytes], summary: dict, config_yaml: str, sections: list[tuple[str, bytes]]) -> str:

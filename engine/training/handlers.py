@@ -44,14 +44,15 @@ class ValidationMetrics:
 
     def __init__(self, names: list[str], task: str, loss_fn: Callable, threshold: float, beta: float,
                  rule: str = "fixed", calibrate: bool = False, bins: int = 10, fit: bool = True,
-                 thresholds: list[float] | None = None, calibration: dict | None = None):
+                 thresholds: list[float] | None = None, calibration: dict | None = None,
+                 keep: torch.Tensor | None = None):
         if not names:
             raise ValueError("names: expected at least one label name")
         self.names, self.task, self.loss_fn = names, task, loss_fn
         self.threshold, self.beta, self.rule, self.calibrate, self.bins, self.fit = (threshold, beta, rule, calibrate,
                                                                                      bins, fit)
         self.thresholds: list[float] = list(thresholds) if thresholds else [threshold] * len(names)
-        self.calibration = calibration
+        self.calibration, self.keep = calibration, keep  # keep: the labels macro figures average (None: both classes)
         self.ece: list[float] = []
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -111,10 +112,11 @@ class ValidationMetrics:
             thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
         # rank figures (AUC) from the raw outputs: a calibration that flattens a label must not change its ranking
         metrics = classification_metrics(probabilities(logits, self.task), labels, self.names, self.task, thresholds,
-                                         self.beta, decided=decisions(probs, self.task, thresholds), calibrated=probs)
+                                         self.beta, decided=decisions(probs, self.task, thresholds), calibrated=probs,
+                                         keep=self.keep)
         metrics["val_loss"] = float(self.loss_fn(logits, labels))
         ece = expected_calibration_error(probs, labels, self.bins)
-        metrics["ece_macro"] = macro_mean(ece, labels)
+        metrics["ece_macro"] = macro_mean(ece, labels, self.keep)
         return metrics, list(thresholds), calibration, ece, probs
 
     def state_dict(self) -> dict:

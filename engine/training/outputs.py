@@ -15,9 +15,16 @@ from engine.data.items import IMAGE, LABEL
 from engine.data.sharing import gathered_order
 from engine.data.split import patient_of
 from engine.results.calibration import apply_calibration, calibration_from
-from engine.results.metrics import classification_metrics, decisions, probabilities
+from engine.results.metrics import (
+    classification_metrics,
+    decisions,
+    macro_labels,
+    positive_patients,
+    probabilities,
+)
 from engine.results.statistics import run_statistics
 from engine.training.build import make_inferer
+from engine.utils.errors import CT3DError
 
 log = logging.getLogger("ct3d")
 
@@ -39,6 +46,29 @@ def best_statistics(best: dict, val_items: list[dict], labels: list[str], task: 
             **run_statistics(best["probs"], best["labels"], patients, labels, task,
                              best_thresholds(best, labels, metrics.threshold), calibration_from(best), metrics,
                              ranked=ranked_outputs(best, task))}
+
+
+def item_labels(items: list[dict], count: int) -> torch.Tensor:
+    """(N, count) 0/1 labels of datalist `items` (what their outputs will be scored against)."""
+    return torch.tensor([list(it[LABEL]) for it in items], dtype=torch.float32).reshape(len(items), count)
+
+
+def macro_keep(items: list[dict], labels: list[str], patient_pattern: str, metrics: MetricsConfig,
+               side: str = "validation") -> torch.Tensor:
+    """(C,) bool: the labels the macro figures of `items` average (macro_labels: both classes and at least
+    metrics.min_positive_patients positive patients). Stops when the rule leaves none where a label has both
+    classes and metrics.key is a macro figure: every epoch would score NaN and best.pt would pick nothing."""
+    y, patients = item_labels(items, len(labels)), [patient_of(it, patient_pattern) for it in items]
+    keep = macro_labels(y, patients, metrics.min_positive_patients)
+    both = macro_labels(y)
+    if metrics.key.endswith("_macro") and bool(both.any()) and not bool(keep.any()):
+        counts = positive_patients(y, patients)
+        most = max((j for j in range(len(labels)) if both[j]), key=lambda j: int(counts[j]))
+        raise CT3DError(f"metrics.min_positive_patients={metrics.min_positive_patients}: no label has that many "
+                        f"positive patients in the {side} split (most: {labels[most]!r}, {int(counts[most])}), so "
+                        f"{metrics.key} would be undefined; lower it (e.g. metrics.min_positive_patients="
+                        f"{int(counts[most])}: macro figures then rest on few patients) or validate on more patients")
+    return keep
 
 
 def ranked_outputs(best: dict, task: str) -> torch.Tensor | None:
@@ -78,7 +108,8 @@ def test_block(net: torch.nn.Module, dataset, items: list[dict], labels: list[st
     patients = [patient_of(it, patient_pattern) for it in items]
     return {"volumes": len(items), "patients": len(set(patients)),
             "metrics": classification_metrics(raw, target, labels, task, thresholds, metrics.beta,
-                                              decided=decisions(probs, task, thresholds), calibrated=probs),
+                                              decided=decisions(probs, task, thresholds), calibrated=probs,
+                                              keep=macro_labels(target, patients, metrics.min_positive_patients)),
             **run_statistics(probs, target, patients, labels, task, thresholds, calibration, metrics, ranked=raw)}
 
 
@@ -97,7 +128,29 @@ def summary_table(summary: dict, labels: list[str]) -> str:
     rows += [(k, cell(k, best[k]), cell(k, final[k]), *([cell(k, test[k]) if k in test else ""] if test else []))
              for k in keys if k in best]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{r[0]:<{width}}" + "".join(f"  {cell:>8}" for cell in r[1:]) for r in rows)
+    return "\n".join([f"{r[0]:<{width}}" + "".join(f"  {cell:>8}" for cell in r[1:]) for r in rows]
+                     + macro_notes(summary, labels))
+
+
+def macro_notes(summary: dict, labels: list[str]) -> list[str]:
+    """The lines under the closing table: the labels validation's and the test set's macro figures left out (one
+    class; too few positive patients), and a warning when the two averaged different labels."""
+    blocks = [("validation", summary)] + ([("test", summary["test"])] if summary.get("test") else [])
+    lines, averaged = [], {}
+    for side, block in blocks:
+        if "auc_left_out" not in block:
+            continue
+        below, single = block.get("below_min_positive") or {}, block.get("auc_left_out") or []
+        averaged[side] = [n for n in labels if n not in below and n not in single]
+        if below or single:
+            lines.append(f"{side}: macro figures leave out " + "; ".join(
+                ([f"one class only: {', '.join(single)}"] if single else [])
+                + ([f"under {block.get('min_positive_patients')} positive patients: "
+                    + ", ".join(f"{n} ({k})" for n, k in below.items())] if below else [])))
+    if len(averaged) == 2 and averaged["validation"] != averaged["test"]:
+        lines.append(f"note: validation and test average different labels ({', '.join(averaged['validation'])} vs "
+                     f"{', '.join(averaged['test'])}): their macro figures are not the same quantity")
+    return lines
 
 
 def timed_call(parts: dict, name: str, fn, *args, **kwargs):

@@ -54,6 +54,7 @@ from engine.training.outputs import (
     best_statistics,
     best_thresholds,
     in_gathered_order,
+    macro_keep,
     ranked_outputs,
     summary_table,
     test_block,
@@ -102,6 +103,7 @@ def train(cfg: Config, attach=None) -> Path:
     planned = embeddings.planned_cache(cfg.model, cfg.preprocess, cfg.cache, amp_dtype) if probe else None
     data = prepare_data_in_shares(cfg.data, cfg.preprocess, cfg.cache, cfg.train.dist_timeout_minutes, main,
                                   planned.holds if planned else None)  # embedded volumes need no second look
+    keep = macro_keep(data.val, data.labels, cfg.data.patient_pattern, cfg.metrics)  # refused before training
     folder = run_folder(cfg.output, cfg.model)
     # every rank loads the file rank 0 chose (rank 0 may be writing), once, memory-mapped: the check reads the
     # metadata, the resume the rest
@@ -130,7 +132,8 @@ def train(cfg: Config, attach=None) -> Path:
                            amp_dtype, cfg.train)
     # The plain network: ranks validate different numbers of batches, and DDP's forward is a collective.
     evaluator, validation = make_evaluator(trained, make_loader(val_ds, cfg.loader, device), device, amp_dtype,
-                                           cfg.metrics, data.labels, task, make_loss(cfg.train, task, frequencies))
+                                           cfg.metrics, data.labels, task, make_loss(cfg.train, task, frequencies),
+                                           keep=keep)
     history, steps = History(optimizer), StepLog(cfg.train.log_every, stop_on_nan=amp_dtype != torch.float16)
     table = MetricsTable(folder / "metrics.csv", cfg.metrics.key, history, data.labels, validation,
                          str(cfg.metrics.mode), cfg.metrics.beta, write=main)

@@ -26,7 +26,7 @@ def test_report_has_every_panel_filled(tmp_path, tiny_demo):
     assert f"{low:.4f} to {high:.4f}" in page and "Best epoch with 95% intervals" in page
     defined = [n for n in summary["labels"] if summary["best"][f"auc/{n}"] is not None]  # NaN is null in JSON
     assert summary["auc_macro_labels"] == len(defined) == summary["best"]["auc_labels"]
-    assert f"Macro AUC averages {len(defined)} of 4 labels" in page
+    assert f"Macro figures average {len(defined)} of 4 labels (both classes and at least 1 positive patients" in page
     assert set(summary["auc_left_out"]) == set(summary["labels"]) - set(defined)
     fitted = summary["calibration"]
     assert set(fitted["scale"]) == set(fitted["intercept"]) == set(summary["labels"]) and "ECE" in page

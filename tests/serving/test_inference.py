@@ -34,7 +34,8 @@ def test_evaluate_reproduces_best_validation_metrics(trained):
                 "precision", "ece_macro"):
         assert metrics[key] == pytest.approx(summary["best"][key], abs=1e-4), key
     saved = json.loads((tmp / "runs" / "eval" / "evaluation.json").read_text())
-    assert saved["epoch"] == summary["best_epoch"] and saved["data"] == "the run's own validation split"
+    assert saved["epoch"] == summary["best_epoch"] and saved["data"].startswith(
+        "the run's own validation split; selection set: 4 of 4 volumes")
     assert saved["thresholds"] == pytest.approx(summary["thresholds"]) and len(set(saved["thresholds"].values())) > 1
     for part in ("scale", "intercept"):
         assert saved["calibration"][part] == pytest.approx(summary["calibration"][part])
@@ -240,10 +241,14 @@ def test_evaluate_refuses_another_scan_of_a_training_patient_unless_allowed(trai
 def test_evaluate_compares_two_checkpoints_on_the_same_volumes(trained, tmp_path):
     folder, overrides, _ = trained
     best, final = (str(folder / "checkpoints" / f"{n}.pt") for n in ("best", "final"))
-    cfg = load_config(None, [*overrides, f"checkpoint={best}", f"checkpoint={final}", f"output.dir={tmp_path}",
-                             "output.name=pair"], command="evaluate")
-    evaluate(cfg)
+    pair = [*overrides, f"checkpoint={best}", f"checkpoint={final}", f"output.dir={tmp_path}", "output.name=pair"]
+    # the run's own validation split selected both: refused, and nothing written
+    with pytest.raises(CT3DError, match=r"selection set of .*best.pt \(4 of 4\).*infer.allow_selection_set=true"):
+        evaluate(load_config(None, pair, command="evaluate"))
+    assert not (tmp_path / "pair" / "evaluation.json").exists()
+    evaluate(load_config(None, [*pair, "infer.allow_selection_set=true"], command="evaluate"))
     saved = json.loads((tmp_path / "pair" / "evaluation.json").read_text())
+    assert saved["comparison"]["selection_set"] == {"volumes": {best: 4, final: 4}, "allowed": True}
     first, second, comparison = saved["first"], saved["second"], saved["comparison"]
     assert first["checkpoint"] == best and second["checkpoint"] == final and first["volumes"] == second["volumes"]
     macro = comparison["auc_macro"]

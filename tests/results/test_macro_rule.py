@@ -1,0 +1,66 @@
+"""The macro label rule (metrics.min_positive_patients): which labels macro figures average, checked against
+counts made by hand and sklearn's per-label figures; F-beta of a label with no positive is undefined."""
+
+import math
+import random
+
+import pytest
+import torch
+from sklearn.metrics import fbeta_score, roc_auc_score
+
+from engine.results.metrics import classification_metrics, macro_labels, positive_patients
+
+
+def _random_set(seed: int, n: int = 60, labels: int = 5):
+    rng = random.Random(seed)
+    patients = [f"p{rng.randrange(n // 2)}" for _ in range(n)]  # about two volumes per patient
+    prevalence = [0.5, 0.3, 0.08, 0.03, 0.0][:labels]
+    y = torch.tensor([[float(rng.random() < q) for q in prevalence] for _ in range(n)])
+    p = torch.rand(n, labels, generator=torch.Generator().manual_seed(seed)) * 0.5 + 0.5 * y
+    return y, p, patients
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_positive_patients_counts_distinct_patients_with_a_positive_volume(seed):
+    y, _, patients = _random_set(seed)
+    expected = [len({patients[i] for i in range(len(patients)) if y[i, c] == 1}) for c in range(y.shape[1])]
+    assert positive_patients(y, patients).tolist() == expected
+    assert positive_patients(y).tolist() == [int(y[:, c].sum()) for c in range(y.shape[1])]  # rows as patients
+    with pytest.raises(ValueError, match="one per row"):
+        positive_patients(y, patients[:-1])
+
+
+@pytest.mark.parametrize("seed,minimum", [(s, m) for s in range(4) for m in (1, 3, 10)])
+def test_macro_labels_need_both_classes_and_enough_positive_patients(seed, minimum):
+    y, _, patients = _random_set(seed)
+    expected = []
+    for c in range(y.shape[1]):
+        positives = {patients[i] for i in range(len(patients)) if y[i, c] == 1}
+        negatives = [i for i in range(len(patients)) if y[i, c] == 0]
+        expected.append(bool(negatives) and len(positives) >= minimum)
+    assert macro_labels(y, patients, minimum).tolist() == expected
+
+
+def test_macro_figures_average_the_kept_labels_only():
+    y, p, patients = _random_set(7, n=200)
+    keep = macro_labels(y, patients, 10)
+    assert keep.tolist()[:2] == [True, True] and not keep[-1]  # the common ones in, the never-positive one out
+    out = classification_metrics(p, y, list("abcde"), "multilabel", 0.5, keep=keep)
+    kept = [c for c in range(5) if keep[c]]
+    aucs = [roc_auc_score(y[:, c].numpy(), p[:, c].numpy()) for c in kept]
+    fbetas = [fbeta_score(y[:, c].numpy(), (p[:, c] >= 0.5).numpy(), beta=1.0) for c in kept]
+    assert out["auc_macro"] == pytest.approx(sum(aucs) / len(aucs), abs=1e-6)
+    assert out["fbeta_macro"] == pytest.approx(sum(fbetas) / len(fbetas), abs=1e-6)
+    assert out["auc_labels"] == len(kept)
+    # a rare label's own figure is still there, beside the macro
+    rare = next(c for c in range(4) if not keep[c])
+    assert out[f"auc/{'abcde'[rare]}"] == pytest.approx(roc_auc_score(y[:, rare].numpy(), p[:, rare].numpy()),
+                                                         abs=1e-6)
+
+
+def test_fbeta_of_a_label_without_positives_is_undefined_not_zero():
+    y = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    p = torch.tensor([[0.9, 0.9], [0.1, 0.8], [0.8, 0.1], [0.2, 0.1]])  # two false positives on "b"
+    out = classification_metrics(p, y, ["a", "b"], "multilabel", 0.5)
+    assert math.isnan(out["fbeta/b"]) and out["fbeta/a"] == pytest.approx(
+        fbeta_score(y[:, 0].numpy(), (p[:, 0] >= 0.5).numpy(), beta=1.0))
