@@ -70,10 +70,23 @@ class ApplyMetadatad(MapTransform):
         return d
 
 
+PADDING_SHARE = 0.01  # one value filling this share of a volume's lowest voxels is its 1st percentile on its own
+RAW_TISSUE = (824.0, 1224.0)  # soft tissue (-200 to 200 HU) as raw scanner values (HU + 1024); in HU: dense bone
+RAW_TISSUE_SHARE = 0.2  # raw values put every soft tissue there (a third or more of a CT); HU a few % of bone
+
+
+def _first_percentile(values: torch.Tensor) -> float:
+    return float(values.kthvalue(max(1, int(0.01 * values.numel()))).values)
+
+
 def air_level(image: torch.Tensor, samples: int = 2_000_000) -> float:
     """The 1st percentile of a volume's values (from an even sample of at most `samples` voxels), where a CT's
     air sits, leaving out padding: the lowest value when it lies below AIR_HU and fills over 0.1% of the voxels
-    (scanners pad the region outside the reconstructed circle with -2048 or -3024 HU, or a raw equivalent)."""
+    (scanners pad the region outside the reconstructed circle with -2048 or -3024 HU, or a raw equivalent).
+
+    One value at an air-like level filling over 1% is either air clipped there (scanners clip at -1024 HU) or
+    padding there (-1024 stored beside raw values, whose air is near 0 and soft tissue near 1024). It is padding,
+    and the air the other values' 1st percentile, when over a fifth of the others sit in RAW_TISSUE."""
     flat = image.reshape(-1)
     values = flat[:: max(1, flat.numel() // samples)].float()
     lowest = values.min()
@@ -81,7 +94,13 @@ def air_level(image: torch.Tensor, samples: int = 2_000_000) -> float:
         padding = values == lowest
         if padding.float().mean() > 1e-3 and not padding.all():
             values = values[~padding]
-    return float(values.kthvalue(max(1, int(0.01 * values.numel()))).values)
+    air = _first_percentile(values)
+    one_value = values == air
+    if AIR_HU[0] <= air <= AIR_HU[1] and one_value.float().mean() > PADDING_SHARE and not one_value.all():
+        others = values[~one_value]
+        if ((others >= RAW_TISSUE[0]) & (others <= RAW_TISSUE[1])).float().mean() > RAW_TISSUE_SHARE:
+            return _first_percentile(others)
+    return air
 
 
 def _release_hint(rescaled: bool) -> str:
