@@ -106,6 +106,9 @@ def _check_together(cfg: Config, command: str) -> None:
         raise _error("preprocess.hu_window", "needs [low, high] with low < high")
     if cfg.data.task == "multiclass" and cfg.data.num_classes < 2:
         raise _error("data.num_classes", "multiclass needs num_classes >= 2")
+    if cfg.data.task == "multiclass" and str(cfg.metrics.threshold_rule) != "fixed":
+        raise _error("metrics.threshold_rule", f"{cfg.metrics.threshold_rule} tunes thresholds that multiclass never "
+                                               f"uses (it decides by arg-max): leave it fixed")
     if cfg.data.task == "binary" and len(cfg.data.label_columns) > 1:
         raise _error("data.label_columns", "binary takes one label column")
     resume = str(cfg.train.resume).lower()

@@ -1,6 +1,7 @@
 """`export`: a trained network as an ONNX or TorchScript file that runs without ct3d, carrying its labels,
-task, threshold and preprocessing as metadata (ONNX `metadata_props` key `ct3d`; TorchScript extra
-file `ct3d.json`). MONAI's converters do the work and check the file against PyTorch on a volume."""
+task, decision (thresholds; arg-max for multiclass) and preprocessing as metadata (ONNX `metadata_props` key
+`ct3d`; TorchScript extra file `ct3d.json`). MONAI's converters do the work and check the file against PyTorch
+on a volume."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from engine.utils.io import atomic_write
 METADATA_KEY = "ct3d"
 
 
+ARG_MAX = "arg-max: the class of highest probability, no threshold"
+
+
 def model_metadata(state: dict) -> dict:
-    """What a program needs beside the weights: outputs in order, how to read them (per-label decision
-    thresholds; the calibration's scale and bias per label, or null), how to preprocess."""
+    """What a program needs beside the weights: outputs in order, how to read them (the decision: per-label
+    thresholds, or arg-max for multiclass, which has none; the calibration's scale and bias per label, or null),
+    how to preprocess."""
     thresholds, calibration = decision_settings(state)
-    return {"labels": state["labels"], "task": state["task"], "threshold": state["threshold"],
-            "thresholds": thresholds, "calibration": calibration,
+    decision = ({"decision": ARG_MAX} if state["task"] == "multiclass" else
+                {"decision": "per label: probability >= its threshold", "threshold": state["threshold"],
+                 "thresholds": thresholds})
+    return {"labels": state["labels"], "task": state["task"], **decision, "calibration": calibration,
             "preprocessing": state["preprocessing"], "model": state["model_config"],
             "input": "float32 (batch, 1, *preprocessing.spatial_size) after the preprocessing; output: logits "
                      "(probability: sigmoid(logits * calibration.scale + calibration.bias) per label, "

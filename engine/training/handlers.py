@@ -108,7 +108,7 @@ class ValidationMetrics:
         if self.fit:  # a calibration restored from a checkpoint goes when calibration is off now
             calibration = fit_calibration(logits, labels, self.task) if self.calibrate else None
         probs = probabilities(apply_calibration(logits, calibration), self.task)
-        if self.fit:
+        if self.fit and self.task != "multiclass":  # multiclass decides by arg-max: no threshold to tune
             thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
         # rank figures (AUC) from the raw outputs: a calibration that flattens a label must not change its ranking
         metrics = classification_metrics(probabilities(logits, self.task), labels, self.names, self.task, thresholds,

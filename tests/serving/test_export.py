@@ -54,6 +54,27 @@ def test_onnx_file_matches_pytorch_in_onnxruntime(trained, tmp_path):
     assert meta["labels"] == list(LABELS) and meta["task"] == "multilabel"
     assert meta["preprocessing"]["spatial_size"] == [32, 32, 32] and meta["threshold"] == 0.5
     assert meta["thresholds"] == [0.5] * len(LABELS) and meta["calibration"] is None
+    assert meta["decision"] == "per label: probability >= its threshold"
+
+
+def test_multiclass_export_names_arg_max_and_claims_no_threshold(tmp_path):
+    """A multiclass checkpoint whose state still holds thresholds (tuned before metrics.threshold_rule was
+    refused for multiclass): its ONNX file's metadata says arg-max and carries no threshold."""
+    import onnx
+
+    from engine.config.schema import ModelConfig, PreprocessConfig
+    from engine.serving.export import ARG_MAX, export_model
+    from engine.training.models import create_model
+
+    config = ModelConfig(name="resnet3d", variant="10", widen_factor=0.25)
+    state = {"labels": ["grade0", "grade1", "grade2"], "task": "multiclass", "threshold": 0.5,
+             "calibration": {"thresholds": [0.2, 0.7, 0.4], "temperature": [2.0]}, "model_config": {"name": "resnet3d"},
+             "preprocessing": {"spatial_size": [32, 32, 32], "hu_window": PreprocessConfig().hu_window}}
+    path = export_model(create_model(config, 3, [32, 32, 32]), state, tmp_path / "model.onnx", "onnx")
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["ct3d"])
+    assert meta["task"] == "multiclass" and meta["decision"] == ARG_MAX and "arg-max" in ARG_MAX
+    assert "threshold" not in meta and "thresholds" not in meta
+    assert meta["calibration"] == {"scale": [0.5], "bias": None}  # the temperature 2 as a scale: still applied
 
 
 def test_torchscript_file_matches_pytorch(trained, tmp_path):
