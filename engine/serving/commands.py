@@ -17,6 +17,7 @@ from engine.data.loaders import loader_workers, make_loader
 from engine.data.prepare import disk_dir, load_splits
 from engine.data.run_split import evaluation_split_note, trained_frequencies
 from engine.data.split import patient_of
+from engine.results.averaging import thresholds_note
 from engine.serving.evaluation import evaluate_checkpoint, report_comparison, report_evaluation
 from engine.serving.export import export_model
 from engine.serving.inference import (
@@ -32,6 +33,7 @@ from engine.serving.inference import (
 )
 from engine.training.build import make_inferer, make_loss, resolve_amp, resolve_device
 from engine.utils.errors import CT3DError
+from engine.utils.io import write_json
 
 log = logging.getLogger("ct3d")
 
@@ -77,18 +79,19 @@ def evaluate(cfg: Config) -> dict:
 def predict(cfg: Config) -> Path:
     """predictions.csv: one row per volume, one probability column per label of the checkpoint, then one 0/1
     decision column per label at the checkpoint's thresholds (`<label>_decision`); with several checkpoints,
-    the mean of their probabilities, decided at their mean thresholds. Every input left out
+    the mean of their probabilities, decided at thresholds refit on their shared validation (else their mean
+    thresholds, said loudly; ensemble.json records which). Every input left out
     (not a volume, unreadable, a localizer, a single slice) in skipped.csv with its reason."""
     device = resolve_device(cfg.train.device)
     if len(cfg.checkpoints) > 1:
         if cfg.saliency:
             raise CT3DError("config error: saliency: Grad-CAM maps are per model; predict with one checkpoint")
-        model, state, thresholds = load_ensemble(list(cfg.checkpoints), device, cfg.model.weights)
+        model, state, thresholds, chosen = load_ensemble(list(cfg.checkpoints), device, cfg.model.weights)
         calibration = None  # each member's is applied inside the ensemble
         log.info("ensemble of %d models: %s", len(cfg.checkpoints), ", ".join(cfg.checkpoints))
     else:
         model, state = load_trained_model(cfg.checkpoint, device, cfg.model.weights)
-        thresholds, calibration = decision_settings(state)
+        (thresholds, calibration), chosen = decision_settings(state), None
     items, skipped = list_inputs(cfg.input, cfg.data)
     loader = torch.utils.data.DataLoader(read_volumes(items, checkpoint_preprocessing(state)),
                                          batch_size=cfg.loader.val_batch_size or cfg.loader.batch_size,
@@ -100,11 +103,15 @@ def predict(cfg: Config) -> Path:
     skipped += unreadable
     folder = output_folder(cfg.output, "predict")
     path = write_predictions(folder, state["labels"], rows, skipped)
+    if chosen:
+        write_json(folder / "ensemble.json", {"members": list(cfg.checkpoints), "thresholds": dict(zip(
+            state["labels"], thresholds)), "thresholds_chosen": chosen, "note": thresholds_note(chosen)})
     if cfg.saliency:  # after predictions.csv: a map that fails loses no prediction
         write_saliency(model, state, items, {row[0] for row in rows}, folder / "saliency")
     print(f"ct3d predict: {len(rows)} volume(s) -> {path}"
           + (f"; {len(skipped)} input(s) left out, listed in {folder / 'skipped.csv'}:" if skipped else "")
-          + "".join(f"\n  {p}" for p in skipped))
+          + "".join(f"\n  {p}" for p in skipped)
+          + (f"\nensemble thresholds: {thresholds_note(chosen)} -> {folder / 'ensemble.json'}" if chosen else ""))
     return path
 
 

@@ -20,13 +20,15 @@ from engine.data.items import IMAGE, NAME, VOLUME_SUFFIXES, Problem
 from engine.data.metadata import attach_metadata
 from engine.data.prepare import write_skipped
 from engine.data.preprocess import LEGACY_PREPROCESSING, preprocessing_transform
+from engine.data.run_split import SPLIT_FILE, read_split
+from engine.data.sharing import gathered_order
 from engine.data.sources import find_volumes
-from engine.results.averaging import flipped_views, mean_probability, mean_thresholds
+from engine.results.averaging import ensemble_thresholds, flipped_views, mean_probability
 from engine.results.calibration import apply_calibration, calibration_from
 from engine.results.metrics import decisions, probabilities
 from engine.results.saliency import input_space_maps, supports, write_maps
 from engine.training.build import to_device
-from engine.training.checkpoint import load_checkpoint
+from engine.training.checkpoint import load_checkpoint, progress_of
 from engine.training.encoders import restore_encoder
 from engine.training.models import create_model
 from engine.utils.errors import CT3DError
@@ -79,10 +81,44 @@ class Ensemble(torch.nn.Module):
         return mean_probability([m(x) for m in self.members], self.calibrations, self.task)
 
 
+def member_validation(path: str, state: dict) -> dict:
+    """What an ensemble refits its thresholds from (averaging.ensemble_thresholds): the member's thresholds, the
+    rule and beta its run tuned them with (the run's config.yaml, beside checkpoints/), and its best validation's
+    logits, labels and volumes (split.csv's, in the order the outputs were gathered), where the checkpoint's own
+    weights gave those outputs (best.pt; final.pt when the last epoch was the best)."""
+    import yaml
+
+    run = Path(path).parent.parent
+    member = {"name": path, "thresholds": decision_settings(state)[0], "fixed": float(state["threshold"]),
+              "rule": None, "beta": None, "logits": None, "why": ""}
+    if not (run / "config.yaml").is_file():
+        member["why"] = f"no config.yaml of its run in {run} (the threshold rule it was tuned with is unknown)"
+        return member
+    metrics = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("metrics") or {}
+    member.update(rule=str(metrics.get("threshold_rule", "fixed")), beta=float(metrics.get("beta", 1.0)))
+    table = state.get("metrics_table") or {}
+    best = table.get("best_outputs") or {}
+    if "logits" not in best:
+        member["why"] = "it holds no validation outputs (a weights-only copy, or from an older ct3d)"
+    elif progress_of(state)[1] != (table.get("best") or {}).get("iteration"):
+        member["why"] = "its weights are not those of its best validation (use best.pt)"
+    elif not (run / SPLIT_FILE).is_file():
+        member["why"] = f"no {SPLIT_FILE} in {run} to name its validation volumes"
+    else:
+        val = [row for row in read_split(run / SPLIT_FILE).values() if row["split"] == "validation"]
+        if len(val) != best["logits"].shape[0]:
+            member["why"] = f"{run / SPLIT_FILE} lists {len(val)} validation volumes, its outputs {len(best['logits'])}"
+        else:
+            member.update(logits=best["logits"], labels=best["labels"],
+                          volumes=[val[i]["volume"] for i in gathered_order(len(val), best["ranks"])])
+    return member
+
+
 def load_ensemble(paths: list[str], device: torch.device,
-                  weights: str = "") -> tuple[torch.nn.Module, dict, list[float]]:
-    """The models of `paths` as one Ensemble, the first checkpoint's dict, and the members' mean threshold
-    per label. They must share labels, task and preprocessing: any difference is an error naming it."""
+                  weights: str = "") -> tuple[torch.nn.Module, dict, list[float], dict]:
+    """The models of `paths` as one Ensemble, the first checkpoint's dict, its thresholds per label and how they
+    were chosen (averaging.ensemble_thresholds: refit on the members' shared validation where they have one).
+    They must share labels, task and preprocessing: any difference is an error naming it."""
     models, states = zip(*(load_trained_model(path, device, weights) for path in paths))
     first = states[0]
     for path, state in zip(paths[1:], states[1:]):
@@ -90,8 +126,14 @@ def load_ensemble(paths: list[str], device: torch.device,
             if state[key] != first[key]:
                 raise CT3DError(f"ensemble: {path} has other {key} than {paths[0]}: {state[key]} vs {first[key]}; "
                                 f"the members must be trained on the same labels with the same preprocessing")
-    thresholds, calibrations = zip(*(decision_settings(state) for state in states))
-    return Ensemble(list(models), list(calibrations), first["task"]).eval(), first, mean_thresholds(thresholds)
+    calibrations = [decision_settings(state)[1] for state in states]
+    thresholds, record = ensemble_thresholds([member_validation(p, s) for p, s in zip(paths, states)], calibrations,
+                                             first["task"])
+    if record["method"] == "mean":
+        log.warning("ensemble: decisions at the members' mean thresholds, not refit for the ensemble: %s; the "
+                    "mean probability of several members is not on any one member's scale, so expect other "
+                    "sensitivity and specificity than the members'", record["reason"])
+    return Ensemble(list(models), calibrations, first["task"]).eval(), first, thresholds, record
 
 
 def with_tta(inferer, task: str, tta: str, calibration: dict | None = None):

@@ -71,7 +71,7 @@ def test_cv_resumes_after_a_kill_mid_fold_and_finishes_the_rest(cv_run, tiny_dem
     assert "pooled" in (folds / "cv_report.html").read_text() and "pooled out-of-fold" in again.stdout
 
 
-def test_ensemble_of_two_fold_checkpoints_gives_the_mean_of_their_probabilities(cv_run, tiny_demo, tmp_path):
+def test_ensemble_of_two_fold_checkpoints_gives_the_mean_of_their_probabilities(cv_run, tiny_demo, tmp_path, capsys):
     from engine.data.demo import LABELS
     from engine.serving.commands import predict
 
@@ -91,6 +91,8 @@ def test_ensemble_of_two_fold_checkpoints_gives_the_mean_of_their_probabilities(
             mean = (float(alone_a[volume][label]) + float(alone_b[volume][label])) / 2
             assert float(row[label]) == pytest.approx(mean, abs=2e-6)
             assert by_glob[volume][label] == row[label]
+            assert int(row[f"{label}_decision"]) == int(float(row[label]) >= 0.5)  # folds share no validation
+    assert "ensemble thresholds: the fixed threshold" in capsys.readouterr().out
 
 
 def test_ensemble_members_must_share_labels_and_preprocessing(cv_run, tiny_demo, tmp_path):

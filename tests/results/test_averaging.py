@@ -42,3 +42,113 @@ def test_flips_are_the_volume_and_one_flip_per_spatial_axis():
 def test_ensemble_threshold_is_each_labels_mean_over_members():
     members = [[0.2, 0.5, 0.9], [0.4, 0.5, 0.3], [0.3, 0.8, 0.6]]
     assert mean_thresholds(members) == pytest.approx(np.mean(members, axis=0).tolist())
+
+
+def _members(rng, volumes: list[str], labels: np.ndarray, rule: str = "youden", beta: float = 1.0) -> list[dict]:
+    """Three members that validated on `volumes`, each listing them in its own order, with their own logits."""
+    out = []
+    for k in range(3):
+        order = rng.permutation(len(volumes))
+        z = labels * (1.0 + k) + rng.normal(size=labels.shape) * 1.5 - 0.5 * k  # each on its own scale
+        out.append({"name": f"m{k}.pt", "thresholds": rng.uniform(0.2, 0.8, labels.shape[1]).tolist(),
+                    "rule": rule, "beta": beta, "fixed": 0.5, "why": "",
+                    "volumes": [volumes[i] for i in order], "logits": torch.tensor(z[order]),
+                    "labels": torch.tensor(labels[order])})
+    return out
+
+
+def _averaged_by_hand(members: list[dict], calibrations: list[dict | None], volumes: list[str]) -> np.ndarray:
+    """Per volume of `volumes`, the mean over members of expit(z * scale + bias), each member's row found by name."""
+    probs = []
+    for m, c in zip(members, calibrations):
+        row = {v: i for i, v in enumerate(m["volumes"])}
+        z = m["logits"].double().numpy()[[row[v] for v in volumes]]
+        scale = np.array(c["scale"]) if c else 1.0
+        bias = np.array(c["bias"]) if c and c["bias"] else 0.0
+        probs.append(expit(z * scale + bias))
+    return np.mean(probs, axis=0)
+
+
+def _brute_force(p: np.ndarray, y: np.ndarray, score) -> float:
+    """The candidate threshold (every distinct probability, highest first) with the highest score of deciding p >= t;
+    a tie keeps the higher threshold."""
+    best, chosen = -np.inf, None
+    for t in np.unique(p)[::-1]:
+        d = p >= t
+        tp, fp = np.sum(d & (y == 1)), np.sum(d & (y == 0))
+        value = score(tp, fp, np.sum(y == 1) - tp, np.sum(y == 0) - fp)
+        if value > best + 1e-12:
+            best, chosen = value, t
+    return float(chosen)
+
+
+@pytest.mark.parametrize("rule,beta", [("youden", 1.0), ("fbeta", 2.0)])
+def test_ensemble_thresholds_are_refit_on_the_averaged_probabilities_of_a_shared_validation(rule, beta):
+    from engine.results.averaging import ensemble_thresholds
+
+    rng = np.random.default_rng(3)
+    volumes = [f"v{i}.nii.gz" for i in range(60)]
+    labels = (rng.uniform(size=(60, 3)) < [0.3, 0.5, 0.0]).astype(float)  # the third label has no positive
+    members = _members(rng, volumes, labels, rule, beta)
+    calibrations = [{"scale": [0.7, 1.2, 1.0], "bias": [0.4, -0.3, 0.0]}, None,
+                    {"scale": [1.5, 0.8, 1.0], "bias": None}]
+    thresholds, record = ensemble_thresholds(members, calibrations, "multilabel")
+    p = _averaged_by_hand(members, calibrations, members[0]["volumes"])
+    y = labels[[volumes.index(v) for v in members[0]["volumes"]]]
+    b2 = beta * beta
+    scores = {"youden": lambda tp, fp, fn, tn: tp / (tp + fn) - fp / (fp + tn),
+              "fbeta": lambda tp, fp, fn, tn: (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp)}
+    expected = [_brute_force(p[:, j], y[:, j], scores[rule]) for j in range(2)] + [0.5]  # one class: the fixed one
+    assert thresholds == pytest.approx(expected, abs=1e-6)
+    assert record == {"method": "refit", "rule": rule, "volumes": 60}
+    assert thresholds[:2] != pytest.approx(np.mean([m["thresholds"] for m in members], axis=0)[:2].tolist(), abs=1e-3)
+    if rule == "youden":  # the same choice by scikit-learn's ROC curve: the first point of the highest J
+        from sklearn.metrics import roc_curve
+
+        for j in range(2):
+            fpr, tpr, cuts = roc_curve(y[:, j], p[:, j], drop_intermediate=False)
+            assert thresholds[j] == pytest.approx(cuts[int(np.argmax(tpr - fpr))], abs=1e-6)
+
+
+def test_ensemble_thresholds_fall_back_to_the_members_mean_without_a_shared_validation():
+    from engine.results.averaging import ensemble_thresholds, thresholds_note
+
+    rng = np.random.default_rng(5)
+    volumes = [f"v{i}" for i in range(30)]
+    labels = (rng.uniform(size=(30, 2)) < 0.4).astype(float)
+    mean = np.mean([m["thresholds"] for m in _members(np.random.default_rng(9), volumes, labels)], axis=0).tolist()
+
+    def chosen(change, rule: str = "youden") -> tuple[list[float], dict]:
+        members = _members(np.random.default_rng(9), volumes, labels, rule)
+        change(members)
+        return ensemble_thresholds(members, [None] * 3, "multilabel")
+
+    def other_volumes(members):  # cross-validation folds: each validated other patients
+        members[1]["volumes"] = [f"w{i}" for i in range(30)]
+
+    thresholds, record = chosen(other_volumes)
+    assert thresholds == pytest.approx(mean) and record["method"] == "mean" and "different volumes" in record["reason"]
+    assert thresholds_note(record).startswith("the members' mean thresholds, NOT refit")
+    thresholds, record = chosen(other_volumes, rule="fixed")
+    assert thresholds == [0.5, 0.5] and record == {"method": "fixed", "rule": "fixed"}
+
+    def no_outputs(members):
+        members[2].update(logits=None, why="it holds no validation outputs")
+
+    def unknown_rule(members):
+        members[0].update(rule=None, why="no config.yaml")
+
+    def other_rules(members):
+        members[1]["beta"] = 2.0
+
+    def relabelled(members):
+        members[1]["labels"] = 1 - members[1]["labels"]
+
+    for change, reason in ((no_outputs, "m2.pt: it holds no validation outputs"), (unknown_rule, "m0.pt: no config"),
+                           (other_rules, "other rules"), (relabelled, "label the same volumes differently")):
+        thresholds, record = chosen(change)
+        assert thresholds == pytest.approx(mean) and record["method"] == "mean", change.__name__
+        assert reason in record["reason"], change.__name__
+    thresholds, record = chosen(lambda members: None)
+    assert record["method"] == "refit" and thresholds_note(record).startswith(
+        "refit on the members' shared validation (30 volumes, rule youden")
