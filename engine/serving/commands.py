@@ -15,7 +15,12 @@ from engine.data.cache import build_dataset, collate_readable, read_volumes
 from engine.data.datalist import label_frequencies, load_datalist
 from engine.data.loaders import loader_workers, make_loader
 from engine.data.prepare import disk_dir, load_splits
-from engine.data.run_split import evaluation_split_note, trained_frequencies
+from engine.data.run_split import (
+    check_patient_column,
+    evaluation_split_note,
+    selection_volumes,
+    trained_frequencies,
+)
 from engine.data.split import patient_of
 from engine.results.averaging import thresholds_note
 from engine.serving.evaluation import evaluate_checkpoint, report_comparison, report_evaluation
@@ -56,13 +61,15 @@ def evaluate(cfg: Config) -> dict:
         listed = load_datalist(cfg.data.val, cfg.data, cfg.data.json_val_key)
         train_items, val_items, labels = [], listed.items, listed.labels
     patients = [patient_of(it, cfg.data.patient_pattern) for it in val_items]
+    selected = selection_set(checkpoints, val_items, cfg.infer.allow_selection_set)
     results = []
     for checkpoint in checkpoints:
         model, state = load_trained_model(checkpoint, device, cfg.model.weights)
         if labels != state["labels"]:
             raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
+        grouping = check_patient_column(Path(checkpoint), val_items, cfg.infer.allow_missing_patient_column)
         note = evaluation_split_note(Path(checkpoint), val_items, cfg.data.patient_pattern,
-                                     cfg.infer.allow_trained_patients)
+                                     cfg.infer.allow_trained_patients) + (f"; {grouping}" if grouping else "")
         dataset = build_dataset(val_items, checkpoint_preprocessing(state), disk_dir(cfg.cache),
                                 cfg.cache.memory_rate, cfg.cache.workers)
         frequencies = label_frequencies(train_items) if train_items else trained_frequencies(Path(checkpoint))
@@ -71,9 +78,23 @@ def evaluate(cfg: Config) -> dict:
                                            make_loader(dataset, cfg.loader, device), device, amp, loss, cfg.metrics,
                                            str(cfg.infer.tta)))
     if len(results) == 2:
-        return report_comparison(*results, patients, cfg.metrics.bootstrap or 1000, cfg.metrics.bootstrap_seed,
-                                 folder)
+        return report_comparison(*results, patients, cfg.metrics, folder, selected)
     return report_evaluation(results[0], folder)
+
+
+def selection_set(checkpoints: list[str], items: list[dict], allow: bool) -> dict:
+    """{checkpoint: how many of `items` were in its run's validation split} for two checkpoints to compare: a
+    checkpoint selected on these volumes looks better on them by construction (equally good checkpoints were
+    called different 29% of the time in a simulation), so that comparison stops unless `allow`."""
+    if len(checkpoints) != 2:
+        return {}
+    counts = {c: len(selection_volumes(Path(c), items)) for c in checkpoints}
+    if any(counts.values()) and not allow:
+        chosen = ", ".join(f"{c} ({k} of {len(items)})" for c, k in counts.items() if k)
+        raise CT3DError(f"evaluate: these volumes are the selection set of {chosen}: its best epoch, thresholds and "
+                        f"calibration were chosen on them, so a comparison there favours it. Compare on a held-out "
+                        f"datalist (data.val=...), or infer.allow_selection_set=true to compare anyway (recorded)")
+    return {"volumes": counts, "allowed": bool(any(counts.values()))}
 
 
 def predict(cfg: Config) -> Path:
