@@ -30,8 +30,9 @@ def evaluate_checkpoint(checkpoint: str, model: torch.nn.Module, state: dict, da
     evaluator, validation = make_evaluator(
         model, loader, device, amp, metrics, labels, state["task"], loss, thresholds=thresholds,
         calibration=None if tta != "none" else calibration,  # with TTA each view is calibrated inside the inferer
-        inferer=with_tta(make_inferer(device, amp), state["task"], tta, calibration),
-        keep=macro_labels(item_labels(val_items, len(labels)), patients, metrics.min_positive_patients))
+        inferer=with_tta(make_inferer(device, amp), state["task"], tta, calibration, ranked=True),
+        keep=macro_labels(item_labels(val_items, len(labels)), patients, metrics.min_positive_patients),
+        paired=tta != "none")  # TTA: AUC ranks the mean of the uncalibrated views, decisions the calibrated one
     evaluator.run()
     ranked = probabilities(validation.last_logits, state["task"])  # AUC and paired differences rank raw outputs
     return {"checkpoint": str(checkpoint), "epoch": state["trainer"]["epoch"], "volumes": len(val_items),

@@ -136,19 +136,21 @@ def load_ensemble(paths: list[str], device: torch.device,
     return Ensemble(list(models), calibrations, first["task"]).eval(), first, thresholds, record
 
 
-def with_tta(inferer, task: str, tta: str, calibration: dict | None = None):
+def with_tta(inferer, task: str, tta: str, calibration: dict | None = None, ranked: bool = False):
     """infer.tta=flips: the mean probability over the volume and its flips along each spatial axis (4
     passes), each view calibrated first (`calibration`, fitted on single views, as an ensemble calibrates each
     member), returned as logits whose probabilities are that mean: the caller applies no calibration after
-    it. MONAI's TestTimeAugmentation targets segmentation (it inverts spatial outputs)."""
+    it. `ranked` (evaluate): the mean of the uncalibrated views' probabilities first, as logits, then that
+    calibrated mean, side by side ((B, 2C)): AUC ranks the former, decisions use the latter. MONAI's
+    TestTimeAugmentation targets segmentation (it inverts spatial outputs)."""
     if tta == "none":
         return inferer
 
     class FlipAverage(Inferer):
         def __call__(self, inputs, network, *args, **kwargs):
-            views = flipped_views(inputs)
-            return mean_probability([inferer(v, network, *args, **kwargs) for v in views],
-                                    [calibration] * len(views), task)
+            views = [inferer(v, network, *args, **kwargs) for v in flipped_views(inputs)]
+            decided = mean_probability(views, [calibration] * len(views), task)
+            return torch.cat([mean_probability(views, [None] * len(views), task), decided], 1) if ranked else decided
 
     return FlipAverage()
 

@@ -235,11 +235,13 @@ def make_trainer(model, optimizer, loss_fn, loader, device: torch.device, amp_dt
 
 def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype | None, metrics: MetricsConfig,
                    labels: list[str], task: str, loss_fn, thresholds: list[float] | None = None,
-                   calibration: dict | None = None, inferer=None, keep: torch.Tensor | None = None):
+                   calibration: dict | None = None, inferer=None, keep: torch.Tensor | None = None,
+                   paired: bool = False):
     """A MONAI SupervisedEvaluator under the training's autocast, with every metric attached (the loss on
     the CPU, where the gathered outputs are: give it its own loss module, not the trainer's). Given
     `thresholds` (evaluate: the checkpoint's, and its `calibration`), it uses them; without, each validation
-    fits its own. `keep`: the labels the macro figures average (outputs.macro_keep); all with both classes without."""
+    fits its own. `keep`: the labels the macro figures average (outputs.macro_keep); all with both classes without.
+    `paired`: the inferer returns ranked and decided logits side by side (inference.with_tta(ranked=True))."""
     from monai.engines import SupervisedEvaluator
 
     evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
@@ -247,7 +249,7 @@ def make_evaluator(network, loader, device: torch.device, amp_dtype: torch.dtype
                                     decollate=False, non_blocking=True, **_amp_arguments(amp_dtype))
     validation = ValidationMetrics(labels, task, loss_fn, metrics.threshold, metrics.beta, str(metrics.threshold_rule),
                                    metrics.calibrate, metrics.calibration_bins, fit=thresholds is None,
-                                   thresholds=thresholds, calibration=calibration, keep=keep)
+                                   thresholds=thresholds, calibration=calibration, keep=keep, paired=paired)
     validation.attach(evaluator)
     return evaluator, validation
 

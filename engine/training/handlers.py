@@ -45,7 +45,7 @@ class ValidationMetrics:
     def __init__(self, names: list[str], task: str, loss_fn: Callable, threshold: float, beta: float,
                  rule: str = "fixed", calibrate: bool = False, bins: int = 10, fit: bool = True,
                  thresholds: list[float] | None = None, calibration: dict | None = None,
-                 keep: torch.Tensor | None = None):
+                 keep: torch.Tensor | None = None, paired: bool = False):
         if not names:
             raise ValueError("names: expected at least one label name")
         self.names, self.task, self.loss_fn = names, task, loss_fn
@@ -53,6 +53,7 @@ class ValidationMetrics:
                                                                                      bins, fit)
         self.thresholds: list[float] = list(thresholds) if thresholds else [threshold] * len(names)
         self.calibration, self.keep = calibration, keep  # keep: the labels macro figures average (None: both classes)
+        self.paired = paired  # outputs are (ranked logits, decided logits) side by side: inference.with_tta(ranked=)
         self.ece: list[float] = []
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -89,7 +90,10 @@ class ValidationMetrics:
         numbers, thresholds and calibration, so whatever decides on them (early stopping, best.pt, a sweep's
         pruner) decides alike, however each rank's CPU would have rounded."""
         logits, labels = self.outputs()
-        decided = self._decide(logits, labels) if idist.get_rank() == 0 else None
+        calibrated = None
+        if self.paired:
+            logits, calibrated = logits.split(len(self.names), dim=1)
+        decided = self._decide(logits, labels, calibrated) if idist.get_rank() == 0 else None
         if idist.get_world_size() > 1:
             import torch.distributed as dist
 
@@ -102,12 +106,13 @@ class ValidationMetrics:
         engine.state.metrics.update(metrics)
         self.last_probs, self.last_labels, self.last_logits = probs, labels, logits
 
-    def _decide(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """(metrics, thresholds, calibration, per-label ECE, probabilities) of the gathered outputs."""
+    def _decide(self, logits: torch.Tensor, labels: torch.Tensor, calibrated: torch.Tensor | None = None) -> tuple:
+        """(metrics, thresholds, calibration, per-label ECE, probabilities) of the gathered outputs (`calibrated`:
+        the logits decisions use, where made apart from `logits`, which AUC ranks)."""
         calibration, thresholds = self.calibration, self.thresholds
         if self.fit:  # a calibration restored from a checkpoint goes when calibration is off now
             calibration = fit_calibration(logits, labels, self.task) if self.calibrate else None
-        probs = probabilities(apply_calibration(logits, calibration), self.task)
+        probs = probabilities(apply_calibration(logits, calibration) if calibrated is None else calibrated, self.task)
         if self.fit and self.task != "multiclass":  # multiclass decides by arg-max: no threshold to tune
             thresholds = tune_thresholds(probs, labels, self.rule, self.beta, self.threshold)
         # rank figures (AUC) from the raw outputs: a calibration that flattens a label must not change its ranking
