@@ -101,20 +101,26 @@ def test_bca_intervals_cover_the_population_auc_at_n_40():
 
 
 def test_macro_averages_one_label_set_and_counts_the_resamples_that_lack_a_class():
-    """A label with 2 positive patients drops out of some resamples: those are left out of the macro interval
-    and counted (never averaged over fewer labels), and the label is flagged as resting on few patients."""
+    """A macro label with 2 positive patients (min_positive=1 lets it in) drops out of some resamples: those are
+    left out of the macro interval and counted (never averaged over fewer labels), and the label is flagged as
+    resting on few patients. By default (10 positive patients) it stays out of the macro altogether."""
     g = torch.Generator().manual_seed(0)
     n = 60
     labels = torch.stack([(torch.rand(n, generator=g) < 0.5).float(), torch.zeros(n)], 1)
     labels[:2, 1] = 1  # two positive patients for label b
     probs = torch.sigmoid(torch.randn(n, 2, generator=g) + 2 * labels)
     patients = [f"p{i}" for i in range(n)]
-    out = bootstrap_intervals(probs, labels, (probs >= 0.5).float(), patients, ["a", "b"], resamples=400, seed=3)
+    out = bootstrap_intervals(probs, labels, (probs >= 0.5).float(), patients, ["a", "b"], resamples=400, seed=3,
+                              min_positive=1)
     w = patient_weights(patients, 400, seed=3)
     b_missing = int(((w[:, :2].sum(1)) == 0).sum())  # resamples that drew neither positive patient of b
     assert out["degenerate"]["auc_macro"] == out["degenerate"]["auc/b"] == b_missing > 0
-    assert out["macro_labels"] == ["a", "b"] and out["few_positive_patients"] == {"b": 2}
+    assert out["macro_labels"] == ["a", "b"] and out["few_positive_patients"] == {}
     assert out["method"] == "BCa" and out["degenerate"]["auc/a"] == 0
+    default = bootstrap_intervals(probs, labels, (probs >= 0.5).float(), patients, ["a", "b"], resamples=400, seed=3)
+    assert default["macro_labels"] == ["a"] and default["few_positive_patients"] == {"b": 2}
+    assert default["degenerate"]["auc_macro"] == 0 and default["degenerate"]["auc/b"] == b_missing
+    assert default["unreliable"] == ["auc/b", "fbeta/b"] and default["min_positive_patients"] == 10
 
 
 def test_weighted_fbeta_matches_sklearn_with_sample_weights():
@@ -162,3 +168,18 @@ def test_paired_comparison_on_the_same_patients():
     assert macro["difference"] == pytest.approx(macro["second"] - macro["first"]) and macro["interval"][0] > 0
     same = paired_comparison(weak, weak, labels, patients, ["a", "b"], resamples=200, seed=1)["auc_macro"]
     assert same["difference"] == 0 and same["interval"] == [0.0, 0.0]
+
+
+def test_an_all_negative_label_has_no_fbeta_interval_rather_than_zero_to_zero():
+    """With no positive, F-beta is undefined in every resample (recall has nothing to count): no interval, where
+    the model's false positives used to make it [0, 0]; the label is listed unreliable, and as it has one class
+    it is not among the labels with too few positives that have both."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.stack([(torch.rand(50, generator=g) < 0.5).float(), torch.zeros(50)], 1)
+    probs = torch.rand(50, 2, generator=g)
+    decided = (probs >= 0.5).float()
+    assert decided[:, 1].sum() > 0  # false positives on b
+    out = bootstrap_intervals(probs, labels, decided, [str(i) for i in range(50)], ["a", "b"], resamples=100)
+    assert all(math.isnan(v) for v in out["intervals"]["fbeta/b"]) and out["degenerate"]["fbeta/b"] == 100
+    assert not any(math.isnan(v) for v in out["intervals"]["fbeta/a"])
+    assert out["unreliable"] == ["auc/b", "fbeta/b"] and out["few_positive_patients"] == {}

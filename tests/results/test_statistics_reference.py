@@ -70,9 +70,19 @@ def test_bootstrap_intervals_equal_sklearn_resample_by_resample_and_the_formula(
             assert out["intervals"][key] == pytest.approx(interval, abs=1e-9), key
             assert out["degenerate"][key] == nans
         assert y.any()
-    macro = lambda w: np.mean([weighted(roc_auc_score, labels[:, c], probs[:, c], w) for c in range(2)])  # noqa
-    assert out["intervals"]["auc_macro"] == pytest.approx(reference(macro, probs, labels, decisions, patients,
-                                                                    300, 4, 0.9)[0], abs=1e-9)
+    # the macro averages the labels with >= 10 positive patients (here a: 10 of 16 patients; b has 8), counted
+    # here from the rows; min_positive=1 lets b in
+    positive = [len({pt for pt, v in zip(patients, labels[:, c]) if v}) for c in range(2)]
+    assert positive == [10, 8] and out["macro_labels"] == ["a"] and out["few_positive_patients"] == {"b": 8}
+    assert out["unreliable"] == ["auc/b", "fbeta/b"] and out["min_positive_patients"] == 10
+    for least, chosen in ((10, [0]), (1, [0, 1])):
+        macro = lambda w, chosen=chosen: np.mean([weighted(roc_auc_score, labels[:, c], probs[:, c], w)  # noqa
+                                                  for c in chosen])
+        got = out if least == 10 else bootstrap_intervals(
+            torch.tensor(probs), torch.tensor(labels), torch.tensor(decisions), patients, ["a", "b"], beta=2.0,
+            resamples=300, seed=4, level=0.9, min_positive=least)
+        assert got["intervals"]["auc_macro"] == pytest.approx(reference(macro, probs, labels, decisions, patients,
+                                                                        300, 4, 0.9)[0], abs=1e-9)
     defaults = bootstrap_intervals(torch.tensor(probs), torch.tensor(labels), torch.tensor(decisions), patients,
                                    ["a", "b"])
     assert defaults["resamples"] == 1000 and defaults["level"] == 0.95
@@ -184,7 +194,8 @@ def test_the_summary_blocks_key_by_key():
     assert "bootstrap" not in run_statistics(p, y, patients, ["a", "b"], "multilabel", [0.3, 0.6], None,
                                              MetricsConfig(bootstrap=0))
     empty = run_statistics(p[:0], y[:0], [], ["a", "b"], "multilabel", [0.5, 0.5], None, config)
-    assert "bootstrap" not in empty and empty["auc_left_out"] == [] and empty["auc_macro_labels"] == 2
+    # no volumes: no label qualifies for the macro (it was 2 before the positive-patient rule: no one-class label)
+    assert "bootstrap" not in empty and empty["auc_left_out"] == [] and empty["auc_macro_labels"] == 0
     one_hot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), 3).double()
     scores = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1]], dtype=torch.float64)
     multi = run_statistics(scores, one_hot, ["a", "b", "c", "d"], ["x", "y", "z"], "multiclass", [0.5] * 3, None,
@@ -205,5 +216,6 @@ def test_no_label_with_both_classes_makes_every_macro_resample_degenerate():
 def test_paired_comparison_defaults_to_seed_zero():
     probs, labels, patients = data(24, seed=3)
     a, b, y = torch.tensor(probs), torch.tensor(probs[::-1].copy()), torch.tensor(labels)
-    assert paired_comparison(a, b, y, patients, ["a", "b"], resamples=200) == paired_comparison(
-        a, b, y, patients, ["a", "b"], resamples=200, seed=0)
+    # min_positive=1: 8 patients have fewer than 10 positives, and a NaN macro never compares equal to itself
+    assert paired_comparison(a, b, y, patients, ["a", "b"], resamples=200, min_positive=1) == paired_comparison(
+        a, b, y, patients, ["a", "b"], resamples=200, seed=0, min_positive=1)
