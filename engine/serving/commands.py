@@ -145,6 +145,6 @@ def export(cfg: Config) -> Path:
         export_model(model, state, path, fmt)
     except AssertionError as exc:  # MONAI's check: the file's outputs differ from PyTorch's
         raise CT3DError(f"export {path}: the {fmt} model's outputs differ from PyTorch's ({exc})") from None
-    print(f"ct3d export: {cfg.checkpoint} -> {path} ({fmt}; labels, task, threshold and preprocessing "
+    print(f"ct3d export: {cfg.checkpoint} -> {path} ({fmt}; labels, task, decision rule and preprocessing "
           f"in its metadata)")
     return path
