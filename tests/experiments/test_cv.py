@@ -2,13 +2,16 @@
 
 import csv
 import json
+import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.config.loading import load_config
 from engine.config.schema import DataConfig
+from engine.data.demo import LABELS
 from engine.utils.errors import CT3DError
 from forked import Forked
 from helpers import cli, start, tiny_overrides
@@ -63,16 +66,56 @@ def test_cv_resumes_after_a_kill_mid_fold_and_finishes_the_rest(cv_run, tiny_dem
             for k in range(3)]
     raw, labels = torch.sigmoid(torch.cat([b["logits"] for b in best])), torch.cat([b["labels"] for b in best])
     per_label = [roc_auc_score(labels[:, j], raw[:, j]) for j in range(labels.shape[1])
-                 if labels[:, j].min() != labels[:, j].max()]
+                 if labels[:, j].min() != labels[:, j].max()]  # tests run with metrics.min_positive_patients=1
     assert pooled["metrics"]["auc_macro"] == pytest.approx(sum(per_label) / len(per_label))  # raw outputs pooled
+    assert pooled["note"].startswith("pooled across fold models") and pooled["min_positive_patients"] == 1
     for k in range(3):
-        split = list(csv.DictReader(open(folds / f"fold{k}" / "split.csv")))
-        assert sum(r["split"] == "validation" for r in split) == summary["folds"][k]["val_volumes"]
-    assert "pooled" in (folds / "cv_report.html").read_text() and "pooled out-of-fold" in again.stdout
+        rows = list(csv.DictReader(open(folds / f"fold{k}" / "split.csv")))
+        assert sum(r["split"] == "validation" for r in rows) == summary["folds"][k]["val_volumes"]
+    own = [json.loads((folds / f"fold{k}" / "summary.json").read_text())["best"]["auc_macro"] for k in range(3)]
+    headline = summary["headline"]["auc_macro"]
+    assert headline["mean"] == pytest.approx(statistics.mean(own))
+    assert headline["sd"] == pytest.approx(np.std(own, ddof=1))
+    report = (folds / "cv_report.html").read_text()
+    assert report.index("mean of the folds' own") < report.index("pooled across fold models")
+    assert again.stdout.index("mean of the folds' own") < again.stdout.index("pooled out-of-fold")
+
+
+def test_cv_summary_leaves_labels_with_few_positive_patients_out_of_the_pooled_macro(cv_run, tmp_path):
+    """The same folds summarised with metrics.min_positive_patients=10 (too many for a fold of 8 patients to train
+    with, not for the 24 pooled): the labels under it leave the pooled macro and are flagged."""
+    import shutil
+
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from engine.experiments.cv import cv_summary
+    from engine.training.checkpoint import load_checkpoint
+
+    folds, overrides, _, _ = cv_run
+    copy = tmp_path / "cv"
+    shutil.copytree(folds, copy)
+    summary = cv_summary(copy, load_config(None, [*overrides, "metrics.min_positive_patients=10"]))
+    pooled = summary["pooled"]
+    best = [load_checkpoint(folds / f"fold{k}" / "checkpoints" / "best.pt")["metrics_table"]["best_outputs"]
+            for k in range(3)]
+    raw, labels = torch.sigmoid(torch.cat([b["logits"] for b in best])), torch.cat([b["labels"] for b in best])
+    split = [r for k in range(3) for r in csv.DictReader(open(folds / f"fold{k}" / "split.csv"))
+             if r["split"] == "validation"]  # in gathered order: one rank
+    positive = {n: len({r["patient"] for r, y in zip(split, labels[:, j]) if y == 1}) for j, n in enumerate(LABELS)}
+    assert positive == {"Lung nodule": 8, "Pleural effusion": 10, "Emphysema": 6, "Cardiomegaly": 10}
+    kept = [j for j, n in enumerate(LABELS) if positive[n] >= 10]
+    per_label = [roc_auc_score(labels[:, j], raw[:, j]) for j in kept]
+    assert pooled["metrics"]["auc_macro"] == pytest.approx(sum(per_label) / len(per_label))
+    assert pooled["left_out"] == {"one_class": [], "few_positive_patients": {"Lung nodule": 8, "Emphysema": 6}}
+    assert {"auc/Lung nodule", "auc/Emphysema"} <= set(pooled["bootstrap"]["unreliable"]) <= set(pooled["unreliable"])
+    assert pooled["bootstrap"]["macro_labels"] == ["Pleural effusion", "Cardiomegaly"] == pooled["macro_labels"]
+    report = (copy / "cv_report.html").read_text()
+    assert "under 10 positive patients: Lung nodule (8), Emphysema (6)" in report
+    assert "unreliable: 6 positive patients" in report
 
 
 def test_ensemble_of_two_fold_checkpoints_gives_the_mean_of_their_probabilities(cv_run, tiny_demo, tmp_path, capsys):
-    from engine.data.demo import LABELS
     from engine.serving.commands import predict
 
     folds, _, _, _ = cv_run
