@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
-from bench.common import ROOT
+from bench.common import ROOT, TIMED_ONLY
 from bench.gpu_steps import profiler, sync, trace_kernel_seconds
 from engine.config import load_config
 from engine.training import train
@@ -77,7 +77,8 @@ def engine_overrides(work: Path, size: list[int], batch: int, device: torch.devi
             f"output.name=batch{batch}",
             "train.resume=off", f"train.device={device}", "train.epochs=2", "train.val_every=2",
             f"loader.batch_size={batch}", f"model.widen_factor={cfg['widen']}", "tracking.wandb.mode=disabled",
-            "metrics.bootstrap=0", "report.panels=false", "report.saliency_positives=0", "report.saliency_negatives=0"]
+            "metrics.bootstrap=0", "report.panels=false", "report.saliency_positives=0", "report.saliency_negatives=0",
+            TIMED_ONLY]
 
 
 def engine_step_figures(work: Path, size: list[int], batch: int, device: torch.device, cfg: dict) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, pss_samples
+from bench.common import ROOT, TIMED_ONLY, pss_samples
 from bench.rows import Row, ratio_row, row, seconds_range
 from engine.config import load_config
 from engine.data import generate
@@ -40,7 +40,7 @@ def job_data(work: Path, train: int, val: int, size: int) -> list[str]:
             writer.writerows(part)
     return [f"data.train={folder / 'train.csv'}", f"data.val={folder / 'val.csv'}", "data.demo.enabled=false",
             f"preprocess.spatial_size=[{size},{size},{size}]", f"cache.dir={work / 'phases-cache'}",
-            f"output.dir={work / 'phases-runs'}", "train.resume=off"]
+            f"output.dir={work / 'phases-runs'}", "train.resume=off", TIMED_ONLY]
 
 
 def run_phases(overrides: list[str], name: str, work: Path, memory: bool, every: float = 0.1) -> tuple[dict, dict]:

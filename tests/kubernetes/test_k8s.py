@@ -984,7 +984,7 @@ def test_cache_fill_pods_take_their_own_placement_not_the_gpu_pods():
 # ------------------------------------------------------------------ the pod's life: late pod 0, exit 2, SIGTERM
 TINY_POD = ["data.demo.num_volumes=24", "data.demo.shape=[32,32,32]", "preprocess.spatial_size=[32,32,32]",
             "model.widen_factor=0.25", "loader.batch_size=2", "tracking.wandb.mode=disabled", "cache.workers=1",
-            "train.threads=1", "train.device=cpu", "report.panels=false"]
+            "train.threads=1", "train.device=cpu", "report.panels=false", "metrics.min_positive_patients=1"]
 EARLY = "test_a_pod_up_150_s_before_pod_0_waits_for_it_then_a_replaced_pod_rejoins_and_training_resumes"
 
 
