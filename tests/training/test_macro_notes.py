@@ -83,3 +83,29 @@ def test_evaluate_knows_the_selection_set_and_the_patient_column(tmp_path):
         check_patient_column(checkpoint, items, allow=False)
     assert "PatientID" in check_patient_column(checkpoint, items, allow=True)
     assert check_patient_column(checkpoint, [dict(it, **{PATIENT: "x"}) for it in items], allow=False) == ""
+
+
+def test_validation_averages_the_labels_the_run_chose_and_its_ece_macro_too():
+    """The handler's macro figures over `keep` (macro_keep's mask), against sklearn over those labels."""
+    from types import SimpleNamespace
+
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from engine.results.calibration import expected_calibration_error
+    from engine.training.handlers import ValidationMetrics
+
+    g = torch.Generator().manual_seed(5)
+    labels = (torch.rand(60, 3, generator=g) < torch.tensor([0.4, 0.5, 0.05])).float()
+    logits = torch.randn(60, 3, generator=g) + 2 * labels
+    keep = torch.tensor([True, False, True])
+    metrics = ValidationMetrics(["a", "b", "c"], "multilabel", torch.nn.BCEWithLogitsLoss(), 0.5, 1.0, keep=keep)
+    engine = SimpleNamespace(state=SimpleNamespace(output={"pred": logits, "label": labels}, metrics={}))
+    metrics.reset()
+    metrics.update(engine)
+    metrics.compute(engine)
+    aucs = [roc_auc_score(labels[:, j], logits[:, j]) for j in (0, 2)]
+    assert engine.state.metrics["auc_macro"] == pytest.approx(sum(aucs) / 2, abs=1e-6)
+    assert engine.state.metrics["auc_labels"] == 2
+    ece = expected_calibration_error(torch.sigmoid(logits), labels)
+    assert engine.state.metrics["ece_macro"] == pytest.approx((ece[0] + ece[2]) / 2, abs=1e-6)
