@@ -13,7 +13,8 @@ from engine.config.loading import to_yaml
 from engine.config.schema import Config
 from engine.data.run_split import SPLIT_FILE, read_split
 from engine.data.sharing import gathered_order
-from engine.experiments.cv_summary import cv_report, headline_text, pool, summarize
+from engine.experiments.cv_report import cv_report, headline_text
+from engine.experiments.cv_summary import pool, summarize
 from engine.results.metrics import decisions
 from engine.training.checkpoint import load_checkpoint
 from engine.training.outputs import ranked_outputs

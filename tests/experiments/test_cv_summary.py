@@ -10,7 +10,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from engine.config.schema import MetricsConfig
-from engine.experiments.cv_summary import POOLED_NOTE, cv_report, headline_text, over_folds, pool, summarize, t_quantile
+from engine.experiments.cv_report import cv_report, headline_text
+from engine.experiments.cv_summary import POOLED_NOTE, over_folds, pool, summarize, t_quantile
 from engine.utils.errors import CT3DError
 
 
