@@ -73,6 +73,11 @@ class ApplyMetadatad(MapTransform):
 PADDING_SHARE = 0.01  # one value filling this share of a volume's lowest voxels is its 1st percentile on its own
 RAW_TISSUE = (824.0, 1224.0)  # soft tissue (-200 to 200 HU) as raw scanner values (HU + 1024); in HU: dense bone
 RAW_TISSUE_SHARE = 0.2  # raw values put every soft tissue there (a third or more of a CT); HU a few % of bone
+# ... or a twentieth, when the rest's own 1st percentile sits where raw values put air and nothing else lies at an
+# air-like level (a slim patient in a wide field of view: air around the body, little tissue); a CT in HU whose air
+# is clipped at -1024 has its unclipped air noise just above it
+RAW_AIR = (AIR_HU[0] + 1024.0, AIR_HU[1] + 1024.0)
+RAW_TISSUE_SHARE_WITH_AIR = 0.05
 
 
 def _first_percentile(values: torch.Tensor) -> float:
@@ -86,7 +91,8 @@ def air_level(image: torch.Tensor, samples: int = 2_000_000) -> float:
 
     One value at an air-like level filling over 1% is either air clipped there (scanners clip at -1024 HU) or
     padding there (-1024 stored beside raw values, whose air is near 0 and soft tissue near 1024). It is padding,
-    and the air the other values' 1st percentile, when over a fifth of the others sit in RAW_TISSUE."""
+    and the air the other values' 1st percentile, when over a fifth of the others sit in RAW_TISSUE, or over a
+    twentieth with that percentile itself where raw values put air (RAW_AIR) and no other value air-like."""
     flat = image.reshape(-1)
     values = flat[:: max(1, flat.numel() // samples)].float()
     lowest = values.min()
@@ -98,8 +104,12 @@ def air_level(image: torch.Tensor, samples: int = 2_000_000) -> float:
     one_value = values == air
     if AIR_HU[0] <= air <= AIR_HU[1] and one_value.float().mean() > PADDING_SHARE and not one_value.all():
         others = values[~one_value]
-        if ((others >= RAW_TISSUE[0]) & (others <= RAW_TISSUE[1])).float().mean() > RAW_TISSUE_SHARE:
-            return _first_percentile(others)
+        tissue = float(((others >= RAW_TISSUE[0]) & (others <= RAW_TISSUE[1])).float().mean())
+        rest = _first_percentile(others)
+        lone = float(((others >= AIR_HU[0]) & (others <= AIR_HU[1])).float().mean()) < 1e-3
+        raw_air = lone and RAW_AIR[0] <= rest <= RAW_AIR[1]
+        if tissue > RAW_TISSUE_SHARE or (tissue > RAW_TISSUE_SHARE_WITH_AIR and raw_air):
+            return rest
     return air
 
 

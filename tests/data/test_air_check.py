@@ -69,3 +69,29 @@ def test_raw_values_padded_at_a_negative_level_are_refused(tmp_path, padding):
     assert path.name in message and "raw scanner values, not Hounsfield units" in message
     rescaled = run(path, rescale=[1.0, -1024.0])  # the metadata's rescale makes them HU: padding below -2000
     assert rescaled.shape == (1, 32, 32, 32)
+
+
+def _mixture(parts: list[tuple[float, float, float, float | None]], seed: int = 0) -> torch.Tensor:
+    """A (64, 64, 32) volume of shuffled voxels: (share, mean, sd, clip below) per tissue; sd 0 is one value."""
+    rng = np.random.default_rng(seed)
+    n = 64 * 64 * 32
+    values = []
+    for share, mean, sd, clip in parts:
+        v = rng.normal(mean, sd, int(share * n)) if sd else np.full(int(share * n), mean)
+        values.append(np.maximum(v, clip) if clip is not None else v)
+    flat = np.round(np.concatenate(values))
+    flat = np.concatenate([flat, np.full(n - flat.size, flat[-1])])
+    return torch.tensor(rng.permutation(flat).reshape(64, 64, 32).astype(np.float32))
+
+
+def test_raw_values_of_a_slim_patient_padded_at_minus_1024_are_caught():
+    """Raw values (HU + 1024) with little tissue: a fifth padding at -1024, half air (0 to ~60), 15% lung, 15% soft
+    tissue (under a fifth of the rest): the tissue share alone would pass it as HU."""
+    raw = _mixture([(0.2, -1024, 0, None), (0.5, 14, 20, 0), (0.15, 174, 30, None), (0.15, 1064, 20, None)])
+    assert air_level(raw) > AIR_HU[1] + 500  # its air as stored: refused as raw values
+    # the same patient in HU, air clipped at -1024 (its noise above it), padding at -2048: passes
+    hu = _mixture([(0.2, -2048, 0, None), (0.5, -1010, 20, -1024), (0.15, -850, 30, None), (0.15, 40, 20, None)])
+    assert AIR_HU[0] <= air_level(hu) <= AIR_HU[1]
+    # a head CT in HU: air clipped at -1024, fat, brain, a tenth dense bone: passes
+    head = _mixture([(0.4, -1010, 20, -1024), (0.08, -100, 20, None), (0.42, 30, 10, None), (0.1, 1000, 150, None)])
+    assert AIR_HU[0] <= air_level(head) <= AIR_HU[1]
