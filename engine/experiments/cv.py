@@ -11,13 +11,14 @@ from pathlib import Path
 
 from engine.config.loading import to_yaml
 from engine.config.schema import Config
+from engine.data.prepare import load_splits
 from engine.data.run_split import SPLIT_FILE, read_split
 from engine.data.sharing import gathered_order
 from engine.experiments.cv_report import cv_report, headline_text
 from engine.experiments.cv_summary import pool, summarize
 from engine.results.metrics import decisions
 from engine.training.checkpoint import load_checkpoint
-from engine.training.outputs import ranked_outputs
+from engine.training.outputs import macro_keep, ranked_outputs
 from engine.training.workflow import train
 from engine.utils.errors import CT3DError
 from engine.utils.io import write_json, write_text
@@ -74,6 +75,10 @@ def cv(cfg: Config) -> Path:
     if cfg.data.folds < 2:
         raise CT3DError("config error: data.folds: cv needs data.folds >= 2 (e.g. data.folds=5)")
     folder = Path(cfg.output.dir) / cv_name(cfg)
+    for k in range(cfg.data.folds):  # each fold's validation must carry the macro figures, before any fold trains
+        fold = fold_config(cfg, k)
+        _, val, labels = load_splits(fold.data)
+        macro_keep(val, labels, fold.data.patient_pattern, fold.metrics, side=f"fold {k} validation")
     for k in range(cfg.data.folds):
         run = folder / f"fold{k}"
         if (run / "config.yaml").is_file():

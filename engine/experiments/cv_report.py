@@ -33,7 +33,8 @@ def headline_text(summary: dict) -> str:
     auc, pooled = summary["headline"]["auc_macro"], summary["pooled"]
     boot = pooled.get("bootstrap", {}).get("intervals", {}).get("auc_macro")
     return (f"macro AUC, mean of the folds' own {fmt(auc['mean'])} ({_spread(auc)}); per fold "
-            f"{', '.join(fmt(f['auc_macro']) for f in summary['folds'])}; pooled out-of-fold "
+            f"{', '.join(fmt(f.get('headline_auc_macro', f['auc_macro'])) for f in summary['folds'])}; "
+            f"pooled out-of-fold "
             f"{fmt(pooled['metrics']['auc_macro'])}{f' [{_interval(boot)}]' if boot else ''} ({POOLED_NOTE})")
 
 
@@ -74,8 +75,10 @@ def cv_report(folder: Path, summary: dict, probs: torch.Tensor, labels: torch.Te
     roc = _roc_png(folder, summary["labels"], probs, labels)
     auc, fbeta = summary["headline"]["auc_macro"], summary["headline"]["fbeta_macro"]
     rows = "".join(f"<tr><td>fold {f['fold']}</td><td>{f['val_volumes']}</td><td>{f['best_epoch']}</td>"
-                   f"<td>{fmt(f['auc_macro'])}</td><td>{_interval(f['intervals']['auc_macro'])}</td>"
-                   f"<td>{fmt(f['fbeta_macro'])}</td><td>{_interval(f['intervals']['fbeta_macro'])}</td></tr>"
+                   f"<td>{fmt(f.get('headline_auc_macro', f['auc_macro']))}</td>"
+                   f"<td>{_interval(f['intervals']['auc_macro'])}</td>"
+                   f"<td>{fmt(f.get('headline_fbeta_macro', f['fbeta_macro']))}</td>"
+                   f"<td>{_interval(f['intervals']['fbeta_macro'])}</td></tr>"
                    for f in summary["folds"])
     rows += (f"<tr><th>mean over folds (sd)</th><td></td><td></td><th>{fmt(auc['mean'])} ({fmt(auc['sd'])})</th>"
              f"<td>{_interval(auc['interval'])} (t, folds)</td><td>{fmt(fbeta['mean'])} ({fmt(fbeta['sd'])})</td>"
@@ -103,7 +106,10 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head>
 <body><h1>ct3d cross-validation {html.escape(folder.name)}: {len(summary['folds'])} folds</h1>
 <p><b>Macro AUC, mean of the folds' own: {fmt(auc['mean'])}</b> ({_spread(auc)}; {auc['folds']} folds). Each fold's
 model is scored on its own validation (disjoint patients); the interval is a {INTERVAL_METHOD}. Macro F-beta, mean
-of the folds' own: {fmt(fbeta['mean'])} ({_spread(fbeta)}).</p>
+of the folds' own: {fmt(fbeta['mean'])} ({_spread(fbeta)}). Every fold is scored over the same labels, those each
+fold's validation can carry: {html.escape(', '.join(summary['headline'].get('macro_labels', [])) or 'none')}{
+    '; ' + html.escape(summary['headline']['note']) if summary['headline'].get('note') else ''}. A fold's interval
+is its own run's (over its own macro labels).</p>
 <p>These are selection-set figures: each fold's best epoch was chosen on the validation it is scored on, so every
 figure here is optimistic; F-beta is also decided at each fold's thresholds, tuned (with metrics.threshold_rule
 other than fixed) on that fold's validation. Intervals per fold and pooled: 95% patient-level BCa bootstrap.</p>

@@ -67,6 +67,7 @@ def pool(outputs: list[dict], where: str) -> dict:
     validations is an error (`where`: the cross-validation's folder)."""
     pooled = {key: torch.cat([o[key] for o in outputs]) for key in ("probs", "labels", "decisions")}
     pooled.update({key: [x for o in outputs for x in o[key]] for key in ("patients", "volumes")})
+    pooled["fold"] = torch.cat([torch.full((len(o["volumes"]),), k) for k, o in enumerate(outputs)])
     if len(set(pooled["volumes"])) != len(pooled["volumes"]):
         raise CT3DError(f"cv {where}: a volume is in the validation side of two folds; the folds were made with "
                         f"other settings (data.folds, data.split_seed): start a new cv (another output.name)")
@@ -101,8 +102,31 @@ def summarize(folds: list[dict], pooled: dict, metrics: MetricsConfig) -> dict:
         out["bootstrap"] = bootstrap_intervals(pooled["probs"], labels, pooled["decisions"], patients, names,
                                                metrics.beta, metrics.bootstrap, metrics.bootstrap_seed,
                                                min_positive=metrics.min_positive_patients)
-    auc = over_folds([f["auc_macro"] for f in folds])
     headline = {"figure": "auc_macro", "what": "the mean of the folds' macro AUCs, each fold's model on its own "
-                "validation", "auc_macro": auc, "fbeta_macro": over_folds([f["fbeta_macro"] for f in folds])}
+                "validation, every fold over the same labels", **per_fold_headline(folds, pooled, metrics)}
+    auc = headline["auc_macro"]
     return {"headline": headline, "folds": folds, "labels": names, "task": task, "auc_macro_mean": auc["mean"],
             "auc_macro_sd": auc["sd"], "pooled": out}
+
+
+def per_fold_headline(folds: list[dict], pooled: dict, metrics: MetricsConfig) -> dict:
+    """Each fold's macro AUC and F-beta re-scored from its outputs over one label set, those every fold can carry
+    (both classes and metrics.min_positive_patients positive patients in each fold's validation), into the folds'
+    rows ("headline_auc_macro", "headline_fbeta_macro"), and their over_folds figures. A fold's own summary.json
+    averaged its own labels: a mean over folds that averaged different labels would mix quantities."""
+    names, labels, patients = pooled["names"], pooled["labels"], pooled["patients"]
+    rows = [pooled["fold"] == k for k in range(len(folds))]
+    own = [macro_labels(labels[r], [patients[i] for i in r.nonzero().flatten().tolist()],
+                        metrics.min_positive_patients) for r in rows]
+    common = torch.stack(own).all(0)
+    for fold, r in zip(folds, rows):
+        figures = classification_metrics(pooled["probs"][r], labels[r], names, pooled["task"], beta=metrics.beta,
+                                         decided=pooled["decisions"][r], keep=common)
+        fold["headline_auc_macro"], fold["headline_fbeta_macro"] = figures["auc_macro"], figures["fbeta_macro"]
+    differ = [f"fold {f['fold']}: {', '.join(n for n, k in zip(names, keep) if k) or 'none'}"
+              for f, keep in zip(folds, own) if not torch.equal(keep, common)]
+    return {"auc_macro": over_folds([f["headline_auc_macro"] for f in folds]),
+            "fbeta_macro": over_folds([f["headline_fbeta_macro"] for f in folds]),
+            "macro_labels": [n for n, k in zip(names, common) if k],
+            "note": (f"the folds' own macro figures average different labels ({'; '.join(differ)}); the headline "
+                     f"re-scores every fold over the labels all folds carry" if differ else "")}

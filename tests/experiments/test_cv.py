@@ -162,3 +162,16 @@ def test_cv_refuses_fold_folders_made_with_other_settings(cv_run):
         load_config(None, [*overrides, "checkpoint=a.pt", "checkpoint=b.pt", "checkpoint=c.pt"], command="evaluate")
     with pytest.raises(CT3DError, match="checkpoints: an ensemble of 2 checkpoints is for predict"):
         load_config(None, [*overrides, "checkpoint=a.pt", "checkpoint=b.pt"], command="export")
+
+
+def test_cv_refuses_before_any_fold_trains_when_a_fold_cannot_carry_the_macro(tmp_path, tiny_demo):
+    """Each of 3 folds validates 8 of the 24 tiny volumes: no label reaches 10 positive patients in any fold, and
+    the refusal comes before fold 0 trains (not after the earlier folds have)."""
+    from engine.experiments.cv import cv
+
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_demo, "data.folds=3", "output.name=short",
+                                           "metrics.min_positive_patients=10"))
+    with pytest.raises(CT3DError, match=r"min_positive_patients=10: no label has that many positive patients in the "
+                                        r"fold 0 validation split"):
+        cv(cfg)
+    assert not (tmp_path / "runs" / "short").exists()

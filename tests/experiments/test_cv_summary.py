@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from engine.config.schema import MetricsConfig
 from engine.experiments.cv_report import cv_report, headline_text
@@ -73,7 +73,9 @@ def test_pooling_fold_models_on_other_scales_lowers_auc_and_the_headline_is_the_
     assert headline["sd"] == pytest.approx(statistics.stdev(own)) == summary["auc_macro_sd"]
     half = stats.t.ppf(0.975, len(own) - 1) * statistics.stdev(own) / np.sqrt(len(own))
     assert headline["interval"] == pytest.approx([statistics.mean(own) - half, statistics.mean(own) + half])
-    assert summary["headline"]["fbeta_macro"]["mean"] == pytest.approx(0.6)
+    f1 = [np.mean([f1_score(o["labels"][:, j], o["decisions"][:, j]) for j in range(2)]) for o in outputs]
+    assert summary["headline"]["fbeta_macro"]["mean"] == pytest.approx(statistics.mean(f1))  # re-scored, not read
+    assert summary["headline"]["macro_labels"] == ["Effusion", "Nodule"] and summary["headline"]["note"] == ""
     assert summary["pooled"]["note"] == POOLED_NOTE
     text = headline_text(summary)
     assert text.startswith(f"macro AUC, mean of the folds' own {statistics.mean(own):.4f}") and POOLED_NOTE in text
@@ -107,3 +109,21 @@ def test_a_volume_in_two_folds_validations_is_refused():
     outputs[1]["volumes"][0] = outputs[0]["volumes"][0]
     with pytest.raises(CT3DError, match="cv runs/x: a volume is in the validation side of two folds"):
         pool(outputs, "runs/x")
+
+
+def test_the_headline_scores_every_fold_over_the_labels_all_folds_carry():
+    """"Rare" has 12 positive patients in fold 0 (its own macro counts it) and 2 in the others: the headline
+    re-scores every fold over Effusion and Nodule, by scikit-learn here, and says the folds differed."""
+    folds, outputs = synthetic_folds((0.0, 0.0, 0.0), seed=3)
+    y, rng = outputs[0]["labels"].numpy().copy(), np.random.default_rng(9)
+    y[:, 2] = 0
+    y[rng.choice(80, 12, replace=False), 2] = 1
+    outputs[0]["labels"] = torch.tensor(y)
+    folds[0]["auc_macro"] = float(np.mean([roc_auc_score(y[:, j], outputs[0]["probs"][:, j]) for j in range(3)]))
+    summary = summarize(folds, pool(outputs, "cv"), MetricsConfig(bootstrap=0))
+    per_fold = [np.mean([roc_auc_score(o["labels"][:, j], o["probs"][:, j]) for j in range(2)]) for o in outputs]
+    assert [f["headline_auc_macro"] for f in summary["folds"]] == pytest.approx(per_fold)
+    assert summary["headline"]["auc_macro"]["mean"] == pytest.approx(statistics.mean(per_fold))
+    assert summary["headline"]["macro_labels"] == ["Effusion", "Nodule"]
+    assert "fold 0: Effusion, Nodule, Rare" in summary["headline"]["note"]
+    assert summary["folds"][0]["auc_macro"] != pytest.approx(per_fold[0])  # its own figure averaged Rare in
