@@ -33,19 +33,38 @@ def influence(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.
     return auc, torch.where(positive, (v10 - auc) / m, (v01 - auc) / n)
 
 
-def clustered_variance(psi: torch.Tensor, of_volume: torch.Tensor, count: int) -> float:
-    """K / (K - 1) x the sum over the K patients of their volumes' summed influence, squared: the variance of
-    the statistic whose per-volume influence is `psi`, volumes of one patient correlated as they may be."""
+def clustered_variance(psi: torch.Tensor, of_volume: torch.Tensor, count: int,
+                       positive: torch.Tensor | None = None) -> float:
+    """The variance of the statistic whose per-volume influence is `psi`, volumes of one patient correlated as
+    they may be: each patient's influence summed before squaring. With `positive` (one label's 0/1 classes), as
+    Obuchowski (1997) clusters DeLong's components: Kp / (Kp - 1) x the sum of squares of each patient's sum over
+    its positive volumes, Kn / (Kn - 1) x that over its negatives, plus 2 K / (K - 1) x their products, over the
+    Kp patients with a positive, the Kn with a negative and all K; with one volume per patient that is DeLong's
+    S10 / m + S01 / n exactly. Without (a mean over labels, whose classes differ): K / (K - 1) x the sum of the
+    patients' summed influence, squared."""
     if count < 2 or bool(psi.isnan().any()):
         return math.nan
-    sums = torch.zeros(count, dtype=torch.float64).index_add_(0, of_volume, psi.double())
-    return count / (count - 1) * float((sums ** 2).sum())
+    if positive is None:
+        sums = torch.zeros(count, dtype=torch.float64).index_add_(0, of_volume, psi.double())
+        return count / (count - 1) * float((sums ** 2).sum())
+    is_positive = positive.double() > 0.5
+    parts = [torch.zeros(count, dtype=torch.float64).index_add_(0, of_volume, torch.where(side, psi.double(), 0.0))
+             for side in (is_positive, ~is_positive)]
+    holds = [torch.zeros(count, dtype=torch.bool).index_fill_(0, of_volume[side], True).sum() for side in
+             (is_positive, ~is_positive)]
+    kp, kn = int(holds[0]), int(holds[1])
+    if kp < 2 or kn < 2:
+        return math.nan
+    return (kp / (kp - 1) * float((parts[0] ** 2).sum()) + kn / (kn - 1) * float((parts[1] ** 2).sum())
+            + 2 * count / (count - 1) * float((parts[0] * parts[1]).sum()))
 
 
-def delong_test(difference: float, psi: torch.Tensor, of_volume: torch.Tensor, count: int, level: float) -> dict:
+def delong_test(difference: float, psi: torch.Tensor, of_volume: torch.Tensor, count: int, level: float,
+                positive: torch.Tensor | None = None) -> dict:
     """{"difference", "se", "z", "p" (normal, two-sided), "interval" (at `level`)} of an AUC difference with
-    per-volume influence `psi`; NaN where undefined (a class missing; z and p with a zero standard error)."""
-    variance = math.nan if math.isnan(difference) else clustered_variance(psi, of_volume, count)
+    per-volume influence `psi` (`positive`: one label's classes, clustered_variance); NaN where undefined (a class
+    missing or in one patient only; z and p with a zero standard error)."""
+    variance = math.nan if math.isnan(difference) else clustered_variance(psi, of_volume, count, positive)
     if math.isnan(variance):
         return {"difference": difference, "se": math.nan, "z": math.nan, "p": math.nan,
                 "interval": [math.nan, math.nan]}
@@ -64,7 +83,8 @@ def delong_comparison(probs_a: torch.Tensor, probs_b: torch.Tensor, labels: torc
     out, kept = {}, []
     for c, name in enumerate(names):
         (first, psi_a), (second, psi_b) = influence(probs_a[:, c], labels[:, c]), influence(probs_b[:, c], labels[:, c])
-        out[f"auc/{name}"] = delong_test(second - first, psi_b - psi_a, of_volume, count, level)
+        out[f"auc/{name}"] = delong_test(second - first, psi_b - psi_a, of_volume, count, level, labels[:, c])
+        out[f"auc/{name}"]["unreliable"] = not bool(keep[c])  # few positive patients: its own size runs hot
         if bool(keep[c]):
             kept.append((second - first, psi_b - psi_a))
     if kept:
