@@ -46,11 +46,15 @@ def ensemble_thresholds(members: list[dict], calibrations: list[dict | None], ta
     unknown = [m for m in members if m["rule"] is None]
     if unknown:
         return mean, {"method": "mean", "rule": None, "reason": f"{unknown[0]['name']}: {unknown[0]['why']}"}
-    rules = {(m["rule"], m["beta"], m["fixed"]) for m in members}
+    # what each rule reads: beta for fbeta, the threshold for fixed (a tuned rule's one-class labels keep the first's)
+    rules = {(m["rule"], m["beta"] if m["rule"] == "fbeta" else None, m["fixed"] if m["rule"] == "fixed" else None)
+             for m in members}
     if len(rules) > 1:
         return mean, {"method": "mean", "rule": None,
-                      "reason": f"the members were tuned under other rules (rule, beta, fixed): {sorted(rules)}"}
+                      "reason": f"the members were tuned under other rules (rule, beta, fixed): "
+                                f"{sorted(rules, key=str)}"}
     ((rule, beta, fixed),) = rules
+    beta, fixed = members[0]["beta"] if beta is None else beta, members[0]["fixed"] if fixed is None else fixed
     if rule == "fixed":
         return [fixed] * len(mean), {"method": "fixed", "rule": rule}
     missing = [m for m in members if m["logits"] is None]

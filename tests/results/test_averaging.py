@@ -139,7 +139,7 @@ def test_ensemble_thresholds_fall_back_to_the_members_mean_without_a_shared_vali
         members[0].update(rule=None, why="no config.yaml")
 
     def other_rules(members):
-        members[1]["beta"] = 2.0
+        members[1]["rule"] = "fbeta"
 
     def relabelled(members):
         members[1]["labels"] = 1 - members[1]["labels"]
@@ -152,3 +152,14 @@ def test_ensemble_thresholds_fall_back_to_the_members_mean_without_a_shared_vali
     thresholds, record = chosen(lambda members: None)
     assert record["method"] == "refit" and thresholds_note(record).startswith(
         "refit on the members' shared validation (30 volumes, rule youden")
+
+    def unused_settings(members):  # youden reads neither beta nor the fixed threshold: they may differ
+        members[1].update(beta=2.0, fixed=0.3)
+
+    assert chosen(unused_settings) == chosen(lambda members: None)
+    fbeta_other_beta = _members(np.random.default_rng(9), volumes, labels, "fbeta")
+    fbeta_other_beta[1]["beta"] = 2.0  # fbeta reads beta: tuned under other rules
+    assert ensemble_thresholds(fbeta_other_beta, [None] * 3, "multilabel")[1]["method"] == "mean"
+    fixed_other = _members(np.random.default_rng(9), volumes, labels, "fixed")
+    fixed_other[2]["fixed"] = 0.3
+    assert ensemble_thresholds(fixed_other, [None] * 3, "multilabel")[1]["method"] == "mean"
