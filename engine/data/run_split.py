@@ -77,16 +77,24 @@ TRAIN_FREE = ("epochs", "resume", "device", "threads", "log_every", "checkpoint_
 
 def check_same_run(state: dict, checkpoint: Path, folder: Path, data: Splits, task: str,
                    preprocess: PreprocessConfig, patient_pattern: str, model: dict | None = None,
-                   train: dict | None = None) -> None:
+                   train: dict | None = None, min_positive: int | None = None) -> None:
     """Resuming `checkpoint` (its loaded `state`) must go on with the data, labels, preprocessing, `model` and
     `train` settings (plain sections) it was trained with, the latter as the run's config.yaml records them: stop
     naming every difference otherwise (the run would validate on volumes it trained on, mix models, or record a
-    learning rate its optimizer's restored state does not use)."""
+    learning rate its optimizer's restored state does not use). `min_positive`: metrics.min_positive_patients,
+    which sets the labels the best-so-far macro figure averaged (a run from before it existed averaged every label
+    with a positive: 1)."""
     found = []
-    if train is not None and (folder / "config.yaml").is_file():
-        recorded = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train") or {}
+    config = (yaml.safe_load((folder / "config.yaml").read_text()) or {}) if (folder / "config.yaml").is_file() else {}
+    if train is not None and config:
+        recorded = config.get("train") or {}
         found += [f"train.{k}: the run has {recorded[k]!r}, the config {v!r}" for k, v in train.items()
                   if k not in TRAIN_FREE and k in recorded and recorded[k] != v]
+    then = (config.get("metrics") or {}).get("min_positive_patients", 1)
+    if min_positive is not None and config and then != min_positive:
+        found.append(f"metrics.min_positive_patients: the run's macro figures (best.pt, early stopping) averaged the "
+                     f"labels with at least {then} positive patients, the config {min_positive}: give "
+                     f"metrics.min_positive_patients={then} to go on comparing like with like")
     saved = state.get("model_config") or {}
     found += [f"model.{k}: the checkpoint has {saved.get(k)!r}, the config {v!r}" for k, v in (model or {}).items()
               if k not in MODEL_FREE and k in saved and saved[k] != v]
@@ -149,7 +157,8 @@ def evaluation_split_note(checkpoint: Path, items: list[dict], patient_pattern: 
                         f"{_examples(relabelled)}")
     val = {v for v, row in saved.items() if row["split"] == "validation"}
     names = {it[NAME] for it in items}
-    selected = SELECTION_NOTE.format(len(names & val), len(names)) if names & val else ""
+    chosen = selection_volumes(checkpoint, items, patient_pattern)
+    selected = SELECTION_NOTE.format(len(chosen), len(names)) if chosen else ""
     if names == val:
         return "the run's own validation split" + selected
     outside = len(names - val)
@@ -157,32 +166,39 @@ def evaluation_split_note(checkpoint: Path, items: list[dict], patient_pattern: 
             f"{len(names)} of the run's {len(val)} validation volumes") + selected
 
 
-SELECTION_NOTE = ("; selection set: {} of {} volumes were in the run's validation split, where its best epoch, "
-                  "thresholds and calibration were chosen, so figures on them are optimistic")
+SELECTION_NOTE = ("; selection set: {} of {} volumes were in the run's validation split (or are other scans of its "
+                  "patients), where its best epoch, thresholds and calibration were chosen, so figures on them are "
+                  "optimistic")
 
 
-def selection_volumes(checkpoint: Path, items: list[dict]) -> list[str]:
-    """The volumes of `items` in the validation split of `checkpoint`'s run (its split.csv): the set its best epoch,
-    thresholds and calibration were selected on; [] without a split.csv."""
+def selection_volumes(checkpoint: Path, items: list[dict], patient_pattern: str = "") -> list[str]:
+    """The volumes of `items` in the validation split of `checkpoint`'s run (its split.csv), or of a patient there
+    (another scan or reconstruction): the set its best epoch, thresholds and calibration were selected on; []
+    without a split.csv."""
     path = Path(checkpoint).resolve().parent.parent / SPLIT_FILE
     if not path.is_file():
         return []
-    val = {v for v, row in read_split(path).items() if row["split"] == "validation"}
-    return [it[NAME] for it in items if it[NAME] in val]
+    rows = [row for row in read_split(path).values() if row["split"] == "validation"]
+    val, patients = {row["volume"] for row in rows}, {row["patient"] for row in rows}
+    return [it[NAME] for it in items if it[NAME] in val or patient_of(it, patient_pattern) in patients]
 
 
-def check_patient_column(checkpoint: Path, items: list[dict], allow: bool) -> str:
+def check_patient_column(checkpoint: Path, items: list[dict], allow: bool, column_now: str = "") -> str:
     """The run of `checkpoint` grouped volumes by a patient column (its config.yaml's data.patient_column): volumes
     to evaluate without patient ids would fall back to names, and patient-level intervals and the trained-patient
-    check would count each volume as a patient. Stops unless `allow`; returns what evaluation.json records."""
+    check would count each volume as a patient. Every volume needs its id, from the same column (`column_now`:
+    this config's data.patient_column). Stops unless `allow`; returns what evaluation.json records."""
     path = Path(checkpoint).resolve().parent.parent / "config.yaml"
     column = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("patient_column") \
         if path.is_file() else ""
-    if not column or any(it.get(PATIENT) for it in items):
+    if not column or (all(it.get(PATIENT) for it in items) and column_now == column):
         return ""
     if not allow:
+        missing = sum(not it.get(PATIENT) for it in items)
         raise CT3DError(f"evaluate: {checkpoint}'s run grouped volumes by the patient column {column!r} "
-                        f"({path}), and these volumes have no patient ids: give data.patient_column={column} with a "
+                        f"({path}), and {f'{missing} of these volumes have no patient id' if missing else ''}"
+                        f"{'' if missing else f'these come from the column {column_now!r}'}: "
+                        f"give data.patient_column={column} with a "
                         f"datalist that has it, or infer.allow_missing_patient_column=true to group by "
                         f"data.patient_pattern on the names (recorded)")
     return f"no patient column (the run used {column!r}): patients from data.patient_pattern on the names"

@@ -61,13 +61,14 @@ def evaluate(cfg: Config) -> dict:
         listed = load_datalist(cfg.data.val, cfg.data, cfg.data.json_val_key)
         train_items, val_items, labels = [], listed.items, listed.labels
     patients = [patient_of(it, cfg.data.patient_pattern) for it in val_items]
-    selected = selection_set(checkpoints, val_items, cfg.infer.allow_selection_set)
+    selected = selection_set(checkpoints, val_items, cfg.infer.allow_selection_set, cfg.data.patient_pattern)
     results = []
     for checkpoint in checkpoints:
         model, state = load_trained_model(checkpoint, device, cfg.model.weights)
         if labels != state["labels"]:
             raise CT3DError(f"datalist labels {labels} differ from the checkpoint's {state['labels']}")
-        grouping = check_patient_column(Path(checkpoint), val_items, cfg.infer.allow_missing_patient_column)
+        grouping = check_patient_column(Path(checkpoint), val_items, cfg.infer.allow_missing_patient_column,
+                                        cfg.data.patient_column)
         note = evaluation_split_note(Path(checkpoint), val_items, cfg.data.patient_pattern,
                                      cfg.infer.allow_trained_patients) + (f"; {grouping}" if grouping else "")
         dataset = build_dataset(val_items, checkpoint_preprocessing(state), disk_dir(cfg.cache),
@@ -82,13 +83,13 @@ def evaluate(cfg: Config) -> dict:
     return report_evaluation(results[0], folder)
 
 
-def selection_set(checkpoints: list[str], items: list[dict], allow: bool) -> dict:
+def selection_set(checkpoints: list[str], items: list[dict], allow: bool, patient_pattern: str) -> dict:
     """{checkpoint: how many of `items` were in its run's validation split} for two checkpoints to compare: a
     checkpoint selected on these volumes looks better on them by construction (equally good checkpoints were
     called different 29% of the time in a simulation), so that comparison stops unless `allow`."""
     if len(checkpoints) != 2:
         return {}
-    counts = {c: len(selection_volumes(Path(c), items)) for c in checkpoints}
+    counts = {c: len(selection_volumes(Path(c), items, patient_pattern)) for c in checkpoints}
     if any(counts.values()) and not allow:
         chosen = ", ".join(f"{c} ({k} of {len(items)})" for c, k in counts.items() if k)
         raise CT3DError(f"evaluate: these volumes are the selection set of {chosen}: its best epoch, thresholds and "

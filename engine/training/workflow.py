@@ -111,7 +111,7 @@ def train(cfg: Config, attach=None) -> Path:
     resume_state = None if resume_path is None else load_checkpoint(resume_path, mmap=True)
     if resume_state is not None:
         check_same_run(resume_state, resume_path, folder, data, str(cfg.data.task), cfg.preprocess,
-                       cfg.data.patient_pattern, plain(cfg.model), plain(cfg.train))
+                       cfg.data.patient_pattern, plain(cfg.model), plain(cfg.train), cfg.metrics.min_positive_patients)
     if main:  # the config as resolved, split.csv, skipped.csv
         write_run_start(folder, cfg, data)
     net = make_network(cfg.model, len(data.labels), cfg.preprocess.spatial_size, device)  # saved without DDP

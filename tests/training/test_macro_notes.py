@@ -82,7 +82,17 @@ def test_evaluate_knows_the_selection_set_and_the_patient_column(tmp_path):
     with pytest.raises(CT3DError, match=r"patient column 'PatientID'.*allow_missing_patient_column"):
         check_patient_column(checkpoint, items, allow=False)
     assert "PatientID" in check_patient_column(checkpoint, items, allow=True)
-    assert check_patient_column(checkpoint, [dict(it, **{PATIENT: "x"}) for it in items], allow=False) == ""
+    with_ids = [dict(it, **{PATIENT: f"x{i}"}) for i, it in enumerate(items)]
+    assert check_patient_column(checkpoint, with_ids, allow=False, column_now="PatientID") == ""
+    with pytest.raises(CT3DError, match=r"1 of these volumes have no patient id"):  # every volume needs its id
+        check_patient_column(checkpoint, [with_ids[0], items[1]], allow=False, column_now="PatientID")
+    with pytest.raises(CT3DError, match=r"from the column 'MRN'"):  # ids, but not the run's kind of id
+        check_patient_column(checkpoint, with_ids, allow=False, column_now="MRN")
+    # another scan of a validation patient is the selection set too (patients from the pattern on the names)
+    rescan = [{NAME: "pb_2.nii.gz", LABEL: [0.0, 1.0]}]
+    write_split(run, [{"volume": "pb_1.nii.gz", "patient": "pb", "split": "validation", "labels": "01"}])
+    assert selection_volumes(checkpoint, rescan, r"(p\w)_") == ["pb_2.nii.gz"]
+    assert selection_volumes(checkpoint, rescan, "") == []
 
 
 def test_validation_averages_the_labels_the_run_chose_and_its_ece_macro_too():

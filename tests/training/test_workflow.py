@@ -139,7 +139,10 @@ def test_resume_with_other_labels_preprocessing_or_split_stops_naming_the_differ
     for change, expected in (("preprocess.hu_window=[-900,900]", r"preprocess.hu_window: the checkpoint has "
                                                                   r"\[-1000.0, 1000.0\], the config \[-900.0, 900.0\]"),
                              ("data.label_columns=[Emphysema,Cardiomegaly]", r"labels: the checkpoint has \['Lung"),
-                             ("data.split_seed=5", r"volume\(s\) moved between train and validation: train_")):
+                             ("data.split_seed=5", r"volume\(s\) moved between train and validation: train_"),
+                             ("metrics.min_positive_patients=2",
+                              r"metrics.min_positive_patients: the run's macro figures .* at least 1 positive "
+                              r"patients, the config 2")):
         with pytest.raises(CT3DError, match=r"(?s)cannot resume .*final.pt.*" + expected):
             train(load_config(None, tiny_overrides(tmp_path, tiny_demo, "train.epochs=2", change)))
     assert load_checkpoint(folder / "checkpoints" / "final.pt")["trainer"]["epoch"] == 1  # nothing was touched
