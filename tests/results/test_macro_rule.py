@@ -64,3 +64,16 @@ def test_fbeta_of_a_label_without_positives_is_undefined_not_zero():
     out = classification_metrics(p, y, ["a", "b"], "multilabel", 0.5)
     assert math.isnan(out["fbeta/b"]) and out["fbeta/a"] == pytest.approx(
         fbeta_score(y[:, 0].numpy(), (p[:, 0] >= 0.5).numpy(), beta=1.0))
+
+
+def test_confusion_counts_match_sklearn_per_label():
+    from sklearn.metrics import confusion_matrix
+
+    from engine.results.metrics import confusion
+
+    y, p, _ = _random_set(11, n=50, labels=3)
+    thresholds = [0.3, 0.5, 0.7]
+    counts = confusion(p, y, "multilabel", thresholds)  # tp, fp, tn, fn per label
+    for j, t in enumerate(thresholds):
+        tn, fp, fn, tp = confusion_matrix(y[:, j].numpy(), (p[:, j] >= t).numpy(), labels=[0, 1]).ravel()
+        assert counts[j].tolist() == [tp, fp, tn, fn]
