@@ -127,10 +127,13 @@ def test_ensemble_thresholds_fall_back_to_the_members_mean_without_a_shared_vali
         members[1]["volumes"] = [f"w{i}" for i in range(30)]
 
     thresholds, record = chosen(other_volumes)
-    assert thresholds == pytest.approx(mean) and record["method"] == "mean" and "different volumes" in record["reason"]
-    assert thresholds_note(record).startswith("the members' mean thresholds, NOT refit")
+    assert thresholds == pytest.approx(mean) and record == {
+        "method": "mean", "rule": "youden", "reason": "the members validated on different volumes (cross-validation "
+                                                      "folds do): there is no shared validation to refit on"}
+    assert thresholds_note(record) == f"the members' mean thresholds, NOT refit for the ensemble ({record['reason']})"
     thresholds, record = chosen(other_volumes, rule="fixed")
     assert thresholds == [0.5, 0.5] and record == {"method": "fixed", "rule": "fixed"}
+    assert thresholds_note(record) == "the fixed threshold (metrics.threshold_rule fixed)"
 
     def no_outputs(members):
         members[2].update(logits=None, why="it holds no validation outputs")
@@ -144,11 +147,15 @@ def test_ensemble_thresholds_fall_back_to_the_members_mean_without_a_shared_vali
     def relabelled(members):
         members[1]["labels"] = 1 - members[1]["labels"]
 
-    for change, reason in ((no_outputs, "m2.pt: it holds no validation outputs"), (unknown_rule, "m0.pt: no config"),
-                           (other_rules, "other rules"), (relabelled, "label the same volumes differently")):
+    for change, rule, reason in (
+            (no_outputs, "youden", "m2.pt: it holds no validation outputs"),
+            (unknown_rule, None, "m0.pt: no config.yaml"),
+            (other_rules, None, "the members were tuned under other rules (rule, beta, fixed): [('fbeta', 1.0, None), "
+                                "('youden', None, None)]"),
+            (relabelled, "youden", "the members' validations label the same volumes differently")):
         thresholds, record = chosen(change)
-        assert thresholds == pytest.approx(mean) and record["method"] == "mean", change.__name__
-        assert reason in record["reason"], change.__name__
+        assert thresholds == pytest.approx(mean), change.__name__
+        assert record == {"method": "mean", "rule": rule, "reason": reason}, change.__name__
     thresholds, record = chosen(lambda members: None)
     assert record["method"] == "refit" and thresholds_note(record).startswith(
         "refit on the members' shared validation (30 volumes, rule youden")

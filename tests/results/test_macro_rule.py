@@ -77,3 +77,27 @@ def test_confusion_counts_match_sklearn_per_label():
     for j, t in enumerate(thresholds):
         tn, fp, fn, tp = confusion_matrix(y[:, j].numpy(), (p[:, j] >= t).numpy(), labels=[0, 1]).ravel()
         assert counts[j].tolist() == [tp, fp, tn, fn]
+
+
+def test_a_registered_metric_gets_the_calibrated_probabilities_the_labels_and_the_decisions():
+    """Metrics added to the registry score the calibrated probabilities where given (AUC ranks the raw ones), with
+    the labels and the decisions made elsewhere (cross-validation's per-fold thresholds)."""
+    from engine.config.metric_registry import Metric, register, unregister
+
+    seen = {}
+
+    def spy(probs, labels, decided) -> float:
+        seen.update(probs=probs.clone(), labels=labels.clone(), decided=decided.clone())
+        return 0.25
+
+    y, raw, _ = _random_set(13, n=30, labels=2)
+    calibrated, decided = raw.sqrt(), (raw > 0.6).float()
+    register(Metric("spy", direction="max", compute=spy))
+    try:
+        out = classification_metrics(raw, y, ["a", "b"], "multilabel", 0.5, decided=decided, calibrated=calibrated)
+        assert out["spy"] == 0.25 and torch.equal(seen["probs"], calibrated) and torch.equal(seen["labels"], y)
+        assert torch.equal(seen["decided"], decided)
+        classification_metrics(raw, y, ["a", "b"], "multilabel", 0.5)
+        assert torch.equal(seen["probs"], raw) and torch.equal(seen["decided"], (raw >= 0.5).float())
+    finally:
+        unregister("spy")
