@@ -15,6 +15,7 @@ from engine.results.metrics import classification_metrics, macro_labels, positiv
 from engine.results.statistics import bootstrap_intervals
 from engine.utils.errors import CT3DError
 
+HEADLINE = "the mean of the folds' macro AUCs, each fold's model on its own validation, every fold over the same labels"
 POOLED_NOTE = "pooled across fold models: mixes models whose outputs are not on one scale; not the headline"
 INTERVAL_METHOD = ("t interval over folds: mean +- t(0.975, folds - 1) * sd / sqrt(folds); the folds share training "
                    "patients, so they are not independent repeats and it is, if anything, too narrow")
@@ -102,8 +103,7 @@ def summarize(folds: list[dict], pooled: dict, metrics: MetricsConfig) -> dict:
         out["bootstrap"] = bootstrap_intervals(pooled["probs"], labels, pooled["decisions"], patients, names,
                                                metrics.beta, metrics.bootstrap, metrics.bootstrap_seed,
                                                min_positive=metrics.min_positive_patients)
-    headline = {"figure": "auc_macro", "what": "the mean of the folds' macro AUCs, each fold's model on its own "
-                "validation, every fold over the same labels", **per_fold_headline(folds, pooled, metrics)}
+    headline = {"figure": "auc_macro", "what": HEADLINE, **per_fold_headline(folds, pooled, metrics)}
     auc = headline["auc_macro"]
     return {"headline": headline, "folds": folds, "labels": names, "task": task, "auc_macro_mean": auc["mean"],
             "auc_macro_sd": auc["sd"], "pooled": out}

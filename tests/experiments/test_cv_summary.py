@@ -1,6 +1,7 @@
 """The cross-validation summary built from synthetic folds' outputs (no training): the headline is the folds' own
 macro AUCs' mean, with numpy's and scipy's spread; pooling models whose logits sit apart biases the pooled AUC."""
 
+import math
 import statistics
 
 import numpy as np
@@ -125,5 +126,61 @@ def test_the_headline_scores_every_fold_over_the_labels_all_folds_carry():
     assert [f["headline_auc_macro"] for f in summary["folds"]] == pytest.approx(per_fold)
     assert summary["headline"]["auc_macro"]["mean"] == pytest.approx(statistics.mean(per_fold))
     assert summary["headline"]["macro_labels"] == ["Effusion", "Nodule"]
-    assert "fold 0: Effusion, Nodule, Rare" in summary["headline"]["note"]
+    assert summary["headline"]["note"] == ("the folds' own macro figures average different labels (fold 0: "
+                                           "Effusion, Nodule, Rare); the headline re-scores every fold over the "
+                                           "labels all folds carry")
     assert summary["folds"][0]["auc_macro"] != pytest.approx(per_fold[0])  # its own figure averaged Rare in
+
+
+def test_the_summary_wires_beta_decisions_patients_and_the_bootstrap_settings():
+    """Two volumes per patient, decisions at 0.3 (not 0.5), beta 2: the pooled figures by scikit-learn, positive
+    patients counted by hand, and every key of the summary and its headline."""
+    from sklearn.metrics import fbeta_score
+
+    from engine.experiments.cv_summary import HEADLINE, INTERVAL_METHOD
+    from engine.results.statistics import bootstrap_intervals
+
+    folds, outputs = synthetic_folds((0.0, 0.2), seed=4, per_fold=60)
+    for o in outputs:
+        o["patients"] = [f"{q.rsplit('_', 1)[0]}_{int(q.rsplit('_', 1)[1]) // 2}" for q in o["patients"]]
+        o["decisions"] = (o["probs"] >= 0.3).float()
+        y = o["labels"].numpy().copy()
+        y[:, 2] = 0
+        y[:10, 2] = 1  # 10 volumes of 5 patients: 5 positive patients, 10 positive volumes
+        o["labels"] = torch.tensor(y)
+    y0 = outputs[0]["labels"].numpy().copy()
+    y0[:, 3] = 0
+    y0[0, 3] = 1  # "Absent": one positive patient in all (one class in fold 1): few, not one class
+    outputs[0]["labels"] = torch.tensor(y0)
+    pooled = pool(outputs, "cv")
+    metrics = MetricsConfig(bootstrap=150, bootstrap_seed=7, beta=2.0, min_positive_patients=10)
+    summary = summarize(folds, pooled, metrics)
+    out, y, d = summary["pooled"], pooled["labels"].numpy(), pooled["decisions"].numpy()
+    assert out["positive_patients"] == {"Effusion": len({p for p, v in zip(pooled["patients"], y[:, 0]) if v}),
+                                        "Nodule": len({p for p, v in zip(pooled["patients"], y[:, 1]) if v}),
+                                        "Rare": 10, "Absent": 1}  # 5 per fold, 2 folds
+    assert out["left_out"] == {"one_class": [], "few_positive_patients": {"Absent": 1}}
+    assert "auc/Rare" not in out["unreliable"] and "auc/Absent" in out["unreliable"]  # 10 is enough, 1 is not
+    kept = out["macro_labels"]
+    assert kept == ["Effusion", "Nodule", "Rare"]
+    expected = np.mean([fbeta_score(y[:, j], d[:, j], beta=2.0) for j in range(3)])
+    assert out["metrics"]["fbeta_macro"] == pytest.approx(expected, abs=1e-6)
+    again = bootstrap_intervals(pooled["probs"], pooled["labels"], pooled["decisions"], pooled["patients"],
+                                NAMES, 2.0, 150, 7, min_positive=10)
+    assert out["bootstrap"] == again and out["bootstrap"]["resamples"] == 150
+    assert set(summary) == {"headline", "folds", "labels", "task", "auc_macro_mean", "auc_macro_sd", "pooled"}
+    assert summary["task"] == "multilabel" and summary["labels"] == NAMES
+    headline = summary["headline"]
+    assert {k: headline[k] for k in ("figure", "what", "macro_labels")} == {
+        "figure": "auc_macro", "what": HEADLINE, "macro_labels": ["Effusion", "Nodule"]}
+    assert headline["note"] == ""  # Rare has 5 positive patients in each fold: out of both folds' own macro
+    assert headline["auc_macro"]["interval_method"] == INTERVAL_METHOD
+
+
+def test_over_folds_of_two_and_of_none():
+    two = over_folds([0.8, 0.9])
+    assert two["sd"] == pytest.approx(statistics.stdev([0.8, 0.9]))
+    half = stats.t.ppf(0.975, 1) * two["sd"] / np.sqrt(2)
+    assert two["interval"] == pytest.approx([0.85 - half, 0.85 + half])
+    none = over_folds([None, float("nan")])
+    assert math.isnan(none["mean"]) and math.isnan(none["sd"]) and none["interval"] is None and none["folds"] == 0
