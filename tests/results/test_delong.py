@@ -174,3 +174,12 @@ def test_delong_and_the_bootstrap_hold_their_size_under_a_true_null():
                                   ["a", "b", "rare"], resamples=1000, seed=trial)["auc_macro"]
         rejected += [macro["delong"]["p"] < 0.05, not macro["interval"][0] <= 0 <= macro["interval"][1]]
     assert ((0.02 <= rejected / 400) & (rejected / 400 <= 0.08)).all(), rejected / 400
+
+
+def test_an_undefined_test_keeps_every_key():
+    """A label with one class: every figure NaN but the difference's keys all there (evaluation.json's shape)."""
+    from engine.results.delong import delong_test
+
+    got = delong_test(math.nan, torch.zeros(4, dtype=torch.float64), torch.arange(4), 4, 0.95)
+    assert set(got) == {"difference", "se", "z", "p", "interval"} and all(
+        math.isnan(v) for v in (got["difference"], got["se"], got["z"], got["p"], *got["interval"]))

@@ -165,3 +165,29 @@ def test_ece_interval_equals_the_bca_formula_over_resamples_by_hand():
         assert got == pytest.approx(expected, abs=1e-9)
     none = ece_intervals(torch.tensor(probs), torch.tensor(labels), patients, torch.tensor([False, False]), 5, 300, 7)
     assert all(math.isnan(v) for v in none[1])  # no macro label: no macro interval
+
+
+def test_probabilities_at_0_and_1_fall_in_the_end_bins_and_the_top_label_interval_is_its_own():
+    """p = 1.0 belongs to the last bin and p = 0.0 to the first (ece_by_hand clips as the bins do); with 5 bins,
+    not the default 10. The top-label interval is the ECE interval of (top probability, correct) alone."""
+    from engine.results.ece import ece_intervals
+
+    rng = np.random.default_rng(8)
+    n = 60
+    p = np.concatenate([np.array([0.0, 1.0, 1.0, 0.0]), rng.uniform(size=n - 4)])
+    y = (rng.uniform(size=n) < p).astype(float)
+    out = run_statistics(torch.tensor(p)[:, None], torch.tensor(y)[:, None], [str(i) for i in range(n)], ["a"],
+                         "multilabel", [0.5], None, MetricsConfig(bootstrap=50, calibration_bins=5,
+                                                                   min_positive_patients=1))["calibration"]
+    assert out["ece"]["a"] == pytest.approx(ece_by_hand(p, y, bins=5), abs=1e-6)
+    probs = rng.dirichlet([1.0, 1.0, 1.0], n)
+    truth = rng.integers(0, 3, n)
+    patients = [str(i // 2) for i in range(n)]
+    config = MetricsConfig(bootstrap=100, calibration_bins=5, min_positive_patients=1)
+    multi = run_statistics(torch.tensor(probs), torch.tensor(np.eye(3)[truth]), patients, ["x", "y", "z"],
+                           "multiclass", [0.5] * 3, None, config)["calibration"]
+    correct = (probs.argmax(1) == truth).astype(float)
+    assert multi["ece_top_label"] == pytest.approx(ece_by_hand(probs.max(1), correct, bins=5), abs=1e-6)
+    (alone,), _ = ece_intervals(torch.tensor(probs.max(1))[:, None], torch.tensor(correct)[:, None], patients,
+                                torch.tensor([True]), 5, 100, config.bootstrap_seed)
+    assert multi["ece_top_label_interval"] == pytest.approx(alone)
