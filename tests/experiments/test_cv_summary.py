@@ -146,27 +146,31 @@ def test_the_summary_wires_beta_decisions_patients_and_the_bootstrap_settings():
         o["decisions"] = (o["probs"] >= 0.3).float()
         y = o["labels"].numpy().copy()
         y[:, 2] = 0
-        y[:10, 2] = 1  # 10 volumes of 5 patients: 5 positive patients, 10 positive volumes
+        y[:6, 2] = 1  # 6 volumes of 3 patients: 3 positive patients, 6 positive volumes
         o["labels"] = torch.tensor(y)
     y0 = outputs[0]["labels"].numpy().copy()
     y0[:, 3] = 0
     y0[0, 3] = 1  # "Absent": one positive patient in all (one class in fold 1): few, not one class
     outputs[0]["labels"] = torch.tensor(y0)
     pooled = pool(outputs, "cv")
-    metrics = MetricsConfig(bootstrap=150, bootstrap_seed=7, beta=2.0, min_positive_patients=10)
+    metrics = MetricsConfig(bootstrap=150, bootstrap_seed=7, beta=2.0, min_positive_patients=7)
     summary = summarize(folds, pooled, metrics)
     out, y, d = summary["pooled"], pooled["labels"].numpy(), pooled["decisions"].numpy()
     assert out["positive_patients"] == {"Effusion": len({p for p, v in zip(pooled["patients"], y[:, 0]) if v}),
                                         "Nodule": len({p for p, v in zip(pooled["patients"], y[:, 1]) if v}),
-                                        "Rare": 10, "Absent": 1}  # 5 per fold, 2 folds
-    assert out["left_out"] == {"one_class": [], "few_positive_patients": {"Absent": 1}}
-    assert "auc/Rare" not in out["unreliable"] and "auc/Absent" in out["unreliable"]  # 10 is enough, 1 is not
+                                        "Rare": 6, "Absent": 1}  # 3 per fold, 2 folds (12 volumes: not 7 patients)
+    assert out["left_out"] == {"one_class": [], "few_positive_patients": {"Rare": 6, "Absent": 1}}
+    assert {"auc/Rare", "auc/Absent"} <= set(out["unreliable"]) and "auc/Nodule" not in out["unreliable"]
     kept = out["macro_labels"]
-    assert kept == ["Effusion", "Nodule", "Rare"]
-    expected = np.mean([fbeta_score(y[:, j], d[:, j], beta=2.0) for j in range(3)])
+    assert kept == ["Effusion", "Nodule"]
+    expected = np.mean([fbeta_score(y[:, j], d[:, j], beta=2.0) for j in range(2)])
+    for f, o in zip(summary["folds"], outputs):  # each fold over Effusion and Nodule (Rare: 4 per fold)
+        yk, dk = o["labels"].numpy(), o["decisions"].numpy()
+        assert f["headline_fbeta_macro"] == pytest.approx(np.mean([fbeta_score(yk[:, j], dk[:, j], beta=2.0)
+                                                                   for j in range(2)]), abs=1e-6)
     assert out["metrics"]["fbeta_macro"] == pytest.approx(expected, abs=1e-6)
     again = bootstrap_intervals(pooled["probs"], pooled["labels"], pooled["decisions"], pooled["patients"],
-                                NAMES, 2.0, 150, 7, min_positive=10)
+                                NAMES, 2.0, 150, 7, min_positive=7)
     assert out["bootstrap"] == again and out["bootstrap"]["resamples"] == 150
     assert set(summary) == {"headline", "folds", "labels", "task", "auc_macro_mean", "auc_macro_sd", "pooled"}
     assert summary["task"] == "multilabel" and summary["labels"] == NAMES

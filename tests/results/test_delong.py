@@ -183,3 +183,21 @@ def test_an_undefined_test_keeps_every_key():
     got = delong_test(math.nan, torch.zeros(4, dtype=torch.float64), torch.arange(4), 4, 0.95)
     assert set(got) == {"difference", "se", "z", "p", "interval"} and all(
         math.isnan(v) for v in (got["difference"], got["se"], got["z"], got["p"], *got["interval"]))
+
+
+def test_the_clustered_variance_needs_two_patients_on_each_side():
+    """Two patients, each with two positive and two negative volumes: Kp = Kn = K = 2, defined (brute force);
+    one positive patient: undefined (NaN, not a division by zero); one negative volume: the AUC is defined."""
+    from engine.results.delong import clustered_variance, influence
+
+    scores = torch.tensor([0.9, 0.85, 0.3, 0.1, 0.15, 0.7, 0.2, 0.75], dtype=torch.float64)
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    patients = ["a"] * 4 + ["b"] * 4
+    _, psi = influence(scores, labels)
+    got = clustered_variance(psi, torch.tensor([0] * 4 + [1] * 4), 2, labels)
+    assert got == pytest.approx(brute_obuchowski(psi.numpy(), labels.numpy() > 0.5, patients), rel=1e-12) and got > 0
+    one = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # only patient a has positives
+    assert math.isnan(clustered_variance(influence(scores, one)[1], torch.tensor([0] * 4 + [1] * 4), 2, one))
+    single_negative = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    auc, psi = influence(scores, single_negative)
+    assert auc == pytest.approx(roc_auc_score(single_negative.numpy(), scores.numpy())) and not bool(psi.isnan().any())

@@ -101,3 +101,29 @@ def test_a_registered_metric_gets_the_calibrated_probabilities_the_labels_and_th
         assert torch.equal(seen["probs"], raw) and torch.equal(seen["decided"], (raw >= 0.5).float())
     finally:
         unregister("spy")
+
+
+def test_run_statistics_and_paired_comparison_count_patients_not_volumes_and_rank_the_raw_outputs():
+    """Two volumes per patient: a label with 6 positive patients (12 positive volumes) is under 10 and left out;
+    the bootstrap ranks `ranked` (here reversed), not the calibrated probabilities; macro_mean without a mask
+    averages the labels with both classes."""
+    from engine.config.scoring import MetricsConfig
+    from engine.results.metrics import decisions, macro_mean
+    from engine.results.statistics import bootstrap_intervals, paired_comparison, run_statistics
+
+    g = torch.Generator().manual_seed(21)
+    n = 80
+    patients = [f"p{i // 2}" for i in range(n)]
+    y = torch.zeros(n, 3)
+    y[:, 0] = (torch.rand(n, generator=g) < 0.5).float()
+    y[:12, 1] = 1  # patients p0-p5
+    p = (torch.rand(n, 3, generator=g) + y) / 2
+    ranked = 1 - p
+    metrics = MetricsConfig(bootstrap=60, min_positive_patients=10)
+    out = run_statistics(p, y, patients, ["a", "rare", "none"], "multilabel", [0.5] * 3, None, metrics, ranked=ranked)
+    assert out["below_min_positive"] == {"rare": 6} and out["auc_left_out"] == ["none"]
+    assert out["bootstrap"] == bootstrap_intervals(ranked, y, decisions(p, "multilabel", [0.5] * 3), patients,
+                                                   ["a", "rare", "none"], 1.0, 60, 0, min_positive=10)
+    paired = paired_comparison(p, ranked, y, patients, ["a", "rare", "none"], resamples=20)
+    assert paired["few_positive_patients"] == {"rare": 6} and paired["macro_labels"] == ["a"]
+    assert macro_mean([0.1, 0.2, 0.3], y) == pytest.approx(0.15)  # "none" has one class
