@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config import metric_registry
+from engine.config.overrides import ensemble_overrides
 from engine.config.schema import ENCODER_PREPROCESSING, MODEL_VARIANTS, Config
 from engine.config.scoring import Mode
 from engine.utils.errors import CT3DError
@@ -154,20 +155,19 @@ def _schema() -> DictConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 command: str = "train") -> Config:
     """Schema <- YAML file <- `key=value` overrides, checked for `command`; raises CT3DError naming the key."""
-    overrides = _ensemble_overrides(list(overrides))
+    overrides = ensemble_overrides(list(overrides))
     try:
         layers = []
         if path is not None:
             if not Path(path).is_file():
                 raise CT3DError(f"config error: --config {path}: no such file")
-            layers.append(_one_as_list(_parsed(f"--config {path}", lambda: OmegaConf.load(path))))
+            layers.append((f"--config {path}", _one_as_list(_parsed(f"--config {path}", lambda: OmegaConf.load(path)))))
         for item in overrides:
             if "=" not in item:
                 raise CT3DError(f"config error: {item!r}: overrides are key=value (e.g. train.epochs=3)")
-        # in one merge, in order, onto a copy of the schema: each merge copies the whole config (~20 ms a key
-        # here), and building the schema's node took 0.1 s
-        merged = OmegaConf.merge(_schema(), *layers, *(_one_as_list(_parsed(f"override {i!r}", functools.partial(
-            OmegaConf.from_dotlist, [i]))) for i in overrides))
+        layers += [(f"override {i!r}", _one_as_list(_parsed(f"override {i!r}", functools.partial(
+            OmegaConf.from_dotlist, [i])))) for i in overrides]
+        merged = _merged(layers)
         OmegaConf.resolve(merged)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -175,6 +175,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     _check_limits(cfg)
     _check_together(cfg, command)
     return cfg
+
+
+def _merged(layers: list[tuple[str, Any]]) -> DictConfig:
+    """The (name, node) layers merged in order, in one merge onto a copy of the schema (each merge copies the whole
+    config, ~20 ms a key here). A mapping where the schema has a list or a value (or the other way round) is one
+    line naming the file or override: OmegaConf raises a bare TypeError for it."""
+    try:
+        return OmegaConf.merge(_schema(), *(node for _, node in layers))
+    except TypeError:
+        def fails(node: Any) -> bool:
+            try:
+                return OmegaConf.merge(_schema(), node) is None
+            except TypeError:
+                return True
+        what = next((name for name, node in layers if fails(node)), "the config")
+        raise CT3DError(f"config error: {what}: a mapping where the schema has a list or a single value, or the "
+                        f"other way round") from None
 
 
 def _parsed(what: str, parse: Callable[[], Any]) -> Any:
@@ -221,28 +238,6 @@ def with_overrides(cfg: Config, values: dict[str, Any], where: str = "override")
 
 
 _MISSING = object()
-
-
-def _ensemble_overrides(overrides: list[str]) -> list[str]:
-    """`checkpoint=a checkpoint=b` and `checkpoints=GLOB` (no brackets) -> one `checkpoints=[...]` list of the
-    files, sorted per glob; one `checkpoint=` stays as it is."""
-    import glob
-
-    def is_glob(o: str) -> bool:
-        return o.startswith("checkpoints=") and not o.split("=", 1)[1].startswith("[")
-
-    given = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
-    patterns = [o.split("=", 1)[1] for o in overrides if is_glob(o)]
-    if len(given) < 2 and not patterns:
-        return overrides
-    files = list(given)
-    for pattern in patterns:
-        found = sorted(glob.glob(pattern))
-        if not found:
-            raise _error("checkpoints", f"{pattern!r} matches no file")
-        files += found
-    rest = [o for o in overrides if not o.startswith("checkpoint=") and not is_glob(o)]
-    return rest + ["checkpoints=[" + ",".join(repr(f) for f in files) + "]"]
 
 
 def plain(section: Any) -> dict:
