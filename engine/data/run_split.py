@@ -157,7 +157,7 @@ def evaluation_split_note(checkpoint: Path, items: list[dict], patient_pattern: 
                         f"{_examples(relabelled)}")
     val = {v for v, row in saved.items() if row["split"] == "validation"}
     names = {it[NAME] for it in items}
-    chosen = selection_volumes(checkpoint, items, patient_pattern)
+    chosen = _selected(saved, items, patient_pattern)
     selected = SELECTION_NOTE.format(len(chosen), len(names)) if chosen else ""
     if names == val:
         return "the run's own validation split" + selected
@@ -176,9 +176,12 @@ def selection_volumes(checkpoint: Path, items: list[dict], patient_pattern: str 
     (another scan or reconstruction): the set its best epoch, thresholds and calibration were selected on; []
     without a split.csv."""
     path = Path(checkpoint).resolve().parent.parent / SPLIT_FILE
-    if not path.is_file():
-        return []
-    rows = [row for row in read_split(path).values() if row["split"] == "validation"]
+    return _selected(read_split(path), items, patient_pattern) if path.is_file() else []
+
+
+def _selected(saved: dict[str, dict], items: list[dict], patient_pattern: str) -> list[str]:
+    """The volumes of `items` in the validation side of a run's split.csv rows (`saved`), or of a patient there."""
+    rows = [row for row in saved.values() if row["split"] == "validation"]
     val, patients = {row["volume"] for row in rows}, {row["patient"] for row in rows}
     return [it[NAME] for it in items if it[NAME] in val or patient_of(it, patient_pattern) in patients]
 

@@ -13,6 +13,7 @@ import torch
 from engine.experiments.cv_summary import INTERVAL_METHOD, POOLED_NOTE
 from engine.results.report import format_value as fmt
 from engine.results.report import img_tag, png_bytes, roc_curve
+from engine.results.tables import left_out_text
 from engine.utils.io import atomic_write
 
 
@@ -39,13 +40,9 @@ def headline_text(summary: dict) -> str:
 
 
 def _left_out(pooled: dict) -> str:
-    few = pooled["left_out"]["few_positive_patients"]
-    parts = [f"one class only: {', '.join(map(html.escape, pooled['left_out']['one_class']))}"] \
-        if pooled["left_out"]["one_class"] else []
-    if few:
-        parts.append(f"under {pooled['min_positive_patients']} positive patients: "
-                     + ", ".join(f"{html.escape(n)} ({count})" for n, count in few.items()))
-    return "; ".join(parts) or "none"
+    left_out = pooled["left_out"]
+    return html.escape(left_out_text(left_out["one_class"], left_out["few_positive_patients"],
+                                     pooled["min_positive_patients"])) or "none"
 
 
 def _roc_png(folder: Path, names: list[str], probs: torch.Tensor, labels: torch.Tensor) -> bytes:

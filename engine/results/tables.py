@@ -49,6 +49,14 @@ def macro_note(block: dict, names: list[str], where: str) -> str:
     return f"<p>{text}.</p>"
 
 
+def left_out_text(single: list[str], below: dict[str, int], min_positive, qualifier: str = "") -> str:
+    """"one class only: a, b; under K positive patients<qualifier>: c (3)", or "" when nothing was left out: the
+    labels a macro figure left out, as the closing table, evaluate and the CV report word them."""
+    return "; ".join(([f"one class only: {', '.join(single)}"] if single else [])
+                     + ([f"under {min_positive} positive patients{qualifier}: "
+                         + ", ".join(f"{n} ({k})" for n, k in below.items())] if below else []))
+
+
 def macro_labels_of(block: dict, names: list[str]) -> list[str]:
     """The labels `block`'s macro figures averaged."""
     out = set(block.get("auc_left_out") or []) | set(block.get("below_min_positive") or {})

@@ -12,7 +12,7 @@ import torch
 from engine.config.schema import MetricsConfig
 from engine.results.metrics import macro_labels, probabilities
 from engine.results.statistics import paired_comparison, run_statistics
-from engine.results.tables import format_value
+from engine.results.tables import format_value, left_out_text
 from engine.serving.inference import decision_settings, with_tta
 from engine.training.build import make_evaluator, make_inferer
 from engine.training.outputs import item_labels
@@ -84,12 +84,10 @@ def report_evaluation(result: dict, folder: Path) -> dict:
     width = max(len(k) for k in metrics)
     print(f"\nct3d evaluate {result['checkpoint']} on {result['volumes']} volumes ({result['data']}) -> {folder}")
     print("\n".join(f"{k:<{width}}  {format_value(v):>6}" + _interval_text(result, k) for k, v in metrics.items()))
-    below, single = result.get("below_min_positive") or {}, result.get("auc_left_out") or []
-    if below or single:
-        print("macro figures leave out " + "; ".join(
-            ([f"one class only: {', '.join(single)}"] if single else [])
-            + ([f"under {result.get('min_positive_patients')} positive patients (intervals unreliable): "
-                + ", ".join(f"{n} ({k})" for n, k in below.items())] if below else [])))
+    left_out = left_out_text(result.get("auc_left_out") or [], result.get("below_min_positive") or {},
+                             result.get("min_positive_patients"), " (intervals unreliable)")
+    if left_out:
+        print(f"macro figures leave out {left_out}")
     return metrics
 
 

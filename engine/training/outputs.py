@@ -23,6 +23,7 @@ from engine.results.metrics import (
     probabilities,
 )
 from engine.results.statistics import run_statistics
+from engine.results.tables import left_out_text, macro_labels_of
 from engine.training.build import make_inferer
 from engine.utils.errors import CT3DError
 
@@ -140,13 +141,11 @@ def macro_notes(summary: dict, labels: list[str]) -> list[str]:
     for side, block in blocks:
         if "auc_left_out" not in block:
             continue
-        below, single = block.get("below_min_positive") or {}, block.get("auc_left_out") or []
-        averaged[side] = [n for n in labels if n not in below and n not in single]
-        if below or single:
-            lines.append(f"{side}: macro figures leave out " + "; ".join(
-                ([f"one class only: {', '.join(single)}"] if single else [])
-                + ([f"under {block.get('min_positive_patients')} positive patients: "
-                    + ", ".join(f"{n} ({k})" for n, k in below.items())] if below else [])))
+        averaged[side] = macro_labels_of(block, labels)
+        left_out = left_out_text(block.get("auc_left_out") or [], block.get("below_min_positive") or {},
+                                 block.get("min_positive_patients"))
+        if left_out:
+            lines.append(f"{side}: macro figures leave out {left_out}")
     if len(averaged) == 2 and averaged["validation"] != averaged["test"]:
         lines.append(f"note: validation and test average different labels ({', '.join(averaged['validation'])} vs "
                      f"{', '.join(averaged['test'])}): their macro figures are not the same quantity")
